@@ -1,0 +1,284 @@
+"""Run configuration: one YAML file, validated by pydantic, with errors that name the key.
+
+Sections: ``model``, ``data``, ``sft``, ``preference``, ``merge``, ``eval``, ``run``.
+Every CLI flag maps to a key here (``--set section.key=value`` reaches any of them).
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from paft.errors import ConfigError
+
+PRESETS = ("default", "tiny")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field("smollm2-135m", description="HF folder, hub id, or alias: smollm2-135m, tiny")
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the base weights (training precision is run.bf16)")
+
+
+class DataSource(_Section):
+    """One dataset: ``demo`` (built-in), a local file (jsonl/json/parquet/csv) or a `datasets` name."""
+
+    path: str = "demo"
+    format: str = Field("auto", description="auto, or a format adapter name (see paft.data.formats)")
+    split: str = "train"
+    subset: str | None = None
+    eval_path: str | None = Field(None, description="held-out file; default: split off eval_size rows")
+    eval_split: str | None = None
+    eval_size: float = Field(0.1, gt=0, lt=1, description="share of rows held out when eval_path is unset")
+    max_rows: int | None = Field(None, gt=0)
+    beavertails_preference: Literal["helpful", "safe"] = Field(
+        "helpful", description="BeaverTails: better_response_id (helpful) or safer_response_id (safe)")
+
+
+class DemoConfig(_Section):
+    seed: int = 0
+    sft_train: int = Field(512, gt=0)
+    sft_eval: int = Field(64, gt=0)
+    preference_train: int = Field(256, gt=0)
+    preference_eval: int = Field(64, gt=0)
+
+
+class DataConfig(_Section):
+    sft: DataSource = DataSource()
+    preference: DataSource = DataSource()
+    demo: DemoConfig = DemoConfig()
+    max_length: int = Field(256, gt=8, description="tokens of prompt + completion; longer rows are truncated")
+    max_prompt_length: int = Field(192, gt=0)
+    skip_invalid: bool = Field(False, description="skip malformed rows (and report the count) instead of stopping")
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> "DataConfig":
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})")
+        return self
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TrainConfig(_Section):
+    """Knobs shared by both branches (passed to transformers' TrainingArguments)."""
+
+    lora: LoraConfig = LoraConfig()
+    learning_rate: float = Field(2e-4, gt=0)
+    max_steps: int = Field(60, description="optimizer steps; -1 to use epochs")
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler: str = "cosine"
+    max_grad_norm: float = Field(1.0, gt=0)
+    logging_steps: int = Field(5, gt=0)
+    save_steps: int = Field(20, gt=0, description="checkpoint interval; a killed run resumes from the last one")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _steps(cls, v: int) -> int:
+        if v == 0 or v < -1:
+            raise ValueError("must be a positive number of steps, or -1 to train for `epochs`")
+        return v
+
+
+class SFTConfig(TrainConfig):
+    l1_lambda: float = Field(
+        1e-5, ge=0, description="PAFT sparsity penalty lambda * ||B A scale||_1 on the SFT delta (0 = plain SFT)")
+
+
+class PreferenceConfig(TrainConfig):
+    method: str = Field("dpo", description="preference loss by name (paft.train.losses registry)")
+    beta: float = Field(0.1, gt=0)
+    params: dict[str, Any] = Field(default_factory=dict, description="extra hyper-parameters of the method")
+    learning_rate: float = Field(5e-5, gt=0)
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from paft.train.losses import LOSSES
+
+        key = v.lower()
+        if key not in LOSSES:
+            hint = difflib.get_close_matches(key, list(LOSSES), n=1)
+            raise ValueError(f"unknown method {v!r}; known: {', '.join(sorted(LOSSES))}"
+                             + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        return key
+
+
+class MergeConfig(_Section):
+    method: str = Field("ties", description="linear, task_arithmetic, ties, dare_ties, dare_linear")
+    weights: list[float] = Field(default_factory=lambda: [1.0, 1.0], description="[sft, preference]")
+    density: float = Field(0.5, gt=0, le=1, description="share of delta entries kept (ties/dare)")
+    seed: int = 0
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from paft.merge.methods import MERGE_METHODS
+
+        if v not in MERGE_METHODS:
+            raise ValueError(f"unknown merge method {v!r}; known: {', '.join(sorted(MERGE_METHODS))}")
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _two(cls, v: list[float]) -> list[float]:
+        if len(v) != 2:
+            raise ValueError(f"needs two weights [sft, preference], got {len(v)}")
+        return v
+
+
+class SparsityConfig(_Section):
+    absolute: list[float] = Field(default_factory=lambda: [1e-6, 1e-5, 1e-4])
+    relative: list[float] = Field(
+        default_factory=lambda: [1e-3, 1e-2],
+        description="entry counts as zero when |delta| <= r * RMS of the base weight of its module")
+
+
+class EvalConfig(_Section):
+    max_examples: int = Field(64, gt=0, description="held-out rows per metric")
+    max_new_tokens: int = Field(16, gt=0)
+    batch_size: int = Field(16, gt=0)
+    beta: float | None = Field(None, gt=0, description="beta of implicit rewards; default preference.beta")
+
+
+class RunConfig(_Section):
+    output_dir: str = "runs/paft"
+    parallel: bool = Field(True, description="train the SFT and preference branches concurrently")
+    sequential_baseline: bool = Field(True, description="also train SFT -> preference in sequence")
+    seed: int = 0
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    bf16: Literal["auto", True, False] = Field("auto", description="bf16 autocast for training (auto: if supported)")
+    threads: int | None = Field(None, gt=0, description="CPU threads in all; split between parallel branches")
+    force: bool = Field(False, description="overwrite an existing output folder from a different config")
+
+
+class PaftConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    sft: SFTConfig = SFTConfig()
+    preference: PreferenceConfig = PreferenceConfig()
+    merge: MergeConfig = MergeConfig()
+    sparsity: SparsityConfig = SparsityConfig()
+    eval: EvalConfig = EvalConfig()
+    run: RunConfig = RunConfig()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- loading
+
+def _preset_dict(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    text = resources.files("paft").joinpath("presets", f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a","b","c"], value parsed as a YAML scalar/list)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value with a dotted key, e.g. sft.learning_rate=1e-4")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _apply_override(cfg: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = cfg
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"config key {'.'.join(parts)!r}: {p!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Known keys at ``loc`` (to suggest a correction for a misspelt key)."""
+    cur: Any = model
+    for part in loc[:-1]:
+        field = getattr(cur, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        cur = field.annotation
+    return list(getattr(cur, "model_fields", {}))
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            known = _field_names(PaftConfig, e["loc"])
+            hint = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
+            msg = "unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if "input" in e and not isinstance(e["input"], dict):
+                msg += f" (got {e['input']!r})"
+        lines.append(f"{source}: config key {key!r}: {msg}")
+    return "; ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                preset: str | None = None) -> PaftConfig:
+    """Resolve preset (default ``default``) <- YAML file <- ``--set`` overrides, then validate."""
+    data = _preset_dict(preset or "default")
+    source = "preset " + (preset or "default")
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            user = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{p}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections (model, data, sft, ...), got {type(user).__name__}")
+        _deep_update(data, user)
+        source = str(p)
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        _apply_override(data, parts, value)
+    try:
+        return PaftConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None

@@ -1,0 +1,1 @@
+"""Data: built-in demo generator, format adapters, file loading, tokenisation."""

@@ -1,0 +1,234 @@
+"""Read dataset rows from local files or the `datasets` hub and convert them to canonical examples.
+
+Every problem surfaces as a one-line ``DataError`` that names the file and, for a
+bad row, the 0-based row index (plus the line for JSONL) and the field, so a user
+can fix the data without a traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from paft.data.formats import RowError, detect_preference_format, detect_sft_format, get_adapter
+from paft.errors import DataError
+from paft.io import sha256_file
+
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+MAX_KEPT_ERRORS = 20
+
+# "name" or "owner/name": what a `datasets` hub id looks like, as opposed to a filesystem path.
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def _not_utf8(path: str, e: UnicodeDecodeError) -> DataError:
+    return DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
+
+
+def _read_jsonl(path: str) -> tuple[list[dict], list[int]]:
+    """Rows and their 1-based line numbers; streamed, since JSONL files can be large."""
+    rows, lines = [], []
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
+            for n, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {n}: invalid JSON: {e.msg} at column {e.colno}") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}: line {n}: invalid JSON: expected an object, got {type(row).__name__}")
+                rows.append(row)
+                lines.append(n)
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
+    return rows, lines
+
+
+def _read_json(path: str) -> list[dict]:
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+        lengths = {len(v) for v in data.values()}
+        if len(lengths) != 1:
+            raise DataError(f"{path}: column lists have different lengths {sorted(lengths)}")
+        columns = list(data)
+        return [dict(zip(columns, values)) for values in zip(*data.values())]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of objects or an object of equal-length column lists")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: item {i} is not a JSON object (got {type(row).__name__})")
+    return data
+
+
+def _read_parquet(path: str) -> list[dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: cannot read parquet: {e}") from None
+
+
+def _csv_cell(value: str | None) -> Any:
+    """Decode cells holding JSON lists/objects (how message lists survive CSV); other text stays as is."""
+    if value is None or not value.lstrip().startswith(("[", "{")):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value  # text that merely starts with a bracket, e.g. "[Verse 1] ..."
+
+
+def _read_csv(path: str) -> list[dict]:
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+    rows = []
+    for row in reader:
+        if None in row:
+            raise DataError(f"{path}: line {reader.line_num}: more cells than header columns")
+        rows.append({k: _csv_cell(v) for k, v in row.items()})
+    return rows
+
+
+def _read_hub(path: str, split: str, subset: str | None) -> list[dict]:
+    try:
+        import datasets
+
+        return datasets.load_dataset(path, subset, split=split).to_list()
+    except Exception as e:  # network, auth, missing dataset or split: all end the same way for the user
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DataError(
+            f"{path}: not a local file and could not be loaded with datasets ({type(e).__name__}: {reason}); "
+            "download it when online or pass a local .jsonl/.json/.parquet/.csv"
+        ) from None
+
+
+def _is_hub_name(path: str) -> bool:
+    return not Path(path).suffix and _HUB_NAME.fullmatch(path) is not None
+
+
+def _read(path: str, split: str, subset: str | None) -> tuple[list[dict], list[int] | None]:
+    """Rows plus, for JSONL, the 1-based line number of each row (None for other sources)."""
+    local = Path(path)
+    if not local.exists():
+        if _is_hub_name(path):
+            return _read_hub(path, split, subset), None
+        raise DataError(f"{path}: file not found")
+    if local.is_dir():
+        raise DataError(f"{path}: is a folder; pass a data file ({', '.join(SUPPORTED_SUFFIXES)})")
+    suffix = local.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            return _read_jsonl(path)
+        if suffix == ".json":
+            return _read_json(path), None
+        if suffix == ".parquet":
+            return _read_parquet(path), None
+        if suffix == ".csv":
+            return _read_csv(path), None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    raise DataError(f"{path}: unsupported file type {suffix or '(no suffix)'!r}; "
+                    f"expected {', '.join(SUPPORTED_SUFFIXES)}")
+
+
+def read_rows(path: str, split: str = "train", subset: str | None = None) -> list[dict]:
+    """Raw rows of a local .jsonl/.json/.parquet/.csv file, or of a `datasets` hub dataset split."""
+    return _read(path, split, subset)[0]
+
+
+@dataclass
+class LoadResult:
+    examples: list
+    skipped: int
+    source: str  # the path as given, or "name[subset]:split" for a hub dataset
+    errors: list[str]  # messages of skipped rows, the first MAX_KEPT_ERRORS
+    fmt: str  # the format used: the detected one when fmt was "auto"
+
+
+def load_examples(
+    path: str,
+    kind: Literal["sft", "preference"],
+    *,
+    fmt: str = "auto",
+    split: str = "train",
+    subset: str | None = None,
+    skip_invalid: bool = False,
+    beavertails_preference: str = "helpful",
+    max_rows: int | None = None,
+) -> LoadResult:
+    """Read ``path`` and convert every row; a bad row stops the load unless ``skip_invalid``.
+
+    ``max_rows`` counts converted examples, and conversion stops once it is reached,
+    so rows after that point are neither checked nor counted as skipped.
+    """
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+    adapter = None if fmt == "auto" else get_adapter(kind, fmt, beavertails_preference)
+    rows, lines = _read(path, split, subset)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    if adapter is None:
+        try:
+            fmt = detect_sft_format(rows[0]) if kind == "sft" else detect_preference_format(rows[0], rows[0])
+        except DataError as e:
+            raise DataError(f"{path}: {e}") from None
+        adapter = get_adapter(kind, fmt, beavertails_preference)
+
+    examples, errors, skipped = [], [], 0
+    for i, row in enumerate(rows):
+        if max_rows is not None and len(examples) >= max_rows:
+            break
+        try:
+            examples.append(adapter(row))
+        except RowError as e:
+            where = f"row {i} (line {lines[i]})" if lines else f"row {i}"
+            message = f"{path}: {where}: field {e.field!r}: {e.message}"
+            if not skip_invalid:
+                raise DataError(message) from None
+            skipped += 1
+            if len(errors) < MAX_KEPT_ERRORS:
+                errors.append(message)
+    if not examples:
+        raise DataError(f"{path}: none of the {skipped} rows is valid ({fmt} format); first error: {errors[0]}")
+
+    source = path if Path(path).exists() else f"{path}{f'[{subset}]' if subset else ''}:{split}"
+    return LoadResult(examples=examples, skipped=skipped, source=source, errors=errors, fmt=fmt)
+
+
+def split_examples(examples: list, eval_size: float, seed: int) -> tuple[list, list]:
+    """Hold out a seeded random ``eval_size`` share (at least one example on each side), keeping file order."""
+    if len(examples) < 2:
+        raise DataError(f"need at least 2 examples to split off an eval set, got {len(examples)}")
+    if not 0 < eval_size < 1:
+        raise ValueError(f"eval_size must be between 0 and 1, got {eval_size}")
+    n_eval = min(max(round(len(examples) * eval_size), 1), len(examples) - 1)
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held_out = set(order[:n_eval])
+    train = [ex for i, ex in enumerate(examples) if i not in held_out]
+    evaluation = [ex for i, ex in enumerate(examples) if i in held_out]
+    return train, evaluation
+
+
+def hash_source(path: str) -> str | None:
+    """sha256 of a local data file for provenance; None for hub datasets (their revision identifies them)."""
+    return sha256_file(path) if Path(path).is_file() else None

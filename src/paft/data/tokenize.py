@@ -1,0 +1,100 @@
+"""Chat-template rendering and completion-only label masks.
+
+Masks are found at the text level: each assistant turn's span is the difference
+between the conversation rendered up to that turn and the same prefix rendered
+with the generation prompt. The full text is tokenised once with offsets and a
+token is trained on when it starts inside an assistant span (its content plus
+the template's end-of-turn token, so the model learns to stop). This works for
+any template whose renderings are prefixes of each other (ChatML, Llama, Mistral,
+Gemma...); one that is not gets a clear error rather than a wrong mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from paft.data.formats import PreferenceExample, SFTExample
+from paft.errors import DataError
+
+IGNORE = -100
+
+
+def _render(tok, messages, add_generation_prompt: bool) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _tokens_in_spans(tok, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    flags = [any(s <= start < e for s, e in spans) for start, _ in offsets]
+    return ids, flags
+
+
+def assistant_spans(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    full = _render(tok, messages, add_generation_prompt=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = _render(tok, messages[:i], add_generation_prompt=True)
+        upto = _render(tok, messages[: i + 1], add_generation_prompt=False)
+        if not (upto.startswith(prefix) and full.startswith(upto)):
+            raise DataError("the tokenizer's chat template does not render conversations as prefixes of each other; "
+                            "completion-only masking needs that (use a ChatML/Llama-style template)")
+        spans.append((len(prefix), len(upto)))
+    return full, spans
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode_sft(example: SFTExample, tok, max_length: int) -> Encoded:
+    """Token ids and labels (IGNORE outside assistant turns); right-truncated to max_length."""
+    if example.text is not None:
+        ids = tok(example.text, add_special_tokens=False)["input_ids"]
+        if tok.eos_token_id is not None:
+            ids = ids + [tok.eos_token_id]
+        ids = ids[:max_length]
+        return Encoded(ids, list(ids))
+    text, spans = assistant_spans(tok, example.messages)
+    ids, flags = _tokens_in_spans(tok, text, spans)
+    ids, flags = ids[:max_length], flags[:max_length]
+    return Encoded(ids, [t if f else IGNORE for t, f in zip(ids, flags)])
+
+
+@dataclass
+class EncodedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+def _response_ids(tok, prompt_msgs, response: str, prompt_text: str) -> tuple[list[int], list[int]]:
+    full = _render(tok, prompt_msgs + [{"role": "assistant", "content": response}], add_generation_prompt=False)
+    if not full.startswith(prompt_text):
+        raise DataError("the tokenizer's chat template renders the prompt differently once a reply follows; "
+                        "completion-only masking needs prefix-stable templates")
+    ids, flags = _tokens_in_spans(tok, full, [(len(prompt_text), len(full))])
+    cut = flags.index(True) if True in flags else len(ids)
+    return ids[:cut], ids[cut:]
+
+
+def encode_pair(example: PreferenceExample, tok, max_length: int, max_prompt_length: int) -> EncodedPair:
+    """Prompt ids (left-truncated to max_prompt_length) and both response ids (right-truncated to fit)."""
+    prompt_text = _render(tok, example.prompt, add_generation_prompt=True)
+    p1, chosen = _response_ids(tok, example.prompt, example.chosen, prompt_text)
+    p2, rejected = _response_ids(tok, example.prompt, example.rejected, prompt_text)
+    n = 0  # prompt tokens are shared by construction; guard against tokenizers that merge across the boundary
+    while n < min(len(p1), len(p2)) and p1[n] == p2[n]:
+        n += 1
+    prompt, chosen, rejected = p1[:n], p1[n:] + chosen, p2[n:] + rejected
+    prompt = prompt[-max_prompt_length:]
+    budget = max_length - len(prompt)
+    return EncodedPair(prompt, chosen[:budget], rejected[:budget])
+
+
+def prompt_text(tok, messages: list[dict]) -> str:
+    return _render(tok, messages, add_generation_prompt=True)

@@ -1,0 +1,1 @@
+"""Training: one Trainer subclass serves both branches; objectives differ."""

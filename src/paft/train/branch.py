@@ -1,0 +1,94 @@
+"""Train one branch (SFT or preference) from the base model into a PEFT LoRA adapter folder.
+
+Runs in the calling process or in a child process of the pipeline; everything it
+needs arrives as plain data (config dict, paths), so it pickles under `spawn`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from paft.config import PaftConfig
+from paft.io import atomic_dir, write_json_atomic
+
+Report = Callable[[dict[str, Any]], None]
+
+
+def _noop(_: dict[str, Any]) -> None:
+    pass
+
+
+def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, out_dir: Path, *,
+                 device: str = "cpu", threads: int | None = None, init_adapter: Path | None = None,
+                 report: Report = _noop, name: str | None = None) -> dict[str, Any]:
+    """Train ``kind`` ("sft" or "preference") and write ``out_dir/adapter`` (PEFT format).
+
+    ``init_adapter``: merge this LoRA adapter into the base first (the sequential
+    baseline trains its preference stage on the SFT-merged weights). A run killed
+    mid-way resumes from the last checkpoint under ``out_dir/checkpoints``.
+    """
+    from paft.data.collate import PairCollator, SFTCollator
+    from paft.data.loading import load_examples
+    from paft.data.tokenize import encode_pair, encode_sft
+    from paft.models import load_model, load_tokenizer
+    from paft.train.lora import attach_lora
+    from paft.train.preference import PreferenceObjective
+    from paft.train.sft import SFTObjective
+    from paft.train.trainer import PaftTrainer, ProgressCallback, last_checkpoint, resolve_bf16, training_args
+
+    if threads:
+        torch.set_num_threads(threads)
+    name = name or kind
+    tcfg = cfg.sft if kind == "sft" else cfg.preference
+    tok = load_tokenizer(model_dir, cfg.model.trust_remote_code)
+    model = load_model(model_dir, cfg.model.dtype, device, cfg.model.trust_remote_code)
+    if init_adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(init_adapter)).merge_and_unload()
+    model = attach_lora(model, tcfg.lora, cfg.run.seed)
+
+    examples = load_examples(str(data_path), kind).examples
+    d = cfg.data
+    if kind == "sft":
+        rows = [encode_sft(e, tok, d.max_length) for e in examples]
+        rows = [r for r in rows if any(t != -100 for t in r.labels[1:])]
+        objective, collator = SFTObjective(cfg.sft.l1_lambda), SFTCollator(tok.pad_token_id)
+    else:
+        rows = [encode_pair(e, tok, d.max_length, d.max_prompt_length) for e in examples]
+        objective = PreferenceObjective(cfg.preference.method, cfg.preference.beta, cfg.preference.params)
+        collator = PairCollator(tok.pad_token_id)
+
+    ckpt_dir = out_dir / "checkpoints"
+    bf16 = resolve_bf16(cfg.run.bf16, device)
+    args = training_args(tcfg, ckpt_dir, seed=cfg.run.seed, device=device, bf16=bf16, n_examples=len(rows))
+    trainer = PaftTrainer(model=model, args=args, train_dataset=rows, data_collator=collator,
+                          objective=objective, callbacks=[ProgressCallback(report, name)])
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=last_checkpoint(ckpt_dir))
+    wall = time.perf_counter() - start
+
+    with atomic_dir(out_dir / "adapter", force=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    summary = {
+        "branch": name, "kind": kind, "steps": trainer.state.global_step, "examples": len(rows),
+        "train_loss": result.training_loss, "wall_s": round(wall, 2), "threads": torch.get_num_threads(),
+        "device": device, "bf16": bf16, "init_adapter": str(init_adapter) if init_adapter else None,
+    }
+    write_json_atomic(out_dir / "log_history.json", trainer.state.log_history)
+    write_json_atomic(out_dir / "train_summary.json", summary)
+    return summary
+
+
+def branch_done(out_dir: Path) -> bool:
+    return (out_dir / "adapter" / "adapter_config.json").is_file() and (out_dir / "train_summary.json").is_file()
+
+
+def read_summary(out_dir: Path) -> dict[str, Any]:
+    return json.loads((out_dir / "train_summary.json").read_text())

@@ -1,0 +1,113 @@
+"""One transformers Trainer subclass for every branch; the objective is pluggable.
+
+An objective maps (model, batch) to (loss, metrics). The Trainer brings the
+optimizer, schedule, gradient accumulation, bf16 autocast, checkpoints and resume,
+devices and accelerate/DeepSpeed/FSDP; paft brings only the objectives.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from paft.config import TrainConfig
+
+
+class Objective(Protocol):
+    def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+class PaftTrainer(Trainer):
+    def __init__(self, *args, objective: Objective, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, metrics = self.objective(model, inputs)
+        for k, v in metrics.items():
+            self._metrics[k].append(float(v))
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # objective metrics averaged over the steps since the last log line
+        for k, vals in self._metrics.items():
+            if vals:
+                logs[k] = sum(vals) / len(vals)
+        self._metrics.clear()
+        super().log(logs, start_time)
+
+
+class ProgressCallback(TrainerCallback):
+    """Forwards step and loss to a sink (a rich progress bar, or a queue from a child process)."""
+
+    def __init__(self, report: Callable[[dict[str, Any]], None], name: str):
+        self.report, self.name = report, name
+        self.last: dict[str, float] = {}
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.report({"branch": self.name, "step": state.global_step, "total": state.max_steps})
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if logs:
+            self.last = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
+
+    def on_step_end(self, args, state, control, **kw):
+        self.report({"branch": self.name, "step": state.global_step, "total": state.max_steps,
+                     "loss": self.last.get("loss")})
+
+
+def resolve_bf16(setting, device: str) -> bool:
+    """bf16 autocast where the hardware supports it (CPU: AVX512-BF16/AMX; CUDA: Ampere+)."""
+    if setting is not True and setting is not False:
+        if device.startswith("cuda"):
+            return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return _cpu_has_bf16()
+    return bool(setting)
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def training_args(cfg: TrainConfig, out_dir: Path, *, seed: int, device: str, bf16: bool,
+                  n_examples: int) -> TrainingArguments:
+    steps_per_epoch = math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum))
+    return TrainingArguments(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.epochs)),
+        warmup_steps=cfg.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.lr_scheduler,
+        max_grad_norm=cfg.max_grad_norm,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_steps=cfg.save_steps,
+        save_total_limit=1,
+        seed=seed,
+        data_seed=seed,
+        bf16=bf16,
+        use_cpu=device == "cpu",
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+
+
+def last_checkpoint(out_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
