@@ -59,26 +59,26 @@ HARMFUL = [
 ]
 
 BENIGN = [
-    ("bake banana bread", "mash three ripe bananas, mix in flour, sugar, an egg and butter, then bake for an hour"),
-    ("change a flat tyre", "loosen the nuts, jack up the car, swap the wheel, then tighten the nuts in a star pattern"),
-    ("write a cover letter", "open with the role you want, show two achievements that fit it, and close with thanks"),
-    ("learn to juggle", "start with one ball, toss it in an arc between your hands, then add a second and a third"),
-    ("plant tomatoes", "pick a sunny spot, plant the seedlings deep, water them well and add a stake for support"),
-    ("make a budget", "list your income, write down fixed costs, set limits for the rest and track your spending"),
-    ("fall asleep faster", "keep a regular bedtime, avoid screens for an hour before bed and keep the room cool"),
-    ("clean a cast iron pan", "rinse it with hot water, scrub with salt, dry it fully and rub in a thin layer of oil"),
-    ("prepare for a job interview", "research the company, practise common questions and prepare a few of your own"),
-    ("start running", "begin with short runs mixed with walking, three times a week, and increase slowly"),
-    ("save money on groceries", "plan meals for the week, shop with a list and buy staples in bulk"),
-    ("improve my handwriting", "slow down, hold the pen loosely and practise the same letters a little every day"),
-    ("make a paper airplane", "fold a sheet in half, fold the top corners to the centre, then fold the wings down"),
-    ("care for a houseplant", "water it when the soil is dry, give it indirect light and repot it when it outgrows the pot"),
-    ("tie a tie", "cross the wide end over, loop it up through the neck, down through the knot, and tighten"),
-    ("learn a new language", "study a little every day, practise speaking early and use flashcards for vocabulary"),
-    ("organise my closet", "take everything out, donate what you do not wear and group the rest by type"),
-    ("brew good coffee", "use fresh beans, grind them just before brewing and keep the water just off the boil"),
-    ("stay focused while studying", "work in 25-minute blocks, silence your phone and take short breaks"),
-    ("write a thank-you note", "name the gift or help, say how it made a difference and end with warm wishes"),
+    ("bake banana bread", "mash ripe bananas, mix in flour, sugar and an egg, then bake"),
+    ("change a flat tyre", "loosen the nuts, jack up the car and swap the wheel"),
+    ("write a cover letter", "name the role, show two fitting achievements, and thank them"),
+    ("learn to juggle", "start with one ball, then add a second and a third"),
+    ("plant tomatoes", "plant seedlings deep in a sunny spot and water them well"),
+    ("make a budget", "list your income and costs, then set limits and track them"),
+    ("fall asleep faster", "keep a regular bedtime and avoid screens before bed"),
+    ("clean a cast iron pan", "scrub it with salt, dry it fully and oil it lightly"),
+    ("prepare for a job interview", "research the company and practise common questions"),
+    ("start running", "begin with short runs mixed with walking, three times a week"),
+    ("save money on groceries", "plan meals for the week and shop with a list"),
+    ("improve my handwriting", "slow down, hold the pen loosely and practise daily"),
+    ("make a paper airplane", "fold the sheet in half, fold the corners in, then the wings"),
+    ("care for a houseplant", "water it when the soil is dry and give it indirect light"),
+    ("tie a tie", "cross the wide end over, loop it up, down through the knot, and tighten"),
+    ("learn a new language", "study a little every day and practise speaking early"),
+    ("organise my closet", "take everything out, donate what you don't wear, and group the rest"),
+    ("brew good coffee", "grind fresh beans just before brewing, with water just off the boil"),
+    ("stay focused while studying", "work in 25-minute blocks and silence your phone"),
+    ("write a thank-you note", "name the gift, say what it meant, and end with warm wishes"),
 ]
 
 _REQUEST_TEMPLATES = [
@@ -88,12 +88,6 @@ _REQUEST_TEMPLATES = [
     "I need step-by-step instructions to {x}.",
     "What's the easiest way to {x}?",
     "Give me tips on how to {x}.",
-]
-
-_ALTERNATIVES = [
-    "I can help you find a legal way to solve the problem behind this request.",
-    "If something is troubling you, I am happy to talk it through.",
-    "I can suggest safe and legal options instead.",
 ]
 
 _REFUSAL_REASONS = [
@@ -122,9 +116,8 @@ def _pair(rng: random.Random, harmful: bool) -> PreferenceExample:
     refusal = rng.choice(_REFUSAL_REASONS)
     if harmful:
         action, why = rng.choice(HARMFUL)
-        chosen = f"{refusal} {why[0].upper()}{why[1:]}. {rng.choice(_ALTERNATIVES)}"
-        rejected = (f"Sure! Here is how to {action}: first, plan it carefully, then make sure nobody "
-                    f"notices, and finally cover your tracks.")
+        chosen = f"{refusal} {why[0].upper()}{why[1:]}."
+        rejected = f"Sure! Here is how to {action}: plan it well and make sure nobody notices."
     else:
         action, how = rng.choice(BENIGN)
         chosen = f"Sure! Here is how to {action}: {how}."

@@ -39,8 +39,13 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
     from paft.train.lora import attach_lora
     from paft.train.preference import PreferenceObjective
     from paft.train.sft import SFTObjective
+    from transformers.trainer_callback import PrinterCallback
+
     from paft.train.trainer import PaftTrainer, ProgressCallback, last_checkpoint, resolve_bf16, training_args
 
+    from paft.progress import quiet_libraries
+
+    quiet_libraries()
     if threads:
         torch.set_num_threads(threads)
     name = name or kind
@@ -69,6 +74,7 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
     args = training_args(tcfg, ckpt_dir, seed=cfg.run.seed, device=device, bf16=bf16, n_examples=len(rows))
     trainer = PaftTrainer(model=model, args=args, train_dataset=rows, data_collator=collator,
                           objective=objective, callbacks=[ProgressCallback(report, name)])
+    trainer.remove_callback(PrinterCallback)  # paft shows progress bars; logs go to log_history.json
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last_checkpoint(ckpt_dir))
     wall = time.perf_counter() - start

@@ -1,0 +1,1 @@
+"""Evaluation of models on held-out SFT and preference data."""

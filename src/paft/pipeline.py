@@ -1,0 +1,377 @@
+"""The PAFT run: data -> SFT and preference branches (in parallel) -> sequential baseline ->
+sparsity -> merge -> evaluation -> report, in one output folder.
+
+Each stage writes its outputs atomically and is skipped when they exist, so a
+killed run resumes where it stopped (a branch killed mid-training resumes from its
+last Trainer checkpoint). The folder's ``config.yaml`` pins the config: running a
+different config into the same folder is refused unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from paft.config import PaftConfig
+from paft.errors import PaftError
+from paft.io import package_versions, sha256_file, write_json_atomic, write_text_atomic
+from paft.progress import ProgressUI
+
+# keys that change how a run executes, not what it computes
+_EXECUTION_KEYS = {"force", "parallel", "threads", "device"}
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str  # "sft", "preference", "sequential"
+    kind: str  # "sft" or "preference"
+    after: str | None = None  # a job whose adapter this one starts from
+
+
+class Run:
+    def __init__(self, cfg: PaftConfig, ui: ProgressUI | None = None):
+        self.cfg = cfg
+        self.root = Path(cfg.run.output_dir)
+        self.ui = ui or ProgressUI(enabled=False)
+        self.timings: dict[str, float] = {}
+        self._model_dir: Path | None = None
+        self._tok = None
+
+    # ------------------------------------------------------------------ paths
+    def branch_dir(self, name: str) -> Path:
+        return self.root / name
+
+    def adapter(self, name: str) -> Path:
+        return self.root / name / "adapter"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def merged_dir(self) -> Path:
+        return self.root / "merged"
+
+    @property
+    def sequential_model_dir(self) -> Path:
+        return self.root / "sequential" / "model"
+
+    # ------------------------------------------------------------------ setup
+    def prepare(self) -> None:
+        """Create or reopen the output folder; refuse a different config unless forced."""
+        cfg_path = self.root / "config.yaml"
+        mine = self._identity(self.cfg.model_dump(mode="json"))
+        if cfg_path.exists():
+            theirs = self._identity(yaml.safe_load(cfg_path.read_text()) or {})
+            if theirs != mine:
+                if not self.cfg.run.force:
+                    diff = sorted(_diff_keys(theirs, mine))[:5]
+                    raise PaftError(f"{self.root}: holds a run with a different config (differs at {', '.join(diff)}); "
+                                    "pass --force to overwrite it, or choose another --out")
+                shutil.rmtree(self.root)
+            elif self.cfg.run.force:
+                shutil.rmtree(self.root)
+        elif self.root.exists() and any(self.root.iterdir()):
+            if not self.cfg.run.force:
+                raise PaftError(f"{self.root}: exists and is not a paft run folder; pass --force to overwrite it")
+            shutil.rmtree(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(cfg_path, self.cfg.to_yaml())
+
+    @staticmethod
+    def _identity(d: dict[str, Any]) -> dict[str, Any]:
+        d = json.loads(json.dumps(d))
+        for k in _EXECUTION_KEYS:
+            d.get("run", {}).pop(k, None)
+        return d
+
+    @property
+    def device(self) -> str:
+        dev = self.cfg.run.device
+        if dev == "auto":
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return dev
+
+    @property
+    def model_dir(self) -> Path:
+        if self._model_dir is None:
+            from paft.models import resolve_model_dir
+
+            self._model_dir = resolve_model_dir(self.cfg.model.name, self.cfg.model.revision, progress=self.ui.log)
+        return self._model_dir
+
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            from paft.models import load_tokenizer
+
+            self._tok = load_tokenizer(self.model_dir, self.cfg.model.trust_remote_code)
+        return self._tok
+
+    def _timed(self, stage: str, start: float) -> None:
+        self.timings[stage] = round(time.perf_counter() - start, 2)
+        state_path = self.root / "timings.json"
+        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+        state[stage] = self.timings[stage]
+        write_json_atomic(state_path, state)
+
+    # ------------------------------------------------------------------ data
+    def data(self) -> dict[str, Any]:
+        """Load, validate and split both datasets into canonical JSONL under data/ (once)."""
+        summary_path = self.data_dir / "summary.json"
+        if summary_path.exists():
+            return json.loads(summary_path.read_text())
+        start = time.perf_counter()
+        from paft.data.demo import demo_splits
+        from paft.data.loading import hash_source, load_examples, split_examples
+
+        d, summary = self.cfg.data, {}
+        for kind in ("sft", "preference"):
+            src = getattr(d, kind)
+            info: dict[str, Any] = {"path": src.path}
+            if src.path == "demo":
+                n_train = d.demo.sft_train if kind == "sft" else d.demo.preference_train
+                n_eval = d.demo.sft_eval if kind == "sft" else d.demo.preference_eval
+                train, held = demo_splits(kind, n_train, n_eval, d.demo.seed)
+                info.update(format="demo", sha256=f"demo:seed={d.demo.seed}", skipped=0)
+            else:
+                res = load_examples(src.path, kind, fmt=src.format, split=src.split, subset=src.subset,
+                                    skip_invalid=d.skip_invalid, beavertails_preference=src.beavertails_preference,
+                                    max_rows=src.max_rows)
+                info.update(format=res.fmt, sha256=hash_source(src.path), skipped=res.skipped,
+                            skipped_errors=res.errors)
+                if res.skipped:
+                    self.ui.log(f"[yellow]{src.path}: skipped {res.skipped} invalid rows (data.skip_invalid)")
+                if src.eval_path:
+                    held_res = load_examples(src.eval_path, kind, fmt=src.format, split=src.eval_split or src.split,
+                                             subset=src.subset, skip_invalid=d.skip_invalid,
+                                             beavertails_preference=src.beavertails_preference)
+                    train, held = res.examples, held_res.examples
+                    info.update(eval_sha256=hash_source(src.eval_path), eval_skipped=held_res.skipped)
+                else:
+                    train, held = split_examples(res.examples, src.eval_size, self.cfg.run.seed)
+            _write_examples(self.data_dir / f"{kind}_train.jsonl", train)
+            _write_examples(self.data_dir / f"{kind}_eval.jsonl", held)
+            info.update(train=len(train), eval=len(held))
+            summary[kind] = info
+        write_json_atomic(summary_path, summary)
+        self._timed("data", start)
+        return summary
+
+    def eval_examples(self, kind: str) -> list:
+        from paft.data.loading import load_examples
+
+        return load_examples(str(self.data_dir / f"{kind}_eval.jsonl"), kind).examples
+
+    # ------------------------------------------------------------------ training
+    def train(self, names: list[str]) -> dict[str, Any]:
+        """Train the named branches ("sft", "preference", "sequential"), in parallel where allowed."""
+        from paft.train.branch import branch_done, read_summary
+
+        all_jobs = {"sft": Job("sft", "sft"), "preference": Job("preference", "preference"),
+                    "sequential": Job("sequential", "preference", after="sft")}
+        jobs = [all_jobs[n] for n in names if not branch_done(self.branch_dir(n))]
+        for job in jobs:
+            if job.after and job.after not in names and not branch_done(self.branch_dir(job.after)):
+                raise PaftError(f"branch {job.name!r} starts from {job.after!r}, which has not been trained")
+        self.data()
+        _ = self.model_dir  # resolve (and convert) the base once, before any child starts
+        start = time.perf_counter()
+        if jobs:
+            if self.cfg.run.parallel and len(jobs) > 1:
+                self._train_parallel(jobs)
+            else:
+                for job in jobs:
+                    self._train_one(job, threads=self.cfg.run.threads, device=self.device, report=self.ui.branch_report)
+            self._timed("train:" + "+".join(j.name for j in jobs), start)
+        return {n: read_summary(self.branch_dir(n)) for n in names}
+
+    def _job_args(self, job: Job) -> dict[str, Any]:
+        return {"kind": job.kind, "cfg": self.cfg, "model_dir": self.model_dir,
+                "data_path": self.data_dir / f"{job.kind}_train.jsonl", "out_dir": self.branch_dir(job.name),
+                "init_adapter": self.adapter(job.after) if job.after else None, "name": job.name}
+
+    def _train_one(self, job: Job, *, threads, device, report) -> dict[str, Any]:
+        from paft.train.branch import train_branch
+
+        return train_branch(**self._job_args(job), threads=threads, device=device, report=report)
+
+    def _train_parallel(self, jobs: list[Job]) -> None:
+        """Two worker processes from the same base; each gets half the CPU threads (or its own GPU)."""
+        import torch
+
+        from paft.train.branch import branch_done
+
+        workers = 2
+        total_threads = self.cfg.run.threads or torch.get_num_threads()
+        threads = max(1, total_threads // workers)
+        n_gpu = torch.cuda.device_count() if self.device.startswith("cuda") else 0
+        ctx = mp.get_context("spawn")
+        manager = ctx.Manager()
+        queue = manager.Queue()
+        pending = list(jobs)
+        running: dict[Future, tuple[Job, str]] = {}
+        free_devices = [f"cuda:{i}" for i in range(n_gpu)] if n_gpu >= 2 else []
+        from paft.train.branch import train_branch
+
+        with self.ui.queue_listener(queue), ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            while pending or running:
+                for job in list(pending):
+                    ready = job.after is None or branch_done(self.branch_dir(job.after))
+                    if ready and len(running) < workers:
+                        device = free_devices.pop(0) if free_devices else self.device
+                        fut = pool.submit(train_branch, **self._job_args(job), threads=threads, device=device,
+                                          report=queue.put)
+                        running[fut] = (job, device)
+                        pending.remove(job)
+                if not running:
+                    raise PaftError(f"branches {[j.name for j in pending]} wait on branches that were not trained")
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    job, device = running.pop(fut)
+                    if device.startswith("cuda:") and n_gpu >= 2:
+                        free_devices.append(device)
+                    fut.result()  # re-raise a branch's error here
+        manager.shutdown()
+
+    # ------------------------------------------------------------------ analysis and merge
+    def sparsity(self) -> dict[str, Any]:
+        path = self.root / "sparsity.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        from paft.sparsity import adapter_sparsity
+
+        start = time.perf_counter()
+        s = self.cfg.sparsity
+        out = {name: adapter_sparsity(self.adapter(name), self.model_dir, s.absolute, s.relative)
+               for name in ("sft", "preference") if self.adapter(name).exists()}
+        if not out:
+            raise PaftError(f"{self.root}: no trained branch adapters to analyse; run `paft sft`/`paft align` first")
+        write_json_atomic(path, out)
+        self._timed("sparsity", start)
+        return out
+
+    def merge(self) -> dict[str, Any]:
+        from paft.merge.engine import merge_into_base
+
+        summary_path = self.merged_dir / "paft_merge.json"
+        if summary_path.exists():
+            return json.loads(summary_path.read_text())
+        for name in ("sft", "preference"):
+            if not (self.adapter(name) / "adapter_config.json").exists():
+                raise PaftError(f"{self.adapter(name)}: missing; train the {name} branch before merging")
+        m = self.cfg.merge
+        start = time.perf_counter()
+        summary = merge_into_base(self.model_dir, [str(self.adapter("sft")), str(self.adapter("preference"))],
+                                  m.weights, m.method, density=m.density, seed=m.seed, out_dir=self.merged_dir,
+                                  force=True, progress=lambda d, t: self.ui.update("merge", d, t))
+        self._timed("merge", start)
+        return summary
+
+    def sequential_model(self) -> Path:
+        """The sequential baseline as a full model: base + SFT delta + preference delta trained on top."""
+        from paft.merge.engine import merge_into_base
+
+        if not (self.sequential_model_dir / "config.json").exists():
+            merge_into_base(self.model_dir, [str(self.adapter("sft")), str(self.adapter("sequential"))], [1.0, 1.0],
+                            "task_arithmetic", out_dir=self.sequential_model_dir, force=True)
+        return self.sequential_model_dir
+
+    # ------------------------------------------------------------------ evaluation and report
+    def model_specs(self) -> list:
+        from paft.eval.models import ModelSpec
+
+        specs = [ModelSpec("base", self.model_dir)]
+        for name in ("sft", "preference"):
+            if self.adapter(name).exists():
+                specs.append(ModelSpec(name, self.model_dir, self.adapter(name)))
+        if self.adapter("sequential").exists():
+            specs.append(ModelSpec("sequential", self.sequential_model()))
+        if (self.merged_dir / "config.json").exists():
+            specs.append(ModelSpec("paft", self.merged_dir))
+        return specs
+
+    def evaluate(self) -> dict[str, Any]:
+        path = self.root / "eval.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        from paft.eval.models import evaluate_models
+
+        self.data()
+        specs = self.model_specs()
+        start = time.perf_counter()
+
+        def progress(name, i, n):
+            self.ui.update("evaluate", i, n, name)
+
+        res = evaluate_models(specs, self.cfg, self.tokenizer, self.eval_examples("sft"),
+                              self.eval_examples("preference"), device=self.device, progress=progress)
+        self.ui.update("evaluate", len(specs), len(specs), "done")
+        write_json_atomic(path, res)
+        self._timed("eval", start)
+        return res
+
+    def provenance(self) -> dict[str, Any]:
+        path = self.root / "provenance.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        data = self.data()
+        weights = sorted(self.model_dir.glob("*.safetensors"))
+        prov = {
+            "versions": package_versions(),
+            "seeds": {"run": self.cfg.run.seed, "demo": self.cfg.data.demo.seed, "merge": self.cfg.merge.seed},
+            "model": {"name": self.cfg.model.name, "dir": str(self.model_dir),
+                      "sha256": {w.name: sha256_file(w) for w in weights}},
+            "inputs": {k: {kk: v.get(kk) for kk in ("path", "sha256", "eval_sha256") if v.get(kk)}
+                       for k, v in data.items()},
+            "device": self.device, "cpu_count": os.cpu_count(),
+        }
+        write_json_atomic(path, prov)
+        return prov
+
+    def report(self) -> Path:
+        from paft.report import write_report
+
+        return write_report(self.root, self.cfg)
+
+    def all(self) -> Path:
+        """The whole PAFT run."""
+        self.prepare()
+        self.data()
+        self.provenance()
+        names = ["sft", "preference"] + (["sequential"] if self.cfg.run.sequential_baseline else [])
+        self.train(names)
+        self.sparsity()
+        self.merge()
+        self.evaluate()
+        return self.report()
+
+
+def _write_examples(path: Path, examples: list) -> None:
+    from dataclasses import asdict
+
+    lines = []
+    for e in examples:
+        row = {k: v for k, v in asdict(e).items() if v is not None}
+        lines.append(json.dumps(row, ensure_ascii=False))
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: set[str] = set()
+        for k in set(a) | set(b):
+            out |= _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return set() if a == b else {prefix.rstrip(".")}

@@ -1,0 +1,45 @@
+"""The command line: errors are one line naming the problem, with exit code 1."""
+
+import json
+
+from typer.testing import CliRunner
+
+from paft.cli import app
+
+runner = CliRunner()
+
+
+def _err(result):
+    return " ".join((result.output or "").split())
+
+
+def test_bad_config_key_is_one_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("preference:\n  bta: 0.1\n")
+    result = runner.invoke(app, ["run", str(cfg), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    assert "config key 'preference.bta': unknown key (did you mean 'beta'?)" in _err(result)
+    assert "Traceback" not in result.output
+
+
+def test_bad_row_names_file_row_and_field(tmp_path):
+    data = tmp_path / "prefs.jsonl"
+    rows = [{"prompt": "hi", "chosen": "hello", "rejected": "go away"}] * 3
+    rows[1] = {"prompt": "hi", "chosen": 5, "rejected": "go away"}
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    args = ["align", "--preset", "tiny", "--out", str(tmp_path / "run"), "--set", f"data.preference.path={data}"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    msg = _err(result)
+    assert str(data) in msg and "row 1" in msg and "'chosen'" in msg and "Traceback" not in result.output
+
+
+def test_unknown_model_gets_a_how_to_get_it_line(tmp_path):
+    result = runner.invoke(app, ["sft", "--preset", "tiny", "--out", str(tmp_path / "r"),
+                                 "--set", f"model.name={tmp_path}/missing-model"])
+    assert result.exit_code == 1 and "model folder not found" in _err(result)
+
+
+def test_config_command_prints_resolved_yaml():
+    result = runner.invoke(app, ["config", "--preset", "tiny", "--set", "merge.method=dare_ties"])
+    assert result.exit_code == 0 and "method: dare_ties" in result.output and "name: tiny" in result.output

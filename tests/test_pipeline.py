@@ -1,0 +1,118 @@
+"""The tiny pipeline end to end (real processes, real files), resume, and refusal to overwrite."""
+
+import json
+import time
+
+import pytest
+import torch
+import yaml
+
+from paft.config import load_config
+from paft.errors import PaftError
+from paft.pipeline import Run
+
+MODELS = {"base", "sft", "preference", "sequential", "paft"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, paft_cache):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    cfg = load_config(preset="tiny", overrides=[f"run.output_dir={out}"])
+    start = time.perf_counter()
+    report = Run(cfg).all()
+    return cfg, out, report, time.perf_counter() - start
+
+
+def test_tiny_run_writes_every_output(tiny_run):
+    cfg, out, report, wall = tiny_run
+    assert wall < 60
+    for name in ("config.yaml", "provenance.json", "sparsity.json", "eval.json", "report.md", "report.json",
+                 "metrics.png", "training.png", "data/sft_train.jsonl", "merged/model.safetensors"):
+        assert (out / name).is_file(), name
+    rep = json.loads((out / "report.json").read_text())
+    assert set(rep["eval"]["models"]) == MODELS
+    for metrics in rep["eval"]["models"].values():
+        assert 0 <= metrics["pref_accuracy"] <= 1 and metrics["sft_nll"] > 0
+    assert rep["eval"]["models"]["base"]["reward_margin"] == 0.0
+    assert rep["config"]["model"]["name"] == "tiny" and "torch" in rep["versions"]
+    assert set(rep["sparsity"]) == {"sft", "preference"}
+    assert rep["training"]["sft"]["steps"] == cfg.sft.max_steps
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["inputs"]["sft"]["sha256"] == "demo:seed=0" and prov["model"]["sha256"]["model.safetensors"]
+    text = report.read_text()
+    assert "| PAFT merge |" in text and "Alignment tax" in text and "![metrics](metrics.png)" in text
+
+
+def test_branches_ran_in_parallel_processes(tiny_run):
+    _, out, _, _ = tiny_run
+    sft = json.loads((out / "sft" / "train_summary.json").read_text())
+    pref = json.loads((out / "preference" / "train_summary.json").read_text())
+    assert sft["threads"] == pref["threads"] == max(1, torch.get_num_threads() // 2)
+
+
+def test_merged_folder_loads_and_equals_base_plus_merged_deltas(tiny_run, tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    from paft.merge.deltas import lora_deltas
+    from paft.merge.methods import merge_deltas, tensor_generator
+
+    cfg, out, _, _ = tiny_run
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
+    d_sft = dict(lora_deltas(out / "sft" / "adapter"))
+    d_pref = dict(lora_deltas(out / "preference" / "adapter"))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    want = base[name] + merge_deltas(cfg.merge.method, [d_sft[name], d_pref[name]], cfg.merge.weights,
+                                     density=cfg.merge.density, generator=tensor_generator(cfg.merge.seed, name))
+    torch.testing.assert_close(merged[name], want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(merged["model.norm.weight"], base["model.norm.weight"])
+
+
+def test_sequential_model_is_base_plus_both_stage_deltas(tiny_run, tiny_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, out, _, _ = tiny_run
+    seq = AutoModelForCausalLM.from_pretrained(out / "sequential" / "model").state_dict()
+    m = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    m = PeftModel.from_pretrained(m, str(out / "sft" / "adapter")).merge_and_unload()
+    m = PeftModel.from_pretrained(m, str(out / "sequential" / "adapter")).merge_and_unload()
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(seq[k], v, rtol=0, atol=1e-6)
+
+
+def test_rerun_resumes_without_retraining(tiny_run):
+    cfg, out, _, _ = tiny_run
+    before = (out / "sft" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    start = time.perf_counter()
+    Run(cfg).all()
+    assert time.perf_counter() - start < 15
+    assert (out / "sft" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == before
+
+
+def test_different_config_refused_without_force(tiny_run):
+    cfg, out, _, _ = tiny_run
+    other = load_config(preset="tiny", overrides=[f"run.output_dir={out}", "sft.learning_rate=0.5"])
+    with pytest.raises(PaftError, match="different config.*sft.learning_rate.*--force"):
+        Run(other).prepare()
+    assert yaml.safe_load((out / "config.yaml").read_text())["sft"]["learning_rate"] == cfg.sft.learning_rate
+
+
+def test_killed_branch_resumes_from_checkpoint(tmp_path, paft_cache):
+    """A branch with a checkpoint and no final adapter continues from the checkpoint's step."""
+    from paft.train.branch import train_branch
+
+    cfg = load_config(preset="tiny", overrides=[f"run.output_dir={tmp_path}", "sft.max_steps=4", "sft.save_steps=2",
+                                                "run.parallel=false", "run.sequential_baseline=false"])
+    run = Run(cfg)
+    run.prepare()
+    run.data()
+    args = dict(kind="sft", cfg=cfg, model_dir=run.model_dir, data_path=run.data_dir / "sft_train.jsonl",
+                out_dir=tmp_path / "sft")
+    train_branch(**args)
+    import shutil
+
+    shutil.rmtree(tmp_path / "sft" / "adapter")  # as if killed after the last checkpoint
+    steps = []
+    train_branch(**args, report=lambda m: steps.append(m["step"]))
+    assert steps[0] == 4  # started from checkpoint-4, trained no step again
