@@ -58,3 +58,12 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
     bad.write_text("sft: [1, 2\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(bad)
+
+
+def test_example_configs_validate():
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent / "examples"
+    for path in sorted(root.glob("*.yaml")):
+        load_config(path)
+    assert load_config(root / "tiny.yaml") == load_config(preset="tiny")

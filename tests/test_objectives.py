@@ -62,5 +62,5 @@ def test_sft_objective_adds_lambda_times_l1_and_its_gradient(tiny_model, tiny_to
     model.zero_grad()
     (lam * l1_delta_norm(model)).backward()
     a, b, s = mod.lora_A["default"].weight, mod.lora_B["default"].weight, mod.scaling["default"]
-    want = lam * s * torch.sign(b @ a * s) @ a
+    want = lam * s * torch.sign(b @ a * s) @ a.T
     torch.testing.assert_close(mod.lora_B["default"].weight.grad, want, rtol=1e-5, atol=1e-8)

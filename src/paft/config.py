@@ -258,9 +258,16 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 preset: str | None = None) -> PaftConfig:
-    """Resolve preset (default ``default``) <- YAML file <- ``--set`` overrides, then validate."""
-    data = _preset_dict(preset or "default")
-    source = "preset " + (preset or "default")
+    """Resolve base <- YAML file <- ``--set`` overrides, then validate.
+
+    The base is the named preset; with no preset it is the ``default`` preset (the
+    demo run) when no file is given, and the schema's own defaults under a file, so
+    a user's config never inherits the demo's CPU-sized budget by accident.
+    """
+    if preset is None and path is None:
+        preset = "default"
+    data = _preset_dict(preset) if preset else {}
+    source = f"preset {preset}" if preset else "defaults"
     if path is not None:
         p = Path(path)
         if not p.is_file():

@@ -220,6 +220,7 @@ class Run:
         ctx = mp.get_context("spawn")
         manager = ctx.Manager()
         queue = manager.Queue()
+        active = manager.Value("i", 0)
         pending = list(jobs)
         running: dict[Future, tuple[Job, str]] = {}
         free_devices = [f"cuda:{i}" for i in range(n_gpu)] if n_gpu >= 2 else []
@@ -231,8 +232,9 @@ class Run:
                     ready = job.after is None or branch_done(self.branch_dir(job.after))
                     if ready and len(running) < workers:
                         device = free_devices.pop(0) if free_devices else self.device
+                        active.value = len(running) + 1
                         fut = pool.submit(train_branch, **self._job_args(job), threads=threads, device=device,
-                                          report=queue.put)
+                                          report=queue.put, thread_share=(total_threads, active))
                         running[fut] = (job, device)
                         pending.remove(job)
                 if not running:
@@ -240,6 +242,7 @@ class Run:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for fut in done:
                     job, device = running.pop(fut)
+                    active.value = len(running)
                     if device.startswith("cuda:") and n_gpu >= 2:
                         free_devices.append(device)
                     fut.result()  # re-raise a branch's error here

@@ -15,6 +15,7 @@ from paft.io import package_versions, write_json_atomic, write_text_atomic
 MODELS = ("base", "sft", "preference", "sequential", "paft")
 LABELS = {"base": "base", "sft": "SFT only", "preference": "preference only",
           "sequential": "sequential SFT->pref", "paft": "PAFT merge"}
+COLORS = {"base": "#9e9e9e", "sft": "#4c72b0", "preference": "#dd8452", "sequential": "#8172b3", "paft": "#55a868"}
 METRICS = [  # key, header, higher is better
     ("sft_exact_match", "SFT exact match", True),
     ("sft_nll", "SFT NLL", False),
@@ -66,11 +67,10 @@ def _plot_metrics(evals: dict[str, dict], out: Path) -> None:
     names = [m for m in MODELS if m in evals]
     shown = [(k, h) for k, h, _ in METRICS if k != "reward_accuracy"]
     fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.4))
-    colors = {"base": "#9e9e9e", "sft": "#4c72b0", "preference": "#dd8452", "sequential": "#8172b3", "paft": "#55a868"}
     for ax, (key, header) in zip(axes, shown):
         vals = [evals[n].get(key) for n in names]
         vals = [float("nan") if v is None else v for v in vals]
-        ax.bar(range(len(names)), vals, color=[colors.get(n, "#333") for n in names])
+        ax.bar(range(len(names)), vals, color=[COLORS.get(n, "#333") for n in names])
         ax.set_xticks(range(len(names)), [LABELS[n].replace(" ", "\n", 1) for n in names], fontsize=7)
         ax.set_title(header + (" (lower better)" if key == "sft_nll" else ""), fontsize=9)
         for i, v in enumerate(vals):
@@ -93,11 +93,13 @@ def _plot_training(training: dict[str, dict], out: Path) -> None:
     for name, s in training.items():
         hist = [h for h in s["log_history"] if "loss" in h]
         if hist:
-            axes[0].plot([h["step"] for h in hist], [h["loss"] for h in hist], marker=".", label=name)
+            axes[0].plot([h["step"] for h in hist], [h["loss"] for h in hist], marker=".", label=name,
+                         color=COLORS.get(name))
         acc = [h for h in s["log_history"] if "rewards/margin" in h]
         if acc:
-            axes[1].plot([h["step"] for h in acc], [h["rewards/margin"] for h in acc], marker=".", label=name)
-    axes[0].set_title("training loss", fontsize=9)
+            axes[1].plot([h["step"] for h in acc], [h["rewards/margin"] for h in acc], marker=".", label=name,
+                         color=COLORS.get(name))
+    axes[0].set_title("training loss (SFT: NLL + lambda * L1)", fontsize=9)
     axes[1].set_title("preference branches: reward margin", fontsize=9)
     for ax in axes:
         ax.set_xlabel("step", fontsize=8)
@@ -144,7 +146,7 @@ def _markdown(rep: dict[str, Any]) -> str:
             lines.append(f"| {name} | " + " | ".join(f"{o[k]:.3f}" for k in share) + f" | {o['mean_abs']:.2e} |")
         lines += ["", "`rel<=r`: |delta| <= r × RMS of the base weight of its module.", ""]
     if rep["training"]:
-        lines += ["## Training", "", "| branch | steps | examples | final train loss | wall (s) | threads | device |",
+        lines += ["## Training", "", "| branch | steps | examples | mean train loss | wall (s) | threads at start | device |",
                   "|---|---:|---:|---:|---:|---:|---|"]
         for name, s in rep["training"].items():
             lines.append(f"| {name} | {s['steps']} | {s['examples']} | {_fmt(s['train_loss'])} | {s['wall_s']} | "

@@ -25,7 +25,8 @@ def _noop(_: dict[str, Any]) -> None:
 
 def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, out_dir: Path, *,
                  device: str = "cpu", threads: int | None = None, init_adapter: Path | None = None,
-                 report: Report = _noop, name: str | None = None) -> dict[str, Any]:
+                 report: Report = _noop, name: str | None = None,
+                 thread_share: tuple[int, Any] | None = None) -> dict[str, Any]:
     """Train ``kind`` ("sft" or "preference") and write ``out_dir/adapter`` (PEFT format).
 
     ``init_adapter``: merge this LoRA adapter into the base first (the sequential
@@ -41,7 +42,8 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
     from paft.train.sft import SFTObjective
     from transformers.trainer_callback import PrinterCallback
 
-    from paft.train.trainer import PaftTrainer, ProgressCallback, last_checkpoint, resolve_bf16, training_args
+    from paft.train.trainer import (PaftTrainer, ProgressCallback, ThreadShareCallback, last_checkpoint, resolve_bf16,
+                                    training_args)
 
     from paft.progress import quiet_libraries
 
@@ -74,6 +76,8 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
     args = training_args(tcfg, ckpt_dir, seed=cfg.run.seed, device=device, bf16=bf16, n_examples=len(rows))
     trainer = PaftTrainer(model=model, args=args, train_dataset=rows, data_collator=collator,
                           objective=objective, callbacks=[ProgressCallback(report, name)])
+    if thread_share is not None:
+        trainer.add_callback(ThreadShareCallback(*thread_share))
     trainer.remove_callback(PrinterCallback)  # paft shows progress bars; logs go to log_history.json
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last_checkpoint(ckpt_dir))
@@ -84,7 +88,7 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
         tok.save_pretrained(tmp)
     summary = {
         "branch": name, "kind": kind, "steps": trainer.state.global_step, "examples": len(rows),
-        "train_loss": result.training_loss, "wall_s": round(wall, 2), "threads": torch.get_num_threads(),
+        "train_loss": result.training_loss, "wall_s": round(wall, 2), "threads": threads or torch.get_num_threads(),
         "device": device, "bf16": bf16, "init_adapter": str(init_adapter) if init_adapter else None,
     }
     write_json_atomic(out_dir / "log_history.json", trainer.state.log_history)

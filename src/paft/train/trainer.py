@@ -62,6 +62,23 @@ class ProgressCallback(TrainerCallback):
                      "loss": self.last.get("loss")})
 
 
+class ThreadShareCallback(TrainerCallback):
+    """Re-split the CPU threads each step by the number of branches still running.
+
+    Two branches start with half the cores each; when one finishes, the other
+    takes all of them instead of leaving a core idle. ``active`` is a shared
+    counter (a multiprocessing Value proxy) that the scheduler keeps current.
+    """
+
+    def __init__(self, total_threads: int, active):
+        self.total, self.active = total_threads, active
+
+    def on_step_begin(self, args, state, control, **kw):
+        want = max(1, self.total // max(1, self.active.value))
+        if torch.get_num_threads() != want:
+            torch.set_num_threads(want)
+
+
 def resolve_bf16(setting, device: str) -> bool:
     """bf16 autocast where the hardware supports it (CPU: AVX512-BF16/AMX; CUDA: Ampere+)."""
     if setting is not True and setting is not False:
