@@ -38,19 +38,15 @@ def _config(config, sets, preset, out, force):
     return load_config(config, overrides, preset)
 
 
-def _run(step: str, config, sets, preset, out, force, *, fresh: bool = False):
-    """Build the Run for one step, with progress bars; errors become one line and exit code 1."""
+def _run(config, sets, preset, out, force, *, prepare: bool = True):
+    """Build the Run for one step, with progress bars, its folder created or reopened."""
     quiet_libraries()
     from paft.pipeline import Run
 
-    cfg = _config(config, sets, preset, out, force)
-    ui = ProgressUI(enabled=True)
-    run = Run(cfg, ui)
-    if fresh:
+    run = Run(_config(config, sets, preset, out, force), ProgressUI(enabled=True))
+    if prepare:
         run.prepare()
-    elif not (run.root / "config.yaml").exists():
-        run.prepare()
-    return run, ui
+    return run, run.ui
 
 
 def _guard(fn):
@@ -75,7 +71,7 @@ def run_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = N
             force: ForceOpt = False):
     """The whole PAFT pipeline: branches in parallel, sequential baseline, sparsity, merge, eval, report."""
     start = time.perf_counter()
-    run, ui = _run("run", config, set_, preset, out, force)
+    run, ui = _run(config, set_, preset, out, force, prepare=False)  # all() prepares
     with ui:
         report = run.all()
     _print_summary(run)
@@ -87,7 +83,7 @@ def run_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = N
 def sft_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = None, out: OutOpt = None,
             force: ForceOpt = False):
     """Train only the SFT branch (LoRA + L1 on the delta) into RUN/sft/adapter."""
-    run, ui = _run("sft", config, set_, preset, out, force)
+    run, ui = _run(config, set_, preset, out, force)
     with ui:
         summary = run.train(["sft"])
     console.print_json(json.dumps(summary["sft"]))
@@ -98,7 +94,7 @@ def sft_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = N
 def align_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = None, out: OutOpt = None,
               force: ForceOpt = False):
     """Train only the preference branch (preference.method) into RUN/preference/adapter."""
-    run, ui = _run("align", config, set_, preset, out, force)
+    run, ui = _run(config, set_, preset, out, force)
     with ui:
         summary = run.train(["preference"])
     console.print_json(json.dumps(summary["preference"]))
@@ -108,7 +104,7 @@ def align_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt =
 @_guard
 def sparsity_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = None, out: OutOpt = None):
     """Share of near-zero entries of each trained branch's delta B·A·scale, into RUN/sparsity.json."""
-    run, ui = _run("sparsity", config, set_, preset, out, False)
+    run, ui = _run(config, set_, preset, out, False)
     with ui:
         res = run.sparsity()
     for name, s in res.items():
@@ -120,7 +116,7 @@ def sparsity_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOp
 @_guard
 def merge_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = None, out: OutOpt = None):
     """Merge the SFT and preference deltas into the base (merge.method) as an HF folder RUN/merged."""
-    run, ui = _run("merge", config, set_, preset, out, False)
+    run, ui = _run(config, set_, preset, out, False)
     with ui:
         summary = run.merge()
     console.print_json(json.dumps(summary))
@@ -130,7 +126,7 @@ def merge_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt =
 @_guard
 def eval_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = None, out: OutOpt = None):
     """Evaluate every model the run folder has (base, sft, preference, sequential, paft) and write the report."""
-    run, ui = _run("eval", config, set_, preset, out, False)
+    run, ui = _run(config, set_, preset, out, False)
     with ui:
         run.evaluate()
     run.report()
@@ -141,7 +137,7 @@ def eval_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = 
 @_guard
 def report_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = None, out: OutOpt = None):
     """Re-render report.md / report.json / plots from a run folder's saved results."""
-    run, _ = _run("report", config, set_, preset, out, False)
+    run, _ = _run(config, set_, preset, out, False)
     console.print(f"report: {run.report()}", highlight=False)
 
 
