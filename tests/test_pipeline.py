@@ -116,3 +116,22 @@ def test_killed_branch_resumes_from_checkpoint(tmp_path, paft_cache):
     steps = []
     train_branch(**args, report=lambda m: steps.append(m["step"]))
     assert steps[0] == 4  # started from checkpoint-4, trained no step again
+
+
+def test_error_in_a_parallel_branch_reaches_the_user(tmp_path, tiny_dir):
+    """A branch process that fails (here: a tokenizer without chat template) stops the run with its message."""
+    import shutil
+
+    model = tmp_path / "no-template"
+    shutil.copytree(tiny_dir, model)
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    tc = json.loads((model / "tokenizer_config.json").read_text())
+    tc.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(tc))
+    cfg = load_config(preset="tiny", overrides=[f"run.output_dir={tmp_path / 'run'}", f"model.name={model}"])
+    run = Run(cfg)
+    run.prepare()
+    start = time.perf_counter()
+    with pytest.raises(PaftError, match="no chat template"):
+        run.train(["sft", "preference"])
+    assert time.perf_counter() - start < 30

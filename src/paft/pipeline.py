@@ -226,27 +226,36 @@ class Run:
         free_devices = [f"cuda:{i}" for i in range(n_gpu)] if n_gpu >= 2 else []
         from paft.train.branch import train_branch
 
-        with self.ui.queue_listener(queue), ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            while pending or running:
-                for job in list(pending):
-                    ready = job.after is None or branch_done(self.branch_dir(job.after))
-                    if ready and len(running) < workers:
-                        device = free_devices.pop(0) if free_devices else self.device
-                        active.value = len(running) + 1
-                        fut = pool.submit(train_branch, **self._job_args(job), threads=threads, device=device,
-                                          report=queue.put, thread_share=(total_threads, active))
-                        running[fut] = (job, device)
-                        pending.remove(job)
-                if not running:
-                    raise PaftError(f"branches {[j.name for j in pending]} wait on branches that were not trained")
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    job, device = running.pop(fut)
-                    active.value = len(running)
-                    if device.startswith("cuda:") and n_gpu >= 2:
-                        free_devices.append(device)
-                    fut.result()  # re-raise a branch's error here
-        manager.shutdown()
+        pool = ProcessPoolExecutor(workers, mp_context=ctx)
+        try:
+            with self.ui.queue_listener(queue):
+                while pending or running:
+                    for job in list(pending):
+                        ready = job.after is None or branch_done(self.branch_dir(job.after))
+                        if ready and len(running) < workers:
+                            device = free_devices.pop(0) if free_devices else self.device
+                            active.value = len(running) + 1
+                            fut = pool.submit(train_branch, **self._job_args(job), threads=threads, device=device,
+                                              report=queue.put, thread_share=(total_threads, active))
+                            running[fut] = (job, device)
+                            pending.remove(job)
+                    if not running:
+                        raise PaftError(f"branches {[j.name for j in pending]} wait on branches that were not trained")
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        job, device = running.pop(fut)
+                        active.value = len(running)
+                        if device.startswith("cuda:") and n_gpu >= 2:
+                            free_devices.append(device)
+                        fut.result()  # re-raise a branch's error here
+        except BaseException:
+            # fail fast: a sibling branch may have minutes of training left; its checkpoints stay for resume
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.terminate()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            manager.shutdown()
 
     # ------------------------------------------------------------------ analysis and merge
     def sparsity(self) -> dict[str, Any]:
