@@ -43,3 +43,14 @@ def test_unknown_model_gets_a_how_to_get_it_line(tmp_path):
 def test_config_command_prints_resolved_yaml():
     result = runner.invoke(app, ["config", "--preset", "tiny", "--set", "merge.method=dare_ties"])
     assert result.exit_code == 0 and "method: dare_ties" in result.output and "name: tiny" in result.output
+
+
+def test_methods_json_lists_the_registry():
+    from paft.train.losses import LOSSES
+
+    result = runner.invoke(app, ["methods", "--json"])
+    assert result.exit_code == 0
+    rows = json.loads(result.output)
+    assert {r["name"] for r in rows} == set(LOSSES)
+    dpo = next(r for r in rows if r["name"] == "dpo")
+    assert dpo["data"] == "pairs" and dpo["reference"] is True and "2305.18290" in dpo["paper"]

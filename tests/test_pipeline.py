@@ -135,3 +135,21 @@ def test_error_in_a_parallel_branch_reaches_the_user(tmp_path, tiny_dir):
     with pytest.raises(PaftError, match="no chat template"):
         run.train(["sft", "preference"])
     assert time.perf_counter() - start < 30
+
+
+def test_sft_rows_without_reply_tokens_are_reported_not_silently_dropped(tmp_path, paft_cache):
+    from paft.train.branch import train_branch
+
+    data = tmp_path / "sft.jsonl"
+    long_prompt = "word " * 200
+    rows = [{"prompt": long_prompt, "completion": "cut"}] + [{"prompt": "hi", "completion": "hello"}] * 4
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = load_config(preset="tiny", overrides=[f"run.output_dir={tmp_path}/run", "sft.max_steps=1"])
+    run = Run(cfg)
+    messages = []
+    summary = train_branch("sft", cfg, run.model_dir, data, tmp_path / "sft", report=messages.append)
+    assert summary["dropped_no_reply_tokens"] == 1 and summary["examples"] == 4
+    assert any("1 SFT examples have no reply tokens" in m.get("warning", "") for m in messages)
+    data.write_text(json.dumps({"prompt": long_prompt, "completion": "cut"}) + "\n")
+    with pytest.raises(PaftError, match="beyond data.max_length"):
+        train_branch("sft", cfg, run.model_dir, data, tmp_path / "sft2")

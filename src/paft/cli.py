@@ -141,6 +141,28 @@ def report_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt 
     console.print(f"report: {run.report()}", highlight=False)
 
 
+@app.command("methods")
+@_guard
+def methods_cmd(as_json: Annotated[bool, typer.Option("--json", help="machine-readable list")] = False):
+    """List the preference methods (preference.method): data kind, reference use, paper, defaults."""
+    from paft.train.losses import LOSSES
+
+    rows = [{"name": s.name, "data": s.data, "reference": s.reference, "paper": s.paper, "defaults": s.defaults}
+            for s in sorted(LOSSES.values(), key=lambda s: s.name)]
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    from rich.table import Table
+
+    table = Table(title="preference methods")
+    for col in ("name", "data", "reference", "defaults", "paper"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["name"], r["data"], "yes" if r["reference"] else "no",
+                      ", ".join(f"{k}={v}" for k, v in r["defaults"].items()), r["paper"])
+    console.print(table)
+
+
 @app.command("config")
 @_guard
 def config_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = None, out: OutOpt = None):

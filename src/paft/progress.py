@@ -44,6 +44,9 @@ class ProgressUI:
 
     def branch_report(self, msg: dict[str, Any]) -> None:
         """Training progress message from a branch (see train.trainer.ProgressCallback)."""
+        if "warning" in msg:
+            self.log(f"[yellow]{msg['branch']}: {msg['warning']}")
+            return
         loss = msg.get("loss")
         self.update(f"train {msg['branch']}", msg.get("step"), msg.get("total"),
                     f"loss {loss:.4f}" if isinstance(loss, (int, float)) else "")

@@ -37,15 +37,16 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
     from paft.data.loading import load_examples
     from paft.data.tokenize import encode_pair, encode_sft
     from paft.models import load_model, load_tokenizer
+    from transformers.trainer_callback import PrinterCallback
+
+    from paft.data.tokenize import IGNORE
+    from paft.errors import DataError
+    from paft.progress import quiet_libraries
     from paft.train.lora import attach_lora
     from paft.train.preference import PreferenceObjective
     from paft.train.sft import SFTObjective
-    from transformers.trainer_callback import PrinterCallback
-
     from paft.train.trainer import (PaftTrainer, ProgressCallback, ThreadShareCallback, last_checkpoint, resolve_bf16,
                                     training_args)
-
-    from paft.progress import quiet_libraries
 
     quiet_libraries()
     if threads:
@@ -63,11 +64,18 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
     examples = load_examples(str(data_path), kind).examples
     d = cfg.data
     if kind == "sft":
-        rows = [encode_sft(e, tok, d.max_length) for e in examples]
-        rows = [r for r in rows if any(t != -100 for t in r.labels[1:])]
+        encoded = [encode_sft(e, tok, d.max_length) for e in examples]
+        rows = [r for r in encoded if any(t != IGNORE for t in r.labels[1:])]
+        dropped = len(encoded) - len(rows)  # reply cut off entirely by data.max_length: nothing to learn
+        if not rows:
+            raise DataError(f"{data_path}: every SFT example's reply lies beyond data.max_length={d.max_length} tokens")
+        if dropped:
+            report({"branch": name, "warning": f"{dropped} SFT examples have no reply tokens within "
+                                               f"data.max_length={d.max_length}; not trained on"})
         objective, collator = SFTObjective(cfg.sft.l1_lambda), SFTCollator(tok.pad_token_id)
     else:
         rows = [encode_pair(e, tok, d.max_length, d.max_prompt_length) for e in examples]
+        dropped = 0
         objective = PreferenceObjective(cfg.preference.method, cfg.preference.beta, cfg.preference.params)
         collator = PairCollator(tok.pad_token_id)
 
@@ -88,6 +96,7 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
         tok.save_pretrained(tmp)
     summary = {
         "branch": name, "kind": kind, "steps": trainer.state.global_step, "examples": len(rows),
+        "dropped_no_reply_tokens": dropped,
         "train_loss": result.training_loss, "wall_s": round(wall, 2), "threads": threads or torch.get_num_threads(),
         "device": device, "bf16": bf16, "init_adapter": str(init_adapter) if init_adapter else None,
     }

@@ -1,17 +1,50 @@
 """Preference losses, registered by name.
 
 Each loss is one small function of the sequence log-probabilities of a batch of
-pairs, with its equation and paper in the docstring, returning the per-pair loss.
-Notation: h(y) = log pi_theta(y|x) - log pi_ref(y|x); y_w chosen, y_l rejected.
+pairs, with its equation and paper in the docstring, returning the per-pair loss
+(shape [B]; the caller takes ``.mean()``). It is called as
+``spec.fn(lp, beta=beta, **{**spec.defaults, **user_params})``: ``beta`` always
+comes from the config (``preference.beta``), the other hyper-parameters from the
+registry defaults, overridden by ``preference.params``.
+
+Notation: h(y) = log pi_theta(y|x) - log pi_ref(y|x); y_w chosen, y_l rejected;
+Delta = h(y_w) - h(y_l); log pi(y) is the log-prob *summed* over the completion
+tokens, |y| the number of completion tokens; sigma the logistic function.
+
+Numerics: every ``log sigma`` is ``F.logsigmoid`` (= -softplus(-x)), so margins of
++-1e4 give finite losses and gradients; the one exponential (GPO ``exponential``)
+continues linearly past exp(20); ORPO's log(1 - p) uses a two-branch log1mexp.
+
+Registered (name: reference? defaults):
+
+- ``dpo``: ref; -
+- ``ipo``: ref; length_normalize=False (paper: summed log-probs; True = TRL's default)
+- ``cdpo``: ref; eps=0.1
+- ``rdpo``: ref; eps=0.1 (robust DPO; eps < 0.5)
+- ``hinge``: ref; - (TRL's ``hinge``: max(0, 1 - beta Delta))
+- ``slic``: free; delta=1.0, lam=0.5 (``beta`` unused)
+- ``orpo``: free; - (``beta`` IS the odds-ratio weight lambda, as in TRL's ORPOConfig)
+- ``simpo``: free; gamma_beta_ratio=0.5 (paper beta 2.0)
+- ``cpo``: free; alpha=1.0 (weight of the mean-token NLL, TRL's ``cpo_alpha``)
+- ``r-dpo``: ref; alpha=0.01 (length-regularised DPO, Park et al.)
+- ``dpop``: ref; lam=50.0
+- ``beta-dpo``: ref; alpha=0.6, m0=0.0, n_sigma=2.0
+- ``gpo``: ref; f="logistic" (logistic, squared, hinge, exponential, truncated_quadratic, savage)
+
+Note ``rdpo`` (robust DPO, Chowdhury et al.) and ``r-dpo`` (length-regularised DPO,
+Park et al.) are different methods; the names follow the literature.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+
+from paft.errors import ConfigError
 
 
 @dataclass
@@ -38,26 +71,73 @@ class LossSpec:
     reference: bool
     paper: str
     defaults: dict[str, Any] = field(default_factory=dict)
+    # beta the paper recommends, as a hint only: the loss always receives ``preference.beta``
+    # (whose default, 0.1, is DPO's). None where the paper uses no beta or no single value.
+    paper_beta: float | None = None
 
 
 LOSSES: dict[str, LossSpec] = {}
 
 
-def register_loss(name: str, *, data: str, reference: bool, paper: str, **defaults: Any):
+def register_loss(name: str, *, data: str, reference: bool, paper: str, paper_beta: float | None = None,
+                  **defaults: Any):
     def deco(fn):
-        LOSSES[name] = LossSpec(name, fn, data, reference, paper, dict(defaults))
+        LOSSES[name] = LossSpec(name, fn, data, reference, paper, dict(defaults), paper_beta)
         return fn
 
     return deco
 
 
 def get_loss(name: str) -> LossSpec:
-    from paft.errors import ConfigError
-
     try:
         return LOSSES[name.lower()]
     except KeyError:
         raise ConfigError(f"unknown preference method {name!r}; known: {', '.join(sorted(LOSSES))}") from None
+
+
+class LossParamError(ConfigError, ValueError):
+    """A preference-loss hyper-parameter out of range (a ``ValueError`` and a ``ConfigError``)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _need_ref(lp: PairLogps, method: str) -> None:
+    if lp.ref_chosen is None or lp.ref_rejected is None:
+        raise ValueError(f"{method} needs reference log-probs (ref_chosen / ref_rejected)")
+
+
+def _lengths(lp: PairLogps, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completion token counts |y_w|, |y_l| (at least 1), in the dtype of the log-probs."""
+    if lp.chosen_tokens is None or lp.rejected_tokens is None:
+        raise ValueError(f"{method} needs completion token counts (chosen_tokens / rejected_tokens)")
+    dt = lp.policy_chosen.dtype
+    return lp.chosen_tokens.to(dt).clamp(min=1), lp.rejected_tokens.to(dt).clamp(min=1)
+
+
+def _check_eps(eps: float, method: str, *, hi: float, hi_ok: bool) -> None:
+    ok = 0.0 <= eps and (eps <= hi if hi_ok else eps < hi)
+    if not ok:
+        raise LossParamError(f"{method}: parameter 'eps' must be in [0, {hi}{']' if hi_ok else ')'}; got {eps}")
+
+
+_LN2 = math.log(2.0)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate on both sides of -ln 2 (Maechler 2012).
+
+    Each branch sees only inputs in its own range, so neither produces inf/NaN that a
+    ``torch.where`` would pass into the backward pass.
+    """
+    lo = torch.clamp(x, max=-_LN2)  # x <= -ln2: log1p(-exp(x))
+    hi = torch.clamp(x, min=-_LN2)  # -ln2 < x < 0: log(-expm1(x))
+    return torch.where(x <= -_LN2, torch.log1p(-torch.exp(lo)), torch.log(-torch.expm1(hi)))
+
+
+# ---------------------------------------------------------------------------------------------
+# reference-based losses
 
 
 @register_loss("dpo", data="pairs", reference=True,
@@ -68,3 +148,265 @@ def dpo_loss(lp: PairLogps, beta: float) -> torch.Tensor:
     ``logsigmoid`` keeps very large margins finite (no exp overflow).
     """
     return -F.logsigmoid(beta * lp.margin())
+
+
+@register_loss("ipo", data="pairs", reference=True,
+               paper="Azar, Rowland, Piot, Guo, Calandriello, Valko, Munos 2023, A General Theoretical Paradigm "
+                     "to Understand Learning from Human Preferences (arXiv 2310.12036)",
+               length_normalize=False)
+def ipo_loss(lp: PairLogps, beta: float, length_normalize: bool = False) -> torch.Tensor:
+    """IPO: L = (h(y_w) - h(y_l) - 1/(2 beta))^2, with beta the paper's tau (Eq. 17).
+
+    paft follows the paper's equation: h is built from log-probs *summed* over the
+    completion, so the target margin 1/(2 beta) is per sequence and the loss grows with
+    length. TRL's ``DPOTrainer(loss_type="ipo")`` instead divides each log-ratio by its
+    completion length (h(y)/|y|, an average per token; TRL notes the IPO authors
+    confirmed this form). ``length_normalize=True`` does the same, which reproduces TRL:
+    ``preference.params: {length_normalize: true}`` (needs the token counts).
+    """
+    hw = lp.policy_chosen - lp.ref_chosen
+    hl = lp.policy_rejected - lp.ref_rejected
+    if length_normalize:
+        nw, nl = _lengths(lp, "ipo(length_normalize=True)")
+        hw, hl = hw / nw, hl / nl
+    return (hw - hl - 1.0 / (2.0 * beta)) ** 2
+
+
+@register_loss("cdpo", data="pairs", reference=True,
+               paper="Mitchell 2023, A note on DPO with noisy preferences & relationship to IPO (technical note, "
+                     "no arXiv id); conservative DPO = DPO with label smoothing",
+               eps=0.1)
+def cdpo_loss(lp: PairLogps, beta: float, eps: float = 0.1) -> torch.Tensor:
+    """Conservative DPO (label smoothing eps):
+    L = -(1 - eps) log sigma(beta Delta) - eps log sigma(-beta Delta).
+
+    The expected DPO loss when each label is flipped with probability eps; minimised at a
+    finite margin (sigma(beta Delta) = 1 - eps). Same formula as ``label_smoothing`` in TRL's
+    CPO/older DPO sigmoid loss. ``eps`` in [0, 0.5]; 0 is DPO.
+    """
+    _check_eps(eps, "cdpo", hi=0.5, hi_ok=True)
+    z = beta * lp.margin()
+    return -(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+
+
+@register_loss("rdpo", data="pairs", reference=True,
+               paper="Chowdhury, Kini, Natarajan 2024, Provably Robust DPO: Aligning Language Models with Noisy "
+                     "Feedback (arXiv 2403.00409)",
+               eps=0.1)
+def rdpo_loss(lp: PairLogps, beta: float, eps: float = 0.1) -> torch.Tensor:
+    """Robust DPO (noise rate eps):
+    L = [(1 - eps)(-log sigma(beta Delta)) - eps(-log sigma(-beta Delta))] / (1 - 2 eps).
+
+    An unbiased estimate of the clean DPO loss under labels flipped with probability eps;
+    it is unbounded below as Delta -> +inf (slope -eps beta/(1 - 2 eps)), by design.
+    Equals TRL's ``loss_type="robust"`` with ``label_smoothing=eps``. ``eps`` in [0, 0.5).
+    """
+    _check_eps(eps, "rdpo", hi=0.5, hi_ok=False)
+    z = beta * lp.margin()
+    return ((1.0 - eps) * -F.logsigmoid(z) - eps * -F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
+
+
+@register_loss("hinge", data="pairs", reference=True,
+               paper="Liu et al. 2023, Statistical Rejection Sampling Improves Preference Optimization "
+                     "(arXiv 2309.06657), hinge-norm: the SLiC-HF hinge (Zhao et al. 2023, arXiv 2305.10425) on "
+                     "DPO's implicit reward; TRL loss_type='hinge'")
+def hinge_loss(lp: PairLogps, beta: float) -> torch.Tensor:
+    """Hinge on the implicit reward: L = max(0, 1 - beta Delta).
+
+    SLiC's calibration hinge with the reference-normalised log-ratio in place of raw
+    log-probs (1/beta is the margin in Delta units). Identical to TRL's ``hinge``.
+    """
+    return torch.relu(1.0 - beta * lp.margin())
+
+
+@register_loss("r-dpo", data="pairs", reference=True,
+               paper="Park, Rafailov, Ermon, Finn 2024, Disentangling Length from Quality in Direct Preference "
+                     "Optimization (arXiv 2403.19159)",
+               alpha=0.01)
+def length_regularized_dpo_loss(lp: PairLogps, beta: float, alpha: float = 0.01) -> torch.Tensor:
+    """R-DPO (length-regularised DPO):
+    L = -log sigma(beta h(y_w) - beta h(y_l) - alpha (|y_w| - |y_l|)).
+
+    A chosen reply longer than the rejected one must earn alpha per extra token of
+    implicit reward. The paper tunes alpha per dataset; the default 0.01 is a small
+    value of that order, not a universal setting. alpha = 0 is DPO.
+    """
+    _need_ref(lp, "r-dpo")
+    nw, nl = _lengths(lp, "r-dpo")
+    return -F.logsigmoid(beta * lp.margin() - alpha * (nw - nl))
+
+
+@register_loss("dpop", data="pairs", reference=True,
+               paper="Pal, Karkhanis, Dooley, Roberts, Naidu, White 2024, Smaug: Fixing Failure Modes of "
+                     "Preference Optimisation with DPO-Positive (arXiv 2402.13228)",
+               lam=50.0)
+def dpop_loss(lp: PairLogps, beta: float, lam: float = 50.0) -> torch.Tensor:
+    """DPO-Positive (Smaug):
+    L = -log sigma(beta [h(y_w) - h(y_l) - lam max(0, log pi_ref(y_w) - log pi(y_w))]).
+
+    The penalty is active only when the policy's likelihood of the chosen reply falls
+    below the reference's, which plain DPO allows; lam = 50 as in the paper.
+    """
+    _need_ref(lp, "dpop")
+    penalty = torch.relu(lp.ref_chosen - lp.policy_chosen)
+    return -F.logsigmoid(beta * (lp.margin() - lam * penalty))
+
+
+@register_loss("beta-dpo", data="pairs", reference=True,
+               paper="Wu, Xie, Yang, Wu, Gao, Ding, Wang, He 2024, beta-DPO: Direct Preference Optimization with "
+                     "Dynamic beta (arXiv 2407.08639)",
+               alpha=0.6, m0=0.0, n_sigma=2.0)
+def beta_dpo_loss(lp: PairLogps, beta: float, alpha: float = 0.6, m0: float = 0.0,
+                  n_sigma: float = 2.0) -> torch.Tensor:
+    """beta-DPO: DPO with a batch-adaptive beta and margin-outlier filtering.
+
+    M_i = h(y_w) - h(y_l) (the per-pair implicit margin, unscaled, as in the authors' code);
+    kept_i = |M_i - mean_B(M)| <= n_sigma * std_B(M)  (population std of the batch);
+    beta_B = max(1e-3, beta [1 + alpha (mean_{kept} M - m0)]), detached (no gradient);
+    L_i = kept_i * B / n_kept * (-log sigma(beta_B Delta_i)),
+    so the caller's ``.mean()`` averages over the kept pairs only.
+
+    Simplifications, stated: the paper/code keep M0 (and sigma) as running averages of past
+    batches (momentum 0.9) and drop a fixed 20 % of pairs by sampling without replacement
+    with Gaussian weights exp(-(M - M0)^2 / 2 sigma^2); paft is state-free and deterministic:
+    M0 is the constant ``m0`` (default 0) and pairs beyond ``n_sigma`` batch standard
+    deviations of the batch mean are dropped (none are when all margins are equal, and with
+    n_sigma = 2 none can be in a batch of 5 pairs or fewer). ``alpha`` = 0.6 is the value of
+    the authors' README example; ``n_sigma = inf`` disables filtering; alpha = 0 with no
+    filtering is DPO.
+    """
+    delta = lp.margin()
+    m = delta.detach()
+    keep = (m - m.mean()).abs() <= n_sigma * m.std(correction=0)
+    keep = keep | ~keep.any()  # rounding with all-equal margins must not drop every pair
+    keep_f = keep.to(delta.dtype)
+    n_kept = keep_f.sum()
+    m_batch = (m * keep_f).sum() / n_kept
+    beta_b = (beta * (1.0 + alpha * (m_batch - m0))).clamp(min=1e-3).detach()
+    return keep_f * (keep.numel() / n_kept) * -F.logsigmoid(beta_b * delta)
+
+
+_EXP_CAP = 20.0
+
+
+def _exp_linear(x: torch.Tensor) -> torch.Tensor:
+    """exp(x) up to x = 20, then its tangent line: convex, C1, finite for any finite x."""
+    capped = torch.clamp(x, max=_EXP_CAP)
+    return torch.where(x <= _EXP_CAP, torch.exp(capped), math.exp(_EXP_CAP) * (1.0 + x - _EXP_CAP))
+
+
+GPO_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "logistic": lambda r: -F.logsigmoid(r),  # log(1 + e^-r): DPO
+    "squared": lambda r: (r - 1.0) ** 2,  # IPO up to scale, see gpo_loss
+    "hinge": lambda r: torch.relu(1.0 - r),  # SLiC / TRL hinge
+    "exponential": lambda r: _exp_linear(-r),  # e^-r
+    "truncated_quadratic": lambda r: torch.relu(1.0 - r) ** 2,  # max(0, 1 - r)^2
+    "savage": lambda r: torch.exp(2.0 * F.logsigmoid(-r)),  # 1 / (1 + e^r)^2
+}
+
+
+@register_loss("gpo", data="pairs", reference=True,
+               paper="Tang, Guo, Zheng, Calandriello, Munos, Rowland, Richemond, Valko, Avila Pires, Piot 2024, "
+                     "Generalized Preference Optimization: A Unified Approach to Offline Alignment (arXiv 2402.05749)",
+               f="logistic")
+def gpo_loss(lp: PairLogps, beta: float, f: str = "logistic") -> torch.Tensor:
+    """GPO: L = f(beta Delta) for a convex f (``f`` by name), rho = beta Delta:
+
+    - logistic: log(1 + e^-rho)  -> exactly ``dpo``
+    - squared: (rho - 1)^2  -> IPO: gpo(squared, beta = 2 tau) = 4 tau^2 * ipo(tau), i.e.
+      (2 tau Delta - 1)^2 = 4 tau^2 (Delta - 1/(2 tau))^2: same minimiser and gradient
+      direction, a constant scale (which Adam all but ignores)
+    - hinge: max(0, 1 - rho)  -> exactly ``hinge`` (SLiC form)
+    - exponential: e^-rho, continued linearly beyond e^20 so it stays finite
+    - truncated_quadratic: max(0, 1 - rho)^2
+    - savage: 1 / (1 + e^rho)^2 (computed as exp(2 log sigma(-rho)))
+    """
+    fn = GPO_FUNCTIONS.get(f)
+    if fn is None:
+        raise LossParamError(f"gpo: unknown parameter f={f!r}; known: {', '.join(GPO_FUNCTIONS)}")
+    return fn(beta * lp.margin())
+
+
+# ---------------------------------------------------------------------------------------------
+# reference-free losses
+
+
+@register_loss("slic", data="pairs", reference=False,
+               paper="Zhao, Joshi, Liu, Khalman, Saleh, Liu 2023, SLiC-HF: Sequence Likelihood Calibration with "
+                     "Human Feedback (arXiv 2305.10425)",
+               delta=1.0, lam=0.5)
+def slic_loss(lp: PairLogps, beta: float, delta: float = 1.0, lam: float = 0.5) -> torch.Tensor:
+    """SLiC-HF (calibration + regulariser), reference-free:
+    L = max(0, delta - log pi(y_w) + log pi(y_l)) - lam log pi(y_w).
+
+    Summed sequence log-probs, as in the paper; the regulariser target y_ref is the chosen
+    reply (SLiC-HF-direct on pairs), so its term is the summed NLL of y_w. ``beta`` is not
+    used (the margin is ``delta``). delta = 1.0 is the paper's margin; lam = 0.5 is paft's
+    choice of regulariser weight (the paper tunes it). The reference-based form of the same
+    hinge (TRL's ``hinge``) is registered as ``hinge``.
+    """
+    return torch.relu(delta - lp.policy_chosen + lp.policy_rejected) - lam * lp.policy_chosen
+
+
+@register_loss("orpo", data="pairs", reference=False,
+               paper="Hong, Lee, Thorne 2024, ORPO: Monolithic Preference Optimization without Reference Model "
+                     "(arXiv 2403.07691)",
+               paper_beta=0.1)
+def orpo_loss(lp: PairLogps, beta: float) -> torch.Tensor:
+    """ORPO: L = NLL(y_w) - lambda log sigma(log odds(y_w) - log odds(y_l)), lambda = ``beta``.
+
+    p(y) = exp(log pi(y) / |y|) (length-normalised likelihood), log odds(y) = log p - log(1 - p)
+    with log(1 - p) = log1mexp(log p); NLL(y_w) = -log pi(y_w)/|y_w|, the mean token NLL of the
+    chosen completion. ``beta`` is ORPO's lambda, as TRL's ORPOConfig.beta is (paper and
+    TRL default 0.1, which is also paft's default ``preference.beta``).
+
+    Differs from TRL's ORPOTrainer in the NLL term only: TRL's cross-entropy covers the prompt
+    tokens too and averages all chosen tokens of the batch together; paft's covers the
+    completion (the paper's L_SFT on y_w) and averages per pair. They agree when the prompt
+    contributes no predicted token and the chosen completions have equal lengths.
+    """
+    nw, nl = _lengths(lp, "orpo")
+    aw = lp.policy_chosen / nw
+    al = lp.policy_rejected / nl
+    # p = 1 exactly (log p = 0) would make log(1 - p) = -inf; such a reply is already at maximum likelihood
+    aw_, al_ = aw.clamp(max=-1e-7), al.clamp(max=-1e-7)
+    log_odds = (aw_ - al_) - (log1mexp(aw_) - log1mexp(al_))
+    return -aw - beta * F.logsigmoid(log_odds)
+
+
+@register_loss("simpo", data="pairs", reference=False,
+               paper="Meng, Xia, Chen 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward "
+                     "(arXiv 2405.14734)",
+               paper_beta=2.0, gamma_beta_ratio=0.5)
+def simpo_loss(lp: PairLogps, beta: float, gamma_beta_ratio: float = 0.5) -> torch.Tensor:
+    """SimPO: L = -log sigma(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - gamma),
+    gamma = gamma_beta_ratio * beta.
+
+    The target margin is set as a ratio of beta, like the authors' own trainer
+    (``gamma_beta_ratio``; 0.5 with beta = 2.0, i.e. gamma = 1.0, one of the paper's settings),
+    so it scales with whatever ``preference.beta`` is (the config default 0.1 is DPO's; set
+    beta to about 2.0 for SimPO). TRL's CPOTrainer(loss_type="simpo") takes gamma itself as
+    ``simpo_gamma``: TRL's (beta, simpo_gamma) = paft's (beta, gamma_beta_ratio = simpo_gamma/beta)
+    with TRL's ``cpo_alpha=0`` (pure SimPO; TRL adds a CPO NLL term otherwise).
+    """
+    nw, nl = _lengths(lp, "simpo")
+    z = beta * (lp.policy_chosen / nw - lp.policy_rejected / nl) - gamma_beta_ratio * beta
+    return -F.logsigmoid(z)
+
+
+@register_loss("cpo", data="pairs", reference=False,
+               paper="Xu, Sharaf, Chen, Tan, Shen, Van Durme, Murray, Kim 2024, Contrastive Preference "
+                     "Optimization: Pushing the Boundaries of LLM Performance in Machine Translation "
+                     "(arXiv 2401.08417)",
+               paper_beta=0.1, alpha=1.0)
+def cpo_loss(lp: PairLogps, beta: float, alpha: float = 1.0) -> torch.Tensor:
+    """CPO: L = -log sigma(beta log pi(y_w) - beta log pi(y_l)) + alpha NLL(y_w).
+
+    The preference term uses summed log-probs (as TRL's CPO sigmoid loss); NLL(y_w) =
+    -log pi(y_w)/|y_w| is the mean token NLL of the chosen completion, as TRL uses (the
+    paper writes -log pi(y_w)); alpha is TRL's ``cpo_alpha`` (default 1). TRL averages the
+    NLL over all chosen tokens of the batch at once, paft per pair: equal for equal lengths.
+    """
+    nw, _ = _lengths(lp, "cpo")
+    pref = -F.logsigmoid(beta * (lp.policy_chosen - lp.policy_rejected))
+    return pref - alpha * lp.policy_chosen / nw
