@@ -55,7 +55,11 @@ def build_tiny(out: Path, seed: int = 0, hidden: int = 64, layers: int = 2, voca
 
 
 def ensure_tiny(root: Path) -> Path:
-    out = root / "models" / "tiny-llama"
+    """The cached tiny model, keyed by its build inputs so a changed corpus never reuses a stale one."""
+    import hashlib
+
+    key = hashlib.sha256(("\n".join(_corpus()) + CHAT_TEMPLATE).encode()).hexdigest()[:10]
+    out = root / "models" / f"tiny-llama-{key}"
     if (out / "model.safetensors").is_file():
         return out
     return build_tiny(out)
