@@ -83,10 +83,7 @@ def run_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = N
 def sft_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = None, out: OutOpt = None,
             force: ForceOpt = False):
     """Train only the SFT branch (LoRA + L1 on the delta) into RUN/sft/adapter."""
-    run, ui = _run(config, set_, preset, out, force)
-    with ui:
-        summary = run.train(["sft"])
-    console.print_json(json.dumps(summary["sft"]))
+    _train_one_branch("sft", config, set_, preset, out, force)
 
 
 @app.command("align")
@@ -94,10 +91,14 @@ def sft_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = N
 def align_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = None, out: OutOpt = None,
               force: ForceOpt = False):
     """Train only the preference branch (preference.method) into RUN/preference/adapter."""
-    run, ui = _run(config, set_, preset, out, force)
+    _train_one_branch("preference", config, set_, preset, out, force)
+
+
+def _train_one_branch(name, config, sets, preset, out, force):
+    run, ui = _run(config, sets, preset, out, force)
     with ui:
-        summary = run.train(["preference"])
-    console.print_json(json.dumps(summary["preference"]))
+        summary = run.train([name])
+    console.print_json(json.dumps(summary[name]))
 
 
 @app.command("sparsity")
