@@ -15,8 +15,8 @@ from paft.errors import PaftError
 from paft.merge import engine
 from paft.merge.deltas import checkpoint_deltas, lora_deltas, open_state
 from paft.merge.engine import merge_into_base
-from paft.merge.methods import (MERGE_METHODS, dare_drop, elect_sign, merge_deltas, tensor_generator,
-                                trim_magnitude)
+from paft.merge.methods import (MERGE_METHODS, check_merge_args, dare_drop, della_drop, della_keep_probs,
+                                drop_outliers, elect_sign, merge_deltas, tensor_generator, trim_magnitude)
 
 T = torch.tensor
 D1 = T([[1.0, -2.0, 3.0], [0.5, 0.0, -1.0]])
@@ -31,7 +31,8 @@ def close(a, b, tol=1e-6):
 # --- methods: hand-computed -----------------------------------------------------------------------
 
 def test_registry():
-    assert set(MERGE_METHODS) == {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear"}
+    assert set(MERGE_METHODS) == {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "magnitude_prune",
+                                  "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock"}
 
 
 def test_linear_and_task_arithmetic():
@@ -369,3 +370,232 @@ def test_engine_dtype_and_refusals(tiny, tmp_path):
     with pytest.raises(PaftError, match="branch folder does not exist"):
         merge_into_base(tiny["base"], [tmp_path / "missing"], [1], "linear", out_dir=tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+# --- magnitude_prune, breadcrumbs, DELLA, slerp, model_stock --------------------------------------
+
+B1 = T([0.3, -1.0, 0.1, 0.9, -0.5, 0.2, -0.8, 0.4, 0.7, -0.6])
+B2 = T([-0.2, 0.5, -0.9, -0.8, 1.0, -0.1, 0.3, 0.7, -0.4, 0.6])
+
+
+def test_magnitude_prune_hand_computed_and_peft():
+    # top 3 of 6: D1 -> [[1,-2,3],[0,0,0]], D2 -> [[-1,0,2],[0,-3,0]] (equal magnitudes: lowest index)
+    out = merge_deltas("magnitude_prune", [D1, D2], [1, 3], density=0.5)
+    assert close(out, T([[-2.0, -2.0, 9.0], [0.0, -9.0, 0.0]]))
+    assert close(merge_deltas("magnitude_prune", [D1, D2], [1, 3], density=0.5, normalize=True),
+                 T([[-0.5, -0.5, 2.25], [0.0, -2.25, 0.0]]))
+    ds, w = _rand(3, 4), [0.5, 1.0, 2.0]
+    assert close(merge_deltas("magnitude_prune", ds, w, density=0.3), merge_utils.magnitude_prune(ds, T(w), 0.3), 1e-5)
+    assert torch.equal(merge_deltas("magnitude_prune", ds, w), merge_deltas("task_arithmetic", ds, w))
+
+
+def test_breadcrumbs_drops_top_gamma_keeps_next_density():
+    # n = 10: gamma 0.1 drops the single largest |d|, density 0.3 keeps the next 3, the rest is zeroed
+    assert torch.equal(drop_outliers(B1, 0.3, 0.1), T([0, 0, 0, 0.9, 0, 0, -0.8, 0, 0.7, 0]))
+    assert torch.equal(drop_outliers(B2, 0.3, 0.1), T([0, 0, -0.9, -0.8, 0, 0, 0, 0.7, 0, 0]))
+    assert torch.equal(drop_outliers(B1, 0.3, 0.2), T([0, 0, 0, 0, 0, 0, -0.8, 0, 0.7, -0.6]))
+    assert torch.equal(drop_outliers(B1, 0.3, 0.0), trim_magnitude(B1, 0.3))  # gamma 0: plain magnitude trim
+    assert torch.equal(drop_outliers(B1, 0.5, 0.5), T([0.3, 0, 0.1, 0, -0.5, 0.2, 0, 0.4, 0, 0]))  # bottom half
+    assert torch.equal(drop_outliers(T([0.1, -5.0, 0.2]), 0.2, 0.4), T([0.0, 0.0, 0.2]))  # keeps at least one
+    assert torch.equal(drop_outliers(B1, 1.0, 0.1), B1)  # density 1: unchanged, as in mergekit
+    # drop share on a big tensor: exactly int(gamma n) outliers and int(density n) kept
+    d = torch.randn(100, 100, generator=torch.Generator().manual_seed(0))
+    out = drop_outliers(d, 0.2, 0.05)
+    order = d.abs().flatten().argsort(descending=True)
+    kept = out.flatten() != 0
+    assert not kept[order[:500]].any() and kept[order[500:2500]].all() and not kept[order[2500:]].any()
+
+
+def test_breadcrumbs_and_breadcrumbs_ties_hand_computed():
+    # masked: m1 = [0,0,0,.9,0,0,-.8,0,.7,0], m2 = [0,0,-.9,-.8,0,0,0,.7,0,0]; weights 1, 2
+    kw = dict(density=0.3, gamma=0.1)
+    assert close(merge_deltas("breadcrumbs", [B1, B2], [1, 2], **kw),
+                 T([0, 0, -1.8, -0.7, 0, 0, -0.8, 1.4, 0.7, 0]))
+    # TIES at index 3: 0.9 - 1.6 < 0 elects -, so only branch 2's -1.6 stays; not normalised by default
+    assert close(merge_deltas("breadcrumbs_ties", [B1, B2], [1, 2], **kw),
+                 T([0, 0, -1.8, -1.6, 0, 0, -0.8, 1.4, 0.7, 0]))
+    assert close(merge_deltas("breadcrumbs_ties", [B1, B2], [1, 2], normalize=True, **kw),
+                 T([0, 0, -0.9, -0.8, 0, 0, -0.8, 0.7, 0.7, 0]))
+    ds, w = [D1, D2, D3], [1, 1, 2]
+    assert torch.equal(merge_deltas("breadcrumbs", ds, w), merge_deltas("task_arithmetic", ds, w))
+    assert torch.equal(merge_deltas("breadcrumbs_ties", ds, w, normalize=True), merge_deltas("ties", ds, w))
+
+
+def test_della_keep_probabilities_by_rank():
+    # density 0.5, epsilon 0.2: ranks 0..4 by |d| within the row map linearly onto [0.3, 0.7]
+    p = della_keep_probs(T([[0.1, -0.4, 0.3, 0.2, -0.5], [5.0, 4.0, 3.0, 2.0, 1.0]]), 0.5, 0.2)
+    assert close(p, T([[0.3, 0.6, 0.5, 0.4, 0.7], [0.7, 0.6, 0.5, 0.4, 0.3]]))
+    assert close(della_keep_probs(D1, 0.5, 0.2), T([[0.3, 0.5, 0.7], [0.5, 0.3, 0.7]]))
+    assert close(della_keep_probs(T([1.0, -1.0, 1.0]), 0.5, 0.1), T([0.4, 0.5, 0.6]))  # 1-D: one row, ties by index
+    assert close(della_keep_probs(T([[2.0], [3.0]]), 0.4, 0.1), T([[0.4], [0.4]]))  # one-entry rows: density
+    p3 = della_keep_probs(torch.arange(24.0).view(2, 3, 4), 0.5, 0.15)  # rows = first dim
+    assert close(p3.view(2, 12), (0.35 + 0.3 * torch.arange(12.0) / 11).expand(2, 12))
+    assert close(della_keep_probs(T([[0.5, 0.2, 0.9]]), 0.85, 0.15), T([[0.85, 0.7, 1.0]]))  # density + eps = 1
+    # empirical keep frequency per rank over many identical rows
+    row = T([0.1, -0.4, 0.3, 0.2, -0.5])
+    kept = (della_drop(row.expand(20000, 5).contiguous(), 0.5, 0.2, tensor_generator(0, "p")) != 0).float().mean(0)
+    assert close(kept, T([0.3, 0.6, 0.5, 0.4, 0.7]), 0.02)
+
+
+def test_della_hand_computed_with_mask():
+    # Reproduce the generator's two masks (one per task, drawn in order) and compute by hand.
+    p1, p2 = della_keep_probs(D1, 0.5, 0.2), della_keep_probs(D2, 0.5, 0.2)
+    g = tensor_generator(3, "x")
+    m1, m2 = torch.bernoulli(p1, generator=g), torch.bernoulli(p2, generator=g)
+    t1, t2 = D1 * m1 / p1, 3 * D2 * m2 / p2
+    kw = dict(density=0.5, epsilon=0.2, lambda_=1.5)
+    assert close(merge_deltas("della_linear", [D1, D2], [1, 3], generator=tensor_generator(3, "x"), **kw),
+                 1.5 * (t1 + t2), 1e-5)
+    s = torch.where(t1 + t2 >= 0, 1.0, -1.0)
+    a1, a2 = (t1.sign() == s).float(), (t2.sign() == s).float()
+    div = torch.where(a1 + 3 * a2 == 0, 1.0, a1 + 3 * a2)
+    assert close(merge_deltas("della", [D1, D2], [1, 3], generator=tensor_generator(3, "x"), **kw),
+                 1.5 * (a1 * t1 + a2 * t2) / div, 1e-5)
+
+
+def test_della_determinism_dare_limit_and_density_one():
+    big = [torch.randn(64, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    for method in ("della", "della_linear"):
+        a = merge_deltas(method, big, [1, 1], density=0.5, generator=tensor_generator(7, "layers.0.q_proj.weight"))
+        b = merge_deltas(method, big, [1, 1], density=0.5, generator=tensor_generator(7, "layers.0.q_proj.weight"))
+        c = merge_deltas(method, big, [1, 1], density=0.5, generator=tensor_generator(7, "layers.1.q_proj.weight"))
+        e = merge_deltas(method, big, [1, 1], density=0.5, generator=tensor_generator(8, "layers.0.q_proj.weight"))
+        assert torch.equal(a, b)
+        assert not torch.equal(a, c) and not torch.equal(a, e)
+        doubled = merge_deltas(method, big, [1, 1], density=0.5, lambda_=2.0,
+                               generator=tensor_generator(7, "layers.0.q_proj.weight"))
+        assert torch.equal(doubled, 2 * a)
+    # epsilon 0: every entry kept with probability density, i.e. DARE with the same draws
+    for della_m, dare_m in (("della", "dare_ties"), ("della_linear", "dare_linear")):
+        assert close(merge_deltas(della_m, big, [1, 2], density=0.4, epsilon=0.0, generator=tensor_generator(1, "w")),
+                     merge_deltas(dare_m, big, [1, 2], density=0.4, generator=tensor_generator(1, "w")))
+    # density 1: no sampling at all (epsilon unused)
+    ds, w = [D1, D2, D3], [1, 1, 2]
+    assert torch.equal(merge_deltas("della", ds, w), merge_deltas("ties", ds, w))
+    assert torch.equal(merge_deltas("della_linear", ds, w), merge_deltas("task_arithmetic", ds, w))
+
+
+def test_della_unbiased_in_expectation():
+    # 200 identical rows x 200 seeds = 40,000 draws per column; E[m d / p] = d (p >= 0.1: ~1.5% noise)
+    row = torch.linspace(-1.0, 1.0, 16)
+    row = row + 0.01 * torch.sign(row)  # no zeros
+    d = row.expand(200, 16).contiguous()
+    total = torch.zeros(16)
+    for seed in range(200):
+        total += della_drop(d, 0.3, 0.2, tensor_generator(seed, "u")).mean(0)
+    assert torch.allclose(total / 200, row, rtol=0.06, atol=0)
+    # and through merge_deltas: della_linear with one branch, weight 1
+    mean = sum(merge_deltas("della_linear", [d], [1.0], density=0.3, epsilon=0.2, generator=tensor_generator(s, "v"))
+               for s in range(200)) / 200
+    assert torch.allclose(mean.mean(0), row, rtol=0.06, atol=0)
+
+
+def test_slerp_hand_computed():
+    s2 = 2 ** -0.5
+    # orthogonal unit vectors (base 0): the midpoint is (a + b)/sqrt(2), still of norm 1
+    mid = merge_deltas("slerp", [T([1.0, 0.0, 0.0]), T([0.0, 1.0, 0.0])], [1, 1], base=torch.zeros(3))
+    assert close(mid, T([s2, s2, 0.0])) and abs(mid.norm().item() - 1.0) < 1e-6
+    # the same on full weights with a non-zero base: v0 = base + d0 = e1, v1 = base + d1 = e2; returns a delta
+    base = T([1.0, 1.0, 0.0, 0.0])
+    d0, d1 = T([0.0, -1.0, 0.0, 0.0]), T([-1.0, 0.0, 0.0, 0.0])
+    assert close(merge_deltas("slerp", [d0, d1], [1, 1], base=base), T([s2 - 1, s2 - 1, 0.0, 0.0]))
+    assert close(merge_deltas("slerp", [d0, d1], [1, 1], base=base, t=0.0), d0)
+    assert close(merge_deltas("slerp", [d0, d1], [1, 1], base=base, t=1.0), d1)
+    # t = 1/3 of a right angle is 30 degrees: (cos 30, sin 30)
+    third = merge_deltas("slerp", [T([1.0, 0.0]), T([0.0, 1.0])], [1, 1], base=torch.zeros(2), t=1 / 3)
+    assert close(third, T([3 ** 0.5 / 2, 0.5]))
+    # unequal norms: coefficients sin(pi/4)/sin(pi/2) = 1/sqrt(2) on the raw vectors, as mergekit does
+    assert close(merge_deltas("slerp", [T([2.0, 0.0]), T([0.0, 4.0])], [1, 1], base=torch.zeros(2)),
+                 T([2 * s2, 4 * s2]), 1e-5)
+    assert merge_deltas("slerp", [T([[1.0, 0.0]]), T([[0.0, 1.0]])], [3, 1], base=torch.zeros(1, 2)).shape == (1, 2)
+
+
+def test_slerp_colinear_fallback_is_lerp():
+    base = T([0.5, -0.5, 1.0])
+    v0 = T([1.0, 2.0, 3.0])
+    for v1 in (2 * v0, -v0, v0 + T([0.0, 0.0, 0.01])):  # |cos| > 0.9995 (the last: cos ~ 0.99999)
+        out = merge_deltas("slerp", [v0 - base, v1 - base], [1, 1], base=base, t=0.25)
+        assert close(base + out, 0.75 * v0 + 0.25 * v1)
+    zero = merge_deltas("slerp", [-base, v0 - base], [1, 1], base=base, t=0.25)  # a zero-norm side: lerp
+    assert close(base + zero, 0.25 * v0)
+
+
+def test_model_stock_hand_computed():
+    d = T([[0.3, -0.2], [0.1, 0.4]])
+    assert close(merge_deltas("model_stock", [d, d], [1, 1]), d)  # cos 1 -> t 1: the fine-tuned tensor
+    assert close(merge_deltas("model_stock", [d, d, d], [1, 1, 1]), d)
+    assert torch.equal(merge_deltas("model_stock", [T([1.0, 0.0]), T([0.0, 2.0])], [1, 1]), T([0.0, 0.0]))  # t 0
+    # k = 2, cos = 1/sqrt(2): t = 2c / (1 + c) = 2 (sqrt 2 - 1); delta = t * mean
+    t2 = 2 * (2 ** 0.5 - 1)
+    assert close(merge_deltas("model_stock", [T([1.0, 0.0]), T([1.0, 1.0])], [1, 1]), t2 * T([1.0, 0.5]))
+    # k = 3, pairwise cos 0, 1/sqrt 2, 1/sqrt 2 -> mean c = sqrt(2)/3; t = 3c / (1 + 2c)
+    c = 2 ** 0.5 / 3
+    out = merge_deltas("model_stock", [T([1.0, 0.0, 0.0]), T([0.0, 1.0, 0.0]), T([1.0, 1.0, 0.0])], [1, 1, 1])
+    assert close(out, 3 * c / (1 + 2 * c) * T([2 / 3, 2 / 3, 0.0]))
+    # anti-correlated (cos -1, mergekit's pole): clamped to the base, no NaN; a zero delta also gives the base
+    assert torch.equal(merge_deltas("model_stock", [d, -d], [1, 1]), torch.zeros(2, 2))
+    assert torch.equal(merge_deltas("model_stock", [d, torch.zeros(2, 2)], [1, 1]), torch.zeros(2, 2))
+    # tiny deltas keep their exact cosine (mergekit's 1e-6 clamp on the norm product would give t ~ 0)
+    assert close(merge_deltas("model_stock", [1e-5 * d, 1e-5 * d], [1, 1]), 1e-5 * d, 1e-12)
+
+
+@pytest.mark.parametrize("kwargs, msg", [
+    (dict(method="breadcrumbs", density=0.5, gamma=-0.1), "gamma must be in [0, 1), got -0.1"),
+    (dict(method="breadcrumbs", density=0.5, gamma=1.0), "gamma must be in [0, 1), got 1.0"),
+    (dict(method="breadcrumbs", density=0.6, gamma=0.5), "gamma + density must be <= 1"),
+    (dict(method="breadcrumbs_ties", density=0.995, gamma=0.01), "gamma + density must be <= 1"),
+    (dict(method="della", density=0.1), "epsilon must keep density +/- epsilon in (0, 1]"),
+    (dict(method="della_linear", density=0.9, epsilon=0.15), "epsilon must keep density +/- epsilon in (0, 1]"),
+    (dict(method="della", density=0.5, epsilon=-0.1), "epsilon must be in [0, 1), got -0.1"),
+    (dict(method="della", density=0.5, lambda_=float("nan")), "lambda_ must be a finite number"),
+    (dict(method="slerp", t=1.5), "t must be in [0, 1], got 1.5"),
+    (dict(method="slerp", t=-0.1), "t must be in [0, 1], got -0.1"),
+    (dict(method="slerp", deltas=[D1, D2, D3], weights=[1, 1, 1]), "slerp interpolates exactly 2 models, got 3"),
+    (dict(method="slerp", deltas=[D1], weights=[1]), "slerp interpolates exactly 2 models, got 1"),
+    (dict(method="slerp", base=None), "slerp interpolates full weights: pass the base tensor as base="),
+    (dict(method="slerp", base=torch.zeros(3, 2)), "base has shape (3, 2), the deltas have (2, 3)"),
+    (dict(method="model_stock", deltas=[D1], weights=[1]), "model_stock needs at least 2 fine-tuned models, got 1"),
+])
+def test_bad_method_parameters(kwargs, msg):
+    kwargs = {"deltas": [D1, D2], "weights": [1, 1], "base": torch.zeros(2, 3), **kwargs}
+    with pytest.raises(PaftError) as exc:
+        merge_deltas(kwargs.pop("method"), kwargs.pop("deltas"), kwargs.pop("weights"), **kwargs)
+    assert msg in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_parameter_checks_only_where_used():
+    # defaults are valid for every method at density 1 and at the config default 0.5
+    for method in MERGE_METHODS:
+        for density in (1.0, 0.5):
+            check_merge_args(method, 2, [1, 1], density)
+    check_merge_args("ties", 2, [1, 1], 0.9, gamma=0.5, epsilon=0.5)  # not used by ties: no coupled check
+    check_merge_args("della", 2, [1, 1], 1.0, epsilon=0.5)  # density 1 keeps everything, as in mergekit
+    check_merge_args("della", 2, [1, 1], 0.85, epsilon=0.15)  # density + epsilon = 1 is allowed
+    with pytest.raises(PaftError, match="unknown merge parameter 'gama'; known: normalize, majority_sign, gamma"):
+        check_merge_args("breadcrumbs", 2, [1, 1], 0.5, gama=0.1)
+    with pytest.raises(PaftError, match="t must be a number, got '0.3'"):
+        check_merge_args("slerp", 2, [1, 1], 1.0, t="0.3")
+    with pytest.raises(PaftError, match="normalize must be true, false or unset"):
+        check_merge_args("ties", 2, [1, 1], 0.5, normalize="yes")
+
+
+def test_engine_slerp_and_model_stock_pass_base_and_params(tiny, tmp_path):
+    base = _base_state(tiny["base"])
+    da, db = dict(lora_deltas(tiny["A"])), dict(lora_deltas(tiny["B"], tiny["base"]))
+    summary = merge_into_base(tiny["base"], [tiny["A"], tiny["B"]], [1, 1], "slerp", out_dir=tmp_path / "s", t=0.3)
+    assert summary["params"] == {"t": 0.3}
+    assert json.loads((tmp_path / "s" / "paft_merge.json").read_text())["params"] == {"t": 0.3}
+    merge_into_base(tiny["base"], [tiny["A"], tiny["B"]], [1, 1], "model_stock", out_dir=tmp_path / "m")
+    slerped, stocked = _base_state(tmp_path / "s"), _base_state(tmp_path / "m")
+    for name, w in base.items():
+        if name not in da and name not in db:
+            assert torch.equal(slerped[name], w) and torch.equal(stocked[name], w)
+            continue
+        ds = [da.get(name, torch.zeros(w.shape)), db.get(name, torch.zeros(w.shape))]
+        assert close(slerped[name], w + merge_deltas("slerp", ds, [1, 1], t=0.3, base=w))
+        assert close(stocked[name], w + merge_deltas("model_stock", ds, [1, 1]))
+    with pytest.raises(PaftError, match="unknown merge parameter 'tt'"):
+        merge_into_base(tiny["base"], [tiny["A"], tiny["B"]], [1, 1], "slerp", out_dir=tmp_path / "x", tt=0.3)
+    with pytest.raises(PaftError, match="slerp interpolates exactly 2 models, got 3"):
+        merge_into_base(tiny["base"], [tiny["A"], tiny["B"], tiny["C"]], [1, 1, 1], "slerp", out_dir=tmp_path / "x")
+    assert not (tmp_path / "x").exists()

@@ -97,19 +97,21 @@ def _copy_configs(base_dir: Path, out: Path, dtype: torch.dtype | None) -> None:
 def merge_into_base(base_dir: str | Path, branches: list[str | Path], weights: list[float], method: str, *,
                     density: float = 1.0, seed: int = 0, out_dir: str | Path, force: bool = False,
                     dtype: torch.dtype | str | None = None,
-                    progress: Callable[[int, int], None] | None = None) -> dict:
+                    progress: Callable[[int, int], None] | None = None, **params: object) -> dict:
     """Write ``base + merge(deltas of each branch)`` to ``out_dir`` as a Hugging Face model folder.
 
     A tensor some branch changes is merged with one delta per branch (zero for
     branches that leave it alone, so e.g. ``linear`` averages against them);
     untouched tensors are copied. DARE masks come from ``tensor_generator(seed, name)``,
     so the result is reproducible tensor by tensor. ``dtype`` casts floating
-    tensors (default: keep the base's). Returns the summary also written to
-    ``paft_merge.json``.
+    tensors (default: keep the base's). ``params`` (normalize, majority_sign, gamma,
+    epsilon, lambda_, t) go to :func:`merge_deltas`, which also gets each float32
+    base tensor (slerp needs it). Returns the summary also written to
+    ``paft_merge.json`` (with ``params`` when given).
     """
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     weights = [float(w) for w in weights]
-    check_merge_args(method, len(branches), weights, density)
+    check_merge_args(method, len(branches), weights, density, **params)
     out_dtype = _resolve_dtype(dtype)
     base = open_state(base_dir)
     sources = [open_branch(b, base) for b in branches]
@@ -134,12 +136,13 @@ def merge_into_base(base_dir: str | Path, branches: list[str | Path], weights: l
                     if d.shape != w.shape:
                         raise PaftError(f"{src.path}: delta for {name} has shape {tuple(d.shape)}, "
                                         f"base has {tuple(w.shape)}")
+                base_w = w.float()
                 try:
                     mixed = merge_deltas(method, deltas, weights, density=density,
-                                         generator=tensor_generator(seed, name))
+                                         generator=tensor_generator(seed, name), base=base_w, **params)
                 except PaftError as exc:  # e.g. "delta 1 contains NaN": say which tensor and branch list
                     raise PaftError(f"{name}: {exc} (branches: {', '.join(map(str, branches))})") from None
-                w = (w.float() + mixed).to(target)
+                w = (base_w + mixed).to(target)
                 if not torch.isfinite(w).all():  # checked after the cast: fp16 can overflow
                     raise PaftError(f"merged tensor {name} contains NaN or inf (in {target})")
                 merged_count += 1
@@ -150,6 +153,8 @@ def merge_into_base(base_dir: str | Path, branches: list[str | Path], weights: l
         _copy_configs(base_dir, tmp, out_dtype)
         summary = {"method": method, "weights": weights, "density": density, "seed": seed,
                    "tensors_merged": merged_count, "tensors_total": len(names), "out_dir": str(out_dir)}
+        if params:
+            summary["params"] = dict(params)
         write_json_atomic(tmp / METADATA_FILE, {**summary, "base": str(base_dir),
                                                 "branches": [str(b) for b in branches],
                                                 "versions": package_versions()})
