@@ -186,6 +186,11 @@ class Run:
             if job.after and job.after not in names and not branch_done(self.branch_dir(job.after)):
                 raise PaftError(f"branch {job.name!r} starts from {job.after!r}, which has not been trained")
         self.data()
+        if any(job.kind == "preference" for job in jobs):
+            from paft.train.branch import preference_examples
+
+            # data the preference method cannot use fails now, not after the SFT branch has trained
+            preference_examples(self.cfg, self.data_dir / "preference_train.jsonl")
         _ = self.model_dir  # resolve (and convert) the base once, before any child starts
         start = time.perf_counter()
         if jobs:

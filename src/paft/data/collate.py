@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from paft.data.tokenize import IGNORE, Encoded, EncodedPair
+from paft.data.tokenize import IGNORE, Encoded, EncodedCompletion, EncodedPair
 
 
 def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
@@ -44,4 +44,37 @@ class PairCollator:
             "input_ids": _pad(seqs, self.pad_id),
             "attention_mask": _pad([[1] * len(s) for s in seqs], 0),
             "labels": _pad(labels, IGNORE),
+        }
+
+
+@dataclass
+class BinaryCollator:
+    """Unpaired completions: [prompt_i + completion_i for each row], then, with ``kl``, the KTO "KL" rows.
+
+    KL row i is prompt_{(i+1) mod B} + completion_i: every completion under another row's prompt
+    (TRL's KTOTrainer builds the same set by cycling completions within the batch), so the batch
+    holds 2B rows, [matched; mismatched], labels on completion tokens only. A mismatched
+    completion is right-truncated so its row fits ``max_length`` (when given). ``desirable`` ([B]
+    bool) carries the labels of the matched rows.
+    """
+
+    pad_id: int
+    kl: bool = True
+    max_length: int | None = None
+
+    def __call__(self, rows: list[EncodedCompletion]) -> dict[str, torch.Tensor]:
+        pairs = [(r.prompt_ids, r.completion_ids) for r in rows]
+        if self.kl:
+            b = len(rows)
+            for i, r in enumerate(rows):
+                prompt = rows[(i + 1) % b].prompt_ids
+                budget = None if self.max_length is None else max(1, self.max_length - len(prompt))
+                pairs.append((prompt, r.completion_ids[:budget]))
+        seqs = [p + c for p, c in pairs]
+        labels = [[IGNORE] * len(p) + c for p, c in pairs]
+        return {
+            "input_ids": _pad(seqs, self.pad_id),
+            "attention_mask": _pad([[1] * len(s) for s in seqs], 0),
+            "labels": _pad(labels, IGNORE),
+            "desirable": torch.tensor([bool(r.label) for r in rows], dtype=torch.bool),
         }

@@ -1,11 +1,19 @@
 """Canonical training examples and the adapters that build them from dataset rows.
 
-Every supported dataset layout becomes one of two shapes, so tokenisation and
+Every supported dataset layout becomes one of three shapes, so tokenisation and
 training never see format differences: ``SFTExample`` (a chat conversation, or
-raw text) and ``PreferenceExample`` (a prompt conversation plus a chosen and a
-rejected final assistant reply). Adapters validate while they convert and raise
-``RowError`` naming the offending field; the loader adds the file and row and
-turns it into a one-line ``DataError``.
+raw text), ``PreferenceExample`` (a prompt conversation plus a chosen and a
+rejected final assistant reply) and ``BinaryExample`` (a prompt conversation, one
+final assistant reply and a desirable/undesirable label: unpaired feedback, as KTO
+and NPO use). Adapters validate while they convert and raise ``RowError`` naming
+the offending field; the loader adds the file and row and turns it into a one-line
+``DataError``.
+
+A preference method declares the data kind it trains on (``LossSpec.data``):
+``"pairs"`` (``PreferenceExample``), ``"binary"`` (``BinaryExample``, both labels) or
+``"negatives"`` (``BinaryExample`` with label False only). ``examples_for_method``
+converts what a file holds into that kind (pairs -> binary or negatives) or says, in
+one line, why it cannot (unpaired rows for a pairwise method).
 """
 
 from __future__ import annotations
@@ -40,6 +48,15 @@ class PreferenceExample:
     prompt: list[Message]
     chosen: str
     rejected: str
+
+
+@dataclass
+class BinaryExample:
+    """A prompt conversation (ending with a user turn), one final assistant reply, and whether it is desirable."""
+
+    prompt: list[Message]
+    completion: str
+    label: bool
 
 
 class RowError(ValueError):
@@ -321,6 +338,24 @@ def pref_beavertails(row: Mapping[str, Any], *, beavertails_preference: str = "h
     return PreferenceExample(prompt=prompt, chosen=responses[best], rejected=responses[1 - best])
 
 
+_LABELS = {0: False, 1: True, "0": False, "1": True, "false": False, "true": True}
+
+
+def _label(value: Any, field: str) -> bool:
+    key = value.strip().lower() if isinstance(value, str) else value
+    if not isinstance(key, (str, int, float)) or key not in _LABELS:
+        raise RowError(field, f"expected a boolean (true/false or 1/0), got {value!r}")
+    return _LABELS[key]
+
+
+def pref_prompt_completion_label(row: Mapping[str, Any], *, beavertails_preference: str = "helpful") -> BinaryExample:
+    """Unpaired feedback (KTO style): ``prompt``, ``completion`` (a string or a message list ending with the
+    assistant reply) and ``label`` (true = desirable, false = undesirable)."""
+    prompt = _prompt(_get(row, "prompt"), "prompt")
+    completion = _final_reply(_get(row, "completion"), "completion", prompt)
+    return BinaryExample(prompt=prompt, completion=completion, label=_label(_get(row, "label"), "label"))
+
+
 SFT_FORMATS: dict[str, Callable[[Mapping[str, Any]], SFTExample]] = {
     "messages": sft_messages,
     "prompt_completion": sft_prompt_completion,
@@ -329,11 +364,12 @@ SFT_FORMATS: dict[str, Callable[[Mapping[str, Any]], SFTExample]] = {
     "text": sft_text,
 }
 
-PREFERENCE_FORMATS: dict[str, Callable[..., PreferenceExample]] = {
+PREFERENCE_FORMATS: dict[str, Callable[..., PreferenceExample | BinaryExample]] = {
     "prompt_chosen_rejected": pref_prompt_chosen_rejected,
     "implicit_prompt": pref_implicit_prompt,
     "hh_rlhf": pref_hh_rlhf,
     "beavertails": pref_beavertails,
+    "prompt_completion_label": pref_prompt_completion_label,  # unpaired: BinaryExample
 }
 
 # Detection order matters: the first format whose columns are all present wins.
@@ -349,6 +385,7 @@ _PREFERENCE_SIGNATURES = [
     ("prompt_chosen_rejected", ("prompt", "chosen", "rejected")),
     ("hh_rlhf", ("chosen", "rejected")),
     ("implicit_prompt", ("chosen", "rejected")),
+    ("prompt_completion_label", ("prompt", "completion", "label")),
 ]
 
 
@@ -380,6 +417,8 @@ def detect_preference_format(columns: Iterable[str], first_row: Mapping[str, Any
     if {"chosen", "rejected"} <= cols:
         hh = _looks_like_hh(first_row.get("chosen")) and _looks_like_hh(first_row.get("rejected"))
         return "hh_rlhf" if hh else "implicit_prompt"
+    if {"prompt", "completion", "label"} <= cols:  # after the pair formats: pairs win when both are present
+        return "prompt_completion_label"
     raise _no_match("preference", cols, _PREFERENCE_SIGNATURES)
 
 
@@ -404,7 +443,65 @@ def to_sft_example(row: Mapping[str, Any], fmt: str) -> SFTExample:
 
 def to_preference_example(
     row: Mapping[str, Any], fmt: str, beavertails_preference: str = "helpful"
-) -> PreferenceExample:
+) -> PreferenceExample | BinaryExample:
     if fmt == "auto":
         fmt = detect_preference_format(row, row)
     return get_adapter("preference", fmt, beavertails_preference)(row)
+
+
+# --- data kinds of preference methods ---------------------------------------
+
+DATA_KINDS = ("pairs", "binary", "negatives")
+
+_NEEDS = {
+    "pairs": "paired data (columns prompt/chosen/rejected, or hh_rlhf / beavertails / implicit-prompt forms)",
+    "negatives": "undesirable completions (rows with label false in prompt/completion/label data, "
+                 "or the rejected side of any pair format)",
+}
+
+
+def pairs_to_binary(pairs: Iterable[PreferenceExample]) -> list[BinaryExample]:
+    """Each pair becomes two unpaired rows, in order: its chosen reply (label True), then its rejected one (False)."""
+    out = []
+    for p in pairs:
+        out.append(BinaryExample(prompt=p.prompt, completion=p.chosen, label=True))
+        out.append(BinaryExample(prompt=p.prompt, completion=p.rejected, label=False))
+    return out
+
+
+def binary_to_negatives(examples: Iterable[BinaryExample]) -> list[BinaryExample]:
+    """The undesirable rows (label False) only."""
+    return [e for e in examples if not e.label]
+
+
+def examples_for_method(examples: list, data: str, *, method: str, source: str) -> list:
+    """The examples of ``source`` in the data kind ``data`` that preference method ``method`` trains on.
+
+    Pairs convert to ``binary`` (chosen -> desirable, rejected -> undesirable: how KTO is usually
+    run on paired data) and to ``negatives`` (the rejected replies); unpaired rows cannot become
+    pairs, which is a one-line ``DataError`` naming the method and the columns it needs.
+    """
+    if data not in DATA_KINDS:
+        raise ValueError(f"unknown data kind {data!r}; known: {', '.join(DATA_KINDS)}")
+    if not examples:
+        raise DataError(f"{source}: no preference rows")
+    kinds = {type(e) for e in examples}
+    if not kinds <= {PreferenceExample, BinaryExample}:
+        names = ", ".join(sorted(k.__name__ for k in kinds - {PreferenceExample, BinaryExample}))
+        raise DataError(f"{source}: holds {names} rows, not preference data")
+    if len(kinds) > 1:
+        raise DataError(f"{source}: mixes paired and unpaired preference rows; use one format per file")
+    paired = kinds == {PreferenceExample}
+    if data == "pairs":
+        if not paired:
+            raise DataError(f"preference.method {method!r} needs {_NEEDS['pairs']}; {source} has unpaired rows "
+                            "(prompt, completion, label)")
+        return list(examples)
+    binary = pairs_to_binary(examples) if paired else list(examples)
+    if data == "binary":
+        return binary
+    negatives = binary_to_negatives(binary)
+    if not negatives:
+        raise DataError(f"preference.method {method!r} needs {_NEEDS['negatives']}; {source} has no row with "
+                        "label false")
+    return negatives

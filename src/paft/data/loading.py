@@ -177,6 +177,10 @@ def load_examples(
 ) -> LoadResult:
     """Read ``path`` and convert every row; a bad row stops the load unless ``skip_invalid``.
 
+    ``kind="preference"`` gives ``PreferenceExample`` rows for the pair formats and
+    ``BinaryExample`` rows for unpaired data (format ``prompt_completion_label``); which one a
+    preference method can train on is decided later (``formats.examples_for_method``).
+
     ``max_rows`` counts converted examples, and conversion stops once it is reached,
     so rows after that point are neither checked nor counted as skipped.
     """

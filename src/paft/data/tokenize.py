@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from paft.data.formats import PreferenceExample, SFTExample
+from paft.data.formats import BinaryExample, PreferenceExample, SFTExample
 from paft.errors import DataError
 
 IGNORE = -100
@@ -94,6 +94,25 @@ def encode_pair(example: PreferenceExample, tok, max_length: int, max_prompt_len
     prompt = prompt[-max_prompt_length:]
     budget = max_length - len(prompt)
     return EncodedPair(prompt, chosen[:budget], rejected[:budget])
+
+
+@dataclass
+class EncodedCompletion:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    label: bool
+
+
+def encode_completion(example: BinaryExample, tok, max_length: int, max_prompt_length: int) -> EncodedCompletion:
+    """Prompt ids (left-truncated to max_prompt_length) and the reply ids (right-truncated to fit max_length).
+
+    The same text-offset split as ``encode_pair``: the reply starts at the first token that begins
+    inside the rendered reply (content plus the template's end-of-turn token).
+    """
+    text = _render(tok, example.prompt, add_generation_prompt=True)
+    prompt, completion = _response_ids(tok, example.prompt, example.completion, text)
+    prompt = prompt[-max_prompt_length:]
+    return EncodedCompletion(prompt, completion[: max_length - len(prompt)], bool(example.label))
 
 
 def prompt_text(tok, messages: list[dict]) -> str:

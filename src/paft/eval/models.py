@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 
 from paft.config import PaftConfig
+from paft.data.formats import PreferenceExample
 from paft.eval.metrics import completion_nll, exact_match, pair_logps, preference_scores
 
 
@@ -34,9 +35,16 @@ def load_spec(spec: ModelSpec, cfg: PaftConfig, device: str):
 def evaluate_models(specs: list[ModelSpec], cfg: PaftConfig, tok, sft_eval: list, pref_eval: list, *,
                     device: str = "cpu", reference: str | None = None,
                     progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Metrics per model; implicit rewards use ``reference`` (a spec name, default the first) as pi_ref."""
+    """Metrics per model; implicit rewards use ``reference`` (a spec name, default the first) as pi_ref.
+
+    The preference metrics need pairs: held-out preference data of unpaired rows (prompt,
+    completion, label) leaves them None, and the result says why under ``pref_metrics``.
+    """
     e, d = cfg.eval, cfg.data
     sft_eval, pref_eval = sft_eval[: e.max_examples], pref_eval[: e.max_examples]
+    unpaired = any(not isinstance(x, PreferenceExample) for x in pref_eval)
+    if unpaired:
+        pref_eval = []
     beta = e.beta or cfg.preference.beta
     reference = reference or specs[0].name
     ref_lp, results, samples = None, {}, {}
@@ -49,17 +57,23 @@ def evaluate_models(specs: list[ModelSpec], cfg: PaftConfig, tok, sft_eval: list
         em, gen = exact_match(model, tok, sft_eval, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
                               max_prompt_tokens=d.max_prompt_length)
         nll = completion_nll(model, tok, sft_eval, max_length=d.max_length, batch_size=e.batch_size)
-        lp = pair_logps(model, tok, pref_eval, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-                        batch_size=e.batch_size)
-        if spec.name == reference:
-            ref_lp = lp
-        scores = preference_scores(lp, ref_lp, beta)
-        results[spec.name] = {
-            "sft_exact_match": em, "sft_nll": nll, "pref_accuracy": scores.accuracy,
-            "reward_margin": scores.reward_margin, "reward_accuracy": scores.reward_accuracy,
-            "eval_s": round(time.perf_counter() - start, 2),
-        }
+        if unpaired:
+            pref = {"pref_accuracy": None, "reward_margin": None, "reward_accuracy": None}
+        else:
+            lp = pair_logps(model, tok, pref_eval, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+                            batch_size=e.batch_size)
+            if spec.name == reference:
+                ref_lp = lp
+            scores = preference_scores(lp, ref_lp, beta)
+            pref = {"pref_accuracy": scores.accuracy, "reward_margin": scores.reward_margin,
+                    "reward_accuracy": scores.reward_accuracy}
+        results[spec.name] = {"sft_exact_match": em, "sft_nll": nll, **pref,
+                              "eval_s": round(time.perf_counter() - start, 2)}
         samples[spec.name] = gen[:8]
         del model
-    return {"models": {s.name: results[s.name] for s in specs}, "reference": reference, "beta": beta,
-            "n_sft_eval": len(sft_eval), "n_pref_eval": len(pref_eval), "samples": samples}
+    out = {"models": {s.name: results[s.name] for s in specs}, "reference": reference, "beta": beta,
+           "n_sft_eval": len(sft_eval), "n_pref_eval": len(pref_eval), "samples": samples}
+    if unpaired:
+        out["pref_metrics"] = ("held-out preference data is unpaired (prompt, completion, label); "
+                               "pref_accuracy and the reward metrics need pairs")
+    return out

@@ -37,6 +37,10 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _delta(a: float | None, b: float | None) -> str:
+    return "–" if a is None or b is None else f"{a - b:+.3f}"
+
+
 def collect(root: Path, cfg: PaftConfig) -> dict[str, Any]:
     branches = {}
     for name in ("sft", "preference", "sequential"):
@@ -125,16 +129,18 @@ def _markdown(rep: dict[str, Any]) -> str:
             if m in evals:
                 lines.append(f"| {LABELS[m]} | " + " | ".join(_fmt(evals[m].get(k)) for k, _, _ in METRICS) + " |")
         lines += ["", f"Reward margin and accuracy: DPO implicit reward with `{ev.get('reference')}` as reference, "
-                  f"beta {ev.get('beta')}. Preference accuracy: the model's own log p(chosen) > log p(rejected).", "",
-                  "![metrics](metrics.png)", ""]
+                  f"beta {ev.get('beta')}. Preference accuracy: the model's own log p(chosen) > log p(rejected).", ""]
+        if ev.get("pref_metrics"):
+            lines += [f"Preference metrics not computed: {ev['pref_metrics']}.", ""]
+        lines += ["![metrics](metrics.png)", ""]
         if "sft" in evals and "preference" in evals:
             lines += ["### Alignment tax", "",
                       "| model | Δ SFT exact match vs SFT only | Δ pref. accuracy vs preference only |", "|---|---:|---:|"]
             for m in ("sequential", "paft"):
                 if m in evals:
-                    d1 = evals[m]["sft_exact_match"] - evals["sft"]["sft_exact_match"]
-                    d2 = evals[m]["pref_accuracy"] - evals["preference"]["pref_accuracy"]
-                    lines.append(f"| {LABELS[m]} | {d1:+.3f} | {d2:+.3f} |")
+                    d1 = _delta(evals[m]["sft_exact_match"], evals["sft"]["sft_exact_match"])
+                    d2 = _delta(evals[m]["pref_accuracy"], evals["preference"]["pref_accuracy"])
+                    lines.append(f"| {LABELS[m]} | {d1} | {d2} |")
             lines.append("")
     if rep["sparsity"]:
         keys = list(next(iter(rep["sparsity"].values()))["overall"])

@@ -33,9 +33,9 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
     baseline trains its preference stage on the SFT-merged weights). A run killed
     mid-way resumes from the last checkpoint under ``out_dir/checkpoints``.
     """
-    from paft.data.collate import PairCollator, SFTCollator
+    from paft.data.collate import BinaryCollator, PairCollator, SFTCollator
     from paft.data.loading import load_examples
-    from paft.data.tokenize import encode_pair, encode_sft
+    from paft.data.tokenize import encode_completion, encode_pair, encode_sft
     from paft.models import load_model, load_tokenizer
     from transformers.trainer_callback import PrinterCallback
 
@@ -53,6 +53,13 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
         torch.set_num_threads(threads)
     name = name or kind
     tcfg = cfg.sft if kind == "sft" else cfg.preference
+    if kind == "sft":
+        examples = load_examples(str(data_path), kind).examples
+    else:
+        # before any model is loaded: the examples in the method's data kind, or a one-line error
+        examples = preference_examples(cfg, data_path)
+        objective = PreferenceObjective(cfg.preference.method, cfg.preference.beta, cfg.preference.params)
+        data_kind = objective.spec.data
     tok = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     model = load_model(model_dir, cfg.model.dtype, device, cfg.model.trust_remote_code)
     if init_adapter is not None:
@@ -61,7 +68,6 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
         model = PeftModel.from_pretrained(model, str(init_adapter)).merge_and_unload()
     model = attach_lora(model, tcfg.lora, cfg.run.seed)
 
-    examples = load_examples(str(data_path), kind).examples
     d = cfg.data
     if kind == "sft":
         encoded = [encode_sft(e, tok, d.max_length) for e in examples]
@@ -74,10 +80,13 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
                                                f"data.max_length={d.max_length}; not trained on"})
         objective, collator = SFTObjective(cfg.sft.l1_lambda), SFTCollator(tok.pad_token_id)
     else:
-        rows = [encode_pair(e, tok, d.max_length, d.max_prompt_length) for e in examples]
         dropped = 0
-        objective = PreferenceObjective(cfg.preference.method, cfg.preference.beta, cfg.preference.params)
-        collator = PairCollator(tok.pad_token_id)
+        if data_kind == "pairs":
+            rows = [encode_pair(e, tok, d.max_length, d.max_prompt_length) for e in examples]
+            collator = PairCollator(tok.pad_token_id)
+        else:
+            rows = [encode_completion(e, tok, d.max_length, d.max_prompt_length) for e in examples]
+            collator = BinaryCollator(tok.pad_token_id, kl=data_kind == "binary", max_length=d.max_length)
 
     ckpt_dir = out_dir / "checkpoints"
     bf16 = resolve_bf16(cfg.run.bf16, device)
@@ -95,7 +104,8 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     summary = {
-        "branch": name, "kind": kind, "steps": trainer.state.global_step, "examples": len(rows),
+        "branch": name, "kind": kind,
+        "data_kind": "sft" if kind == "sft" else data_kind, "steps": trainer.state.global_step, "examples": len(rows),
         "dropped_no_reply_tokens": dropped,
         "train_loss": result.training_loss, "wall_s": round(wall, 2), "threads": threads or torch.get_num_threads(),
         "device": device, "bf16": bf16, "init_adapter": str(init_adapter) if init_adapter else None,
@@ -103,6 +113,28 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
     write_json_atomic(out_dir / "log_history.json", trainer.state.log_history)
     write_json_atomic(out_dir / "train_summary.json", summary)
     return summary
+
+
+def preference_examples(cfg: PaftConfig, data_path: Path) -> list:
+    """The preference rows of ``data_path`` in the data kind of ``preference.method``.
+
+    Pairs convert to unpaired rows for KTO ("binary") and to their rejected replies for NPO
+    ("negatives"); unpaired rows given to a pairwise method are a one-line ``DataError`` naming
+    the method and the columns it needs. KTO's KL estimate pairs each completion with another
+    row's prompt, so it needs at least 2 rows per batch (a ``ConfigError`` otherwise).
+    """
+    from paft.data.formats import examples_for_method
+    from paft.data.loading import load_examples
+    from paft.errors import ConfigError
+    from paft.train.losses import get_loss
+
+    p = cfg.preference
+    spec = get_loss(p.method)
+    if spec.data == "binary" and p.batch_size < 2:
+        raise ConfigError(f"preference.method {p.method!r} needs preference.batch_size >= 2 (its KL estimate pairs "
+                          f"each completion with another row's prompt in the batch); got {p.batch_size}")
+    examples = load_examples(str(data_path), "preference").examples
+    return examples_for_method(examples, spec.data, method=p.method, source=str(data_path))
 
 
 def branch_done(out_dir: Path) -> bool:

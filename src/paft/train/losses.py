@@ -1,8 +1,11 @@
 """Preference losses, registered by name.
 
-Each loss is one small function of the sequence log-probabilities of a batch of
-pairs, with its equation and paper in the docstring, returning the per-pair loss
-(shape [B]; the caller takes ``.mean()``). It is called as
+Each loss is one small function of the sequence log-probabilities of a batch, with
+its equation and paper in the docstring, returning the per-example loss (shape [B];
+the caller takes ``.mean()``). ``LossSpec.data`` says what a batch holds: ``"pairs"``
+(``PairLogps``: chosen and rejected reply per prompt), ``"binary"`` (``UnpairedLogps``:
+unpaired completions labelled desirable/undesirable, plus the mismatched "KL" rows)
+or ``"negatives"`` (``UnpairedLogps`` of undesirable completions only). It is called as
 ``spec.fn(lp, beta=beta, **{**spec.defaults, **user_params})``: ``beta`` always
 comes from the config (``preference.beta``), the other hyper-parameters from the
 registry defaults, overridden by ``preference.params``.
@@ -30,6 +33,8 @@ Registered (name: reference? defaults):
 - ``dpop``: ref; lam=50.0
 - ``beta-dpo``: ref; alpha=0.6, m0=0.0, n_sigma=2.0
 - ``gpo``: ref; f="logistic" (logistic, squared, hinge, exponential, truncated_quadratic, savage)
+- ``kto``: ref, data "binary"; desirable_weight=1.0, undesirable_weight=1.0
+- ``npo``: ref, data "negatives"; -
 
 Note ``rdpo`` (robust DPO, Chowdhury et al.) and ``r-dpo`` (length-regularised DPO,
 Park et al.) are different methods; the names follow the literature.
@@ -63,11 +68,32 @@ class PairLogps:
         return (self.policy_chosen - self.ref_chosen) - (self.policy_rejected - self.ref_rejected)
 
 
+@dataclass
+class UnpairedLogps:
+    """Summed completion log-probs of a batch of unpaired completions (shape [B] each).
+
+    ``labels`` is True for a desirable completion, False for an undesirable one. ``policy_kl`` /
+    ``ref_kl`` are the log-probs of the mismatched rows (completion i under prompt i+1 mod B), from
+    which KTO estimates the KL term; ``tokens`` the completion lengths.
+    """
+
+    policy: torch.Tensor
+    labels: torch.Tensor
+    ref: torch.Tensor | None = None
+    policy_kl: torch.Tensor | None = None
+    ref_kl: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+
+    def logratio(self) -> torch.Tensor:
+        """h(y) = log pi_theta(y|x) - log pi_ref(y|x)."""
+        return self.policy - self.ref
+
+
 @dataclass(frozen=True)
 class LossSpec:
     name: str
     fn: Callable[..., torch.Tensor]
-    data: str  # "pairs", ...
+    data: str  # "pairs", "binary" or "negatives" (paft.data.formats.DATA_KINDS)
     reference: bool
     paper: str
     defaults: dict[str, Any] = field(default_factory=dict)
@@ -410,3 +436,62 @@ def cpo_loss(lp: PairLogps, beta: float, alpha: float = 1.0) -> torch.Tensor:
     nw, _ = _lengths(lp, "cpo")
     pref = -F.logsigmoid(beta * (lp.policy_chosen - lp.policy_rejected))
     return pref - alpha * lp.policy_chosen / nw
+
+
+# ---------------------------------------------------------------------------------------------
+# unpaired losses (UnpairedLogps)
+
+
+def _need_unpaired_ref(lp: UnpairedLogps, method: str) -> None:
+    if lp.ref is None:
+        raise ValueError(f"{method} needs reference log-probs (ref)")
+
+
+@register_loss("kto", data="binary", reference=True,
+               paper="Ethayarajh, Xu, Muennighoff, Jurafsky, Kiela 2024, KTO: Model Alignment as Prospect "
+                     "Theoretic Optimization (arXiv 2402.01306)",
+               paper_beta=0.1, desirable_weight=1.0, undesirable_weight=1.0)
+def kto_loss(lp: UnpairedLogps, beta: float, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> torch.Tensor:
+    """KTO (Kahneman-Tversky optimisation), per completion y of prompt x:
+    L = lambda_D (1 - sigma(beta (h(y) - z0)))  if y is desirable,
+    L = lambda_U (1 - sigma(beta (z0 - h(y))))  if y is undesirable,
+    z0 = max(0, mean_B(log pi_theta(y'|x') - log pi_ref(y'|x'))), detached,
+
+    i.e. lambda_y - v(x, y) of the paper's Eq. 8; z0 is the batch estimate of KL(pi_theta || pi_ref)
+    from the mismatched rows (each completion under another row's prompt, ``policy_kl``/``ref_kl``),
+    clamped at 0 and without gradient, as in the paper and TRL's KTOTrainer. lambda_D = lambda_U = 1
+    (``desirable_weight``/``undesirable_weight``) are the paper's and TRL's defaults; the paper
+    advises lambda_D n_D / (lambda_U n_U) in [1, 4/3] when the classes are imbalanced. 1 - sigma(x)
+    is computed as sigma(-x): bounded in [0, lambda], finite for any margin. Matches TRL 1.16's
+    ``KTOTrainer(loss_type="kto")`` (its batch loss is the mean of these).
+    """
+    _need_unpaired_ref(lp, "kto")
+    if lp.policy_kl is None or lp.ref_kl is None:
+        raise ValueError("kto needs the log-probs of the mismatched KL rows (policy_kl / ref_kl)")
+    z0 = (lp.policy_kl - lp.ref_kl).mean().clamp(min=0).detach()
+    h = lp.logratio()
+    desirable = desirable_weight * torch.sigmoid(-beta * (h - z0))
+    undesirable = undesirable_weight * torch.sigmoid(-beta * (z0 - h))
+    return torch.where(lp.labels.bool(), desirable, undesirable)
+
+
+@register_loss("npo", data="negatives", reference=True,
+               paper="Zhang, Lin, Bai, Mei 2024, Negative Preference Optimization: From Catastrophic Collapse to "
+                     "Effective Unlearning (arXiv 2404.05868)",
+               paper_beta=0.1)
+def npo_loss(lp: UnpairedLogps, beta: float) -> torch.Tensor:
+    """NPO, per undesirable completion y of prompt x:
+    L = (2/beta) log(1 + (pi_theta(y|x) / pi_ref(y|x))^beta) = (2/beta) softplus(beta h(y))
+      = -(2/beta) log sigma(-beta h(y)),
+
+    DPO's loss with the chosen term dropped, scaled by 2/beta: it pushes the likelihood of the
+    undesirable reply below the reference's, but its gradient fades (weight 2 sigma(beta h)) once the
+    policy has moved away, avoiding gradient ascent's collapse (beta -> 0 is gradient ascent up to a
+    constant). The paper's beta is 0.1; its retain-set term (NPO+RT) is not part of this loss. Every
+    row must be undesirable (data kind "negatives"); ``softplus`` keeps large log-ratios finite.
+    """
+    _need_unpaired_ref(lp, "npo")
+    if bool(lp.labels.any()):
+        raise ValueError("npo trains on undesirable completions only; the batch has rows labelled desirable")
+    return (2.0 / beta) * F.softplus(beta * lp.logratio())

@@ -1,8 +1,16 @@
-"""Preference objective: policy and reference log-probs of both replies, then a registered loss.
+"""Preference objective: policy and reference log-probs of the batch's replies, then a registered loss.
 
 The reference is the same model with its LoRA adapter disabled (no second copy in
 memory); for the sequential baseline the adapter sits on the SFT-merged weights, so
 disabling it gives the SFT model, as sequential DPO expects.
+
+The batch layout follows the method's data kind (``LossSpec.data``):
+
+- ``pairs`` (``PairCollator``): [chosen rows; rejected rows] -> ``PairLogps``.
+- ``binary`` / ``negatives`` (``BinaryCollator``): B matched rows (prompt_i + completion_i), for
+  KTO followed by B mismatched "KL" rows (prompt_{i+1 mod B} + completion_i), and ``desirable``
+  ([B] bool) -> ``UnpairedLogps``. Only the matched rows carry gradient: the policy's KL rows
+  run under ``no_grad`` (KTO detaches the KL estimate anyway).
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ from typing import Any
 import torch
 
 from paft.train.logps import sequence_logps
-from paft.train.losses import PairLogps, get_loss
+from paft.train.losses import PairLogps, UnpairedLogps, get_loss
 
 
 @dataclass
@@ -27,6 +35,11 @@ class PreferenceObjective:
         self.kwargs = {**self.spec.defaults, **self.params}
 
     def __call__(self, model, batch):
+        if self.spec.data == "pairs":
+            return self._pairs(model, batch)
+        return self._unpaired(model, batch)
+
+    def _pairs(self, model, batch):
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         n = ids.shape[0] // 2
         logps, counts = sequence_logps(model, ids, mask, labels)
@@ -39,6 +52,33 @@ class PreferenceObjective:
         loss = self.spec.fn(lp, beta=self.beta, **self.kwargs).mean()
         return loss, _pair_metrics(lp, self.beta)
 
+    def _unpaired(self, model, batch):
+        desirable = batch["desirable"].bool()
+        n = desirable.shape[0]
+        matched = _rows(batch, 0, n)
+        has_kl = batch["input_ids"].shape[0] > n
+        policy, counts = sequence_logps(model, *matched)
+        lp = UnpairedLogps(policy=policy, labels=desirable, tokens=counts)
+        if has_kl:
+            kl_rows = _rows(batch, n, batch["input_ids"].shape[0])
+            with torch.no_grad():
+                lp.policy_kl = sequence_logps(model, *kl_rows)[0].detach()
+        if self.spec.reference:
+            with torch.no_grad(), model.disable_adapter():
+                ref, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            lp.ref = ref[:n].detach()
+            if has_kl:
+                lp.ref_kl = ref[n:].detach()
+        loss = self.spec.fn(lp, beta=self.beta, **self.kwargs).mean()
+        return loss, _unpaired_metrics(lp, self.beta)
+
+
+def _rows(batch, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows [start, stop) of the batch, with the columns past their longest row cut off."""
+    ids, mask, labels = (batch[k][start:stop] for k in ("input_ids", "attention_mask", "labels"))
+    width = int(mask.sum(dim=1).max().item()) if mask.numel() else 0
+    return ids[:, :width], mask[:, :width], labels[:, :width]
+
 
 def _pair_metrics(lp: PairLogps, beta: float) -> dict[str, float]:
     out = {"logps/chosen": lp.policy_chosen.mean().item(), "logps/rejected": lp.policy_rejected.mean().item()}
@@ -47,4 +87,21 @@ def _pair_metrics(lp: PairLogps, beta: float) -> dict[str, float]:
         rr = beta * (lp.policy_rejected - lp.ref_rejected).detach()
         out.update({"rewards/chosen": rc.mean().item(), "rewards/rejected": rr.mean().item(),
                     "rewards/margin": (rc - rr).mean().item(), "rewards/accuracy": (rc > rr).float().mean().item()})
+    return out
+
+
+def _unpaired_metrics(lp: UnpairedLogps, beta: float) -> dict[str, float]:
+    """Means over the desirable / undesirable rows present in the batch (a key is absent when none is)."""
+    out: dict[str, float] = {}
+    pos, neg = lp.labels, ~lp.labels
+    policy = lp.policy.detach()
+    for name, sel in (("desirable", pos), ("undesirable", neg)):
+        if sel.any():
+            out[f"logps/{name}"] = policy[sel].mean().item()
+            if lp.ref is not None:
+                out[f"rewards/{name}"] = (beta * (policy[sel] - lp.ref[sel])).mean().item()
+    if "rewards/desirable" in out and "rewards/undesirable" in out:
+        out["rewards/margin"] = out["rewards/desirable"] - out["rewards/undesirable"]
+    if lp.policy_kl is not None and lp.ref_kl is not None:
+        out["kl"] = (lp.policy_kl - lp.ref_kl).mean().clamp(min=0).item()
     return out
