@@ -54,3 +54,23 @@ def test_methods_json_lists_the_registry():
     assert {r["name"] for r in rows} == set(LOSSES)
     dpo = next(r for r in rows if r["name"] == "dpo")
     assert dpo["data"] == "pairs" and dpo["reference"] is True and "2305.18290" in dpo["paper"]
+
+
+def test_merge_params_reach_the_engine_and_bad_ones_are_one_line(tmp_path):
+    base = ["--preset", "tiny", "--out", str(tmp_path / "run")]
+    assert runner.invoke(app, ["sft", *base]).exit_code == 0
+    assert runner.invoke(app, ["align", *base]).exit_code == 0
+    adapter = tmp_path / "run" / "sft" / "adapter" / "adapter_model.safetensors"
+    trained = adapter.stat().st_mtime_ns
+    slerp = ["merge", *base, "--set", "merge.method=slerp", "--set", "merge.params={t: 0.3}"]
+    refused = runner.invoke(app, slerp)
+    assert refused.exit_code == 1 and "--force to redo eval.json, merged; trained branches are kept" in _err(refused)
+    ok = runner.invoke(app, [*slerp, "--force"])
+    assert ok.exit_code == 0, ok.output
+    assert adapter.stat().st_mtime_ns == trained  # branches kept, only the merge redone
+    summary = json.loads((tmp_path / "run" / "merged" / "paft_merge.json").read_text())
+    assert summary["method"] == "slerp" and summary["params"] == {"t": 0.3}
+    (tmp_path / "run" / "merged" / "paft_merge.json").unlink()
+    bad = runner.invoke(app, ["merge", *base, "--force", "--set", "merge.method=breadcrumbs",
+                              "--set", "merge.params={gamma: 2}"])
+    assert bad.exit_code == 1 and "gamma" in _err(bad) and "Traceback" not in bad.output

@@ -24,7 +24,8 @@ ConfigArg = Annotated[Optional[Path], typer.Argument(help="YAML config (sections
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="override a config key: section.key=value")]
 PresetOpt = Annotated[Optional[str], typer.Option(help="base preset under the config: default, tiny")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="run folder (run.output_dir)")]
-ForceOpt = Annotated[bool, typer.Option("--force", help="overwrite an existing run folder (run.force)")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="redo what a changed config affects; a changed training "
+                                                        "config overwrites the run folder (run.force)")]
 
 
 def _config(config, sets, preset, out, force):
@@ -103,9 +104,10 @@ def _train_one_branch(name, config, sets, preset, out, force):
 
 @app.command("sparsity")
 @_guard
-def sparsity_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = None, out: OutOpt = None):
+def sparsity_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = None, out: OutOpt = None,
+                 force: ForceOpt = False):
     """Share of near-zero entries of each trained branch's delta B·A·scale, into RUN/sparsity.json."""
-    run, ui = _run(config, set_, preset, out, False)
+    run, ui = _run(config, set_, preset, out, force)
     with ui:
         res = run.sparsity()
     for name, s in res.items():
@@ -115,9 +117,10 @@ def sparsity_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOp
 
 @app.command("merge")
 @_guard
-def merge_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = None, out: OutOpt = None):
+def merge_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = None, out: OutOpt = None,
+              force: ForceOpt = False):
     """Merge the SFT and preference deltas into the base (merge.method) as an HF folder RUN/merged."""
-    run, ui = _run(config, set_, preset, out, False)
+    run, ui = _run(config, set_, preset, out, force)
     with ui:
         summary = run.merge()
     console.print_json(json.dumps(summary))
@@ -125,9 +128,10 @@ def merge_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt =
 
 @app.command("eval")
 @_guard
-def eval_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = None, out: OutOpt = None):
+def eval_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = None, out: OutOpt = None,
+             force: ForceOpt = False):
     """Evaluate every model the run folder has (base, sft, preference, sequential, paft) and write the report."""
-    run, ui = _run(config, set_, preset, out, False)
+    run, ui = _run(config, set_, preset, out, force)
     with ui:
         run.evaluate()
     run.report()

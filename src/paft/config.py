@@ -125,10 +125,13 @@ class PreferenceConfig(TrainConfig):
 
 
 class MergeConfig(_Section):
-    method: str = Field("ties", description="linear, task_arithmetic, ties, dare_ties, dare_linear")
+    method: str = Field("ties", description="a merge method by name (paft.merge.methods.MERGE_METHODS)")
     weights: list[float] = Field(default_factory=lambda: [1.0, 1.0], description="[sft, preference]")
     density: float = Field(0.5, gt=0, le=1, description="share of delta entries kept (ties/dare)")
     seed: int = 0
+    params: dict[str, Any] = Field(default_factory=dict,
+                                   description="method extras: gamma (breadcrumbs), epsilon, lambda_ (della), t (slerp), "
+                                               "normalize, majority_sign (ties)")
 
     @field_validator("method")
     @classmethod

@@ -73,11 +73,18 @@ class Run:
         if cfg_path.exists():
             theirs = self._identity(yaml.safe_load(cfg_path.read_text()) or {})
             if theirs != mine:
+                diff = sorted(_diff_keys(theirs, mine))
+                stale = _stale_outputs({k.split(".")[0] for k in diff})
                 if not self.cfg.run.force:
-                    diff = sorted(_diff_keys(theirs, mine))[:5]
-                    raise PaftError(f"{self.root}: holds a run with a different config (differs at {', '.join(diff)}); "
-                                    "pass --force to overwrite it, or choose another --out")
-                shutil.rmtree(self.root)
+                    what = ("redo " + ", ".join(stale) + "; trained branches are kept") if stale is not None \
+                        else "overwrite it"
+                    raise PaftError(f"{self.root}: holds a run with a different config (differs at "
+                                    f"{', '.join(diff[:5])}); pass --force to {what}, or choose another --out")
+                if stale is None:
+                    shutil.rmtree(self.root)
+                for name in stale or ():
+                    target = self.root / name
+                    shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
             elif self.cfg.run.force:
                 shutil.rmtree(self.root)
         elif self.root.exists() and any(self.root.iterdir()):
@@ -292,7 +299,7 @@ class Run:
         start = time.perf_counter()
         summary = merge_into_base(self.model_dir, [str(self.adapter("sft")), str(self.adapter("preference"))],
                                   m.weights, m.method, density=m.density, seed=m.seed, out_dir=self.merged_dir,
-                                  force=True, progress=lambda d, t: self.ui.update("merge", d, t))
+                                  force=True, progress=lambda d, t: self.ui.update("merge", d, t), **m.params)
         self._timed("merge", start)
         return summary
 
@@ -383,6 +390,17 @@ def _write_examples(path: Path, examples: list) -> None:
         row = {k: v for k, v in asdict(e).items() if v is not None}
         lines.append(json.dumps(row, ensure_ascii=False))
     write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+# outputs made stale by a change in a config section that only later stages read
+_DOWNSTREAM = {"merge": ["merged", "eval.json"], "eval": ["eval.json"], "sparsity": ["sparsity.json"]}
+
+
+def _stale_outputs(sections: set[str]) -> list[str] | None:
+    """Outputs to redo when only downstream sections changed; None when training inputs changed."""
+    if not sections <= set(_DOWNSTREAM):
+        return None
+    return sorted({name for s in sections for name in _DOWNSTREAM[s]})
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:
