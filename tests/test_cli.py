@@ -74,3 +74,14 @@ def test_merge_params_reach_the_engine_and_bad_ones_are_one_line(tmp_path):
     bad = runner.invoke(app, ["merge", *base, "--force", "--set", "merge.method=breadcrumbs",
                               "--set", "merge.params={gamma: 2}"])
     assert bad.exit_code == 1 and "gamma" in _err(bad) and "Traceback" not in bad.output
+
+
+def test_readme_lists_every_registered_method():
+    from pathlib import Path
+
+    from paft.merge.methods import MERGE_METHODS
+    from paft.train.losses import LOSSES
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name in [*LOSSES, *MERGE_METHODS]:
+        assert f"| `{name}` |" in readme, name

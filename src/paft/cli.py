@@ -152,7 +152,8 @@ def methods_cmd(as_json: Annotated[bool, typer.Option("--json", help="machine-re
     """List the preference methods (preference.method): data kind, reference use, paper, defaults."""
     from paft.train.losses import LOSSES
 
-    rows = [{"name": s.name, "data": s.data, "reference": s.reference, "paper": s.paper, "defaults": s.defaults}
+    rows = [{"name": s.name, "data": s.data, "reference": s.reference, "paper": s.paper, "defaults": s.defaults,
+             "paper_beta": s.paper_beta}
             for s in sorted(LOSSES.values(), key=lambda s: s.name)]
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
