@@ -82,15 +82,21 @@ def test_dare_drop_share_and_exact_rescale():
     assert torch.equal(out[kept], d[kept] / 0.3)
 
 
+def _assert_seeded_per_tensor(method, big, **kw):
+    """Same seed and tensor name: bitwise equal; another name or seed: a different mask."""
+    def run(seed, name):
+        return merge_deltas(method, big, [1, 1], density=0.5, generator=tensor_generator(seed, name), **kw)
+
+    a = run(7, "layers.0.q_proj.weight")
+    assert torch.equal(a, run(7, "layers.0.q_proj.weight"))
+    assert not torch.equal(a, run(7, "layers.1.q_proj.weight")) and not torch.equal(a, run(8, "layers.0.q_proj.weight"))
+    return a
+
+
 def test_dare_determinism():
     big = [torch.randn(64, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     for method in ("dare_linear", "dare_ties"):
-        a = merge_deltas(method, big, [1, 1], density=0.5, generator=tensor_generator(7, "layers.0.q_proj.weight"))
-        b = merge_deltas(method, big, [1, 1], density=0.5, generator=tensor_generator(7, "layers.0.q_proj.weight"))
-        c = merge_deltas(method, big, [1, 1], density=0.5, generator=tensor_generator(7, "layers.1.q_proj.weight"))
-        e = merge_deltas(method, big, [1, 1], density=0.5, generator=tensor_generator(8, "layers.0.q_proj.weight"))
-        assert torch.equal(a, b)
-        assert not torch.equal(a, c) and not torch.equal(a, e)
+        _assert_seeded_per_tensor(method, big)
 
 
 def test_dare_linear_hand_computed_with_mask():
@@ -456,12 +462,7 @@ def test_della_hand_computed_with_mask():
 def test_della_determinism_dare_limit_and_density_one():
     big = [torch.randn(64, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     for method in ("della", "della_linear"):
-        a = merge_deltas(method, big, [1, 1], density=0.5, generator=tensor_generator(7, "layers.0.q_proj.weight"))
-        b = merge_deltas(method, big, [1, 1], density=0.5, generator=tensor_generator(7, "layers.0.q_proj.weight"))
-        c = merge_deltas(method, big, [1, 1], density=0.5, generator=tensor_generator(7, "layers.1.q_proj.weight"))
-        e = merge_deltas(method, big, [1, 1], density=0.5, generator=tensor_generator(8, "layers.0.q_proj.weight"))
-        assert torch.equal(a, b)
-        assert not torch.equal(a, c) and not torch.equal(a, e)
+        a = _assert_seeded_per_tensor(method, big)
         doubled = merge_deltas(method, big, [1, 1], density=0.5, lambda_=2.0,
                                generator=tensor_generator(7, "layers.0.q_proj.weight"))
         assert torch.equal(doubled, 2 * a)
