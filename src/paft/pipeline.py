@@ -17,7 +17,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -42,7 +42,6 @@ class Run:
         self.cfg = cfg
         self.root = Path(cfg.run.output_dir)
         self.ui = ui or ProgressUI(enabled=False)
-        self.timings: dict[str, float] = {}
         self._model_dir: Path | None = None
         self._tok = None
 
@@ -127,19 +126,28 @@ class Run:
         return self._tok
 
     def _timed(self, stage: str, start: float) -> None:
-        self.timings[stage] = round(time.perf_counter() - start, 2)
         state_path = self.root / "timings.json"
         state = json.loads(state_path.read_text()) if state_path.exists() else {}
-        state[stage] = self.timings[stage]
+        state[stage] = round(time.perf_counter() - start, 2)
         write_json_atomic(state_path, state)
+
+    def _once(self, path: Path, compute: Callable[[], dict[str, Any]], stage: str | None = None) -> dict[str, Any]:
+        """A stage's saved JSON when it exists; else compute it, write it atomically and record its time."""
+        if path.exists():
+            return json.loads(path.read_text())
+        start = time.perf_counter()
+        out = compute()
+        write_json_atomic(path, out)
+        if stage:
+            self._timed(stage, start)
+        return out
 
     # ------------------------------------------------------------------ data
     def data(self) -> dict[str, Any]:
         """Load, validate and split both datasets into canonical JSONL under data/ (once)."""
-        summary_path = self.data_dir / "summary.json"
-        if summary_path.exists():
-            return json.loads(summary_path.read_text())
-        start = time.perf_counter()
+        return self._once(self.data_dir / "summary.json", self._prepare_data, "data")
+
+    def _prepare_data(self) -> dict[str, Any]:
         from paft.data.demo import demo_splits
         from paft.data.loading import hash_source, load_examples, split_examples
 
@@ -172,8 +180,6 @@ class Run:
             _write_examples(self.data_dir / f"{kind}_eval.jsonl", held)
             info.update(train=len(train), eval=len(held))
             summary[kind] = info
-        write_json_atomic(summary_path, summary)
-        self._timed("data", start)
         return summary
 
     def eval_examples(self, kind: str) -> list:
@@ -223,7 +229,7 @@ class Run:
         """Two worker processes from the same base; each gets half the CPU threads (or its own GPU)."""
         import torch
 
-        from paft.train.branch import branch_done
+        from paft.train.branch import branch_done, train_branch
 
         workers = 2
         total_threads = self.cfg.run.threads or torch.get_num_threads()
@@ -236,7 +242,6 @@ class Run:
         pending = list(jobs)
         running: dict[Future, tuple[Job, str]] = {}
         free_devices = [f"cuda:{i}" for i in range(n_gpu)] if n_gpu >= 2 else []
-        from paft.train.branch import train_branch
 
         pool = ProcessPoolExecutor(workers, mp_context=ctx)
         try:
@@ -271,19 +276,16 @@ class Run:
 
     # ------------------------------------------------------------------ analysis and merge
     def sparsity(self) -> dict[str, Any]:
-        path = self.root / "sparsity.json"
-        if path.exists():
-            return json.loads(path.read_text())
+        return self._once(self.root / "sparsity.json", self._compute_sparsity, "sparsity")
+
+    def _compute_sparsity(self) -> dict[str, Any]:
         from paft.sparsity import adapter_sparsity
 
-        start = time.perf_counter()
         s = self.cfg.sparsity
         out = {name: adapter_sparsity(self.adapter(name), self.model_dir, s.absolute, s.relative)
                for name in ("sft", "preference") if self.adapter(name).exists()}
         if not out:
             raise PaftError(f"{self.root}: no trained branch adapters to analyse; run `paft sft`/`paft align` first")
-        write_json_atomic(path, out)
-        self._timed("sparsity", start)
         return out
 
     def merge(self) -> dict[str, Any]:
@@ -327,14 +329,13 @@ class Run:
         return specs
 
     def evaluate(self) -> dict[str, Any]:
-        path = self.root / "eval.json"
-        if path.exists():
-            return json.loads(path.read_text())
+        return self._once(self.root / "eval.json", self._compute_eval, "eval")
+
+    def _compute_eval(self) -> dict[str, Any]:
         from paft.eval.models import evaluate_models
 
         self.data()
         specs = self.model_specs()
-        start = time.perf_counter()
 
         def progress(name, i, n):
             self.ui.update("evaluate", i, n, name)
@@ -342,17 +343,15 @@ class Run:
         res = evaluate_models(specs, self.cfg, self.tokenizer, self.eval_examples("sft"),
                               self.eval_examples("preference"), device=self.device, progress=progress)
         self.ui.update("evaluate", len(specs), len(specs), "done")
-        write_json_atomic(path, res)
-        self._timed("eval", start)
         return res
 
     def provenance(self) -> dict[str, Any]:
-        path = self.root / "provenance.json"
-        if path.exists():
-            return json.loads(path.read_text())
+        return self._once(self.root / "provenance.json", self._compute_provenance)
+
+    def _compute_provenance(self) -> dict[str, Any]:
         data = self.data()
         weights = sorted(self.model_dir.glob("*.safetensors"))
-        prov = {
+        return {
             "versions": package_versions(),
             "seeds": {"run": self.cfg.run.seed, "demo": self.cfg.data.demo.seed, "merge": self.cfg.merge.seed},
             "model": {"name": self.cfg.model.name, "dir": str(self.model_dir),
@@ -361,8 +360,6 @@ class Run:
                        for k, v in data.items()},
             "device": self.device, "cpu_count": os.cpu_count(),
         }
-        write_json_atomic(path, prov)
-        return prov
 
     def report(self) -> Path:
         from paft.report import write_report

@@ -54,10 +54,8 @@ class ProgressUI:
     @contextmanager
     def queue_listener(self, queue) -> Iterator[None]:
         """Drain branch messages sent by child processes until the block exits."""
-        stop = object()
-
         def drain():
-            while (msg := queue.get()) is not stop and msg != "__stop__":
+            while (msg := queue.get()) != "__stop__":
                 self.branch_report(msg)
 
         t = threading.Thread(target=drain, daemon=True)

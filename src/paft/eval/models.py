@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 
 from paft.config import PaftConfig
 from paft.data.formats import PreferenceExample

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from paft.train.logps import token_logps
 from paft.train.lora import l1_delta_norm
 
