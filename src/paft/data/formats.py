@@ -317,15 +317,20 @@ def pref_hh_rlhf(row: Mapping[str, Any], *, beavertails_preference: str = "helpf
 
 
 # bool and float keys hash like the ints, so True/1.0 also resolve to 1.
-_RESPONSE_IDS = {0: 0, 1: 1, "0": 0, "1": 1, "false": 0, "true": 1}
+_ZERO_ONE = {0: 0, 1: 1, "0": 0, "1": 1, "false": 0, "true": 1}
 _BEAVERTAILS_ID_COLUMN = {"helpful": "better_response_id", "safe": "safer_response_id"}
 
 
-def _response_id(value: Any, field: str) -> int:
+def _zero_one(value: Any, field: str, expected: str) -> int:
+    """0 or 1 from a bool, 0/1 (int, float or string) or "true"/"false"; RowError otherwise."""
     key = value.strip().lower() if isinstance(value, str) else value
-    if not isinstance(key, (str, int, float)) or key not in _RESPONSE_IDS:
-        raise RowError(field, f"expected 0 or 1, got {value!r}")
-    return _RESPONSE_IDS[key]
+    if not isinstance(key, (str, int, float)) or key not in _ZERO_ONE:
+        raise RowError(field, f"expected {expected}, got {value!r}")
+    return _ZERO_ONE[key]
+
+
+def _response_id(value: Any, field: str) -> int:
+    return _zero_one(value, field, "0 or 1")
 
 
 def pref_beavertails(row: Mapping[str, Any], *, beavertails_preference: str = "helpful") -> PreferenceExample:
@@ -338,14 +343,8 @@ def pref_beavertails(row: Mapping[str, Any], *, beavertails_preference: str = "h
     return PreferenceExample(prompt=prompt, chosen=responses[best], rejected=responses[1 - best])
 
 
-_LABELS = {0: False, 1: True, "0": False, "1": True, "false": False, "true": True}
-
-
 def _label(value: Any, field: str) -> bool:
-    key = value.strip().lower() if isinstance(value, str) else value
-    if not isinstance(key, (str, int, float)) or key not in _LABELS:
-        raise RowError(field, f"expected a boolean (true/false or 1/0), got {value!r}")
-    return _LABELS[key]
+    return bool(_zero_one(value, field, "a boolean (true/false or 1/0)"))
 
 
 def pref_prompt_completion_label(row: Mapping[str, Any], *, beavertails_preference: str = "helpful") -> BinaryExample:
