@@ -1,6 +1,6 @@
 """Run configuration: one YAML file, validated by pydantic, with errors that name the key.
 
-Sections: ``model``, ``data``, ``sft``, ``preference``, ``merge``, ``eval``, ``run``.
+Sections: ``model``, ``data``, ``sft``, ``preference``, ``reward``, ``merge``, ``sparsity``, ``eval``, ``run``.
 Every CLI flag maps to a key here (``--set section.key=value`` reaches any of them).
 """
 
@@ -105,11 +105,61 @@ class SFTConfig(TrainConfig):
         1e-5, ge=0, description="PAFT sparsity penalty lambda * ||B A scale||_1 on the SFT delta (0 = plain SFT)")
 
 
+class ScorerConfig(_Section):
+    """What scores sampled replies in online methods (and serves as a reward in evaluation).
+
+    ``reward_model``: a ``paft reward`` output folder (``path``; unset: the run trains one on
+    its preference data first). ``judge``: an LLM-as-judge prompt on a causal LM (``path``;
+    unset: the policy being trained judges itself, as in self-rewarding). ``function``: a
+    Python callable ``f(prompts, responses) -> list[float]`` named ``module:function`` or
+    ``file.py:function``.
+    """
+
+    kind: Literal["reward_model", "judge", "function"] = "reward_model"
+    path: str | None = Field(None, description="reward_model: a `paft reward` output folder; judge: a model")
+    function: str | None = Field(None, description="function scorer: module:function or path/to/file.py:function")
+    judge_template: str | None = Field(None, description="judge prompt with {prompt} and {response}; "
+                                                         "default: a 1-5 rating prompt")
+    batch_size: int = Field(8, gt=0)
+
+    @model_validator(mode="after")
+    def _function_named(self) -> "ScorerConfig":
+        if self.kind == "function" and not self.function:
+            raise ValueError("kind 'function' needs `function: module:function`")
+        return self
+
+
+class OnlineConfig(_Section):
+    """Online / iterative preference training: rounds of sample -> score -> pair -> train."""
+
+    rounds: int = Field(2, gt=0)
+    prompts_per_round: int = Field(32, gt=0)
+    samples_per_prompt: int = Field(4, ge=2, description="replies sampled per prompt; best vs worst form a pair")
+    max_new_tokens: int = Field(48, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    reference: Literal["initial", "previous"] = Field(
+        "initial", description="DPO reference of each round: the starting model, or the previous round's policy")
+    scorer: ScorerConfig = ScorerConfig()
+
+
+class RewardConfig(TrainConfig):
+    """``paft reward``: a Bradley-Terry reward model (sequence-classification head + LoRA) on preference pairs."""
+
+    learning_rate: float = Field(1e-4, gt=0)
+    margin_weight: float = Field(0.0, ge=0, description="add Llama-2's margin term (0 = plain Bradley-Terry)")
+    center_rewards: float = Field(0.0, ge=0, description="weight of the (r_w + r_l)^2 centering term")
+
+
 class PreferenceConfig(TrainConfig):
     method: str = Field("dpo", description="preference loss by name (paft.train.losses registry)")
     beta: float = Field(0.1, gt=0)
     params: dict[str, Any] = Field(default_factory=dict, description="extra hyper-parameters of the method")
     learning_rate: float = Field(5e-5, gt=0)
+    reference_cache: bool = Field(
+        True, description="cache reference log-probs on disk per (model, data, tokenisation); "
+                          "off: the adapter-disabled forward every step")
+    online: OnlineConfig = OnlineConfig()
 
     @field_validator("method")
     @classmethod
@@ -180,6 +230,7 @@ class PaftConfig(_Section):
     data: DataConfig = DataConfig()
     sft: SFTConfig = SFTConfig()
     preference: PreferenceConfig = PreferenceConfig()
+    reward: RewardConfig = RewardConfig()
     merge: MergeConfig = MergeConfig()
     sparsity: SparsityConfig = SparsityConfig()
     eval: EvalConfig = EvalConfig()

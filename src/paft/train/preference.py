@@ -39,6 +39,11 @@ class PreferenceObjective:
             return self._pairs(model, batch)
         return self._unpaired(model, batch)
 
+    def reference_logps(self, model, ids, mask, labels) -> torch.Tensor:
+        """Summed reference log-prob of each row (no gradient): the adapter-disabled forward."""
+        with torch.no_grad(), model.disable_adapter():
+            return sequence_logps(model, ids, mask, labels)[0].detach()
+
     def _pairs(self, model, batch):
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         n = ids.shape[0] // 2
@@ -46,8 +51,7 @@ class PreferenceObjective:
         lp = PairLogps(policy_chosen=logps[:n], policy_rejected=logps[n:],
                        chosen_tokens=counts[:n], rejected_tokens=counts[n:])
         if self.spec.reference:
-            with torch.no_grad(), model.disable_adapter():
-                ref, _ = sequence_logps(model, ids, mask, labels)
+            ref = self.reference_logps(model, ids, mask, labels)
             lp.ref_chosen, lp.ref_rejected = ref[:n].detach(), ref[n:].detach()
         loss = self.spec.fn(lp, beta=self.beta, **self.kwargs).mean()
         return loss, _pair_metrics(lp, self.beta)
@@ -64,8 +68,7 @@ class PreferenceObjective:
             with torch.no_grad():
                 lp.policy_kl = sequence_logps(model, *kl_rows)[0].detach()
         if self.spec.reference:
-            with torch.no_grad(), model.disable_adapter():
-                ref, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            ref = self.reference_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
             lp.ref = ref[:n].detach()
             if has_kl:
                 lp.ref_kl = ref[n:].detach()
