@@ -205,6 +205,8 @@ class Run:
             # data the preference method cannot use fails now, not after the SFT branch has trained
             preference_examples(self.cfg, self.data_dir / "preference_train.jsonl")
         _ = self.model_dir  # resolve (and convert) the base once, before any child starts
+        if any(job.kind == "preference" for job in jobs) and self.needs_reward_model():
+            self.reward()  # the online method's scorer: a reward model trained on the run's preference pairs
         start = time.perf_counter()
         if jobs:
             if self.cfg.run.parallel and len(jobs) > 1:
@@ -215,10 +217,20 @@ class Run:
             self._timed("train:" + "+".join(j.name for j in jobs), start)
         return {n: read_summary(self.branch_dir(n)) for n in names}
 
+    def needs_reward_model(self) -> bool:
+        """An online method scored by a reward model that the config does not name: the run trains one."""
+        from paft.train.losses import get_loss
+
+        p = self.cfg.preference
+        scorer = p.online.scorer
+        return (get_loss(p.method).schedule == "online" and p.method != "self-rewarding"
+                and scorer.kind == "reward_model" and scorer.path is None)
+
     def _job_args(self, job: Job) -> dict[str, Any]:
         return {"kind": job.kind, "cfg": self.cfg, "model_dir": self.model_dir,
                 "data_path": self.data_dir / f"{job.kind}_train.jsonl", "out_dir": self.branch_dir(job.name),
-                "init_adapter": self.adapter(job.after) if job.after else None, "name": job.name}
+                "init_adapter": self.adapter(job.after) if job.after else None, "name": job.name,
+                "reward_dir": self.root / "reward" if self.needs_reward_model() else None}
 
     def _train_one(self, job: Job, *, threads, device, report) -> dict[str, Any]:
         from paft.train.branch import train_branch

@@ -47,6 +47,9 @@ class ProgressUI:
         if "warning" in msg:
             self.log(f"[yellow]{msg['branch']}: {msg['warning']}")
             return
+        if "note" in msg:  # a phase of a staged / online method starts
+            self.log(f"{msg['branch']}: {msg['note']}")
+            return
         loss = msg.get("loss")
         self.update(f"train {msg['branch']}", msg.get("step"), msg.get("total"),
                     f"loss {loss:.4f}" if isinstance(loss, (int, float)) else "")

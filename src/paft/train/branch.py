@@ -26,12 +26,14 @@ def _noop(_: dict[str, Any]) -> None:
 def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, out_dir: Path, *,
                  device: str = "cpu", threads: int | None = None, init_adapter: Path | None = None,
                  report: Report = _noop, name: str | None = None,
-                 thread_share: tuple[int, Any] | None = None) -> dict[str, Any]:
+                 thread_share: tuple[int, Any] | None = None, reward_dir: Path | None = None) -> dict[str, Any]:
     """Train ``kind`` ("sft" or "preference") and write ``out_dir/adapter`` (PEFT format).
 
     ``init_adapter``: merge this LoRA adapter into the base first (the sequential
     baseline trains its preference stage on the SFT-merged weights). A run killed
-    mid-way resumes from the last checkpoint under ``out_dir/checkpoints``.
+    mid-way resumes from the last checkpoint under ``out_dir/checkpoints`` (staged and online
+    methods: from their last finished stage or round, then its checkpoint). ``reward_dir``: the
+    run's reward model, the default scorer of online methods.
     """
     from paft.data.collate import BinaryCollator, PairCollator, SFTCollator
     from paft.data.loading import load_examples
@@ -45,8 +47,8 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
     from paft.train.lora import attach_lora
     from paft.train.preference import PreferenceObjective
     from paft.train.sft import SFTObjective
-    from paft.train.trainer import (PaftTrainer, ProgressCallback, ThreadShareCallback, last_checkpoint, resolve_bf16,
-                                    training_args)
+    from paft.train.trainer import (PaftTrainer, ProgressCallback, SaveReferenceCallback, ThreadShareCallback,
+                                    last_checkpoint, resolve_bf16, training_args)
 
     quiet_libraries()
     if threads:
@@ -81,38 +83,92 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
         objective, collator = SFTObjective(cfg.sft.l1_lambda), SFTCollator(tok.pad_token_id)
     else:
         dropped = 0
-        if data_kind == "pairs":
-            rows = [encode_pair(e, tok, d.max_length, d.max_prompt_length) for e in examples]
+        if data_kind in ("pairs", "online"):  # online: each round builds its own pairs
+            rows = [encode_pair(e, tok, d.max_length, d.max_prompt_length) for e in examples] \
+                if data_kind == "pairs" else []
             collator = PairCollator(tok.pad_token_id)
         else:
             rows = [encode_completion(e, tok, d.max_length, d.max_prompt_length) for e in examples]
             collator = BinaryCollator(tok.pad_token_id, kl=data_kind == "binary", max_length=d.max_length)
 
-    ckpt_dir = out_dir / "checkpoints"
     bf16 = resolve_bf16(cfg.run.bf16, device)
-    args = training_args(tcfg, ckpt_dir, seed=cfg.run.seed, device=device, bf16=bf16, n_examples=len(rows))
-    trainer = PaftTrainer(model=model, args=args, train_dataset=rows, data_collator=collator,
-                          objective=objective, callbacks=[ProgressCallback(report, name)])
-    if thread_share is not None:
-        trainer.add_callback(ThreadShareCallback(*thread_share))
-    trainer.remove_callback(PrinterCallback)  # paft shows progress bars; logs go to log_history.json
+    schedule = "offline" if kind == "sft" else objective.spec.schedule
+    reference = None
+    if kind != "sft" and objective.spec.reference:
+        from paft.train.reference import ReferenceLogps, reference_cache_path, reference_identity
+
+        path = None
+        if cfg.preference.reference_cache:
+            path = reference_cache_path(reference_identity(model_dir, dtype=cfg.model.dtype, bf16=bf16,
+                                                           init_adapter=init_adapter))
+        reference = objective.reference = ReferenceLogps(path, cache=cfg.preference.reference_cache)
+    log_history: list[dict[str, Any]] = []
+
+    def fit(fit_rows: list, fit_collator, ckpt_dir: Path, max_steps: int | None = None) -> dict[str, Any]:
+        """One Trainer run over ``fit_rows`` (resuming from ``ckpt_dir``): the only training loop."""
+        t = tcfg if max_steps is None else tcfg.model_copy(update={"max_steps": max_steps})
+        args = training_args(t, ckpt_dir, seed=cfg.run.seed, device=device, bf16=bf16, n_examples=len(fit_rows))
+        trainer = PaftTrainer(model=model, args=args, train_dataset=fit_rows, data_collator=fit_collator,
+                              objective=objective, callbacks=[ProgressCallback(report, name)])
+        if thread_share is not None:
+            trainer.add_callback(ThreadShareCallback(*thread_share))
+        if reference is not None:
+            trainer.add_callback(SaveReferenceCallback(reference))
+        trainer.remove_callback(PrinterCallback)  # paft shows progress bars; logs go to log_history.json
+        t0 = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=last_checkpoint(ckpt_dir))
+        log_history.extend(trainer.state.log_history)
+        return {"train_loss": result.training_loss, "steps": trainer.state.global_step,
+                "wall_s": round(time.perf_counter() - t0, 2)}
+
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(ckpt_dir))
+    phases: dict[str, Any] = {}
+    if schedule == "staged":
+        from paft.train.phases import train_staged
+
+        phases = train_staged(model=model, rows=rows, collator=collator, objective=objective, fit=fit, tcfg=tcfg,
+                              out_dir=out_dir, stages=int(objective.kwargs["stages"]), report=report, name=name)
+    elif schedule == "online":
+        from paft.train.online import train_online, unique_prompts
+
+        scorer = _online_scorer(cfg, objective.spec.name, model_dir, tok, model, device, reward_dir)
+        phases = train_online(cfg=cfg, model=model, tok=tok, objective=objective, prompts=unique_prompts(examples),
+                              scorer=scorer, fit=fit, out_dir=out_dir, report=report, name=name)
+    else:
+        phases = fit(rows, collator, out_dir / "checkpoints")
     wall = time.perf_counter() - start
+    if reference is not None:
+        reference.save()
 
     with atomic_dir(out_dir / "adapter", force=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     summary = {
         "branch": name, "kind": kind,
-        "data_kind": "sft" if kind == "sft" else data_kind, "steps": trainer.state.global_step, "examples": len(rows),
-        "dropped_no_reply_tokens": dropped,
-        "train_loss": result.training_loss, "wall_s": round(wall, 2), "threads": threads or torch.get_num_threads(),
+        "data_kind": "sft" if kind == "sft" else data_kind, "schedule": schedule, "steps": phases["steps"],
+        "examples": len(rows), "dropped_no_reply_tokens": dropped,
+        "train_loss": phases["train_loss"], "wall_s": round(wall, 2), "threads": threads or torch.get_num_threads(),
         "device": device, "bf16": bf16, "init_adapter": str(init_adapter) if init_adapter else None,
     }
-    write_json_atomic(out_dir / "log_history.json", trainer.state.log_history)
+    if schedule != "offline":
+        summary["phases"] = phases.get("stages") or phases.get("rounds")
+    if reference is not None:
+        summary["reference_cache"] = {"path": str(reference.path) if reference.path else None,
+                                      "hits": reference.hits, "computed": reference.misses}
+    write_json_atomic(out_dir / "log_history.json", log_history)
     write_json_atomic(out_dir / "train_summary.json", summary)
     return summary
+
+
+def _online_scorer(cfg: PaftConfig, method: str, model_dir: Path, tok, model, device: str, reward_dir: Path | None):
+    """The scorer of an online method; self-rewarding always judges with the policy itself."""
+    from paft.scoring import build_scorer
+
+    scfg = cfg.preference.online.scorer
+    if method == "self-rewarding":
+        scfg = scfg.model_copy(update={"kind": "judge", "path": None})
+    return build_scorer(scfg, base_model_dir=model_dir, tokenizer=tok, policy=model, device=device,
+                        default_reward_dir=reward_dir)
 
 
 def preference_examples(cfg: PaftConfig, data_path: Path) -> list:
@@ -134,6 +190,12 @@ def preference_examples(cfg: PaftConfig, data_path: Path) -> list:
         raise ConfigError(f"preference.method {p.method!r} needs preference.batch_size >= 2 (its KL estimate pairs "
                           f"each completion with another row's prompt in the batch); got {p.batch_size}")
     examples = load_examples(str(data_path), "preference").examples
+    if spec.data == "online":  # only the prompts are used; each round samples and scores its own replies
+        if not examples:
+            from paft.errors import DataError
+
+            raise DataError(f"{data_path}: no preference rows to take prompts from")
+        return examples
     return examples_for_method(examples, spec.data, method=p.method, source=str(data_path))
 
 

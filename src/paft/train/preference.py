@@ -29,18 +29,22 @@ class PreferenceObjective:
     method: str = "dpo"
     beta: float = 0.1
     params: dict[str, Any] = field(default_factory=dict)
+    # memoised / disk-cached reference log-probs (paft.train.reference); None: the adapter-disabled forward
+    reference: Any = None
 
     def __post_init__(self):
         self.spec = get_loss(self.method)
         self.kwargs = {**self.spec.defaults, **self.params}
 
     def __call__(self, model, batch):
-        if self.spec.data == "pairs":
+        if self.spec.data in ("pairs", "online"):  # online methods train on the pairs each round builds
             return self._pairs(model, batch)
         return self._unpaired(model, batch)
 
     def reference_logps(self, model, ids, mask, labels) -> torch.Tensor:
-        """Summed reference log-prob of each row (no gradient): the adapter-disabled forward."""
+        """Summed reference log-prob of each row (no gradient): cached, or the adapter-disabled forward."""
+        if self.reference is not None:
+            return self.reference(model, ids, mask, labels)
         with torch.no_grad(), model.disable_adapter():
             return sequence_logps(model, ids, mask, labels)[0].detach()
 

@@ -79,6 +79,16 @@ class ThreadShareCallback(TrainerCallback):
             torch.set_num_threads(want)
 
 
+class SaveReferenceCallback(TrainerCallback):
+    """Persist the reference log-prob memo at every checkpoint, so a killed run keeps what it computed."""
+
+    def __init__(self, reference):
+        self.reference = reference
+
+    def on_save(self, args, state, control, **kw):
+        self.reference.save()
+
+
 def resolve_bf16(setting, device: str) -> bool:
     """bf16 autocast where the hardware supports it (CPU: AVX512-BF16/AMX; CUDA: Ampere+)."""
     if setting is not True and setting is not False:

@@ -1,0 +1,107 @@
+"""Multi-phase preference training (sDPO stages, online rounds) on one model and one adapter.
+
+A phase trains the same LoRA adapter further on its own rows. Each finished phase
+saves its adapter and a ``done.json`` under ``out_dir/<phase>/``, so a killed run
+resumes at the first unfinished phase (and inside it from its last Trainer
+checkpoint) with the adapter of the last finished one restored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from paft.io import atomic_dir, write_json_atomic
+
+# fit(rows, collator, ckpt_dir, max_steps) -> {"train_loss", "steps", "wall_s"}
+Fit = Callable[[list, Any, Path, int], dict[str, Any]]
+
+
+def split_steps(total: int, parts: int) -> list[int]:
+    """``total`` optimizer steps over ``parts`` phases, at least one each, earlier phases first."""
+    base, extra = divmod(max(total, parts), parts)
+    return [base + (i < extra) for i in range(parts)]
+
+
+def phase_done(d: Path) -> dict[str, Any] | None:
+    f = d / "done.json"
+    return json.loads(f.read_text()) if f.is_file() and (d / "adapter").is_dir() else None
+
+
+def save_phase(model, d: Path, info: dict[str, Any]) -> None:
+    with atomic_dir(d / "adapter", force=True) as tmp:
+        model.save_pretrained(tmp)
+    write_json_atomic(d / "done.json", info)
+
+
+def restore_phase(model, d: Path) -> None:
+    """Load the adapter weights a finished phase saved into the live model."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(d / "adapter" / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, state)
+    if getattr(result, "unexpected_keys", None):
+        raise RuntimeError(f"{d}/adapter does not match the model's adapter: {result.unexpected_keys[:3]}")
+
+
+def steps_for(tcfg, n_rows: int, phases: int) -> list[int]:
+    """Per-phase steps: ``max_steps`` split over the phases, or ``epochs`` over each phase's rows."""
+    if tcfg.max_steps > 0:
+        return split_steps(tcfg.max_steps, phases)
+    per = max(1, math.ceil(n_rows / phases / (tcfg.batch_size * tcfg.grad_accum) * tcfg.epochs))
+    return [per] * phases
+
+
+def collate_all(collator, rows: list, batch_size: int):
+    for i in range(0, len(rows), batch_size):
+        yield collator(rows[i : i + batch_size])
+
+
+def train_staged(*, model, rows: list, collator, objective, fit: Fit, tcfg, out_dir: Path, stages: int,
+                 report: Callable[[dict[str, Any]], None], name: str) -> dict[str, Any]:
+    """sDPO (Kim et al. 2024, arXiv 2403.19270): the pairs in ``stages`` consecutive chunks, in data order.
+
+    Stage t trains with DPO whose reference is the model after stage t-1 (stage 1: the start
+    model). The reference of a stage is frozen by ``ReferenceLogps.snapshot`` over that stage's
+    rows before it trains: one no-grad forward per row, no second model in memory. Order the
+    file easy-to-hard to get the paper's curriculum.
+    """
+    if stages < 1 or stages > len(rows):
+        from paft.errors import ConfigError
+
+        raise ConfigError(f"preference.params.stages must be between 1 and the number of pairs ({len(rows)}); "
+                          f"got {stages}")
+    bounds = [round(i * len(rows) / stages) for i in range(stages + 1)]
+    steps = steps_for(tcfg, len(rows), stages)
+    log = []
+    for t in range(stages):
+        d = out_dir / "stages" / f"stage-{t + 1}"
+        done = phase_done(d)
+        if done:
+            restore_phase(model, d)
+            log.append(done)
+            continue
+        chunk = rows[bounds[t]:bounds[t + 1]]
+        n_ref = objective.reference.snapshot(model, collate_all(collator, chunk, tcfg.batch_size))
+        report({"branch": name, "note": f"stage {t + 1}/{stages}: {len(chunk)} pairs, reference = model after "
+                                        f"stage {t}" if t else f"stage 1/{stages}: {len(chunk)} pairs"})
+        res = fit(chunk, collator, d / "checkpoints", steps[t])
+        objective.reference.release_snapshot()
+        info = {"stage": t + 1, "pairs": len(chunk), "reference_rows": n_ref, **res}
+        save_phase(model, d, info)
+        log.append(info)
+    return {"stages": log, "train_loss": sum(s["train_loss"] * s["steps"] for s in log) / max(1, sum(s["steps"] for s in log)),
+            "steps": sum(s["steps"] for s in log)}
+
+
+def free_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

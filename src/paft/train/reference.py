@@ -1,0 +1,158 @@
+"""Reference log-probabilities, computed once and cached on disk.
+
+Every reference-based preference loss needs log pi_ref(y|x) for each reply it sees.
+Recomputing it every step costs one extra forward per step and epoch; holding a
+second model in memory costs its weights. paft does neither: the reference is the
+policy with its LoRA adapter disabled (the starting weights), and its summed
+completion log-prob of each row is computed the first time the row is seen,
+memoised, and written to a JSON file under ``PAFT_CACHE/reference`` at the end of
+training (and at each checkpoint), so later epochs and later runs on the same
+(model, data, tokenisation) skip those forwards.
+
+Keys: one file per reference model identity (base weights, the adapter merged into
+them for the sequential baseline, dtype, bf16); inside it one entry per row, keyed by
+a hash of the row's token ids and label mask. The tokenisation is therefore part of
+the key by construction: a different template, tokenizer or max_length gives
+different tokens and so a different entry, never a stale one.
+
+Staged and online methods (sDPO, iterative DPO with ``reference: previous``) use
+``snapshot``: the reference of a stage is the policy at the stage's start, so its
+log-probs are computed eagerly for that stage's rows with the adapter *enabled*,
+kept in memory only (that model exists nowhere else), and looked up while the stage
+trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from paft.io import write_json_atomic
+from paft.train.logps import sequence_logps
+
+
+def row_key(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> str:
+    """Hash of a row's real tokens and which of them are scored (independent of padding side and width)."""
+    keep = mask.bool()
+    tokens = ids[keep].to(torch.int64).cpu().numpy().tobytes()
+    scored = (labels[keep] != -100).cpu().numpy().tobytes()
+    return hashlib.blake2b(tokens + b"|" + scored, digest_size=16).hexdigest()
+
+
+def _trim(ids, mask, labels):
+    width = int(mask.sum(dim=1).max().item()) if mask.numel() else 0
+    left = bool(mask[:, 0].eq(0).any()) and bool(mask[:, -1].eq(1).all())  # left-padded batch
+    return (ids[:, -width:], mask[:, -width:], labels[:, -width:]) if left else \
+        (ids[:, :width], mask[:, :width], labels[:, :width])
+
+
+class ReferenceLogps:
+    """Summed reference log-prob of each row, memoised by row content; optionally persisted.
+
+    ``path`` None keeps the memo in memory only (still one forward per row per run).
+    ``cache`` False disables memoising: the adapter-disabled forward on every call.
+    """
+
+    def __init__(self, path: Path | None = None, *, cache: bool = True):
+        self.path, self.cache = path, cache
+        self.values: dict[str, float] = {}
+        self.snapshot_values: dict[str, float] | None = None
+        self.hits = self.misses = 0
+        self._dirty = False
+        if path is not None and cache and path.is_file():
+            try:
+                self.values = {k: float(v) for k, v in json.loads(path.read_text())["logps"].items()}
+            except (ValueError, KeyError, TypeError):
+                self.values = {}  # unreadable cache: recompute (it is only a cache)
+
+    def __call__(self, model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.snapshot_values is not None:
+            return self._lookup(self.snapshot_values, ids, mask, labels, "stage snapshot")
+        if not self.cache:
+            return _disabled_adapter_logps(model, ids, mask, labels)
+        keys = [row_key(ids[i], mask[i], labels[i]) for i in range(ids.shape[0])]
+        missing = [i for i, k in enumerate(keys) if k not in self.values]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            sel = torch.tensor(missing, device=ids.device)
+            sub = _trim(ids[sel], mask[sel], labels[sel])
+            fresh = _disabled_adapter_logps(model, *sub).tolist()
+            for i, v in zip(missing, fresh):
+                self.values[keys[i]] = v
+            self._dirty = True
+        return torch.tensor([self.values[k] for k in keys], device=ids.device, dtype=torch.float32)
+
+    @staticmethod
+    def _lookup(table, ids, mask, labels, what) -> torch.Tensor:
+        out = []
+        for i in range(ids.shape[0]):
+            key = row_key(ids[i], mask[i], labels[i])
+            if key not in table:
+                raise RuntimeError(f"reference log-prob of a row missing from the {what}; "
+                                   "the stage's rows must all be snapshotted before it trains")
+            out.append(table[key])
+        return torch.tensor(out, device=ids.device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def snapshot(self, model, batches: Iterable[dict[str, torch.Tensor]]) -> int:
+        """Freeze the current policy (adapter enabled) as the reference for the rows of ``batches``."""
+        was_training = model.training
+        model.eval()
+        table: dict[str, float] = {}
+        try:
+            for b in batches:
+                ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
+                lp = sequence_logps(model, ids, mask, labels)[0].float().tolist()
+                for i, v in enumerate(lp):
+                    table[row_key(ids[i], mask[i], labels[i])] = v
+        finally:
+            model.train(was_training)
+        self.snapshot_values = table
+        return len(table)
+
+    def release_snapshot(self) -> None:
+        self.snapshot_values = None
+
+    def save(self) -> None:
+        """Write the memo to ``path`` (merged with entries other runs wrote meanwhile)."""
+        if self.path is None or not self.cache or not self._dirty:
+            return
+        merged = dict(self.values)
+        if self.path.is_file():
+            try:
+                merged = {**json.loads(self.path.read_text())["logps"], **merged}
+            except (ValueError, KeyError, TypeError):
+                pass
+        write_json_atomic(self.path, {"format": 1, "logps": merged})
+        self._dirty = False
+
+
+@torch.no_grad()
+def _disabled_adapter_logps(model, ids, mask, labels) -> torch.Tensor:
+    with model.disable_adapter():
+        return sequence_logps(model, ids, mask, labels)[0].detach().float()
+
+
+def reference_identity(model_dir: Path, *, dtype: str, bf16: bool, init_adapter: Path | None) -> str:
+    """Key of the reference model: its weight files (name, size, mtime), the merged adapter's weights, precision."""
+    parts = [f"dtype={dtype}", f"bf16={bf16}"]
+    for f in sorted(model_dir.glob("*.safetensors")):
+        st = f.stat()
+        parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    parts.append((model_dir / "config.json").read_text() if (model_dir / "config.json").is_file() else "")
+    if init_adapter is not None:
+        from paft.io import sha256_file
+
+        parts.append("adapter:" + sha256_file(init_adapter / "adapter_model.safetensors"))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def reference_cache_path(identity: str) -> Path:
+    from paft.models.smollm2 import cache_root
+
+    return cache_root() / "reference" / f"{identity}.json"

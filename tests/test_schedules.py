@@ -1,0 +1,200 @@
+"""Reference log-prob cache, sDPO stages and online rounds (iterative DPO, RSO, self-rewarding)."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from paft.config import LoraConfig, load_config
+from paft.data.collate import PairCollator
+from paft.data.formats import PreferenceExample
+from paft.data.tokenize import encode_pair
+from paft.pipeline import Run
+from paft.train import reference as reference_mod
+from paft.train.lora import attach_lora
+from paft.train.online import best_worst, rejection_sample, unique_prompts
+from paft.train.phases import split_steps
+from paft.train.reference import ReferenceLogps, reference_identity, row_key
+
+
+def _pairs(n=4):
+    return [PreferenceExample(prompt=[{"role": "user", "content": f"question number {i}"}],
+                              chosen="yes " * (i + 1), rejected="no " * (4 - i)) for i in range(n)]
+
+
+@pytest.fixture()
+def lora_model(tiny_model):
+    model = attach_lora(tiny_model, LoraConfig(r=4, alpha=8), 0)
+    with torch.no_grad():  # a non-zero adapter, so "adapter disabled" and "policy" differ
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model
+
+
+def _batch(tok, n=4):
+    return PairCollator(tok.pad_token_id)([encode_pair(e, tok, 96, 64) for e in _pairs(n)])
+
+
+def _disabled(model, b):
+    from paft.train.logps import sequence_logps
+
+    with torch.no_grad(), model.disable_adapter():
+        return sequence_logps(model, b["input_ids"], b["attention_mask"], b["labels"])[0]
+
+
+def test_reference_cache_matches_the_adapter_disabled_forward_and_memoises(lora_model, tiny_tok, monkeypatch):
+    b = _batch(tiny_tok)
+    want = _disabled(lora_model, b)
+    ref = ReferenceLogps(None)
+    got = ref(lora_model, b["input_ids"], b["attention_mask"], b["labels"])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (ref.hits, ref.misses) == (0, 8)
+
+    calls = []
+    monkeypatch.setattr(reference_mod, "_disabled_adapter_logps", lambda *a: calls.append(a) or torch.zeros(0))
+    again = ref(lora_model, b["input_ids"], b["attention_mask"], b["labels"])  # every row memoised: no forward
+    assert calls == [] and torch.equal(again, got) and ref.hits == 8
+
+
+def test_reference_cache_computes_only_missing_rows_and_keys_ignore_padding(lora_model, tiny_tok):
+    full = _batch(tiny_tok, 4)
+    ref = ReferenceLogps(None)
+    first = _batch(tiny_tok, 2)  # rows of pairs 0 and 1, padded to their own (shorter) width
+    ref(lora_model, first["input_ids"], first["attention_mask"], first["labels"])
+    got = ref(lora_model, full["input_ids"], full["attention_mask"], full["labels"])
+    assert ref.misses == 4 + 4 and ref.hits == 4  # the 4 rows seen before are found despite other padding
+    torch.testing.assert_close(got, _disabled(lora_model, full), atol=1e-5, rtol=0)
+    ids, mask, labels = full["input_ids"][0], full["attention_mask"][0], full["labels"][0]
+    w = int(mask.sum())
+    assert row_key(ids, mask, labels) == row_key(ids[:w], mask[:w], labels[:w])
+    labels2 = labels.clone()
+    labels2[labels2 != -100] = -100
+    assert row_key(ids, mask, labels) != row_key(ids, mask, labels2)  # which tokens are scored is part of the key
+
+
+def test_reference_cache_persists_and_merges_on_disk(lora_model, tiny_tok, tmp_path):
+    b = _batch(tiny_tok)
+    path = tmp_path / "ref.json"
+    a = ReferenceLogps(path)
+    want = a(lora_model, b["input_ids"], b["attention_mask"], b["labels"])
+    a.save()
+    assert len(json.loads(path.read_text())["logps"]) == 8
+    b2 = ReferenceLogps(path)  # a later run: everything from disk
+    got = b2(lora_model, b["input_ids"], b["attention_mask"], b["labels"])
+    assert b2.misses == 0 and torch.allclose(got, want, atol=1e-7)
+    path.write_text("not json")
+    assert ReferenceLogps(path).values == {}  # a corrupt cache is recomputed, not an error
+    off = ReferenceLogps(path, cache=False)
+    torch.testing.assert_close(off(lora_model, b["input_ids"], b["attention_mask"], b["labels"]), want,
+                               atol=1e-5, rtol=0)
+    assert off.values == {}
+
+
+def test_reference_identity_changes_with_merged_adapter_and_precision(tiny_dir, tmp_path):
+    base = reference_identity(tiny_dir, dtype="float32", bf16=False, init_adapter=None)
+    assert base == reference_identity(tiny_dir, dtype="float32", bf16=False, init_adapter=None)
+    assert base != reference_identity(tiny_dir, dtype="float32", bf16=True, init_adapter=None)
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"weights")
+    assert base != reference_identity(tiny_dir, dtype="float32", bf16=False, init_adapter=tmp_path)
+
+
+def test_snapshot_freezes_the_current_policy(lora_model, tiny_tok):
+    from paft.train.logps import sequence_logps
+
+    b = _batch(tiny_tok)
+    ref = ReferenceLogps(None)
+    assert ref.snapshot(lora_model, [b]) == 8
+    with torch.no_grad():
+        policy = sequence_logps(lora_model, b["input_ids"], b["attention_mask"], b["labels"])[0]
+        for n, p in lora_model.named_parameters():  # training moves on; the snapshot must not
+            if "lora_B" in n:
+                p.add_(0.1)
+    got = ref(lora_model, b["input_ids"], b["attention_mask"], b["labels"])
+    torch.testing.assert_close(got, policy, atol=1e-5, rtol=0)
+    assert not torch.allclose(got, _disabled(lora_model, b), atol=1e-3)
+    other = _batch(tiny_tok, 2)
+    other["input_ids"] = other["input_ids"].flip(1)
+    with pytest.raises(RuntimeError, match="missing from the stage snapshot"):
+        ref(lora_model, other["input_ids"], other["attention_mask"], other["labels"])
+    ref.release_snapshot()
+    torch.testing.assert_close(ref(lora_model, b["input_ids"], b["attention_mask"], b["labels"]),
+                               _disabled(lora_model, b), atol=1e-5, rtol=0)
+
+
+def test_split_steps():
+    assert split_steps(8, 2) == [4, 4]
+    assert split_steps(7, 3) == [3, 2, 2]
+    assert split_steps(1, 3) == [1, 1, 1]  # every phase trains at least one step
+
+
+def test_rejection_sampling_limits():
+    scores = [0.1, 3.0, 1.0, 2.0, -1.0]
+    rng = random.Random(0)
+    # beta -> 0: exp((r - r_max)/beta) is 1 for the best remaining and ~0 otherwise: best-of-n order
+    assert rejection_sample(scores, beta=1e-6, keep=3, rng=rng) == [1, 3, 2]
+    # beta -> inf: every candidate accepted in the first sweep, in order
+    assert rejection_sample(scores, beta=1e9, keep=5, rng=rng) == [0, 1, 2, 3, 4]
+    # a candidate 1 nat below the best, tried first, is accepted with probability exp(-1/beta)
+    hits = sum(0 in rejection_sample([0.0, 1.0], beta=1.0, keep=1, rng=random.Random(s)) for s in range(4000))
+    assert abs(hits / 4000 - torch.exp(torch.tensor(-1.0)).item()) < 0.03
+    a = rejection_sample(scores, beta=0.5, keep=2, rng=random.Random(7))
+    assert a == rejection_sample(scores, beta=0.5, keep=2, rng=random.Random(7)) and len(a) == 2
+
+
+def test_best_worst_and_unique_prompts():
+    assert best_worst(["a", "b", "c"], [0.5, 2.0, -1.0]) == ("b", "c", 3.0)
+    assert best_worst(["a", "b"], [1.0, 1.0]) is None  # ties give no preference
+    ex = _pairs(3) + _pairs(2)
+    assert unique_prompts(ex) == [e.prompt for e in _pairs(3)]
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+def _align(tmp_path, *overrides):
+    cfg = load_config(preset="tiny", overrides=[f"run.output_dir={tmp_path / 'run'}", *overrides])
+    run = Run(cfg)
+    run.prepare()
+    return run, run.train(["preference"])["preference"]
+
+
+def test_dpo_run_reuses_the_disk_cache(tmp_path, paft_cache):
+    _, first = _align(tmp_path / "a", "preference.max_steps=4")
+    _, second = _align(tmp_path / "b", "preference.max_steps=4")
+    assert first["reference_cache"]["computed"] > 0
+    assert second["reference_cache"]["computed"] == 0 and second["reference_cache"]["hits"] == 32
+    assert abs(first["train_loss"] - second["train_loss"]) < 1e-5
+    _, off = _align(tmp_path / "c", "preference.max_steps=4", "preference.reference_cache=false")
+    assert off["reference_cache"]["path"] is None and abs(off["train_loss"] - first["train_loss"]) < 1e-5
+
+
+def test_sdpo_trains_in_stages_with_the_previous_stage_as_reference(tmp_path):
+    from safetensors.torch import load_file
+
+    run, s = _align(tmp_path, "preference.method=sdpo", "preference.max_steps=6", "preference.params.stages=3")
+    assert s["schedule"] == "staged" and s["steps"] == 6
+    assert [p["stage"] for p in s["phases"]] == [1, 2, 3] and sum(p["pairs"] for p in s["phases"]) == 64
+    stages = run.branch_dir("preference") / "stages"
+    w = [load_file(str(stages / f"stage-{i}" / "adapter" / "adapter_model.safetensors")) for i in (1, 2, 3)]
+    final = load_file(str(run.adapter("preference") / "adapter_model.safetensors"))
+    assert all(torch.equal(final[k], w[2][k]) for k in final)
+    assert any(not torch.equal(w[0][k], w[1][k]) for k in w[0])
+    # resume: drop stage 3's marker; the rerun restores stage 2's adapter and trains only stage 3
+    (stages / "stage-3" / "done.json").unlink()
+    (run.branch_dir("preference") / "train_summary.json").unlink()
+    import shutil
+
+    shutil.rmtree(stages / "stage-3" / "checkpoints")
+    s2 = run.train(["preference"])["preference"]
+    assert [p["stage"] for p in s2["phases"]] == [1, 2, 3] and s2["phases"][:2] == s["phases"][:2]
+    again = load_file(str(run.adapter("preference") / "adapter_model.safetensors"))
+    assert all(torch.allclose(again[k], final[k], atol=1e-6) for k in final)
+
+
+def test_sdpo_bad_stage_count_is_a_config_error(tmp_path):
+    from paft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="preference.params.stages"):
+        _align(tmp_path, "preference.method=sdpo", "preference.params.stages=1000")
