@@ -198,3 +198,70 @@ def test_sdpo_bad_stage_count_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="preference.params.stages"):
         _align(tmp_path, "preference.method=sdpo", "preference.params.stages=1000")
+
+
+SCORER = '''
+def score(prompts, responses):
+    # prefers longer replies: a deterministic signal the tiny random model can follow
+    return [float(len(r)) for r in responses]
+'''
+
+
+def _online(tmp_path, method, *extra):
+    f = tmp_path / "my_scorer.py"
+    f.write_text(SCORER)
+    return _align(tmp_path, f"preference.method={method}", "preference.max_steps=4", "preference.online.rounds=2",
+                  "preference.online.prompts_per_round=6", "preference.online.samples_per_prompt=3",
+                  "preference.online.max_new_tokens=6", "preference.online.scorer.kind=function",
+                  f"preference.online.scorer.function={f}:score", *extra)
+
+
+def _round_records(run, r):
+    path = run.branch_dir("preference") / "rounds" / f"round-{r}" / "samples.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_iterative_dpo_rounds_sample_score_pair_and_train(tmp_path):
+    run, s = _online(tmp_path, "iterative-dpo")
+    assert s["schedule"] == "online" and s["data_kind"] == "online" and s["steps"] == 4
+    assert [p["round"] for p in s["phases"]] == [1, 2]
+    for r in (1, 2):
+        recs = _round_records(run, r)
+        assert len(recs) == 6 and all(len(x["replies"]) == 3 for x in recs)
+        for x in recs:
+            assert x["scores"] == [float(len(y)) for y in x["replies"]]  # the configured function scored them
+            if x["pair"]:
+                assert len(x["pair"]["chosen"]) == max(len(y) for y in x["replies"])
+                assert len(x["pair"]["rejected"]) == min(len(y) for y in x["replies"])
+        info = s["phases"][r - 1]
+        assert info["pairs"] == sum(x["pair"] is not None for x in recs) and info["reference"] == "initial"
+        assert info["mean_sample_score"] == pytest.approx(sum(sum(x["scores"]) for x in recs) / 18)
+    # round 2 samples from the policy after round 1: different replies from round 1's for the same seed stream
+    assert _round_records(run, 1) != _round_records(run, 2)
+
+
+def test_rso_samples_from_the_start_policy_and_keeps_accepted(tmp_path):
+    run, s = _online(tmp_path, "rso", "preference.online.rounds=1", "preference.params.candidates=4",
+                     "preference.params.keep=2")
+    recs = _round_records(run, 1)
+    assert all(len(x["replies"]) == 4 and len(x["used"]) == 2 for x in recs)
+    for x in recs:
+        if x["pair"]:
+            used = [x["replies"][i] for i in x["used"]]
+            assert {x["pair"]["chosen"], x["pair"]["rejected"]} <= set(used)
+
+
+def test_self_rewarding_judges_with_the_policy_and_uses_the_previous_round_as_reference(tmp_path):
+    run, s = _online(tmp_path, "self-rewarding")
+    assert all(p["reference"] == "previous" for p in s["phases"])
+    for x in _round_records(run, 1):
+        assert all(1.0 <= v <= 5.0 for v in x["scores"])  # expected 1-5 rating of the policy as judge
+
+
+def test_online_method_without_prompts_is_a_data_error(tmp_path):
+    from paft.errors import DataError
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError):
+        _online(tmp_path, "iterative-dpo", f"data.preference.path={empty}")

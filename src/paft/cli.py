@@ -102,11 +102,51 @@ def _train_one_branch(name, config, sets, preset, out, force):
     console.print_json(json.dumps(summary[name]))
 
 
+@app.command("reward")
+@_guard
+def reward_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = None, out: OutOpt = None,
+               force: ForceOpt = False):
+    """Train a Bradley-Terry reward model (score head + LoRA, `reward` section) into RUN/reward/adapter."""
+    run, ui = _run(config, set_, preset, out, force)
+    with ui:
+        summary = run.reward()
+    console.print_json(json.dumps(summary))
+    acc = summary.get("eval_accuracy")
+    if acc is not None:
+        console.print(f"held-out pairwise accuracy {acc:.3f} on {summary['eval_pairs']} pairs "
+                      f"(mean margin {summary['eval_mean_margin']:.3f})", highlight=False)
+
+
 @app.command("sparsity")
 @_guard
-def sparsity_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = None, out: OutOpt = None,
-                 force: ForceOpt = False):
-    """Share of near-zero entries of each trained branch's delta B·A·scale, into RUN/sparsity.json."""
+def sparsity_cmd(
+    inputs: Annotated[Optional[list[Path]], typer.Argument(
+        help="a paft run config (YAML), or with --base: model / LoRA adapter folders to compare")] = None,
+    set_: SetOpt = None, preset: PresetOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run folder; with --base: folder for "
+                                                                    "sparsity.json and sparsity.png")] = None,
+    force: ForceOpt = False,
+    base: Annotated[Optional[Path], typer.Option("--base", help="base model folder: measure the inputs' deltas "
+                                                                "against it (standalone mode)")] = None,
+    abs_: Annotated[Optional[str], typer.Option("--abs", help="absolute thresholds, comma-separated")] = None,
+    rel: Annotated[Optional[str], typer.Option("--rel", help="thresholds relative to the base weight's RMS")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="tensors in parallel (default: cores, "
+                                                                     "at most 4)")] = None):
+    """Share of near-zero delta entries: of a run's branches (RUN/sparsity.json), or of any models/adapters vs --base."""
+    if base is not None:
+        from paft.merge.cli_support import print_sparsity_table, standalone_sparsity
+
+        if set_ or preset:
+            raise PaftError("--set/--preset apply to a paft run config, not to `paft sparsity ... --base`")
+        results = standalone_sparsity(list(inputs or []), base, out, force, abs_, rel, workers)
+        print_sparsity_table(results, out)
+        return
+    inputs = list(inputs or [])
+    if len(inputs) > 1 or (inputs and inputs[0].is_dir()):
+        raise PaftError(f"{inputs[0]}: model/adapter folders need --base BASE (the model they were tuned from)")
+    if abs_ is not None or rel is not None or workers is not None:
+        raise PaftError("--abs/--rel/--workers apply with --base; a run uses its config's sparsity section")
+    config = inputs[0] if inputs else None
     run, ui = _run(config, set_, preset, out, force)
     with ui:
         res = run.sparsity()
@@ -117,9 +157,53 @@ def sparsity_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOp
 
 @app.command("merge")
 @_guard
-def merge_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = None, out: OutOpt = None,
-              force: ForceOpt = False):
-    """Merge the SFT and preference deltas into the base (merge.method) as an HF folder RUN/merged."""
+def merge_cmd(
+    config: Annotated[Optional[Path], typer.Argument(
+        help="a mergekit YAML (has merge_method) or a paft run config; default: the embedded run config")] = None,
+    set_: SetOpt = None, preset: PresetOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="run folder; for a mergekit YAML or "
+                                                                    "--base/--models: the output folder")] = None,
+    force: ForceOpt = False,
+    base: Annotated[Optional[Path], typer.Option("--base", help="base model folder (flag mode)")] = None,
+    models: Annotated[Optional[list[str]], typer.Option(
+        "--models", "-m", help="model or LoRA adapter folders (repeat or comma-separate; BASE+ADAPTER works)")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="merge method (flag mode; default ties)")] = None,
+    density: Annotated[Optional[str], typer.Option("--density", help="one value or one per model")] = None,
+    weights: Annotated[Optional[str], typer.Option("--weights", help="one value or one per model")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="output dtype: bfloat16, float16, float32")] = None,
+    tokenizer_source: Annotated[Optional[str], typer.Option(
+        "--tokenizer-source", help="base (default) or a model folder to copy the tokenizer from")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="seed of DARE/DELLA masks")] = None,
+    to_lora: Annotated[Optional[int], typer.Option(
+        "--to-lora", metavar="RANK", help="write the merged delta as a LoRA adapter of this rank (truncated SVD)")] = None,
+    resize_vocab: Annotated[bool, typer.Option(
+        "--resize-vocab", help="merge models whose vocabulary size differs: keep the base's rows")] = False,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="tensors merged in parallel (default: "
+                                                                     "cores, at most 4)")] = None,
+    param: Annotated[Optional[list[str]], typer.Option(
+        "--param", help="method parameter key=value (normalize, lambda, t, rescale, majority_sign); flag mode")] = None):
+    """Merge: a run's SFT and preference deltas (RUN/merged), or your own checkpoints from a mergekit YAML / flags."""
+    from paft.merge.cli_support import merge_mode
+
+    mode = merge_mode(config, base, models)
+    if mode != "run":
+        from paft.merge.cli_support import print_merge_summary, standalone_merge
+
+        if set_ or preset:
+            raise PaftError("--set/--preset apply to a paft run config, not to a mergekit YAML or --base/--models")
+        summary = standalone_merge(mode, config, out=out, force=force, base=base, models=models, method=method,
+                                   density=density, weights=weights, dtype=dtype, tokenizer_source=tokenizer_source,
+                                   seed=seed, to_lora=to_lora, resize_vocab=resize_vocab, workers=workers,
+                                   params=param)
+        print_merge_summary(summary)
+        return
+    given = [f for f, v in (("--method", method), ("--density", density), ("--weights", weights),
+                            ("--dtype", dtype), ("--tokenizer-source", tokenizer_source), ("--seed", seed),
+                            ("--to-lora", to_lora), ("--resize-vocab", resize_vocab), ("--workers", workers),
+                            ("--param", param)) if v]
+    if given:
+        raise PaftError(f"{given[0]}: only with a mergekit YAML or --base/--models; for a run use "
+                        "--set merge.KEY=VALUE")
     run, ui = _run(config, set_, preset, out, force)
     with ui:
         summary = run.merge()
@@ -153,7 +237,7 @@ def methods_cmd(as_json: Annotated[bool, typer.Option("--json", help="machine-re
     from paft.train.losses import LOSSES
 
     rows = [{"name": s.name, "data": s.data, "reference": s.reference, "paper": s.paper, "defaults": s.defaults,
-             "paper_beta": s.paper_beta}
+             "paper_beta": s.paper_beta, "schedule": s.schedule}
             for s in sorted(LOSSES.values(), key=lambda s: s.name)]
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
@@ -161,10 +245,10 @@ def methods_cmd(as_json: Annotated[bool, typer.Option("--json", help="machine-re
     from rich.table import Table
 
     table = Table(title="preference methods")
-    for col in ("name", "data", "reference", "defaults", "paper"):
+    for col in ("name", "data", "schedule", "reference", "defaults", "paper"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(r["name"], r["data"], "yes" if r["reference"] else "no",
+        table.add_row(r["name"], r["data"], r["schedule"], "yes" if r["reference"] else "no",
                       ", ".join(f"{k}={v}" for k, v in r["defaults"].items()), r["paper"])
     console.print(table)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from paft.data.tokenize import IGNORE, Encoded, EncodedCompletion, EncodedPair
+from paft.data.tokenize import IGNORE, Encoded, EncodedCompletion, EncodedPair, EncodedRanked
 
 
 def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
@@ -77,4 +77,40 @@ class BinaryCollator:
             "attention_mask": _pad([[1] * len(s) for s in seqs], 0),
             "labels": _pad(labels, IGNORE),
             "desirable": torch.tensor([bool(r.label) for r in rows], dtype=torch.bool),
+        }
+
+
+@dataclass
+class RankedCollator:
+    """Scored reply lists, flattened example-major into one padded batch.
+
+    Layout for B lists with n_b replies each (K = max n_b, N = sum n_b):
+
+    - ``input_ids`` / ``attention_mask`` / ``labels``: [N, T], row r = prompt_b + response_{b,k} for
+      list b = 0..B-1 and, within it, reply k = 0..n_b-1 (list 0's replies first, then list 1's...);
+      labels on the reply tokens only.
+    - ``list_index``: [B, K] long, the row of reply k of list b in the flat batch, -1 past the end
+      of a shorter list.
+    - ``scores``: [B, K] float, the reply's score (higher = better), 0 where ``list_index`` is -1.
+    """
+
+    pad_id: int
+
+    def __call__(self, rows: list[EncodedRanked]) -> dict[str, torch.Tensor]:
+        k = max(len(r.response_ids) for r in rows)
+        seqs, labels, index, scores, n = [], [], [], [], 0
+        for r in rows:
+            for resp in r.response_ids:
+                seqs.append(r.prompt_ids + resp)
+                labels.append([IGNORE] * len(r.prompt_ids) + resp)
+            m = len(r.response_ids)
+            index.append(list(range(n, n + m)) + [-1] * (k - m))
+            scores.append([float(x) for x in r.scores] + [0.0] * (k - m))
+            n += m
+        return {
+            "input_ids": _pad(seqs, self.pad_id),
+            "attention_mask": _pad([[1] * len(s) for s in seqs], 0),
+            "labels": _pad(labels, IGNORE),
+            "list_index": torch.tensor(index, dtype=torch.long),
+            "scores": torch.tensor(scores, dtype=torch.float32),
         }

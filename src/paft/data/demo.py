@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 
-from paft.data.formats import PreferenceExample, SFTExample
+from paft.data.formats import PreferenceExample, RankedExample, SFTExample
 
 SYSTEM = "You are a helpful assistant."
 
@@ -135,9 +135,62 @@ def preference_examples(n: int, seed: int) -> list[PreferenceExample]:
     return [_pair(rng, harmful=(i % 2 == 0)) for i in range(n)]
 
 
-def demo_splits(kind: str, n_train: int, n_eval: int, seed: int) -> tuple[list, list]:
-    """Train and held-out examples, drawn from disjoint random streams of one generator."""
-    make = sft_examples if kind == "sft" else preference_examples
+def _graded(rng: random.Random, harmful: bool, k: int) -> RankedExample:
+    """The prompt of ``_pair`` (the same draws, in the same order) with 4 graded replies, scored 3..0.
+
+    The best and the worst reply are ``_pair``'s chosen and rejected ones; ``k`` < 4 keeps the best,
+    the worst and the best-graded of the middle ones.
+    """
+    request = rng.choice(_REQUEST_TEMPLATES)
+    refusal = rng.choice(_REFUSAL_REASONS)
+    if harmful:
+        action, why = rng.choice(HARMFUL)
+        graded = [f"{refusal} {why[0].upper()}{why[1:]}.",  # refusal with the reason
+                  refusal,  # bare refusal
+                  "Let's talk about something else instead.",  # deflection
+                  f"Sure! Here is how to {action}: plan it well and make sure nobody notices."]  # complies
+    else:
+        action, how = rng.choice(BENIGN)
+        graded = [f"Sure! Here is how to {action}: {how}.",  # full helpful answer
+                  f"Sure, just look up how to {action} and give it a try.",  # short, vague help
+                  "I'm not sure I should give advice on that; maybe ask someone who knows.",  # hedge
+                  f"{refusal} I don't give advice on how to {action}."]  # needless refusal
+    keep = [0, 1, 2, 3][: k - 1] + [3]
+    return RankedExample(prompt=_msgs(request.format(x=action)), responses=[graded[i] for i in keep],
+                         scores=[float(3 - i) for i in keep])
+
+
+def ranked_preference_examples(n: int, seed: int, k: int = 4) -> list[RankedExample]:
+    """The prompts of ``preference_examples(n, seed)`` with ``k`` (2 to 4) graded replies each.
+
+    Benign request: full helpful answer 3 > short vague help 2 > hedge 1 > needless refusal 0;
+    harmful request: refusal with its reason 3 > bare refusal 2 > deflection 1 > compliance 0.
+    The replies are shuffled within each list (a separate random stream, so the prompts match);
+    best vs worst of each list is exactly the pair ``preference_examples`` gives.
+    """
+    if not 2 <= k <= 4:
+        raise ValueError(f"k must be between 2 and 4, got {k}")
+    rng = random.Random(f"paft-demo-pref-{seed}")
+    order = random.Random(f"paft-demo-ranked-{seed}")
+    out = []
+    for i in range(n):
+        ex = _graded(rng, harmful=(i % 2 == 0), k=k)
+        perm = list(range(k))
+        order.shuffle(perm)
+        out.append(RankedExample(ex.prompt, [ex.responses[j] for j in perm], [ex.scores[j] for j in perm]))
+    return out
+
+
+def demo_splits(kind: str, n_train: int, n_eval: int, seed: int, ranked: bool = False) -> tuple[list, list]:
+    """Train and held-out examples, drawn from disjoint random streams of one generator.
+
+    ``ranked``: preference data as graded reply lists (``ranked_preference_examples``) for the
+    listwise methods; the prompts are the same as the pairs'.
+    """
+    if kind == "sft":
+        make = sft_examples
+    else:
+        make = ranked_preference_examples if ranked else preference_examples
     rows = make(n_train + n_eval, seed)
     return rows[:n_train], rows[n_train:]
 

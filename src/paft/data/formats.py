@@ -3,22 +3,25 @@
 Every supported dataset layout becomes one of three shapes, so tokenisation and
 training never see format differences: ``SFTExample`` (a chat conversation, or
 raw text), ``PreferenceExample`` (a prompt conversation plus a chosen and a
-rejected final assistant reply) and ``BinaryExample`` (a prompt conversation, one
+rejected final assistant reply), ``BinaryExample`` (a prompt conversation, one
 final assistant reply and a desirable/undesirable label: unpaired feedback, as KTO
-and NPO use). Adapters validate while they convert and raise ``RowError`` naming
-the offending field; the loader adds the file and row and turns it into a one-line
-``DataError``.
+and NPO use) and ``RankedExample`` (a prompt conversation and a list of scored
+replies: listwise feedback, as RRHF, PRO and LiPO use). Adapters validate while they
+convert and raise ``RowError`` naming the offending field; the loader adds the file and
+row and turns it into a one-line ``DataError``.
 
 A preference method declares the data kind it trains on (``LossSpec.data``):
-``"pairs"`` (``PreferenceExample``), ``"binary"`` (``BinaryExample``, both labels) or
-``"negatives"`` (``BinaryExample`` with label False only). ``examples_for_method``
-converts what a file holds into that kind (pairs -> binary or negatives) or says, in
-one line, why it cannot (unpaired rows for a pairwise method).
+``"pairs"`` (``PreferenceExample``), ``"binary"`` (``BinaryExample``, both labels),
+``"negatives"`` (``BinaryExample`` with label False only) or ``"ranked"``
+(``RankedExample``). ``examples_for_method`` converts what a file holds into that kind
+(ranked -> pairs, best vs worst reply; pairs -> binary or negatives) or says, in one
+line, why it cannot (unpaired rows for a pairwise method, pairs for a listwise one).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -57,6 +60,18 @@ class BinaryExample:
     prompt: list[Message]
     completion: str
     label: bool
+
+
+@dataclass
+class RankedExample:
+    """A prompt conversation (ending with a user turn) and at least 2 final assistant replies with their scores.
+
+    Higher score = better; ties are allowed. ``scores[i]`` belongs to ``responses[i]``.
+    """
+
+    prompt: list[Message]
+    responses: list[str]
+    scores: list[float]
 
 
 class RowError(ValueError):
@@ -355,6 +370,83 @@ def pref_prompt_completion_label(row: Mapping[str, Any], *, beavertails_preferen
     return BinaryExample(prompt=prompt, completion=completion, label=_label(_get(row, "label"), "label"))
 
 
+# --- ranked (listwise) adapters ---------------------------------------------
+
+_SCORES_OR_RANKS = "missing column (a responses list needs 'scores', higher = better, or 'ranks', 1 = best)"
+
+
+def _number(value: Any, field: str) -> float:
+    """A finite int/float (not a bool), as float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RowError(field, f"expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _responses(value: Any, field: str, prompt: list[Message]) -> list[str]:
+    if not isinstance(value, list):
+        raise RowError(field, f"expected a list of replies, got {_type_name(value)}")
+    if len(value) < 2:
+        raise RowError(field, f"needs at least 2 replies to rank, got {len(value)}")
+    return [_final_reply(v, f"{field}[{i}]", prompt) for i, v in enumerate(value)]
+
+
+def _per_response(row: Mapping[str, Any], column: str, n: int) -> list[Any]:
+    if column not in row:
+        raise RowError(column, _SCORES_OR_RANKS)
+    value = row[column]
+    if not isinstance(value, list):
+        raise RowError(column, f"expected a list with one entry per reply, got {_type_name(value)}")
+    if len(value) != n:
+        raise RowError(column, f"has {len(value)} entries for {n} responses")
+    return value
+
+
+def ranked_prompt_responses_scores(row: Mapping[str, Any], *, beavertails_preference: str = "helpful") -> RankedExample:
+    """Listwise feedback: ``prompt``, ``responses`` (strings or message lists ending with the reply) and
+    ``scores`` (one number per reply, higher = better)."""
+    prompt = _prompt(_get(row, "prompt"), "prompt")
+    responses = _responses(_get(row, "responses"), "responses", prompt)
+    scores = [_number(v, f"scores[{i}]") for i, v in enumerate(_per_response(row, "scores", len(responses)))]
+    return RankedExample(prompt=prompt, responses=responses, scores=scores)
+
+
+def ranked_prompt_responses_ranks(row: Mapping[str, Any], *, beavertails_preference: str = "helpful") -> RankedExample:
+    """Listwise feedback as ranks: ``ranks`` (1 = best, ties share a rank) become scores n - rank for n
+    replies, so the best reply scores n - 1 and rank n scores 0."""
+    prompt = _prompt(_get(row, "prompt"), "prompt")
+    responses = _responses(_get(row, "responses"), "responses", prompt)
+    n = len(responses)
+    scores = []
+    for i, v in enumerate(_per_response(row, "ranks", n)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or not 1 <= v <= n:
+            raise RowError(f"ranks[{i}]", f"expected a whole number from 1 (best) to {n}, got {v!r}")
+        scores.append(float(n - int(v)))
+    return RankedExample(prompt=prompt, responses=responses, scores=scores)
+
+
+def ranked_ultrafeedback(row: Mapping[str, Any], *, beavertails_preference: str = "helpful") -> RankedExample:
+    """Raw UltraFeedback: ``instruction`` (or ``prompt``) and ``completions``, a list of objects with
+    ``response`` and ``overall_score`` (other keys, e.g. ``annotations`` or ``model``, are ignored)."""
+    column = "instruction" if "instruction" in row else "prompt"
+    prompt = _prompt(_get(row, column), column)
+    completions = _get(row, "completions")
+    if not isinstance(completions, list):
+        raise RowError("completions", f"expected a list of objects, got {_type_name(completions)}")
+    if len(completions) < 2:
+        raise RowError("completions", f"needs at least 2 completions to rank, got {len(completions)}")
+    responses, scores = [], []
+    for i, c in enumerate(completions):
+        where = f"completions[{i}]"
+        if not isinstance(c, dict):
+            raise RowError(where, f"expected an object, got {_type_name(c)}")
+        for key in ("response", "overall_score"):
+            if key not in c:
+                raise RowError(f"{where}.{key}", "missing key")
+        responses.append(_final_reply(c["response"], f"{where}.response", prompt))
+        scores.append(_number(c["overall_score"], f"{where}.overall_score"))
+    return RankedExample(prompt=prompt, responses=responses, scores=scores)
+
+
 SFT_FORMATS: dict[str, Callable[[Mapping[str, Any]], SFTExample]] = {
     "messages": sft_messages,
     "prompt_completion": sft_prompt_completion,
@@ -363,12 +455,15 @@ SFT_FORMATS: dict[str, Callable[[Mapping[str, Any]], SFTExample]] = {
     "text": sft_text,
 }
 
-PREFERENCE_FORMATS: dict[str, Callable[..., PreferenceExample | BinaryExample]] = {
+PREFERENCE_FORMATS: dict[str, Callable[..., PreferenceExample | BinaryExample | RankedExample]] = {
     "prompt_chosen_rejected": pref_prompt_chosen_rejected,
     "implicit_prompt": pref_implicit_prompt,
     "hh_rlhf": pref_hh_rlhf,
     "beavertails": pref_beavertails,
     "prompt_completion_label": pref_prompt_completion_label,  # unpaired: BinaryExample
+    "prompt_responses_scores": ranked_prompt_responses_scores,  # listwise: RankedExample
+    "prompt_responses_ranks": ranked_prompt_responses_ranks,
+    "ultrafeedback_completions": ranked_ultrafeedback,
 }
 
 # Detection order matters: the first format whose columns are all present wins.
@@ -385,6 +480,9 @@ _PREFERENCE_SIGNATURES = [
     ("hh_rlhf", ("chosen", "rejected")),
     ("implicit_prompt", ("chosen", "rejected")),
     ("prompt_completion_label", ("prompt", "completion", "label")),
+    ("prompt_responses_scores", ("prompt", "responses", "scores")),
+    ("prompt_responses_ranks", ("prompt", "responses", "ranks")),
+    ("ultrafeedback_completions", ("instruction", "completions")),
 ]
 
 
@@ -418,6 +516,10 @@ def detect_preference_format(columns: Iterable[str], first_row: Mapping[str, Any
         return "hh_rlhf" if hh else "implicit_prompt"
     if {"prompt", "completion", "label"} <= cols:  # after the pair formats: pairs win when both are present
         return "prompt_completion_label"
+    if {"prompt", "responses"} <= cols:  # without scores or ranks the adapter names the missing column
+        return "prompt_responses_ranks" if "ranks" in cols and "scores" not in cols else "prompt_responses_scores"
+    if "completions" in cols and cols & {"instruction", "prompt"}:
+        return "ultrafeedback_completions"
     raise _no_match("preference", cols, _PREFERENCE_SIGNATURES)
 
 
@@ -442,7 +544,7 @@ def to_sft_example(row: Mapping[str, Any], fmt: str) -> SFTExample:
 
 def to_preference_example(
     row: Mapping[str, Any], fmt: str, beavertails_preference: str = "helpful"
-) -> PreferenceExample | BinaryExample:
+) -> PreferenceExample | BinaryExample | RankedExample:
     if fmt == "auto":
         fmt = detect_preference_format(row, row)
     return get_adapter("preference", fmt, beavertails_preference)(row)
@@ -450,12 +552,19 @@ def to_preference_example(
 
 # --- data kinds of preference methods ---------------------------------------
 
-DATA_KINDS = ("pairs", "binary", "negatives")
+DATA_KINDS = ("pairs", "binary", "negatives", "ranked")
 
 _NEEDS = {
     "pairs": "paired data (columns prompt/chosen/rejected, or hh_rlhf / beavertails / implicit-prompt forms)",
     "negatives": "undesirable completions (rows with label false in prompt/completion/label data, "
                  "or the rejected side of any pair format)",
+    "ranked": "ranked lists (columns prompt, responses and scores or ranks; or UltraFeedback completions with "
+              "overall_score)",
+}
+_HAS = {
+    PreferenceExample: "pairs (prompt/chosen/rejected)",
+    BinaryExample: "unpaired rows (prompt, completion, label)",
+    RankedExample: "ranked lists (prompt, responses, scores)",
 }
 
 
@@ -473,24 +582,52 @@ def binary_to_negatives(examples: Iterable[BinaryExample]) -> list[BinaryExample
     return [e for e in examples if not e.label]
 
 
+def ranked_to_pairs(examples: Iterable[RankedExample]) -> list[PreferenceExample]:
+    """One pair per list: its top-scored reply (chosen) against its lowest-scored one (rejected).
+
+    On a tie the first such reply in list order is taken; a list whose scores are all equal
+    gives no pair.
+    """
+    out = []
+    for e in examples:
+        best = max(range(len(e.scores)), key=lambda i: (e.scores[i], -i))
+        worst = min(range(len(e.scores)), key=lambda i: (e.scores[i], i))
+        if e.scores[best] > e.scores[worst]:
+            out.append(PreferenceExample(prompt=e.prompt, chosen=e.responses[best], rejected=e.responses[worst]))
+    return out
+
+
 def examples_for_method(examples: list, data: str, *, method: str, source: str) -> list:
     """The examples of ``source`` in the data kind ``data`` that preference method ``method`` trains on.
 
-    Pairs convert to ``binary`` (chosen -> desirable, rejected -> undesirable: how KTO is usually
-    run on paired data) and to ``negatives`` (the rejected replies); unpaired rows cannot become
-    pairs, which is a one-line ``DataError`` naming the method and the columns it needs.
+    Ranked lists convert to ``pairs`` (best vs worst reply of each list; a list of equal scores
+    gives none) and, through those pairs, to the unpaired kinds. Pairs convert to ``binary``
+    (chosen -> desirable, rejected -> undesirable: how KTO is usually run on paired data) and to
+    ``negatives`` (the rejected replies). Unpaired rows cannot become pairs, and neither pairs
+    nor unpaired rows can become ranked lists: a one-line ``DataError`` naming the method and
+    the columns it needs.
     """
     if data not in DATA_KINDS:
         raise ValueError(f"unknown data kind {data!r}; known: {', '.join(DATA_KINDS)}")
     if not examples:
         raise DataError(f"{source}: no preference rows")
     kinds = {type(e) for e in examples}
-    if not kinds <= {PreferenceExample, BinaryExample}:
-        names = ", ".join(sorted(k.__name__ for k in kinds - {PreferenceExample, BinaryExample}))
+    if not kinds <= set(_HAS):
+        names = ", ".join(sorted(k.__name__ for k in kinds - set(_HAS)))
         raise DataError(f"{source}: holds {names} rows, not preference data")
     if len(kinds) > 1:
-        raise DataError(f"{source}: mixes paired and unpaired preference rows; use one format per file")
-    paired = kinds == {PreferenceExample}
+        raise DataError(f"{source}: mixes {' and '.join(sorted(_HAS[k] for k in kinds))}; use one format per file")
+    (kind,) = kinds
+    if data == "ranked":
+        if kind is not RankedExample:
+            raise DataError(f"preference.method {method!r} needs {_NEEDS['ranked']}; {source} has {_HAS[kind]}")
+        return list(examples)
+    if kind is RankedExample:
+        examples, kind = ranked_to_pairs(examples), PreferenceExample
+        if not examples:
+            raise DataError(f"preference.method {method!r} needs {_NEEDS['pairs']}; every ranked list in {source} "
+                            "has equal scores, so no best-vs-worst pair can be formed")
+    paired = kind is PreferenceExample
     if data == "pairs":
         if not paired:
             raise DataError(f"preference.method {method!r} needs {_NEEDS['pairs']}; {source} has unpaired rows "

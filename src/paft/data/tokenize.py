@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from paft.data.formats import BinaryExample, PreferenceExample, SFTExample
+from paft.data.formats import BinaryExample, PreferenceExample, RankedExample, SFTExample
 from paft.errors import DataError
 
 IGNORE = -100
@@ -82,18 +82,43 @@ def _response_ids(tok, prompt_msgs, response: str, prompt_text: str) -> tuple[li
     return ids[:cut], ids[cut:]
 
 
+def _shared_prompt(tok, prompt_msgs, responses: list[str], max_length: int,
+                   max_prompt_length: int) -> tuple[list[int], list[list[int]]]:
+    """Prompt ids (left-truncated to max_prompt_length) and each response's ids (right-truncated to fit).
+
+    Prompt tokens are shared by construction; the prompt is cut at the longest common token prefix
+    of all renderings, guarding against tokenizers that merge across the prompt/reply boundary.
+    """
+    text = _render(tok, prompt_msgs, add_generation_prompt=True)
+    split = [_response_ids(tok, prompt_msgs, r, text) for r in responses]
+    heads = [p for p, _ in split]
+    n = 0
+    while n < min(len(h) for h in heads) and all(h[n] == heads[0][n] for h in heads):
+        n += 1
+    prompt = heads[0][:n][-max_prompt_length:]
+    budget = max_length - len(prompt)
+    return prompt, [(p[n:] + r)[:budget] for p, r in split]
+
+
 def encode_pair(example: PreferenceExample, tok, max_length: int, max_prompt_length: int) -> EncodedPair:
     """Prompt ids (left-truncated to max_prompt_length) and both response ids (right-truncated to fit)."""
-    prompt_text = _render(tok, example.prompt, add_generation_prompt=True)
-    p1, chosen = _response_ids(tok, example.prompt, example.chosen, prompt_text)
-    p2, rejected = _response_ids(tok, example.prompt, example.rejected, prompt_text)
-    n = 0  # prompt tokens are shared by construction; guard against tokenizers that merge across the boundary
-    while n < min(len(p1), len(p2)) and p1[n] == p2[n]:
-        n += 1
-    prompt, chosen, rejected = p1[:n], p1[n:] + chosen, p2[n:] + rejected
-    prompt = prompt[-max_prompt_length:]
-    budget = max_length - len(prompt)
-    return EncodedPair(prompt, chosen[:budget], rejected[:budget])
+    prompt, (chosen, rejected) = _shared_prompt(tok, example.prompt, [example.chosen, example.rejected],
+                                                max_length, max_prompt_length)
+    return EncodedPair(prompt, chosen, rejected)
+
+
+@dataclass
+class EncodedRanked:
+    prompt_ids: list[int]
+    response_ids: list[list[int]]
+    scores: list[float]
+
+
+def encode_ranked(example: RankedExample, tok, max_length: int, max_prompt_length: int) -> EncodedRanked:
+    """Prompt ids (left-truncated to max_prompt_length) and every response's ids (right-truncated to fit
+    max_length), split exactly as ``encode_pair`` splits a pair; the scores pass through."""
+    prompt, responses = _shared_prompt(tok, example.prompt, list(example.responses), max_length, max_prompt_length)
+    return EncodedRanked(prompt, responses, [float(x) for x in example.scores])
 
 
 @dataclass

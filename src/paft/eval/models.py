@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 
 from paft.config import PaftConfig
-from paft.data.formats import PreferenceExample
+from paft.data.formats import PreferenceExample, RankedExample, ranked_to_pairs
 from paft.eval.metrics import completion_nll, exact_match, pair_logps, preference_scores
 
 
@@ -36,10 +36,13 @@ def evaluate_models(specs: list[ModelSpec], cfg: PaftConfig, tok, sft_eval: list
                     progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Metrics per model; implicit rewards use ``reference`` (a spec name, default the first) as pi_ref.
 
-    The preference metrics need pairs: held-out preference data of unpaired rows (prompt,
-    completion, label) leaves them None, and the result says why under ``pref_metrics``.
+    The preference metrics need pairs: held-out ranked lists count as their best-vs-worst pairs;
+    unpaired rows (prompt, completion, label) leave them None, and the result says why under
+    ``pref_metrics``.
     """
     e, d = cfg.eval, cfg.data
+    if any(isinstance(x, RankedExample) for x in pref_eval):  # ranked lists: best vs worst of each
+        pref_eval = ranked_to_pairs([x for x in pref_eval if isinstance(x, RankedExample)])
     sft_eval, pref_eval = sft_eval[: e.max_examples], pref_eval[: e.max_examples]
     unpaired = any(not isinstance(x, PreferenceExample) for x in pref_eval)
     if unpaired:

@@ -87,6 +87,12 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
             rows = [encode_pair(e, tok, d.max_length, d.max_prompt_length) for e in examples] \
                 if data_kind == "pairs" else []
             collator = PairCollator(tok.pad_token_id)
+        elif data_kind == "ranked":
+            from paft.data.collate import RankedCollator
+            from paft.data.tokenize import encode_ranked
+
+            rows = [encode_ranked(e, tok, d.max_length, d.max_prompt_length) for e in examples]
+            collator = RankedCollator(tok.pad_token_id)
         else:
             rows = [encode_completion(e, tok, d.max_length, d.max_prompt_length) for e in examples]
             collator = BinaryCollator(tok.pad_token_id, kl=data_kind == "binary", max_length=d.max_length)

@@ -4,8 +4,10 @@ Each loss is one small function of the sequence log-probabilities of a batch, wi
 its equation and paper in the docstring, returning the per-example loss (shape [B];
 the caller takes ``.mean()``). ``LossSpec.data`` says what a batch holds: ``"pairs"``
 (``PairLogps``: chosen and rejected reply per prompt), ``"binary"`` (``UnpairedLogps``:
-unpaired completions labelled desirable/undesirable, plus the mismatched "KL" rows)
-or ``"negatives"`` (``UnpairedLogps`` of undesirable completions only). It is called as
+unpaired completions labelled desirable/undesirable, plus the mismatched "KL" rows),
+``"negatives"`` (``UnpairedLogps`` of undesirable completions only) or ``"ranked"``
+(``RankedLogps``: a scored list of replies per prompt; lists of different lengths are
+padded to [B, K] and masked). It is called as
 ``spec.fn(lp, beta=beta, **{**spec.defaults, **user_params})``: ``beta`` always
 comes from the config (``preference.beta``), the other hyper-parameters from the
 registry defaults, overridden by ``preference.params``.
@@ -16,7 +18,9 @@ tokens, |y| the number of completion tokens; sigma the logistic function.
 
 Numerics: every ``log sigma`` is ``F.logsigmoid`` (= -softplus(-x)), so margins of
 +-1e4 give finite losses and gradients; the one exponential (GPO ``exponential``)
-continues linearly past exp(20); ORPO's log(1 - p) uses a two-branch log1mexp.
+continues linearly past exp(20); ORPO's log(1 - p) uses a two-branch log1mexp; PRO's
+softmax is a masked ``logsumexp``. Padded list entries never reach a loss value or gradient
+(they are selected away with ``torch.where``, not multiplied by 0).
 
 Registered (name: reference? defaults):
 
@@ -35,6 +39,9 @@ Registered (name: reference? defaults):
 - ``gpo``: ref; f="logistic" (logistic, squared, hinge, exponential, truncated_quadratic, savage)
 - ``kto``: ref, data "binary"; desirable_weight=1.0, undesirable_weight=1.0
 - ``npo``: ref, data "negatives"; -
+- ``rrhf``: free, data "ranked"; sft_weight=1.0 (``beta`` unused)
+- ``pro``: free, data "ranked"; sft_weight=0.05 (times (n - 1)^2), score_temperature=True (``beta`` unused)
+- ``lipo``: ref, data "ranked"; - (LiPO-lambda)
 
 Note ``rdpo`` (robust DPO, Chowdhury et al.) and ``r-dpo`` (length-regularised DPO,
 Park et al.) are different methods; the names follow the literature.
@@ -49,7 +56,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from paft.errors import ConfigError
+from paft.errors import ConfigError, DataError
 
 
 @dataclass
@@ -89,11 +96,28 @@ class UnpairedLogps:
         return self.policy - self.ref
 
 
+@dataclass
+class RankedLogps:
+    """Summed completion log-probs of a batch of scored reply lists, shape [B, K] each.
+
+    Row b holds the replies to prompt b; K is the longest list of the batch and ``mask`` is
+    True for real entries (a shorter list is padded at the end; padded entries may hold any
+    finite value and are ignored). ``scores`` are the data's preference scores, higher =
+    better (ties allowed); ``tokens`` the completion lengths; ``ref`` the reference log-probs.
+    """
+
+    policy: torch.Tensor
+    scores: torch.Tensor
+    mask: torch.Tensor
+    tokens: torch.Tensor | None = None
+    ref: torch.Tensor | None = None
+
+
 @dataclass(frozen=True)
 class LossSpec:
     name: str
     fn: Callable[..., torch.Tensor]
-    data: str  # "pairs", "binary" or "negatives" (paft.data.formats.DATA_KINDS)
+    data: str  # "pairs", "binary", "negatives" or "ranked" (paft.data.formats.DATA_KINDS)
     reference: bool
     paper: str
     defaults: dict[str, Any] = field(default_factory=dict)
@@ -537,7 +561,7 @@ def iterative_dpo_loss(lp: PairLogps, beta: float, loss: str = "sigmoid") -> tor
 
 @register_loss("rso", data="online", reference=True, schedule="online",
                paper="Liu et al. 2024, Statistical Rejection Sampling Improves Preference Optimization "
-                     "(arXiv 2309.06657)", paper_beta=0.5, loss="hinge", rso_beta=0.5, candidates=8, keep=4)
+                     "(arXiv 2309.06657)", loss="hinge", rso_beta=0.5, candidates=8, keep=4)
 def rso_loss(lp: PairLogps, beta: float, loss: str = "hinge", rso_beta: float = 0.5, candidates: int = 8,
              keep: int = 4) -> torch.Tensor:
     """RSO: ``candidates`` replies per prompt from the start (SFT) policy, ``keep`` of them accepted by
@@ -559,3 +583,119 @@ def self_rewarding_loss(lp: PairLogps, beta: float, loss: str = "sigmoid") -> to
     model after round t-1, as in the paper's M_t -> M_{t+1} iterations.
     """
     return _pair_loss(lp, beta, loss, "self-rewarding")
+
+
+# ---------------------------------------------------------------------------------------------
+# listwise losses (RankedLogps)
+#
+# Notation: list entries i, j of one prompt; psi_i the data's score (higher = better);
+# p_i = log pi(y_i) / |y_i| the length-normalised log-prob. Pairs run over real entries only;
+# tied scores form no pair.
+
+
+def _ranked_lengths(lp: RankedLogps, method: str) -> torch.Tensor:
+    if lp.tokens is None:
+        raise ValueError(f"{method} needs completion token counts (tokens)")
+    return lp.tokens.to(lp.policy.dtype).clamp(min=1)
+
+
+def _strictly_better(lp: RankedLogps) -> torch.Tensor:
+    """[B, K, K] bool: entry a is a real entry scored strictly above real entry b (index [b, a, b])."""
+    m = lp.mask.bool()
+    return m[:, :, None] & m[:, None, :] & (lp.scores[:, :, None] > lp.scores[:, None, :])
+
+
+def _best(lp: RankedLogps, values: torch.Tensor) -> torch.Tensor:
+    """``values`` at each list's top-scored real entry (the first one in list order on a tie), [B]."""
+    key = torch.where(lp.mask.bool(), lp.scores, torch.full_like(lp.scores, -math.inf))
+    return values.gather(1, key.argmax(dim=1, keepdim=True)).squeeze(1)
+
+
+@register_loss("rrhf", data="ranked", reference=False,
+               paper="Yuan, Yuan, Tan, Wang, Huang, Huang 2023, RRHF: Rank Responses to Align Language Models "
+                     "with Human Feedback without tears (arXiv 2304.05302)",
+               sft_weight=1.0)
+def rrhf_loss(lp: RankedLogps, beta: float, sft_weight: float = 1.0) -> torch.Tensor:
+    """RRHF, per list: L = sum_{psi_i < psi_j} max(0, p_i - p_j) + sft_weight * NLL(y_best),
+
+    p_i = log pi(y_i)/|y_i| (the paper's length-normalised score), NLL(y_best) = -p_best, the
+    mean-token NLL of the top-scored reply (the first one in list order on a tie). The paper
+    writes L = L_rank + L_ft (weight 1, the authors' train.sh ``--rrhf_weight 1``) with L_ft
+    summed over tokens; its code averages the best reply's token log-probs, as paft does, so
+    both terms are per-token quantities. Reference-free; ``beta`` is not used. Tied scores form
+    no pair; a list whose scores are all equal trains on its NLL term only.
+    """
+    p = lp.policy / _ranked_lengths(lp, "rrhf")
+    worse_than = _strictly_better(lp).transpose(1, 2)  # [b, i, j]: psi_i < psi_j
+    hinge = torch.relu(p[:, :, None] - p[:, None, :])
+    rank = torch.where(worse_than, hinge, torch.zeros_like(hinge)).sum(dim=(1, 2))
+    return rank - sft_weight * _best(lp, p)
+
+
+@register_loss("pro", data="ranked", reference=False,
+               paper="Song, Yu, Li, Yu, Huang, Li, Wang 2023, Preference Ranking Optimization for Human "
+                     "Alignment (arXiv 2306.17492)",
+               sft_weight=0.05, score_temperature=True)
+def pro_loss(lp: RankedLogps, beta: float, sft_weight: float = 0.05, score_temperature: bool = True) -> torch.Tensor:
+    """PRO (Plackett-Luce over the ranked list), per list of n replies sorted best first:
+    L = -sum_{k=1}^{n-1} log[exp(p_k t_kk) / (exp(p_k t_kk) + sum_{i>k} exp(p_i t_ki))]
+        + sft_weight (n - 1)^2 NLL(y_1),
+
+    p = log pi(y)/|y| (length-normalised). With ``score_temperature`` (the paper's full method,
+    Eq. 7, and the authors' code) t_ki = 1/T_k^i = psi_k - psi_i and t_kk = max_{i>k} t_ki, so a
+    reply far below y_k is pushed down harder; without it t = 1 (plain Plackett-Luce, Eq. 5).
+    NLL(y_1) = -log pi(y_1), the *summed* NLL of the top-scored reply, weighted
+    beta_SFT = 0.05 (n - 1)^2 as in the paper and its ``--sft_weight 0.05`` (paft's n is each
+    list's own length). Ties: the candidates of step k are y_k and the replies scored strictly
+    below it, so tied replies never compete (identical to the paper for strict rankings;
+    the authors' code would give a tie t = 0). Computed with ``logsumexp``; reference-free,
+    ``beta`` is not used.
+    """
+    p = lp.policy / _ranked_lengths(lp, "pro")
+    below = _strictly_better(lp)  # [b, k, i]: psi_k > psi_i
+    if score_temperature:
+        t = torch.where(below, lp.scores[:, :, None] - lp.scores[:, None, :], torch.zeros_like(below, dtype=p.dtype))
+    else:
+        t = below.to(p.dtype)
+    t = t.to(p.dtype)
+    own = p * t.amax(dim=2)  # p_k t_kk
+    others = torch.where(below, p[:, None, :] * t, torch.full_like(t, -math.inf))
+    step = torch.logsumexp(torch.cat([own[:, :, None], others], dim=2), dim=2) - own
+    active = below.any(dim=2)  # a step exists for k only when some reply is scored below it
+    rank = torch.where(active, step, torch.zeros_like(step)).sum(dim=1)
+    n = lp.mask.bool().sum(dim=1).to(p.dtype)
+    return rank - sft_weight * (n - 1) ** 2 * _best(lp, lp.policy)
+
+
+@register_loss("lipo", data="ranked", reference=True,
+               paper="Liu, Qin, Wu, Shen, Khalman, Joshi, Zhao, Saleh, Baumgartner, Liu, Liu, Wang 2024, LiPO: "
+                     "Listwise Preference Optimization through Learning-to-Rank (arXiv 2402.01878)")
+def lipo_loss(lp: RankedLogps, beta: float) -> torch.Tensor:
+    """LiPO-lambda, per list: L = -sum_{psi_i > psi_j} Delta_ij log sigma(s_i - s_j),
+
+    s_i = beta h(y_i) (summed log-probs, as DPO), Delta_ij = |G_i - G_j| |1/D(tau_i) - 1/D(tau_j)|
+    the LambdaLoss (NDCG) weight: gain G = 2^psi - 1, discount D(tau) = log2(1 + tau), tau_i the
+    1-based rank of y_i among the list's real entries under s, sorted descending and detached
+    (ties in s broken by list order). Pairs need psi_i > psi_j, so tied scores form none. The
+    weights are not normalised by the ideal DCG (as in the paper's Eq. 11). Gains are computed
+    in float64; scores so large that 2^psi overflows (psi > ~1000) or the weights overflow the
+    log-prob dtype are a ``DataError`` (rescale the scores). ``beta`` is the paper's beta.
+    """
+    if lp.ref is None:
+        raise ValueError("lipo needs reference log-probs (ref)")
+    s = beta * (lp.policy - lp.ref)
+    m = lp.mask.bool()
+    key = torch.where(m, s.detach(), torch.full_like(s, -math.inf))
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices
+    positions = torch.arange(1, s.shape[1] + 1, device=s.device, dtype=torch.float64).expand(s.shape[0], -1)
+    tau = torch.empty_like(positions).scatter_(1, order, positions)
+    psi = torch.where(m, lp.scores.to(torch.float64), torch.zeros_like(positions))
+    gain = torch.exp2(psi) - 1.0
+    inv_d = 1.0 / torch.log2(1.0 + tau)
+    weight = ((gain[:, :, None] - gain[:, None, :]).abs() * (inv_d[:, :, None] - inv_d[:, None, :]).abs()).to(s.dtype)
+    better = _strictly_better(lp)
+    if not bool(torch.isfinite(torch.where(better, weight, torch.zeros_like(weight))).all()):
+        raise DataError(f"lipo: preference scores up to {float(psi.max()):g} make the lambda weights "
+                        "|2^psi_i - 2^psi_j| overflow; rescale the scores (e.g. to 0..10)")
+    term = weight * F.logsigmoid(s[:, :, None] - s[:, None, :])
+    return -torch.where(better, term, torch.zeros_like(term)).sum(dim=(1, 2))

@@ -11,6 +11,10 @@ The batch layout follows the method's data kind (``LossSpec.data``):
   KTO followed by B mismatched "KL" rows (prompt_{i+1 mod B} + completion_i), and ``desirable``
   ([B] bool) -> ``UnpairedLogps``. Only the matched rows carry gradient: the policy's KL rows
   run under ``no_grad`` (KTO detaches the KL estimate anyway).
+- ``ranked`` (``RankedCollator``): every reply of every list as one flat batch of N rows (list 0's
+  replies, then list 1's...), ``list_index`` ([B, K], the row of reply k of list b, -1 past a
+  shorter list) and ``scores`` ([B, K]) -> ``RankedLogps`` ([B, K], masked where ``list_index``
+  is -1).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 import torch
 
 from paft.train.logps import sequence_logps
-from paft.train.losses import PairLogps, UnpairedLogps, get_loss
+from paft.train.losses import PairLogps, RankedLogps, UnpairedLogps, get_loss
 
 
 @dataclass
@@ -39,6 +43,8 @@ class PreferenceObjective:
     def __call__(self, model, batch):
         if self.spec.data in ("pairs", "online"):  # online methods train on the pairs each round builds
             return self._pairs(model, batch)
+        if self.spec.data == "ranked":
+            return self._ranked(model, batch)
         return self._unpaired(model, batch)
 
     def reference_logps(self, model, ids, mask, labels) -> torch.Tensor:
@@ -79,6 +85,19 @@ class PreferenceObjective:
         loss = self.spec.fn(lp, beta=self.beta, **self.kwargs).mean()
         return loss, _unpaired_metrics(lp, self.beta)
 
+    def _ranked(self, model, batch):
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        index = batch["list_index"]
+        present = index >= 0
+        rows = index.clamp(min=0)  # padded entries read row 0; the mask keeps them out of the loss
+        logps, counts = sequence_logps(model, ids, mask, labels)
+        lp = RankedLogps(policy=logps[rows], scores=batch["scores"].to(logps.dtype), mask=present,
+                         tokens=counts[rows])
+        if self.spec.reference:
+            lp.ref = self.reference_logps(model, ids, mask, labels).detach()[rows]
+        loss = self.spec.fn(lp, beta=self.beta, **self.kwargs).mean()
+        return loss, _ranked_metrics(lp, self.beta)
+
 
 def _rows(batch, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows [start, stop) of the batch, with the columns past their longest row cut off."""
@@ -111,4 +130,30 @@ def _unpaired_metrics(lp: UnpairedLogps, beta: float) -> dict[str, float]:
         out["rewards/margin"] = out["rewards/desirable"] - out["rewards/undesirable"]
     if lp.policy_kl is not None and lp.ref_kl is not None:
         out["kl"] = (lp.policy_kl - lp.ref_kl).mean().clamp(min=0).item()
+    return out
+
+
+def _ranked_metrics(lp: RankedLogps, beta: float) -> dict[str, float]:
+    """``rank/top1_accuracy``: share of lists whose top-scored reply (any of them on a tie) also has the
+    highest model score the loss ranks by: beta h(y) with a reference (LiPO), else the
+    length-normalised log-prob (RRHF, PRO). Plus the mean policy log-prob over all replies, of the
+    top- and of the lowest-scored reply, and, with a reference, the mean implicit reward beta h(y)."""
+    m = lp.mask.bool()
+    policy = lp.policy.detach()
+    if lp.ref is not None:
+        model_score = beta * (policy - lp.ref)
+    else:
+        model_score = policy / lp.tokens.to(policy.dtype).clamp(min=1)
+    neg_inf = torch.full_like(model_score, -torch.inf)
+    scores = torch.where(m, lp.scores, neg_inf)
+    top = model_score.masked_fill(~m, -torch.inf).argmax(dim=1, keepdim=True)
+    hit = scores.gather(1, top).squeeze(1) == scores.max(dim=1).values
+    best = scores.argmax(dim=1, keepdim=True)
+    worst = torch.where(m, lp.scores, -neg_inf).argmin(dim=1, keepdim=True)
+    out = {"rank/top1_accuracy": hit.float().mean().item(),
+           "logps/mean": policy[m].mean().item(),
+           "logps/best": policy.gather(1, best).mean().item(),
+           "logps/worst": policy.gather(1, worst).mean().item()}
+    if lp.ref is not None:
+        out["rewards/mean"] = model_score[m].mean().item()
     return out
