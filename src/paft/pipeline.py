@@ -150,6 +150,7 @@ class Run:
     def _prepare_data(self) -> dict[str, Any]:
         from paft.data.demo import demo_splits
         from paft.data.loading import hash_source, load_examples, split_examples
+        from paft.train.losses import get_loss
 
         d, summary = self.cfg.data, {}
         for kind in ("sft", "preference"):
@@ -158,8 +159,10 @@ class Run:
             if src.path == "demo":
                 n_train = d.demo.sft_train if kind == "sft" else d.demo.preference_train
                 n_eval = d.demo.sft_eval if kind == "sft" else d.demo.preference_eval
-                train, held = demo_splits(kind, n_train, n_eval, d.demo.seed)
-                info.update(format="demo", sha256=f"demo:seed={d.demo.seed}", skipped=0)
+                # listwise methods (data kind "ranked") get graded reply lists for the same prompts
+                ranked = kind == "preference" and get_loss(self.cfg.preference.method).data == "ranked"
+                train, held = demo_splits(kind, n_train, n_eval, d.demo.seed, ranked=ranked)
+                info.update(format="demo_ranked" if ranked else "demo", sha256=f"demo:seed={d.demo.seed}", skipped=0)
             else:
                 res = load_examples(src.path, kind, fmt=src.format, split=src.split, subset=src.subset,
                                     skip_invalid=d.skip_invalid, beavertails_preference=src.beavertails_preference,
@@ -225,6 +228,28 @@ class Run:
         scorer = p.online.scorer
         return (get_loss(p.method).schedule == "online" and p.method != "self-rewarding"
                 and scorer.kind == "reward_model" and scorer.path is None)
+
+    def reward(self) -> dict[str, Any]:
+        """Train the Bradley-Terry reward model (``reward`` section) on the preference pairs into RUN/reward/ (once).
+
+        Trains on data/preference_train.jsonl and measures pairwise accuracy on
+        data/preference_eval.jsonl (RUN/reward/reward_eval.json); a finished one is reused.
+        """
+        from paft.train.branch import branch_done, read_summary
+        from paft.train.reward import reward_pairs, train_reward
+
+        out = self.branch_dir("reward")
+        if branch_done(out):
+            return read_summary(out)
+        self.data()
+        reward_pairs(self.data_dir / "preference_train.jsonl")  # unpaired data fails before the base is resolved
+        _ = self.model_dir
+        start = time.perf_counter()
+        summary = train_reward(self.cfg, self.model_dir, self.data_dir / "preference_train.jsonl", out,
+                               eval_path=self.data_dir / "preference_eval.jsonl", device=self.device,
+                               threads=self.cfg.run.threads, report=self.ui.branch_report)
+        self._timed("reward", start)
+        return summary
 
     def _job_args(self, job: Job) -> dict[str, Any]:
         return {"kind": job.kind, "cfg": self.cfg, "model_dir": self.model_dir,
