@@ -132,7 +132,7 @@ def sparsity_cmd(
     rel: Annotated[Optional[str], typer.Option("--rel", help="thresholds relative to the base weight's RMS")] = None,
     workers: Annotated[Optional[int], typer.Option("--workers", help="tensors in parallel (default: cores, "
                                                                      "at most 4)")] = None):
-    """Share of near-zero delta entries: of a run's branches (RUN/sparsity.json), or of any models/adapters vs --base."""
+    """Share of near-zero delta entries: of a run's branches (RUN/sparsity.json), or of any models vs --base."""
     if base is not None:
         from paft.merge.cli_support import print_sparsity_table, standalone_sparsity
 
@@ -175,13 +175,13 @@ def merge_cmd(
         "--tokenizer-source", help="base (default) or a model folder to copy the tokenizer from")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="seed of DARE/DELLA masks")] = None,
     to_lora: Annotated[Optional[int], typer.Option(
-        "--to-lora", metavar="RANK", help="write the merged delta as a LoRA adapter of this rank (truncated SVD)")] = None,
+        "--to-lora", metavar="RANK", help="write the merged delta as a rank-RANK LoRA adapter (SVD)")] = None,
     resize_vocab: Annotated[bool, typer.Option(
         "--resize-vocab", help="merge models whose vocabulary size differs: keep the base's rows")] = False,
     workers: Annotated[Optional[int], typer.Option("--workers", help="tensors merged in parallel (default: "
                                                                      "cores, at most 4)")] = None,
     param: Annotated[Optional[list[str]], typer.Option(
-        "--param", help="method parameter key=value (normalize, lambda, t, rescale, majority_sign); flag mode")] = None):
+        "--param", help="method parameter key=value: normalize, lambda, t, rescale, majority_sign")] = None):
     """Merge: a run's SFT and preference deltas (RUN/merged), or your own checkpoints from a mergekit YAML / flags."""
     from paft.merge.cli_support import merge_mode
 

@@ -7,6 +7,8 @@ absolute terms and relative to the scale (RMS) of the base weight it modifies.
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -103,3 +105,116 @@ def adapter_sparsity(adapter_dir: str | Path, base_dir: str | Path, absolute: It
         return base.get(name).float().pow(2).mean().sqrt().item()
 
     return delta_sparsity(LoraDeltas(adapter_dir, base), rms, absolute, relative)
+
+
+# --- standalone: `paft sparsity MODEL_OR_ADAPTER... --base BASE` ------------------------------------
+
+HIST_RANGE = (-10.0, 1.0)  # log10 |delta|; smaller non-zero entries count in the first bin, larger in the last
+HIST_BINS = 44
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """``model.layers.3.mlp.up_proj.weight`` -> 3; None outside the layer stack."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _histogram(delta: torch.Tensor, bins: int = HIST_BINS, lo: float = HIST_RANGE[0],
+               hi: float = HIST_RANGE[1]) -> tuple[list[int], int]:
+    """Counts of log10|delta| over ``bins`` equal bins on [lo, hi] (clamped into the end bins), and the zeros."""
+    a = delta.detach().float().abs().flatten()
+    nz = a[a > 0]
+    width = (hi - lo) / bins
+    idx = ((nz.log10() - lo) / width).floor().clamp_(0, bins - 1).long()
+    return torch.bincount(idx, minlength=bins).tolist(), int(a.numel() - nz.numel())
+
+
+def model_sparsity(path: str | Path, base_dir: str | Path, absolute: Iterable[float] = ABSOLUTE,
+                   relative: Iterable[float] = RELATIVE, workers: int | None = None) -> dict:
+    """Sparsity of the delta of a LoRA adapter or a full checkpoint against ``base_dir``, streamed on a thread pool.
+
+    Returns :func:`delta_sparsity`'s ``modules``/``by_type``/``overall`` plus
+    ``by_layer`` (keys ``"0"``, ``"1"``, ... and ``"other"`` for tensors outside
+    the layers), ``histogram`` (``edges`` of log10|δ|, ``counts`` per bin,
+    ``zeros``) and ``kind`` (``lora`` or ``full``). Integer tensors are skipped.
+    """
+    from paft.merge.deltas import ADAPTER_CONFIG, CheckpointDeltas
+    from paft.merge.engine import default_workers, ordered_map
+
+    path = Path(path)
+    if not path.is_dir():
+        raise PaftError(f"{path}: not a folder (give a model folder or a LoRA adapter folder)")
+    base = open_state(base_dir)
+    is_lora = (path / ADAPTER_CONFIG).is_file()
+    src = LoraDeltas(path, base) if is_lora else CheckpointDeltas(path, base)
+    names = [n for n in src.names() if base.dtype(n).is_floating_point] if not is_lora else src.names()
+    absolute, relative = tuple(absolute), tuple(relative)
+
+    def rms(name: str) -> float:
+        return base.get(name).float().pow(2).mean().sqrt().item()
+
+    def one(name: str) -> tuple[str, dict, list[int], int] | None:
+        """Everything per tensor happens here, on the pool: delta, statistics, histogram."""
+        delta = src.delta(name)
+        if delta.numel() == 0:
+            return None
+        if not torch.isfinite(delta).all():
+            raise PaftError(f"{path}: delta for {name} contains NaN or inf")
+        stats = _tensor_stats(delta, rms(name), absolute, relative)
+        counts, zeros = _histogram(delta)
+        return name, stats, counts, zeros
+
+    modules: dict[str, dict] = {}
+    hist, zeros = [0] * HIST_BINS, 0
+    workers_ = default_workers() if workers is None else max(1, int(workers))
+    for res in ordered_map(one, names, workers_, cost=lambda n: math.prod(base.shape(n))):
+        if res is None:
+            continue
+        name, stats, counts, z = res
+        modules[name] = stats
+        hist = [a + b for a, b in zip(hist, counts)]
+        zeros += z
+    if not modules:
+        raise PaftError(f"{path}: no deltas to measure")
+    groups: dict[str, list[dict]] = {}
+    for name, stats in modules.items():
+        groups.setdefault(module_type(name), []).append(stats)
+    out = {"modules": modules, "by_type": {t: _aggregate(rows) for t, rows in sorted(groups.items())},
+           "overall": _aggregate(list(modules.values()))}
+    layers: dict[str, list[dict]] = {}
+    for name, stats in out["modules"].items():
+        i = layer_index(name)
+        layers.setdefault("other" if i is None else str(i), []).append(stats)
+    order = sorted((k for k in layers if k != "other"), key=int) + (["other"] if "other" in layers else [])
+    out["by_layer"] = {k: _aggregate(layers[k]) for k in order}
+    lo, hi = HIST_RANGE
+    out["histogram"] = {"edges": [lo + i * (hi - lo) / HIST_BINS for i in range(HIST_BINS + 1)], "counts": hist,
+                        "zeros": zeros}
+    out["kind"] = "lora" if is_lora else "full"
+    return out
+
+
+def compare_sparsity(paths: list[str | Path], base_dir: str | Path, out_dir: str | Path | None = None, *,
+                     absolute: Iterable[float] = ABSOLUTE, relative: Iterable[float] = RELATIVE,
+                     workers: int | None = None, force: bool = False) -> dict:
+    """:func:`model_sparsity` of several inputs against one base; with ``out_dir``, also
+    ``sparsity.json`` and ``sparsity.png`` (histograms and per-layer shares side by side), written atomically.
+    Inputs are keyed by folder name (made unique with a suffix)."""
+    results: dict[str, dict] = {}
+    for p in paths:
+        parts = Path(p).resolve().parts
+        key, i = parts[-1], 2
+        if key in results or key in ("adapter", "merged", "model"):  # generic names: add the parent folder
+            key = "/".join(parts[-2:])
+        while key in results:
+            key, i = f"{'/'.join(parts[-2:])}-{i}", i + 1
+        results[key] = {"path": str(p), **model_sparsity(p, base_dir, absolute, relative, workers)}
+    if out_dir is not None:
+        from paft.io import atomic_dir, write_json_atomic
+        from paft.report.sparsity_plot import plot_sparsity
+
+        with atomic_dir(out_dir, force=force) as tmp:
+            write_json_atomic(tmp / "sparsity.json", {"base": str(base_dir), "inputs": results})
+            plot_sparsity(results, tmp / "sparsity.png")
+    return results

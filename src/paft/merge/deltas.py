@@ -22,6 +22,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _PEFT_PREFIX = "base_model.model."
+_ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?$")
 
 
@@ -64,6 +67,14 @@ class StateDir:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._file(name).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype, read from the header (no tensor data is loaded)."""
+        code = self._file(name).get_slice(name).get_dtype()
+        try:
+            return _ST_TORCH[code]
+        except KeyError:
+            raise PaftError(f"{self.path}: tensor {name} has unsupported dtype {code}") from None
 
 
 def open_state(path: str | Path) -> StateDir:

@@ -1,18 +1,27 @@
 """Merge branch deltas into the base model and write a loadable Hugging Face folder.
 
-Tensors are processed one at a time (read base, compute each branch's delta,
-merge, write), so peak memory is about one shard plus one tensor per branch.
+Tensors are streamed: each worker reads one base tensor and one delta per branch
+from memory-mapped safetensors, merges them in float32 and hands the result back;
+a bounded window of tensors is in flight (``workers + 1``), and the writer takes
+them in the base's order, so the output is identical for any number of workers.
+Shards are written as they go (their headers are known up front from the base's
+shapes), so peak memory is a few tensors, not a shard.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import shutil
+import struct
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
-from safetensors.torch import save_file
 
 from paft.errors import PaftError
 from paft.io import atomic_dir, package_versions, write_json_atomic
@@ -24,7 +33,154 @@ SHARD_BYTES = 2 * 10**9  # Hugging Face's default max_shard_size ("2GB")
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja", "chat_template.json", "vocab.json",
                 "merges.txt", "tokenizer.model", "added_tokens.json")
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = tuple(f for f in COPIED_FILES if f not in CONFIG_FILES)
 METADATA_FILE = "paft_merge.json"
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+def default_workers() -> int:
+    """Threads for the tensor pool: the usable cores, at most 4 (each in-flight tensor costs memory)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
+@contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Give torch ``n`` intra-op threads for the block (the pool already runs one tensor per core)."""
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+INFLIGHT_NUMEL = 1 << 25  # entries in flight at once (a tensor larger than this runs alone)
+
+
+def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int,
+                cost: Callable[[Any], int] | None = None, budget: int = INFLIGHT_NUMEL) -> Iterator[Any]:
+    """``map(fn, items)`` on a pool of ``workers`` threads, results in input order.
+
+    torch kernels and safetensors reads release the GIL, so tensors really run in
+    parallel. At most ``workers`` items are in flight, and with ``cost`` (an
+    item's size, e.g. its numel) only while their summed cost stays within
+    ``budget`` (an item costlier than the budget runs alone), so peak memory is
+    bounded by a few tensors. The first exception is raised in order, after the
+    pending tasks are cancelled.
+    """
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    cost = cost or (lambda _: 0)
+    it = iter(items)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="paft-merge") as pool:
+        pending: deque = deque()  # (future, cost)
+        inflight, nxt, exhausted = 0, None, False
+
+        def fill() -> None:
+            nonlocal inflight, nxt, exhausted
+            while len(pending) < workers and not exhausted:
+                if nxt is None:
+                    nxt = next(it, _END)
+                    if nxt is _END:
+                        exhausted = True
+                        return
+                c = cost(nxt)
+                if pending and inflight + c > budget:
+                    return
+                pending.append((pool.submit(fn, nxt), c))
+                inflight += c
+                nxt = None
+
+        try:
+            fill()
+            while pending:
+                fut, c = pending.popleft()
+                result = fut.result()
+                inflight -= c
+                fill()
+                yield result
+        finally:
+            for fut, _ in pending:
+                fut.cancel()
+
+
+_END = object()
+
+
+class StreamingShardWriter:
+    """Write tensors in a fixed order into safetensors shards whose headers are computed up front.
+
+    ``plan`` lists ``(name, shape, dtype)`` in write order; shards hold at most
+    ``shard_bytes`` (a larger tensor gets a shard of its own). One shard is named
+    ``model.safetensors``; several are ``model-0000i-of-0000n.safetensors`` with an index.
+    """
+
+    def __init__(self, folder: Path, plan: Sequence[tuple[str, tuple[int, ...], torch.dtype]], shard_bytes: int):
+        self.folder = Path(folder)
+        self.shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
+        size = 0
+        for name, shape, dtype in plan:
+            if dtype not in _ST_DTYPES:
+                raise PaftError(f"{name}: dtype {dtype} cannot be written to safetensors")
+            nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+            if self.shards[-1] and size + nbytes > shard_bytes:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append((name, tuple(shape), dtype, nbytes))
+            size += nbytes
+        n = len(self.shards)
+        self.files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.total_bytes = sum(e[3] for shard in self.shards for e in shard)
+        self._order = [(i, e) for i, shard in enumerate(self.shards) for e in shard]
+        self._next, self._fh, self._open_shard = 0, None, -1
+
+    def _start_shard(self, i: int) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype, nbytes in self.shards[i]:
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._fh = open(self.folder / self.files[i], "wb")  # noqa: SIM115 - closed in close()/next shard
+        self._fh.write(struct.pack("<Q", len(raw)) + raw)
+        self._open_shard = i
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._order):
+            raise PaftError(f"{name}: more tensors written than planned")
+        i, (want, shape, dtype, nbytes) = self._order[self._next]
+        if name != want or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise PaftError(f"writer expected {want} {shape} {dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
+        if i != self._open_shard:
+            self._start_shard(i)
+        if nbytes:
+            self._fh.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self._order):
+            raise PaftError(f"writer got {self._next} of {len(self._order)} planned tensors")
+        if self._open_shard < 0:  # no tensors at all: still write a valid empty file
+            self._start_shard(0)
+        self._fh.close()
+        if len(self.files) > 1:
+            weight_map = {e[0]: self.files[i] for i, shard in enumerate(self.shards) for e in shard}
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def open_branch(path: str | Path, base: StateDir) -> LoraDeltas | CheckpointDeltas:
@@ -44,47 +200,12 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return resolved
 
 
-class _ShardWriter:
-    """Write tensors into shards of at most ``SHARD_BYTES``; name them once the count is known."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.pending, self.pending_bytes = folder, {}, 0
-        self.shards: list[list[str]] = []
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > SHARD_BYTES:
-            self._flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
-        self.total_bytes += size
-
-    def _flush(self) -> None:
-        save_file(self.pending, self.folder / f".shard-{len(self.shards)}", metadata={"format": "pt"})
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
-
-    def close(self) -> None:
-        if self.pending or not self.shards:
-            self._flush()
-        n = len(self.shards)
-        if n == 1:
-            (self.folder / ".shard-0").rename(self.folder / SINGLE_FILE)
-            return
-        weight_map = {}
-        for i, names in enumerate(self.shards):
-            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            (self.folder / f".shard-{i}").rename(self.folder / fname)
-            weight_map.update(dict.fromkeys(names, fname))
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _copy_configs(base_dir: Path, out: Path, dtype: torch.dtype | None) -> None:
-    for fname in COPIED_FILES:
-        if (base_dir / fname).is_file():
-            shutil.copy2(base_dir / fname, out / fname)
+def copy_model_files(config_dir: Path, tokenizer_dir: Path, out: Path, dtype: torch.dtype | None) -> None:
+    """Copy config files from ``config_dir`` and tokenizer files from ``tokenizer_dir``; fix the declared dtype."""
+    for src, names in ((config_dir, CONFIG_FILES), (tokenizer_dir, TOKENIZER_FILES)):
+        for fname in names:
+            if (Path(src) / fname).is_file():
+                shutil.copy2(Path(src) / fname, out / fname)
     config = out / "config.json"
     if dtype is not None and config.is_file():  # keep the declared dtype truthful after a cast
         cfg = json.loads(config.read_text())
@@ -94,20 +215,120 @@ def _copy_configs(base_dir: Path, out: Path, dtype: torch.dtype | None) -> None:
         config.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
+def _copy_configs(base_dir: Path, out: Path, dtype: torch.dtype | None) -> None:
+    copy_model_files(base_dir, base_dir, out, dtype)
+
+
+class MergeJob:
+    """One merge, tensor by tensor: ``base + merge(deltas)`` with parameters resolved per tensor.
+
+    ``sources`` give ``names()`` and ``delta(name)`` (float32, the base's shape);
+    a tensor a source does not name gets a zero delta from it. ``resolve(name)``
+    returns the keyword arguments of :func:`check_merge_args` for that tensor
+    (``weights``, ``density`` (one or one per source) and method parameters), so
+    layer gradients and per-module filters work; every merged tensor's
+    parameters are checked before any tensor is read. ``labels`` name the
+    sources in error messages.
+    """
+
+    def __init__(self, base: StateDir, sources: Sequence[Any], method: str, resolve: Callable[[str], dict], *,
+                 seed: int = 0, out_dtype: torch.dtype | None = None, labels: Sequence[str] | None = None):
+        self.base, self.sources, self.method, self.resolve = base, list(sources), method, resolve
+        self.seed, self.out_dtype = int(seed), out_dtype
+        self.labels = [str(x) for x in labels] if labels is not None else [str(s.path) for s in self.sources]
+        self.own = [set(s.names()) for s in self.sources]
+        for label, own in zip(self.labels, self.own):
+            extra = sorted(n for n in own if n not in base)
+            if extra:
+                raise PaftError(f"{label}: has a delta for {extra[0]}, which base {base.path} does not have "
+                                "(tied embeddings or another architecture?)")
+        touched = set().union(*self.own) if self.own else set()
+        self.names = base.keys()
+        self.merged_names = [n for n in self.names if n in touched and base.dtype(n).is_floating_point]
+        for name in self.merged_names:
+            try:
+                check_merge_args(method, len(self.sources), **resolve(name))
+            except PaftError as exc:
+                raise PaftError(f"{name}: {exc}") from None
+        self._merged = set(self.merged_names)
+
+    def target_dtype(self, name: str) -> torch.dtype:
+        dtype = self.base.dtype(name)
+        return self.out_dtype if self.out_dtype is not None and dtype.is_floating_point else dtype
+
+    def plan(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        return [(n, self.base.shape(n), self.target_dtype(n)) for n in self.names]
+
+    def work(self, name: str, keep_delta: bool = False) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+        """``(name, output tensor, float32 merged delta or None)``; NaN/inf in inputs or output is refused."""
+        w = self.base.get(name)
+        target = self.target_dtype(name)
+        if not w.is_floating_point():
+            return name, w, None
+        if not torch.isfinite(w).all():
+            raise PaftError(f"{name}: base tensor contains NaN or inf (in {self.base.path})")
+        if name not in self._merged:
+            return name, w.to(target), None
+        base_w = w.float()
+        deltas = []
+        for i, (src, own, label) in enumerate(zip(self.sources, self.own, self.labels)):
+            d = src.delta(name) if name in own else torch.zeros(w.shape)
+            if d.shape != w.shape:
+                raise PaftError(f"{label}: delta for {name} has shape {tuple(d.shape)}, base has {tuple(w.shape)}")
+            if not torch.isfinite(d).all():
+                raise PaftError(f"{name}: delta {i} contains NaN or inf (input {label})")
+            deltas.append(d)
+        params = dict(self.resolve(name))
+        weights, density = params.pop("weights"), params.pop("density")
+        try:
+            mixed = merge_deltas(self.method, deltas, weights, density=density,
+                                 generator=tensor_generator(self.seed, name), base=base_w, **params)
+        except PaftError as exc:
+            raise PaftError(f"{name}: {exc} (inputs: {', '.join(self.labels)})") from None
+        out = (base_w + mixed).to(target)
+        if not torch.isfinite(out).all():  # checked after the cast: fp16 can overflow
+            raise PaftError(f"merged tensor {name} contains NaN or inf (in {target})")
+        return name, out, (mixed if keep_delta else None)
+
+    def run(self, fn: Callable[[str], Any] | None = None, workers: int | None = None,
+            torch_threads: int | None = None) -> Iterator[Any]:
+        """``fn(name)`` (default :meth:`work`) for every base tensor, in order, on ``workers`` threads."""
+        workers = default_workers() if workers is None else max(1, int(workers))
+        if torch_threads is None and workers > 1:
+            torch_threads = max(1, torch.get_num_threads() // workers)
+        with _torch_threads(torch_threads if workers > 1 else None):
+            yield from ordered_map(fn or self.work, self.names, workers,
+                                   cost=lambda n: math.prod(self.base.shape(n)) if n in self._merged else 0)
+
+    def write(self, folder: Path, workers: int | None = None,
+              progress: Callable[[int, int], None] | None = None) -> int:
+        """Stream every tensor into safetensors shards under ``folder``; returns the bytes written."""
+        writer = StreamingShardWriter(folder, self.plan(), SHARD_BYTES)
+        total = len(self.names)
+        for done, (name, tensor, _) in enumerate(self.run(workers=workers), start=1):
+            writer.write(name, tensor)
+            if progress is not None:
+                progress(done, total)
+        writer.close()
+        return writer.total_bytes
+
+
 def merge_into_base(base_dir: str | Path, branches: list[str | Path], weights: list[float], method: str, *,
                     density: float = 1.0, seed: int = 0, out_dir: str | Path, force: bool = False,
                     dtype: torch.dtype | str | None = None,
-                    progress: Callable[[int, int], None] | None = None, **params: object) -> dict:
+                    progress: Callable[[int, int], None] | None = None, workers: int | None = None,
+                    **params: object) -> dict:
     """Write ``base + merge(deltas of each branch)`` to ``out_dir`` as a Hugging Face model folder.
 
     A tensor some branch changes is merged with one delta per branch (zero for
     branches that leave it alone, so e.g. ``linear`` averages against them);
     untouched tensors are copied. DARE masks come from ``tensor_generator(seed, name)``,
-    so the result is reproducible tensor by tensor. ``dtype`` casts floating
-    tensors (default: keep the base's). ``params`` (normalize, majority_sign, gamma,
-    epsilon, lambda_, t) go to :func:`merge_deltas`, which also gets each float32
-    base tensor (slerp needs it). Returns the summary also written to
-    ``paft_merge.json`` (with ``params`` when given).
+    so the result is reproducible tensor by tensor (and the same for any ``workers``).
+    ``dtype`` casts floating tensors (default: keep the base's). ``params`` (normalize,
+    majority_sign, gamma, epsilon, lambda_, t, rescale) go to :func:`merge_deltas`,
+    which also gets each float32 base tensor (slerp needs it). ``workers``: tensors
+    merged in parallel (default: the cores, at most 4). Returns the summary also
+    written to ``paft_merge.json`` (with ``params`` when given).
     """
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     weights = [float(w) for w in weights]
@@ -115,44 +336,14 @@ def merge_into_base(base_dir: str | Path, branches: list[str | Path], weights: l
     out_dtype = _resolve_dtype(dtype)
     base = open_state(base_dir)
     sources = [open_branch(b, base) for b in branches]
-    branch_names = [set(s.names()) for s in sources]
-    for src, own in zip(sources, branch_names):
-        extra = sorted(n for n in own if n not in base)
-        if extra:
-            raise PaftError(f"{src.path}: has a delta for {extra[0]}, which base {base_dir} does not have "
-                            "(tied embeddings or another architecture?)")
-    touched = set().union(*branch_names)
-    names = base.keys()
-    merged_count = 0
+    resolved = {"weights": weights, "density": density, **params}
+    job = MergeJob(base, sources, method, lambda name: resolved, seed=seed, out_dtype=out_dtype,
+                   labels=[str(b) for b in branches])
     with atomic_dir(out_dir, force=force) as tmp:
-        writer = _ShardWriter(tmp)
-        for done, name in enumerate(names, start=1):
-            w = base.get(name)
-            target = out_dtype if out_dtype is not None and w.is_floating_point() else w.dtype
-            if name in touched and w.is_floating_point():
-                deltas = [s.delta(name) if name in own else torch.zeros(w.shape)
-                          for s, own in zip(sources, branch_names)]
-                for src, d in zip(sources, deltas):
-                    if d.shape != w.shape:
-                        raise PaftError(f"{src.path}: delta for {name} has shape {tuple(d.shape)}, "
-                                        f"base has {tuple(w.shape)}")
-                base_w = w.float()
-                try:
-                    mixed = merge_deltas(method, deltas, weights, density=density,
-                                         generator=tensor_generator(seed, name), base=base_w, **params)
-                except PaftError as exc:  # e.g. "delta 1 contains NaN": say which tensor and branch list
-                    raise PaftError(f"{name}: {exc} (branches: {', '.join(map(str, branches))})") from None
-                w = (base_w + mixed).to(target)
-                if not torch.isfinite(w).all():  # checked after the cast: fp16 can overflow
-                    raise PaftError(f"merged tensor {name} contains NaN or inf (in {target})")
-                merged_count += 1
-            writer.add(name, w.to(target))
-            if progress is not None:
-                progress(done, len(names))
-        writer.close()
+        job.write(tmp, workers=workers, progress=progress)
         _copy_configs(base_dir, tmp, out_dtype)
         summary = {"method": method, "weights": weights, "density": density, "seed": seed,
-                   "tensors_merged": merged_count, "tensors_total": len(names), "out_dir": str(out_dir)}
+                   "tensors_merged": len(job.merged_names), "tensors_total": len(job.names), "out_dir": str(out_dir)}
         if params:
             summary["params"] = dict(params)
         write_json_atomic(tmp / METADATA_FILE, {**summary, "base": str(base_dir),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -29,6 +29,7 @@ _SIGN_MODES = ("total", "count")
 #: method keywords beyond density/normalize/majority_sign, with mergekit's defaults
 PARAM_DEFAULTS: dict[str, float] = {"gamma": 0.01, "epsilon": 0.15, "lambda_": 1.0, "t": 0.5}
 _GAMMA_METHODS = ("breadcrumbs", "breadcrumbs_ties")
+_RESCALE_METHODS = ("dare_linear", "dare_ties")
 _EPSILON_METHODS = ("della", "della_linear")
 _NEEDS_BASE = ("slerp",)
 
@@ -53,8 +54,20 @@ def tensor_generator(seed: int, name: str) -> torch.Generator:
     return gen
 
 
-def check_merge_args(method: str, n_deltas: int, weights: list[float], density: float,
-                     majority_sign: str = "total", *, normalize: bool | None = None,
+def _densities(density: float | Sequence[float], n_deltas: int) -> list[float]:
+    """One density per delta: a number applies to all, a sequence gives one each (mergekit's per-model density)."""
+    if isinstance(density, (int, float)) and not isinstance(density, bool):
+        return [float(density)] * n_deltas
+    if isinstance(density, (list, tuple)) and all(isinstance(d, (int, float)) and not isinstance(d, bool)
+                                                  for d in density):
+        if len(density) != n_deltas:
+            raise PaftError(f"got {len(density)} densities for {n_deltas} deltas; give one, or one per branch")
+        return [float(d) for d in density]
+    raise PaftError(f"density must be a number or a list of numbers, got {density!r}")
+
+
+def check_merge_args(method: str, n_deltas: int, weights: list[float], density: float | Sequence[float],
+                     majority_sign: str = "total", *, normalize: bool | None = None, rescale: bool = True,
                      gamma: float = PARAM_DEFAULTS["gamma"], epsilon: float = PARAM_DEFAULTS["epsilon"],
                      lambda_: float = PARAM_DEFAULTS["lambda_"], t: float = PARAM_DEFAULTS["t"],
                      **unknown: object) -> None:
@@ -67,15 +80,19 @@ def check_merge_args(method: str, n_deltas: int, weights: list[float], density: 
     """
     if unknown:
         raise PaftError(f"unknown merge parameter {next(iter(unknown))!r}; known: normalize, majority_sign, "
-                        f"{', '.join(PARAM_DEFAULTS)}")
+                        f"{', '.join(PARAM_DEFAULTS)}, rescale")
     if method not in MERGE_METHODS:
         raise PaftError(f"unknown merge method {method!r}; known: {', '.join(MERGE_METHODS)}")
     if n_deltas == 0:
         raise PaftError("nothing to merge: no deltas given")
     if len(weights) != n_deltas:
         raise PaftError(f"got {len(weights)} weights for {n_deltas} deltas; give one weight per branch")
-    if not 0.0 < density <= 1.0:
-        raise PaftError(f"density must be in (0, 1], got {density}")
+    densities = _densities(density, n_deltas)
+    for density in densities:
+        if not 0.0 < density <= 1.0:
+            raise PaftError(f"density must be in (0, 1], got {density}")
+    if not isinstance(rescale, bool):
+        raise PaftError(f"rescale must be true or false, got {rescale!r}")
     if majority_sign not in _SIGN_MODES:
         raise PaftError(f"majority_sign must be one of {', '.join(_SIGN_MODES)}, got {majority_sign!r}")
     if normalize is not None and not isinstance(normalize, bool):
@@ -91,20 +108,24 @@ def check_merge_args(method: str, n_deltas: int, weights: list[float], density: 
         raise PaftError(f"t must be in [0, 1], got {t}")
     if not math.isfinite(lambda_):
         raise PaftError(f"lambda_ must be a finite number, got {lambda_}")
-    if method in _GAMMA_METHODS and density < 1.0 and density + gamma > 1.0 + 1e-12:
-        raise PaftError(f"gamma + density must be <= 1 (gamma drops the largest entries, density keeps the "
-                        f"next ones), got gamma {gamma} + density {density}")
-    if method in _EPSILON_METHODS and density < 1.0 and not (density - epsilon > 0.0
-                                                             and density + epsilon <= 1.0 + 1e-12):
-        raise PaftError(f"epsilon must keep density +/- epsilon in (0, 1], got density {density} and "
-                        f"epsilon {epsilon}")
+    for density in densities:
+        if method in _GAMMA_METHODS and density < 1.0 and density + gamma > 1.0 + 1e-12:
+            raise PaftError(f"gamma + density must be <= 1 (gamma drops the largest entries, density keeps the "
+                            f"next ones), got gamma {gamma} + density {density}")
+        if method in _EPSILON_METHODS and density < 1.0 and not (density - epsilon > 0.0
+                                                                 and density + epsilon <= 1.0 + 1e-12):
+            raise PaftError(f"epsilon must keep density +/- epsilon in (0, 1], got density {density} and "
+                            f"epsilon {epsilon}")
+    if not rescale and method not in _RESCALE_METHODS:
+        raise PaftError(f"rescale: false applies to {', '.join(_RESCALE_METHODS)} only, not {method}")
     if method == "slerp" and n_deltas != 2:
         raise PaftError(f"slerp interpolates exactly 2 models, got {n_deltas}")
     if method == "model_stock" and n_deltas < 2:
         raise PaftError(f"model_stock needs at least 2 fine-tuned models, got {n_deltas}")
 
 
-def merge_deltas(method: str, deltas: list[torch.Tensor], weights: list[float], *, density: float = 1.0,
+def merge_deltas(method: str, deltas: list[torch.Tensor], weights: list[float], *,
+                 density: float | Sequence[float] = 1.0, rescale: bool = True,
                  generator: torch.Generator | None = None, normalize: bool | None = None,
                  majority_sign: str = "total", gamma: float = PARAM_DEFAULTS["gamma"],
                  epsilon: float = PARAM_DEFAULTS["epsilon"], lambda_: float = PARAM_DEFAULTS["lambda_"],
@@ -112,7 +133,9 @@ def merge_deltas(method: str, deltas: list[torch.Tensor], weights: list[float], 
     """Merge one tensor's deltas with ``method``; returns a float32 delta of the same shape.
 
     ``density`` is the share of entries kept per delta by the sparsifying methods
-    (ties, dare_*, magnitude_prune, breadcrumbs*, della*). ``normalize=None`` takes
+    (ties, dare_*, magnitude_prune, breadcrumbs*, della*): one number for all deltas
+    or one per delta. ``rescale=False`` (dare_* only, mergekit's ``rescale``) keeps
+    DARE's survivors unscaled instead of dividing them by the density. ``normalize=None`` takes
     the method's default. ``generator`` drives DARE's and DELLA's random drops (use
     :func:`tensor_generator` for reproducible merges); ``None`` uses torch's global
     RNG. ``gamma``: breadcrumbs' outlier share; ``epsilon``/``lambda_``: DELLA's
@@ -120,7 +143,8 @@ def merge_deltas(method: str, deltas: list[torch.Tensor], weights: list[float], 
     ``base`` is the base tensor, needed by slerp and ignored by the others.
     """
     check_merge_args(method, len(deltas), weights, density, majority_sign, normalize=normalize, gamma=gamma,
-                     epsilon=epsilon, lambda_=lambda_, t=t)
+                     epsilon=epsilon, lambda_=lambda_, t=t, rescale=rescale)
+    densities = _densities(density, len(deltas))
     shape = deltas[0].shape
     for i, d in enumerate(deltas):
         if d.shape != shape:
@@ -136,9 +160,9 @@ def merge_deltas(method: str, deltas: list[torch.Tensor], weights: list[float], 
     stacked = torch.stack([d.to(torch.float32) for d in deltas])
     w = torch.tensor(weights, dtype=torch.float32, device=stacked.device).view(-1, *([1] * len(shape)))
     norm = _NORMALIZE_DEFAULT[method] if normalize is None else normalize
-    return MERGE_METHODS[method](stacked, w, density=density, generator=generator, normalize=norm,
+    return MERGE_METHODS[method](stacked, w, density=densities, generator=generator, normalize=norm,
                                  majority_sign=majority_sign, gamma=gamma, epsilon=epsilon, lambda_=lambda_,
-                                 t=t, base=base)
+                                 t=t, base=base, rescale=rescale)
 
 
 # --- building blocks ---------------------------------------------------------------------------
@@ -233,8 +257,11 @@ def della_drop(delta: torch.Tensor, density: float, epsilon: float,
     return (delta * mask.to(delta.device)) / probs.to(delta.device)
 
 
-def dare_drop(delta: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
+def dare_drop(delta: torch.Tensor, density: float, generator: torch.Generator | None,
+              rescale: bool = True) -> torch.Tensor:
     """DARE: drop each entry with probability ``1 - density``, scale survivors by ``1/density``.
+
+    ``rescale=False`` (mergekit's ``rescale: false``) keeps the survivors as they are.
 
     The Bernoulli mask is drawn on the generator's device (CPU) and moved to the
     delta's, so a merge is reproducible regardless of where it runs.
@@ -244,7 +271,7 @@ def dare_drop(delta: torch.Tensor, density: float, generator: torch.Generator | 
     probs = torch.full(delta.shape, density, dtype=torch.float32,
                        device=generator.device if generator is not None else "cpu")
     mask = torch.bernoulli(probs, generator=generator).to(delta.device)
-    return delta * mask / density
+    return delta * mask / density if rescale else delta * mask
 
 
 def elect_sign(weighted: torch.Tensor, majority_sign: str = "total") -> torch.Tensor:
@@ -309,7 +336,7 @@ def task_arithmetic(stacked: torch.Tensor, w: torch.Tensor, *, normalize: bool, 
 
 
 @_register("ties", normalize=True)
-def ties(stacked: torch.Tensor, w: torch.Tensor, *, density: float, normalize: bool, majority_sign: str,
+def ties(stacked: torch.Tensor, w: torch.Tensor, *, density: list[float], normalize: bool, majority_sign: str,
          **_: object) -> torch.Tensor:
     """TIES-Merging (Yadav et al. 2023, arXiv 2306.01708): trim, elect sign, disjoint merge.
 
@@ -321,35 +348,37 @@ def ties(stacked: torch.Tensor, w: torch.Tensor, *, density: float, normalize: b
     branches, not by their weights, so with unequal weights PEFT returns the
     mean of ``w_i t_i`` where mergekit and paft return their weighted average.
     """
-    trimmed = torch.stack([trim_magnitude(d, density) for d in stacked])
+    trimmed = torch.stack([trim_magnitude(d, p) for d, p in zip(stacked, density)])
     return _disjoint_sum(trimmed * w, w, normalize, majority_sign)
 
 
 @_register("dare_linear", normalize=False)
-def dare_linear(stacked: torch.Tensor, w: torch.Tensor, *, density: float, generator: torch.Generator | None,
-                normalize: bool, **_: object) -> torch.Tensor:
+def dare_linear(stacked: torch.Tensor, w: torch.Tensor, *, density: list[float],
+                generator: torch.Generator | None, normalize: bool, rescale: bool = True,
+                **_: object) -> torch.Tensor:
     """DARE (Yu et al. 2023, Language Models are Super Mario, arXiv 2311.03099), then task arithmetic.
 
     ``d = sum_i w_i (m_i * d_i) / density`` with ``m_i ~ Bernoulli(density)``.
     """
-    dropped = torch.stack([dare_drop(d, density, generator) for d in stacked])
+    dropped = torch.stack([dare_drop(d, p, generator, rescale) for d, p in zip(stacked, density)])
     return _weighted_sum(dropped, w, normalize)
 
 
 @_register("dare_ties", normalize=True)
-def dare_ties(stacked: torch.Tensor, w: torch.Tensor, *, density: float, generator: torch.Generator | None,
-              normalize: bool, majority_sign: str, **_: object) -> torch.Tensor:
+def dare_ties(stacked: torch.Tensor, w: torch.Tensor, *, density: list[float],
+              generator: torch.Generator | None, normalize: bool, majority_sign: str, rescale: bool = True,
+              **_: object) -> torch.Tensor:
     """DARE drop-and-rescale (arXiv 2311.03099) followed by TIES sign election and disjoint merge.
 
     Normalised by default, like ties and PEFT's dare_ties; mergekit's dare_ties
     defaults to ``normalize=False`` (pass it explicitly for mergekit parity).
     """
-    dropped = torch.stack([dare_drop(d, density, generator) for d in stacked])
+    dropped = torch.stack([dare_drop(d, p, generator, rescale) for d, p in zip(stacked, density)])
     return _disjoint_sum(dropped * w, w, normalize, majority_sign)
 
 
 @_register("magnitude_prune", normalize=False)
-def magnitude_prune(stacked: torch.Tensor, w: torch.Tensor, *, density: float, normalize: bool,
+def magnitude_prune(stacked: torch.Tensor, w: torch.Tensor, *, density: list[float], normalize: bool,
                     **_: object) -> torch.Tensor:
     """TIES' magnitude trim per task, then task arithmetic, with no sign election.
 
@@ -357,12 +386,12 @@ def magnitude_prune(stacked: torch.Tensor, w: torch.Tensor, *, density: float, n
     arXiv 2306.01708). Same as PEFT's ``merge_utils.magnitude_prune`` and mergekit's
     task arithmetic with ``magnitude`` sparsification; unnormalised by default.
     """
-    trimmed = torch.stack([trim_magnitude(d, density) for d in stacked])
+    trimmed = torch.stack([trim_magnitude(d, p) for d, p in zip(stacked, density)])
     return _weighted_sum(trimmed, w, normalize)
 
 
 @_register("breadcrumbs", normalize=False)
-def breadcrumbs(stacked: torch.Tensor, w: torch.Tensor, *, density: float, gamma: float, normalize: bool,
+def breadcrumbs(stacked: torch.Tensor, w: torch.Tensor, *, density: list[float], gamma: float, normalize: bool,
                 **_: object) -> torch.Tensor:
     """Model Breadcrumbs (Davari & Belilovsky 2023, arXiv 2312.06795), then task arithmetic.
 
@@ -372,12 +401,12 @@ def breadcrumbs(stacked: torch.Tensor, w: torch.Tensor, *, density: float, gamma
     mergekit's ``breadcrumbs`` (sparsification ``magnitude_outliers``, no consensus,
     normalize False, gamma 0.01).
     """
-    kept = torch.stack([drop_outliers(d, density, gamma) for d in stacked])
+    kept = torch.stack([drop_outliers(d, p, gamma) for d, p in zip(stacked, density)])
     return _weighted_sum(kept, w, normalize)
 
 
 @_register("breadcrumbs_ties", normalize=False)
-def breadcrumbs_ties(stacked: torch.Tensor, w: torch.Tensor, *, density: float, gamma: float, normalize: bool,
+def breadcrumbs_ties(stacked: torch.Tensor, w: torch.Tensor, *, density: list[float], gamma: float, normalize: bool,
                      majority_sign: str, **_: object) -> torch.Tensor:
     """Model Breadcrumbs' mask (arXiv 2312.06795), then TIES sign election and disjoint merge (arXiv 2306.01708).
 
@@ -385,12 +414,12 @@ def breadcrumbs_ties(stacked: torch.Tensor, w: torch.Tensor, *, density: float, 
     (divided by the agreeing weights only with ``normalize``). mergekit's
     ``breadcrumbs_ties``: unlike ties it is *not* normalised by default.
     """
-    kept = torch.stack([drop_outliers(d, density, gamma) for d in stacked])
+    kept = torch.stack([drop_outliers(d, p, gamma) for d, p in zip(stacked, density)])
     return _disjoint_sum(kept * w, w, normalize, majority_sign)
 
 
 @_register("della", normalize=True)
-def della(stacked: torch.Tensor, w: torch.Tensor, *, density: float, epsilon: float, lambda_: float,
+def della(stacked: torch.Tensor, w: torch.Tensor, *, density: list[float], epsilon: float, lambda_: float,
           generator: torch.Generator | None, normalize: bool, majority_sign: str, **_: object) -> torch.Tensor:
     """DELLA-Merging (Deep et al. 2024, arXiv 2406.11617): MagPrune, elect sign, disjoint merge, scale.
 
@@ -402,19 +431,19 @@ def della(stacked: torch.Tensor, w: torch.Tensor, *, density: float, epsilon: fl
     requires ``density + epsilon < 1``; paft allows ``= 1`` (the largest entry of
     each row is then always kept). Tasks draw their masks in order from ``generator``.
     """
-    dropped = torch.stack([della_drop(d, density, epsilon, generator) for d in stacked])
+    dropped = torch.stack([della_drop(d, p, epsilon, generator) for d, p in zip(stacked, density)])
     return lambda_ * _disjoint_sum(dropped * w, w, normalize, majority_sign)
 
 
 @_register("della_linear", normalize=False)
-def della_linear(stacked: torch.Tensor, w: torch.Tensor, *, density: float, epsilon: float, lambda_: float,
+def della_linear(stacked: torch.Tensor, w: torch.Tensor, *, density: list[float], epsilon: float, lambda_: float,
                  generator: torch.Generator | None, normalize: bool, **_: object) -> torch.Tensor:
     """DELLA's MagPrune (arXiv 2406.11617) without sign election: ``d = lambda_ * sum_i w_i m_i d_i / p_i``.
 
     mergekit's ``della_linear`` (no consensus, normalize False). Unbiased:
     ``E[d] = lambda_ * sum_i w_i d_i``.
     """
-    dropped = torch.stack([della_drop(d, density, epsilon, generator) for d in stacked])
+    dropped = torch.stack([della_drop(d, p, epsilon, generator) for d, p in zip(stacked, density)])
     return lambda_ * _weighted_sum(dropped, w, normalize)
 
 

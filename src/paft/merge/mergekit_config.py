@@ -1,0 +1,234 @@
+"""Read the common subset of mergekit's YAML merge configs into a :class:`MergeSpec`.
+
+Supported: ``merge_method``, ``base_model``, ``models`` (each ``model`` with
+optional ``parameters``), top-level ``parameters``, ``dtype``/``out_dtype``,
+``tokenizer_source`` (``base`` or a model folder; also ``tokenizer: {source: ...}``)
+and paft's own ``seed`` and ``resize_vocab``. A parameter value is a number, a
+*gradient* (a list of numbers, interpolated linearly over the layers, as
+mergekit does: layer ``i`` of ``n`` sits at ``t = i / (n - 1)``; tensors outside
+the layers use ``t = 0`` for embeddings and ``t = 1`` for the rest, mergekit's
+pre/post weights), or a list of ``{filter, value}`` dicts whose first matching
+filter (a substring of the tensor name; ``*`` or none matches all) wins.
+A model's own parameters take precedence over the top-level ones.
+``model: BASE+ADAPTER`` (mergekit's LoRA syntax) and plain adapter folders are
+LoRA inputs on the shared base. Not supported (refused with a line saying so):
+``slices``/``modules`` (layer stacking), ``tokenizer_source: union``, added
+tokens, ``chat_template``, methods paft does not have.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from paft.errors import ConfigError
+from paft.merge.methods import MERGE_METHODS
+
+#: mergekit parameter name -> paft keyword; per-model ones may differ between models
+MODEL_PARAMS = {"weight": "weight", "density": "density", "gamma": "gamma", "epsilon": "epsilon"}
+GLOBAL_PARAMS = {"normalize": "normalize", "lambda": "lambda_", "t": "t", "rescale": "rescale",
+                 "majority_sign": "majority_sign", "int8_mask": None, "filter_wise": "filter_wise"}
+#: mergekit's normalize defaults where they differ from paft's (paft normalises dare_ties)
+MERGEKIT_NORMALIZE = {"dare_ties": False}
+_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
+             "tokenizer", "seed", "resize_vocab", "name"}
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+_PRE = re.compile(r"embed|wte|wpe|tok_embeddings|word_embeddings")
+
+
+@dataclass
+class ModelInput:
+    """One entry of ``models``: ``ref`` as written, the resolved folder, and its raw parameter settings."""
+
+    ref: str
+    path: Path
+    adapter: Path | None = None  # LoRA folder for ``BASE+ADAPTER``
+    params: dict[str, Any] = field(default_factory=dict)
+    key: str = ""  # where it came from, for error messages (``models[1]``)
+
+
+@dataclass
+class MergeSpec:
+    method: str
+    base: Path | None
+    models: list[ModelInput]
+    params: dict[str, Any] = field(default_factory=dict)
+    out_dtype: str | None = None
+    tokenizer_source: str = "base"  # "base" or a folder
+    seed: int = 0
+    resize_vocab: bool = False
+    source: str = "flags"  # the YAML file, for messages
+    mergekit_defaults: bool = False
+
+
+def is_mergekit_yaml(path: str | Path | None) -> bool:
+    """A YAML file whose top level is a mapping with ``merge_method`` (a paft run config never has one)."""
+    if path is None or not Path(path).is_file() or Path(path).suffix.lower() not in (".yaml", ".yml"):
+        return False
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError:
+        return False
+    return isinstance(data, dict) and "merge_method" in data
+
+
+def resolve_model_ref(ref: str, rel_to: Path | None, key: str) -> Path:
+    """A local folder for ``ref``: as given, relative to the config's folder, or a cached Hugging Face repo."""
+    candidates = [Path(ref).expanduser()]
+    if rel_to is not None and not Path(ref).is_absolute():
+        candidates.append(rel_to / ref)
+    for c in candidates:
+        if c.is_dir():
+            return c
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", ref):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(ref, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached (or hub missing): fall through to the error
+            pass
+    raise ConfigError(f"{key}: model {ref!r} is not a local folder (nor a cached Hugging Face repo); "
+                      "paft merge reads local folders, download it first (huggingface-cli download)")
+
+
+def _check_setting(value: Any, where: str) -> None:
+    if isinstance(value, (bool, int, float, str)):
+        return
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                 for v in value):
+        return
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        for i, cond in enumerate(value):
+            if "value" not in cond or set(cond) - {"filter", "value"}:
+                raise ConfigError(f"{where}[{i}]: a conditional parameter needs 'value' and optional 'filter', "
+                                  f"got keys {sorted(cond)}")
+            if isinstance(cond["value"], list) and any(isinstance(v, dict) for v in cond["value"]):
+                raise ConfigError(f"{where}[{i}].value: nested filters are not supported")
+            _check_setting(cond["value"], f"{where}[{i}].value")
+        return
+    if isinstance(value, dict) and "value" in value and not set(value) - {"filter", "value"}:
+        _check_setting(value["value"], f"{where}.value")
+        return
+    raise ConfigError(f"{where}: expected a number, a list of numbers (layer gradient) or a list of "
+                      f"{{filter, value}} entries, got {value!r}")
+
+
+def _check_params(params: Any, where: str, allowed: dict) -> dict:
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}: must be a mapping of parameter names to values")
+    for name, value in params.items():
+        if name not in allowed:
+            raise ConfigError(f"{where}.{name}: unknown or unsupported parameter; known: {', '.join(allowed)}")
+        _check_setting(value, f"{where}.{name}")
+    return dict(params)
+
+
+def load_mergekit_yaml(path: str | Path) -> MergeSpec:
+    """Parse and validate a mergekit YAML; model references become local folders."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read YAML ({exc})") from None
+    if not isinstance(data, dict) or "merge_method" not in data:
+        raise ConfigError(f"{path}: not a mergekit config (no top-level merge_method)")
+    src = str(path)
+    for key in ("slices", "modules"):
+        if key in data:
+            raise ConfigError(f"{src}: {key}: layer slicing/stacking is not supported by paft merge; "
+                              "list whole models under 'models'")
+    if "chat_template" in data:
+        raise ConfigError(f"{src}: chat_template: not supported; the tokenizer source's template is copied")
+    if unknown := sorted(set(data) - _TOP_KEYS):
+        raise ConfigError(f"{src}: {unknown[0]}: unknown top-level key; known: {', '.join(sorted(_TOP_KEYS))}")
+    method = data["merge_method"]
+    if method not in MERGE_METHODS:
+        raise ConfigError(f"{src}: merge_method {method!r} is not supported; paft has: {', '.join(MERGE_METHODS)}")
+    rel = path.parent
+    base = resolve_model_ref(str(data["base_model"]), rel, f"{src}: base_model") if data.get("base_model") else None
+    entries = data.get("models")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{src}: models: give a non-empty list of {{model: PATH, parameters: {{...}}}}")
+    allowed = {**MODEL_PARAMS, **GLOBAL_PARAMS}
+    models = []
+    for i, entry in enumerate(entries):
+        key = f"{src}: models[{i}]"
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise ConfigError(f"{key}: needs a 'model' key")
+        if extra := sorted(set(entry) - {"model", "parameters"}):
+            raise ConfigError(f"{key}.{extra[0]}: unknown key; known: model, parameters")
+        ref = str(entry["model"])
+        params = _check_params(entry.get("parameters"), f"{key}.parameters", MODEL_PARAMS)
+        if "+" in ref and not Path(ref).exists():
+            model_ref, lora_ref = ref.split("+", 1)
+            mpath = resolve_model_ref(model_ref, rel, f"{key}.model")
+            apath = resolve_model_ref(lora_ref, rel, f"{key}.model (LoRA part)")
+            models.append(ModelInput(ref, mpath, apath, params, key))
+        else:
+            models.append(ModelInput(ref, resolve_model_ref(ref, rel, f"{key}.model"), None, params, key))
+    gparams = _check_params(data.get("parameters"), f"{src}: parameters", allowed)
+    tok = data.get("tokenizer_source")
+    if data.get("tokenizer") is not None:
+        if tok is not None:
+            raise ConfigError(f"{src}: give tokenizer_source or tokenizer, not both")
+        t = data["tokenizer"]
+        if not isinstance(t, dict) or set(t) - {"source"}:
+            raise ConfigError(f"{src}: tokenizer: only 'source' is supported (no added tokens or padding)")
+        tok = t.get("source")
+    tok = "base" if tok is None else str(tok)
+    if tok == "union":
+        raise ConfigError(f"{src}: tokenizer_source: union is not supported (vocabularies are not remapped); "
+                          "use base or one model's folder")
+    if tok != "base":
+        tok = str(resolve_model_ref(tok, rel, f"{src}: tokenizer_source"))
+    dtype = data.get("out_dtype") or data.get("dtype")
+    resize = data.get("resize_vocab", False)
+    if not isinstance(resize, bool):
+        raise ConfigError(f"{src}: resize_vocab must be true or false, got {resize!r}")
+    seed = data.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"{src}: seed must be an integer, got {seed!r}")
+    return MergeSpec(method=method, base=base, models=models, params=gparams,
+                     out_dtype=str(dtype) if dtype is not None else None, tokenizer_source=tok, seed=seed,
+                     resize_vocab=resize, source=src, mergekit_defaults=True)
+
+
+# --- per-tensor evaluation ----------------------------------------------------------------------
+
+def layer_position(name: str, num_layers: int) -> float:
+    """mergekit's ``t`` for a tensor: ``i / (n - 1)`` in layer ``i`` (1 with one layer); 0 before, 1 after."""
+    m = _LAYER.search(name)
+    if m is None:
+        return 0.0 if _PRE.search(name) else 1.0
+    if num_layers <= 1:
+        return 1.0
+    return min(1.0, int(m.group(1)) / (num_layers - 1))
+
+
+def evaluate_setting(name: str, setting: Any, t: float) -> Any:
+    """The value of a setting for tensor ``name`` at layer position ``t``; None when no filter matches."""
+    if isinstance(setting, (bool, int, float, str)):
+        return setting
+    if isinstance(setting, dict):
+        setting = [setting]
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
+        if len(setting) == 1:
+            return float(setting[0])
+        pos = t * (len(setting) - 1)
+        i0 = min(int(pos), len(setting) - 1)
+        i1 = min(i0 + 1, len(setting) - 1)
+        frac = pos - i0
+        return (1.0 - frac) * float(setting[i0]) + frac * float(setting[i1])
+    for cond in setting:
+        flt = cond.get("filter")
+        if flt is None or flt == "*" or str(flt) in name:
+            return evaluate_setting(name, cond["value"], t)
+    return None
