@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from paft.io import write_text_atomic
-from paft.train.phases import Fit, phase_done, restore_phase, save_phase, steps_for
+from paft.train.phases import Fit, resumed, save_phase, steps_for
 
 
 @torch.no_grad()
@@ -125,10 +125,7 @@ def train_online(*, cfg, model, tok, objective, prompts: list[list[dict]], score
     log: list[dict[str, Any]] = []
     for r in range(rounds):
         rd = out_dir / "rounds" / f"round-{r + 1}"
-        done = phase_done(rd)
-        if done:
-            restore_phase(model, rd)
-            log.append(done)
+        if resumed(model, rd, log):
             continue
         rng = random.Random(f"{cfg.run.seed}-{method}-round-{r}")
         chosen_prompts = rng.sample(prompts, min(o.prompts_per_round, len(prompts)))

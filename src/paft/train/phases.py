@@ -38,6 +38,15 @@ def save_phase(model, d: Path, info: dict[str, Any]) -> None:
     write_json_atomic(d / "done.json", info)
 
 
+def resumed(model, d: Path, log: list) -> bool:
+    """True, with the adapter restored and the phase's info logged, when phase ``d`` finished earlier."""
+    done = phase_done(d)
+    if done:
+        restore_phase(model, d)
+        log.append(done)
+    return done is not None
+
+
 def restore_phase(model, d: Path) -> None:
     """Load the adapter weights a finished phase saved into the live model."""
     from peft import set_peft_model_state_dict
@@ -81,10 +90,7 @@ def train_staged(*, model, rows: list, collator, objective, fit: Fit, tcfg, out_
     log = []
     for t in range(stages):
         d = out_dir / "stages" / f"stage-{t + 1}"
-        done = phase_done(d)
-        if done:
-            restore_phase(model, d)
-            log.append(done)
+        if resumed(model, d, log):
             continue
         chunk = rows[bounds[t]:bounds[t + 1]]
         n_ref = objective.reference.snapshot(model, collate_all(collator, chunk, tcfg.batch_size))
