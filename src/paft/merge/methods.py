@@ -32,6 +32,8 @@ _GAMMA_METHODS = ("breadcrumbs", "breadcrumbs_ties")
 _RESCALE_METHODS = ("dare_linear", "dare_ties")
 _EPSILON_METHODS = ("della", "della_linear")
 _NEEDS_BASE = ("slerp",)
+_LAMBDA_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs",
+                   "breadcrumbs_ties")
 
 
 def _register(name: str, *, normalize: bool) -> Callable[[MergeFn], MergeFn]:
@@ -138,8 +140,9 @@ def merge_deltas(method: str, deltas: list[torch.Tensor], weights: list[float], 
     DARE's survivors unscaled instead of dividing them by the density. ``normalize=None`` takes
     the method's default. ``generator`` drives DARE's and DELLA's random drops (use
     :func:`tensor_generator` for reproducible merges); ``None`` uses torch's global
-    RNG. ``gamma``: breadcrumbs' outlier share; ``epsilon``/``lambda_``: DELLA's
-    probability spread and final scale; ``t``: slerp's interpolation factor.
+    RNG. ``gamma``: breadcrumbs' outlier share; ``epsilon``: DELLA's probability spread;
+    ``lambda_``: final scale of the merged delta (task-arithmetic family and della*, as
+    mergekit; linear, slerp and model_stock ignore it); ``t``: slerp's interpolation factor.
     ``base`` is the base tensor, needed by slerp and ignored by the others.
     """
     check_merge_args(method, len(deltas), weights, density, majority_sign, normalize=normalize, gamma=gamma,
@@ -160,9 +163,11 @@ def merge_deltas(method: str, deltas: list[torch.Tensor], weights: list[float], 
     stacked = torch.stack([d.to(torch.float32) for d in deltas])
     w = torch.tensor(weights, dtype=torch.float32, device=stacked.device).view(-1, *([1] * len(shape)))
     norm = _NORMALIZE_DEFAULT[method] if normalize is None else normalize
-    return MERGE_METHODS[method](stacked, w, density=densities, generator=generator, normalize=norm,
-                                 majority_sign=majority_sign, gamma=gamma, epsilon=epsilon, lambda_=lambda_,
-                                 t=t, base=base, rescale=rescale)
+    merged = MERGE_METHODS[method](stacked, w, density=densities, generator=generator, normalize=norm,
+                                   majority_sign=majority_sign, gamma=gamma, epsilon=epsilon, lambda_=lambda_,
+                                   t=t, base=base, rescale=rescale)
+    # mergekit scales the merged delta by ``lambda`` in every task-arithmetic-family method (della* do it themselves)
+    return lambda_ * merged if lambda_ != 1.0 and method in _LAMBDA_METHODS else merged
 
 
 # --- building blocks ---------------------------------------------------------------------------
