@@ -183,8 +183,8 @@ def test_canonical_jsonl_round_trips_unpaired_rows(tmp_path):
             + run.eval_examples("preference"))
     assert sorted(back, key=repr) == sorted(unpaired, key=repr)
     # the run's default method is DPO: the train stage stops before any branch (SFT included) starts
-    with pytest.raises(DataError, match=r"preference.method 'dpo' needs paired data.*preference_train.jsonl has "
-                                        r"unpaired rows"):
+    with pytest.raises(DataError, match=r"preference.method 'dpo' needs paired data.*pref_unpaired.jsonl has "
+                                        r"unpaired rows"):  # the user's file, not the run's copy
         run.train(["sft", "preference"])
     assert not (run.root / "sft").exists()
 

@@ -206,7 +206,8 @@ class Run:
             from paft.train.branch import preference_examples
 
             # data the preference method cannot use fails now, not after the SFT branch has trained
-            preference_examples(self.cfg, self.data_dir / "preference_train.jsonl")
+            preference_examples(self.cfg, self.data_dir / "preference_train.jsonl",
+                                source=self.cfg.data.preference.path)
         _ = self.model_dir  # resolve (and convert) the base once, before any child starts
         if any(job.kind == "preference" for job in jobs) and self.needs_reward_model():
             self.reward()  # the online method's scorer: a reward model trained on the run's preference pairs

@@ -177,8 +177,10 @@ def _online_scorer(cfg: PaftConfig, method: str, model_dir: Path, tok, model, de
                         default_reward_dir=reward_dir)
 
 
-def preference_examples(cfg: PaftConfig, data_path: Path) -> list:
+def preference_examples(cfg: PaftConfig, data_path: Path, source: str | None = None) -> list:
     """The preference rows of ``data_path`` in the data kind of ``preference.method``.
+
+    ``source``: the name errors give the data (the user's file, when ``data_path`` is the run's copy).
 
     Pairs convert to unpaired rows for KTO ("binary") and to their rejected replies for NPO
     ("negatives"); unpaired rows given to a pairwise method are a one-line ``DataError`` naming
@@ -200,9 +202,9 @@ def preference_examples(cfg: PaftConfig, data_path: Path) -> list:
         if not examples:
             from paft.errors import DataError
 
-            raise DataError(f"{data_path}: no preference rows to take prompts from")
+            raise DataError(f"{source or data_path}: no preference rows to take prompts from")
         return examples
-    return examples_for_method(examples, spec.data, method=p.method, source=str(data_path))
+    return examples_for_method(examples, spec.data, method=p.method, source=source or str(data_path))
 
 
 def branch_done(out_dir: Path) -> bool:
