@@ -122,7 +122,8 @@ class RewardModelScorer:
         return enc.prompt_ids + enc.completion_ids
 
     def __call__(self, prompts: list[Messages], responses: list[str]) -> list[float]:
-        from paft.train.reward import pad_sequences, sequence_rewards
+        from paft.data.collate import pad_sequences
+        from paft.train.reward import sequence_rewards
 
         _check_lengths(prompts, responses)
         seqs = [self.encode(p, r) for p, r in zip(prompts, responses)]
@@ -192,7 +193,8 @@ class JudgeScorer:
 
     def rating_logits(self, prompts: list[Messages], responses: list[str]) -> torch.Tensor:
         """Next-token logits of the 5 digit tokens after each judge prompt ([N, 5] float32)."""
-        from paft.train.reward import last_token_index, pad_sequences
+        from paft.data.collate import pad_sequences
+        from paft.train.reward import last_token_index
 
         _check_lengths(prompts, responses)
         tok = self.tokenizer

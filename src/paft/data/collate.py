@@ -9,9 +9,20 @@ import torch
 from paft.data.tokenize import IGNORE, Encoded, EncodedCompletion, EncodedPair, EncodedRanked
 
 
-def _pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+def _pad(seqs: list[list[int]], value: int, side: str = "right") -> torch.Tensor:
     width = max(len(s) for s in seqs)
-    return torch.tensor([s + [value] * (width - len(s)) for s in seqs], dtype=torch.long)
+    fill = [[value] * (width - len(s)) for s in seqs]
+    return torch.tensor([s + f if side == "right" else f + s for s, f in zip(seqs, fill)], dtype=torch.long)
+
+
+def pad_sequences(seqs: list[list[int]], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of token sequences padded to the longest, on ``side``."""
+    return {"input_ids": _pad(seqs, pad_id, side), "attention_mask": _pad([[1] * len(s) for s in seqs], 0, side)}
+
+
+def _padded(seqs: list[list[int]], labels: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """A right-padded training batch: ids, mask and labels (``IGNORE`` outside the trained tokens)."""
+    return {**pad_sequences(seqs, pad_id), "labels": _pad(labels, IGNORE)}
 
 
 @dataclass
@@ -19,12 +30,7 @@ class SFTCollator:
     pad_id: int
 
     def __call__(self, rows: list[Encoded]) -> dict[str, torch.Tensor]:
-        ids = [r.input_ids for r in rows]
-        return {
-            "input_ids": _pad(ids, self.pad_id),
-            "attention_mask": _pad([[1] * len(s) for s in ids], 0),
-            "labels": _pad([r.labels for r in rows], IGNORE),
-        }
+        return _padded([r.input_ids for r in rows], [r.labels for r in rows], self.pad_id)
 
 
 @dataclass
@@ -40,11 +46,7 @@ class PairCollator:
                 resp = getattr(r, side)
                 seqs.append(r.prompt_ids + resp)
                 labels.append([IGNORE] * len(r.prompt_ids) + resp)
-        return {
-            "input_ids": _pad(seqs, self.pad_id),
-            "attention_mask": _pad([[1] * len(s) for s in seqs], 0),
-            "labels": _pad(labels, IGNORE),
-        }
+        return _padded(seqs, labels, self.pad_id)
 
 
 @dataclass
@@ -73,9 +75,7 @@ class BinaryCollator:
         seqs = [p + c for p, c in pairs]
         labels = [[IGNORE] * len(p) + c for p, c in pairs]
         return {
-            "input_ids": _pad(seqs, self.pad_id),
-            "attention_mask": _pad([[1] * len(s) for s in seqs], 0),
-            "labels": _pad(labels, IGNORE),
+            **_padded(seqs, labels, self.pad_id),
             "desirable": torch.tensor([bool(r.label) for r in rows], dtype=torch.bool),
         }
 
@@ -108,9 +108,7 @@ class RankedCollator:
             scores.append([float(x) for x in r.scores] + [0.0] * (k - m))
             n += m
         return {
-            "input_ids": _pad(seqs, self.pad_id),
-            "attention_mask": _pad([[1] * len(s) for s in seqs], 0),
-            "labels": _pad(labels, IGNORE),
+            **_padded(seqs, labels, self.pad_id),
             "list_index": torch.tensor(index, dtype=torch.long),
             "scores": torch.tensor(scores, dtype=torch.float32),
         }

@@ -42,3 +42,9 @@ def sequence_logps(model, input_ids, attention_mask, labels) -> tuple[torch.Tens
     total = torch.zeros(n, device=logps.device, dtype=logps.dtype).index_add(0, rows, logps)
     count = torch.zeros(n, device=logps.device, dtype=logps.dtype).index_add(0, rows, torch.ones_like(logps))
     return total, count
+
+
+def trim_padding(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor):
+    """Cut the columns past the longest row of a right-padded batch (a sub-batch is often narrower)."""
+    width = int(mask.sum(dim=1).max().item()) if mask.numel() else 0
+    return ids[:, :width], mask[:, :width], labels[:, :width]

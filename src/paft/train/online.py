@@ -21,6 +21,7 @@ Everything a round produced (samples, scores, pairs, stats) is written under
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 from typing import Any, Callable
@@ -28,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from paft.io import write_text_atomic
-from paft.train.phases import Fit, resumed, save_phase, steps_for
+from paft.train.phases import Fit, resumed, save_phase, steps_for, totals
 
 
 @torch.no_grad()
@@ -80,7 +81,7 @@ def rejection_sample(scores: list[float], *, beta: float, keep: int, rng: random
         for i in list(remaining):
             if len(accepted) >= keep:
                 break
-            if rng.random() < pow(2.718281828459045, (scores[i] - r_max) / beta):
+            if rng.random() < math.exp((scores[i] - r_max) / beta):
                 accepted.append(i)
                 remaining.remove(i)
     return accepted
@@ -118,8 +119,7 @@ def train_online(*, cfg, model, tok, objective, prompts: list[list[dict]], score
     method = objective.spec.name
     params = objective.kwargs
     rounds = o.rounds
-    steps = steps_for(p, o.prompts_per_round, rounds) if p.max_steps > 0 else [
-        max(1, -(-o.prompts_per_round // (p.batch_size * p.grad_accum)))] * rounds
+    steps = steps_for(p, o.prompts_per_round, rounds)  # a round has at most one pair per prompt
     reference = "previous" if method == "self-rewarding" else o.reference
     collator = PairCollator(tok.pad_token_id)
     log: list[dict[str, Any]] = []
@@ -172,7 +172,4 @@ def train_online(*, cfg, model, tok, objective, prompts: list[list[dict]], score
         info.update(res)
         save_phase(model, rd, info)
         log.append(info)
-    trained = [x for x in log if x["steps"]]
-    return {"rounds": log, "steps": sum(x["steps"] for x in log),
-            "train_loss": (sum(x["train_loss"] * x["steps"] for x in trained) / sum(x["steps"] for x in trained))
-            if trained else float("nan")}
+    return {"rounds": log, **totals(log)}

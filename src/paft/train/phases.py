@@ -13,8 +13,6 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from paft.io import atomic_dir, write_json_atomic
 
 # fit(rows, collator, ckpt_dir, max_steps) -> {"train_loss", "steps", "wall_s"}
@@ -58,12 +56,19 @@ def restore_phase(model, d: Path) -> None:
         raise RuntimeError(f"{d}/adapter does not match the model's adapter: {result.unexpected_keys[:3]}")
 
 
-def steps_for(tcfg, n_rows: int, phases: int) -> list[int]:
+def steps_for(tcfg, rows_per_phase: float, phases: int) -> list[int]:
     """Per-phase steps: ``max_steps`` split over the phases, or ``epochs`` over each phase's rows."""
     if tcfg.max_steps > 0:
         return split_steps(tcfg.max_steps, phases)
-    per = max(1, math.ceil(n_rows / phases / (tcfg.batch_size * tcfg.grad_accum) * tcfg.epochs))
+    per = max(1, math.ceil(rows_per_phase / (tcfg.batch_size * tcfg.grad_accum) * tcfg.epochs))
     return [per] * phases
+
+
+def totals(log: list[dict[str, Any]]) -> dict[str, Any]:
+    """Steps of all phases and their step-weighted mean train loss (NaN when no phase trained)."""
+    steps = sum(x["steps"] for x in log)
+    loss = sum(x["train_loss"] * x["steps"] for x in log if x["steps"]) / steps if steps else float("nan")
+    return {"steps": steps, "train_loss": loss}
 
 
 def collate_all(collator, rows: list, batch_size: int):
@@ -86,7 +91,7 @@ def train_staged(*, model, rows: list, collator, objective, fit: Fit, tcfg, out_
         raise ConfigError(f"preference.params.stages must be between 1 and the number of pairs ({len(rows)}); "
                           f"got {stages}")
     bounds = [round(i * len(rows) / stages) for i in range(stages + 1)]
-    steps = steps_for(tcfg, len(rows), stages)
+    steps = steps_for(tcfg, len(rows) / stages, stages)
     log = []
     for t in range(stages):
         d = out_dir / "stages" / f"stage-{t + 1}"
@@ -101,13 +106,4 @@ def train_staged(*, model, rows: list, collator, objective, fit: Fit, tcfg, out_
         info = {"stage": t + 1, "pairs": len(chunk), "reference_rows": n_ref, **res}
         save_phase(model, d, info)
         log.append(info)
-    return {"stages": log, "train_loss": sum(s["train_loss"] * s["steps"] for s in log) / max(1, sum(s["steps"] for s in log)),
-            "steps": sum(s["steps"] for s in log)}
-
-
-def free_memory() -> None:
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    return {"stages": log, **totals(log)}

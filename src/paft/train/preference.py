@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from paft.train.logps import sequence_logps
+from paft.train.logps import sequence_logps, trim_padding
 from paft.train.losses import PairLogps, RankedLogps, UnpairedLogps, get_loss
 
 
@@ -101,9 +101,7 @@ class PreferenceObjective:
 
 def _rows(batch, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows [start, stop) of the batch, with the columns past their longest row cut off."""
-    ids, mask, labels = (batch[k][start:stop] for k in ("input_ids", "attention_mask", "labels"))
-    width = int(mask.sum(dim=1).max().item()) if mask.numel() else 0
-    return ids[:, :width], mask[:, :width], labels[:, :width]
+    return trim_padding(*(batch[k][start:stop] for k in ("input_ids", "attention_mask", "labels")))
 
 
 def _pair_metrics(lp: PairLogps, beta: float) -> dict[str, float]:

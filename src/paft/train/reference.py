@@ -32,7 +32,7 @@ from typing import Iterable
 import torch
 
 from paft.io import write_json_atomic
-from paft.train.logps import sequence_logps
+from paft.train.logps import sequence_logps, trim_padding
 
 
 def row_key(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> str:
@@ -41,13 +41,6 @@ def row_key(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> str:
     tokens = ids[keep].to(torch.int64).cpu().numpy().tobytes()
     scored = (labels[keep] != -100).cpu().numpy().tobytes()
     return hashlib.blake2b(tokens + b"|" + scored, digest_size=16).hexdigest()
-
-
-def _trim(ids, mask, labels):
-    width = int(mask.sum(dim=1).max().item()) if mask.numel() else 0
-    left = bool(mask[:, 0].eq(0).any()) and bool(mask[:, -1].eq(1).all())  # left-padded batch
-    return (ids[:, -width:], mask[:, -width:], labels[:, -width:]) if left else \
-        (ids[:, :width], mask[:, :width], labels[:, :width])
 
 
 class ReferenceLogps:
@@ -80,7 +73,7 @@ class ReferenceLogps:
         self.misses += len(missing)
         if missing:
             sel = torch.tensor(missing, device=ids.device)
-            sub = _trim(ids[sel], mask[sel], labels[sel])
+            sub = trim_padding(ids[sel], mask[sel], labels[sel])
             fresh = _disabled_adapter_logps(model, *sub).tolist()
             for i, v in zip(missing, fresh):
                 self.values[keys[i]] = v

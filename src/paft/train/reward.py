@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from paft.config import LoraConfig, PaftConfig
+from paft.data.collate import pad_sequences
 from paft.errors import DataError, ModelError
 from paft.io import atomic_dir, write_json_atomic
 
@@ -110,16 +111,6 @@ class RewardPairCollator:
         batch = pad_sequences(seqs, self.pad_id, self.padding_side)
         batch["gap"] = torch.tensor([float(getattr(r, "gap", 1.0)) for r in rows])
         return batch
-
-
-def pad_sequences(seqs: list[list[int]], pad_id: int, side: str = "right") -> dict[str, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids, mask = [], []
-    for s in seqs:
-        pad = width - len(s)
-        ids.append(s + [pad_id] * pad if side == "right" else [pad_id] * pad + s)
-        mask.append([1] * len(s) + [0] * pad if side == "right" else [0] * pad + [1] * len(s))
-    return {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long)}
 
 
 @dataclass
