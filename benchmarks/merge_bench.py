@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from paft.merge.engine import SHARD_BYTES, StreamingShardWriter
+from paft.merge.engine import SHARD_BYTES, ShardWriter
 
 DEFAULT_VENV = Path(os.environ.get("PAFT_MERGEKIT_VENV", "~/.cache/paft/mergekit-venv")).expanduser()
 DEFAULT_WORKDIR = Path("/tmp/paft-merge-bench")
@@ -140,7 +140,7 @@ def build_models(root: Path, params: float, *, dtype: torch.dtype = torch.bfloat
         (tmp / v).mkdir(parents=True)
         cfg.save_pretrained(tmp / v)
         _write_tokenizer(tmp / v, shape["vocab_size"])
-        writers[v] = StreamingShardWriter(tmp / v, plan, shard_bytes)
+        writers[v] = ShardWriter(tmp / v, plan, shard_bytes)
     start = time.perf_counter()
     for i, (name, shp, _) in enumerate(plan):
         if name.endswith("norm.weight"):

@@ -20,7 +20,7 @@ from paft.merge import engine
 from paft.merge.deltas import lora_deltas, open_state
 from paft.merge.engine import ordered_map
 from paft.merge.mergekit_config import evaluate_setting, layer_position, load_mergekit_yaml
-from paft.merge.methods import merge_deltas, tensor_generator
+from paft.merge.methods import ChunkedRandom, merge_deltas
 from paft.merge.standalone import run_merge, spec_from_flags
 from paft.merge.to_lora import svd_factor
 from paft.sparsity import compare_sparsity
@@ -146,7 +146,7 @@ def test_mergekit_ties_per_model_density_mixed_lora_and_defaults(ck, tmp_path):
         d = [f1[name] - base[name], dl.get(name, torch.zeros_like(base[name]))]
         # mergekit's dare_ties is unnormalised by default; each model keeps its own density
         want = base[name] + merge_deltas("dare_ties", d, [0.7, 0.3], density=[0.5, 0.9], normalize=False,
-                                         generator=tensor_generator(3, name))
+                                         generator=ChunkedRandom(3, name))
         assert torch.equal(merged[name], want)
     # the same merge on one worker is bit-identical
     single = run_merge(load_mergekit_yaml(cfg), tmp_path / "o1", workers=1)

@@ -54,7 +54,7 @@ def test_merged_folder_loads_and_equals_base_plus_merged_deltas(tiny_run, tiny_d
     from transformers import AutoModelForCausalLM
 
     from paft.merge.deltas import lora_deltas
-    from paft.merge.methods import merge_deltas, tensor_generator
+    from paft.merge.methods import ChunkedRandom, merge_deltas
 
     cfg, out, _, _ = tiny_run
     merged = AutoModelForCausalLM.from_pretrained(out / "merged").state_dict()
@@ -63,7 +63,7 @@ def test_merged_folder_loads_and_equals_base_plus_merged_deltas(tiny_run, tiny_d
     d_pref = dict(lora_deltas(out / "preference" / "adapter"))
     name = "model.layers.0.self_attn.q_proj.weight"
     want = base[name] + merge_deltas(cfg.merge.method, [d_sft[name], d_pref[name]], cfg.merge.weights,
-                                     density=cfg.merge.density, generator=tensor_generator(cfg.merge.seed, name))
+                                     density=cfg.merge.density, generator=ChunkedRandom(cfg.merge.seed, name))
     torch.testing.assert_close(merged[name], want, rtol=0, atol=1e-6)
     torch.testing.assert_close(merged["model.norm.weight"], base["model.norm.weight"])
 

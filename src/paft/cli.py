@@ -155,19 +155,6 @@ def sparsity_cmd(
         console.print(f"{name:<11} " + "  ".join(f"{k} {v:.3f}" for k, v in o.items() if "<=" in k), highlight=False)
 
 
-def _huge_pages_for_big_tensors() -> None:
-    """Let torch's CPU allocator use transparent huge pages (read once, before torch allocates).
-
-    Merging streams 100M-entry float32 temporaries (embeddings, lm_head); with 4 KiB pages most
-    of the time goes to page faults in the kernel (26M faults, 106 s system time for a 0.5B TIES
-    merge). 2 MiB pages cut the faults to 0.8M; benchmarks/merge_bench.py: TIES 107 -> 94 s,
-    DARE-TIES 87 -> 74 s.
-    """
-    import os
-
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-
 @app.command("merge")
 @_guard
 def merge_cmd(
@@ -191,12 +178,11 @@ def merge_cmd(
         "--to-lora", metavar="RANK", help="write the merged delta as a rank-RANK LoRA adapter (SVD)")] = None,
     resize_vocab: Annotated[bool, typer.Option(
         "--resize-vocab", help="merge models whose vocabulary size differs: keep the base's rows")] = False,
-    workers: Annotated[Optional[int], typer.Option("--workers", help="tensors merged in parallel (default: "
+    workers: Annotated[Optional[int], typer.Option("--workers", help="threads merging in parallel (default: "
                                                                      "cores, at most 4)")] = None,
     param: Annotated[Optional[list[str]], typer.Option(
         "--param", help="method parameter key=value: normalize, lambda, t, rescale, majority_sign")] = None):
     """Merge: a run's SFT and preference deltas (RUN/merged), or your own checkpoints from a mergekit YAML / flags."""
-    _huge_pages_for_big_tensors()
     from paft.merge.cli_support import merge_mode
 
     mode = merge_mode(config, base, models)
@@ -238,10 +224,26 @@ def eval_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = 
 
 @app.command("report")
 @_guard
-def report_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = None, out: OutOpt = None):
-    """Re-render report.md / report.json / plots from a run folder's saved results."""
-    run, _ = _run(config, set_, preset, out, False)
-    console.print(f"report: {run.report()}", highlight=False)
+def report_cmd(target: Annotated[Optional[Path], typer.Argument(
+                   metavar="[RUN_DIR|CONFIG]", help="a run folder (its config.yaml is used), or a YAML config "
+                                                    "whose run.output_dir / --out names the folder")] = None,
+               set_: SetOpt = None, preset: PresetOpt = None, out: OutOpt = None):
+    """Re-render report.md, report.html, report.json and the plots from a run folder's saved JSON (no model needed)."""
+    if target is not None and target.is_dir():
+        from paft.config import load_config
+        from paft.report import write_report
+
+        if set_ or preset or out is not None:
+            raise PaftError("--set/--preset/--out apply with a config file; a RUN_DIR's own config.yaml is used")
+        if not (target / "config.yaml").is_file():
+            raise PaftError(f"{target}: not a paft run folder (no config.yaml)")
+        # the folder may have moved since the run: it is the output folder, whatever config.yaml says
+        cfg = load_config(target / "config.yaml", [f"run.output_dir={target}"])
+        md = write_report(target, cfg)
+    else:
+        run, _ = _run(target, set_, preset, out, False)
+        md = run.report()
+    console.print(f"report: {md}  ({md.with_suffix('.html')})", highlight=False)
 
 
 @app.command("methods")

@@ -1,21 +1,28 @@
 """Dense weight deltas from PEFT LoRA adapters and from full checkpoints, read lazily.
 
-Both sources compute one delta at a time in float32, so merging a model never
-holds more than one tensor per branch in memory.
+Both sources compute one delta at a time in float32 (``delta(name)``), or one
+block of rows of it into a caller's buffer (``row_delta(name)``), so the
+streaming merge never holds more than a chunk per branch in memory. Raw rows
+are read with ``pread`` straight from the safetensors files into reused buffers:
+no memory map grows the process's resident set, and no tensor-sized temporary
+is allocated.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import struct
+import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
 
-from paft.errors import PaftError
+from paft.errors import ModelError, PaftError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -25,6 +32,14 @@ _PEFT_PREFIX = "base_model.model."
 _ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_ITEMSIZE = {dt: torch.empty((), dtype=dt).element_size() for dt in _ST_TORCH.values()}
+#: config.json keys that must agree between the base and a full checkpoint
+ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "intermediate_size",
+             "num_attention_heads", "num_key_value_heads", "head_dim", "n_embd", "n_layer", "n_head")
+_VOCAB_NAME = re.compile(r"embed|lm_head|wte|output|word_embeddings|tok_embeddings")
+#: ``fn(r0, r1, base_rows, out)``: write rows ``r0:r1`` of a float32 delta into ``out`` ([rows, cols], float32);
+#: ``base_rows`` is the base's same rows in float32, same shape.
+RowDelta = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.weight)?$")
 
 
@@ -49,6 +64,52 @@ class StateDir:
             self._where = dict(weight_map)
         else:
             raise PaftError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}")
+        self._data_start = {f: _data_start(self.path / f) for f in self._files}
+        self._fds: dict[str, int] = {}
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def rows_shape(self, name: str) -> tuple[int, int]:
+        """``(rows, cols)`` of ``name`` seen as a matrix: dim 0 by the rest (a 1-D tensor is a column)."""
+        shape = self.shape(name)
+        n = math.prod(shape)
+        rows = shape[0] if shape else 1
+        return rows, (n // rows if rows else 0)
+
+    def read_rows(self, name: str, r0: int, r1: int, buf: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``r0:r1`` of ``name`` in its stored dtype, shape ``[r1 - r0, cols]``, read with ``pread``.
+
+        ``buf`` (uint8, at least the bytes needed) is filled and viewed, so
+        repeated reads reuse one buffer; without it a new one is allocated.
+        """
+        f = self._where.get(name)
+        if f is None:
+            raise PaftError(f"{self.path}: no tensor {name}")
+        dtype, cols = self.dtype(name), self.rows_shape(name)[1]
+        size = _ITEMSIZE[dtype]
+        nbytes = (r1 - r0) * cols * size
+        start = self._data_start[f] + self._offsets(f)[name] + r0 * cols * size
+        raw = torch.empty(nbytes, dtype=torch.uint8) if buf is None else buf[:nbytes]
+        if nbytes:
+            fd = self._fds.get(f)
+            if fd is None:
+                fd = self._fds.setdefault(f, os.open(self.path / f, os.O_RDONLY))
+            got = os.preadv(fd, [raw.numpy()], start)
+            if got != nbytes:
+                raise PaftError(f"{self.path / f}: truncated file (tensor {name} needs {nbytes} bytes at {start}, "
+                                f"got {got})")
+        return raw.view(dtype).view(r1 - r0, cols)
+
+    def _offsets(self, f: str) -> dict[str, int]:
+        cache = self.__dict__.setdefault("_offset_cache", {})
+        if f not in cache:
+            cache[f] = {k: v["data_offsets"][0] for k, v in _header(self.path / f).items() if k != "__metadata__"}
+        return cache[f]
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -75,6 +136,20 @@ class StateDir:
             return _ST_TORCH[code]
         except KeyError:
             raise PaftError(f"{self.path}: tensor {name} has unsupported dtype {code}") from None
+
+
+def _header(path: Path) -> dict:
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        try:
+            return json.loads(fh.read(n))
+        except ValueError as exc:
+            raise PaftError(f"{path}: unreadable safetensors header ({exc})") from None
+
+
+def _data_start(path: Path) -> int:
+    with open(path, "rb") as fh:
+        return 8 + struct.unpack("<Q", fh.read(8))[0]
 
 
 def open_state(path: str | Path) -> StateDir:
@@ -170,38 +245,133 @@ class LoraDeltas:
         # Embedding LoRA stores A as (r, vocab) and B as (dim, r); Conv1D (fan_in_fan_out) stores W as (in, out).
         return delta.T.contiguous() if entry["embedding"] or self._cfg.get("fan_in_fan_out") else delta
 
+    def row_delta(self, name: str) -> RowDelta:
+        """Rows of :meth:`delta` computed block by block: ``B[r0:r1] @ A * scale`` (columns of ``A`` if transposed)."""
+        if name in self._full:
+            saved_key = self._full[name]
+            shape = tuple(self._file.get_slice(saved_key).get_shape())
+            if shape != self._base.shape(name):
+                raise PaftError(f"{self.path}: {name} has shape {shape}, base has {self._base.shape(name)}")
+            saved = self._file.get_tensor(saved_key)  # modules_to_save: small (heads, norms)
+            flat = saved.reshape(saved.shape[0], -1) if saved.dim() else saved.reshape(1, 1)
+
+            def full_rows(r0: int, r1: int, base_rows: torch.Tensor, out: torch.Tensor) -> None:
+                out.copy_(flat[r0:r1])
+                out.sub_(base_rows)
+            return full_rows
+        entry = self._lora[name]
+        a = self._file.get_tensor(entry["A"]).float()
+        b = self._file.get_tensor(entry["B"]).float()
+        if a.dim() != 2 or b.dim() != 2:
+            raise PaftError(f"{self.path}: {entry['module']} is not a Linear/Embedding LoRA (conv is not supported)")
+        scale = self._scale(entry["module"], a.shape[0])
+        transposed = entry["embedding"] or self._cfg.get("fan_in_fan_out")
+        at, bt = (a.T, b.T) if transposed else (a, b)
+
+        def lora_rows(r0: int, r1: int, base_rows: torch.Tensor, out: torch.Tensor) -> None:
+            if transposed:  # rows of (B A)^T are columns of B A
+                torch.matmul(at[r0:r1], bt, out=out)
+            else:
+                torch.matmul(b[r0:r1], a, out=out)
+            out.mul_(scale)
+        return lora_rows
+
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names():
             yield name, self.delta(name)
 
 
 class CheckpointDeltas:
-    """``W_model - W_base`` for every floating tensor of a full fine-tuned checkpoint."""
+    """``W_model - W_base`` for every floating tensor of a full fine-tuned checkpoint, after shape checks.
 
-    def __init__(self, model_dir: str | Path, base: StateDir):
-        self.model, self.base = open_state(model_dir), base
-        self.path = self.model.path
-        model_keys, base_keys = set(self.model.keys()), set(base.keys())
-        if extra := sorted(model_keys - base_keys):
-            raise PaftError(f"{self.model.path}: tensor {extra[0]} is not in base {base.path}")
-        if missing := sorted(base_keys - model_keys):
-            raise PaftError(f"{self.model.path}: tensor {missing[0]} of base {base.path} is missing")
+    With the base's ``base_cfg`` (config.json) the architectures are compared
+    too. A vocabulary-sized tensor (embeddings, lm_head) whose row count differs
+    from the base's is refused unless ``resize_vocab``: then only the base's rows
+    are merged (extra rows dropped, missing rows get a zero delta), so the output
+    keeps the base's vocabulary. ``label`` names the input in errors.
+    """
+
+    def __init__(self, model_dir: str | Path, base: StateDir, base_cfg: dict | None = None,
+                 label: str | None = None, resize_vocab: bool = False):
+        self.path, self.base = Path(model_dir), base
+        label = label or str(self.path)
+        cfg_file = self.path / "config.json"
+        if base_cfg and cfg_file.is_file():
+            try:
+                cfg = json.loads(cfg_file.read_text())
+            except ValueError as exc:
+                raise ModelError(f"{cfg_file}: invalid JSON ({exc})") from None
+            for key in ARCH_KEYS:
+                if key in cfg and key in base_cfg and cfg[key] != base_cfg[key]:
+                    raise ModelError(f"{label}: config.json {key} is {cfg[key]!r} but {base_cfg[key]!r} in base "
+                                    f"{base.path}; models of different architectures cannot be merged")
+        self.model = open_state(self.path)
+        mk, bk = set(self.model.keys()), set(base.keys())
+        if extra := sorted(mk - bk):
+            raise ModelError(f"{label}: tensor {extra[0]} is not in base {base.path} (another architecture?)")
+        if missing := sorted(bk - mk):
+            raise ModelError(f"{label}: tensor {missing[0]} of base {base.path} is missing (another architecture?)")
+        self.resized: dict[str, tuple[int, int]] = {}
         for name in base.keys():
-            if self.model.shape(name) != base.shape(name):
-                raise PaftError(f"{name}: shape {self.model.shape(name)} in {self.model.path} "
-                                f"but {base.shape(name)} in base {base.path}")
+            ms, bs = self.model.shape(name), base.shape(name)
+            if ms == bs:
+                continue
+            if len(ms) == len(bs) and ms[1:] == bs[1:] and _VOCAB_NAME.search(name):
+                if not resize_vocab:
+                    raise ModelError(f"{label}: vocabulary of {ms[0]} tokens ({name} has {ms[0]} rows) but base "
+                                    f"{base.path} has {bs[0]}; pass --resize-vocab (YAML: resize_vocab: true) "
+                                    "to merge the base's rows only")
+                self.resized[name] = (ms[0], bs[0])
+                continue
+            raise ModelError(f"{label}: {name} has shape {ms} but {bs} in base {base.path}")
 
     def names(self) -> list[str]:
         return self.base.keys()
 
     def delta(self, name: str) -> torch.Tensor:
-        return self.model.get(name).float() - self.base.get(name).float()
+        b = self.base.get(name).float()
+        if name in self.resized:
+            rows, want = self.resized[name]
+            if rows >= want:
+                m = self.model._file(name).get_slice(name)[:want].float()
+            else:
+                m = torch.cat([self.model.get(name).float(), b[rows:]])
+            return m - b
+        return self.model.get(name).float() - b
+
+    def row_delta(self, name: str) -> RowDelta:
+        """Rows of :meth:`delta`: the model's rows read into a reused buffer, minus the base's."""
+        have = self.resized.get(name, (self.model.rows_shape(name)[0], 0))[0]
+        model, buf = self.model, _thread_buffer
+
+        def rows(r0: int, r1: int, base_rows: torch.Tensor, out: torch.Tensor) -> None:
+            stop = min(r1, have)  # rows past a smaller vocabulary get a zero delta
+            if stop > r0:
+                raw = model.read_rows(name, r0, stop, buf("model", (stop - r0) * out.shape[1] * 8))
+                out[: stop - r0].copy_(raw)
+                out[: stop - r0].sub_(base_rows[: stop - r0])
+            out[max(stop - r0, 0):].zero_()
+        return rows
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.names():
-            w = self.model.get(name)
-            if w.is_floating_point():  # integer buffers have no meaningful delta
-                yield name, w.float() - self.base.get(name).float()
+            if self.model.dtype(name).is_floating_point:  # integer buffers have no meaningful delta
+                yield name, self.delta(name)
+
+
+_local = threading.local()
+
+
+def _thread_buffer(key: str, nbytes: int) -> torch.Tensor:
+    """A uint8 buffer of at least ``nbytes``, one per (thread, key), grown as needed and then reused.
+
+    Reusing buffers matters: a fresh tensor-sized allocation costs a page fault per 4 KiB.
+    """
+    pool = _local.__dict__.setdefault("buffers", {})
+    buf = pool.get(key)
+    if buf is None or buf.numel() < nbytes:
+        buf = pool[key] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+    return buf
 
 
 def lora_deltas(adapter_dir: str | Path, base_dir: str | Path | None = None) -> Iterator[tuple[str, torch.Tensor]]:

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import struct
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from paft.errors import PaftError
 from paft.io import atomic_dir, package_versions, write_json_atomic
 from paft.merge.deltas import (ADAPTER_CONFIG, INDEX_FILE, SINGLE_FILE, CheckpointDeltas, LoraDeltas,
                                StateDir, open_state)
-from paft.merge.methods import check_merge_args, merge_deltas, tensor_generator
+from paft.merge.methods import ChunkedRandom, check_merge_args, merge_deltas
 
 SHARD_BYTES = 2 * 10**9  # Hugging Face's default max_shard_size ("2GB")
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -118,12 +119,15 @@ def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int,
 _END = object()
 
 
-class StreamingShardWriter:
-    """Write tensors in a fixed order into safetensors shards whose headers are computed up front.
+class ShardWriter:
+    """Safetensors shards whose layout is fixed up front, filled by ``pwrite`` at each tensor's offset.
 
-    ``plan`` lists ``(name, shape, dtype)`` in write order; shards hold at most
+    ``plan`` lists ``(name, shape, dtype)`` in file order; shards hold at most
     ``shard_bytes`` (a larger tensor gets a shard of its own). One shard is named
     ``model.safetensors``; several are ``model-0000i-of-0000n.safetensors`` with an index.
+    Headers are written first, so whole tensors (:meth:`write`) and blocks of rows
+    (:meth:`write_rows`) can arrive in any order and from several threads;
+    :meth:`close` checks that every byte of every tensor was written.
     """
 
     def __init__(self, folder: Path, plan: Sequence[tuple[str, tuple[int, ...], torch.dtype]], shard_bytes: int):
@@ -142,41 +146,67 @@ class StreamingShardWriter:
         n = len(self.shards)
         self.files = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.total_bytes = sum(e[3] for shard in self.shards for e in shard)
-        self._order = [(i, e) for i, shard in enumerate(self.shards) for e in shard]
-        self._next, self._fh, self._open_shard = 0, None, -1
-
-    def _start_shard(self, i: int) -> None:
-        if self._fh is not None:
-            self._fh.close()
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name, shape, dtype, nbytes in self.shards[i]:
-            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self._fh = open(self.folder / self.files[i], "wb")  # noqa: SIM115 - closed in close()/next shard
-        self._fh.write(struct.pack("<Q", len(raw)) + raw)
-        self._open_shard = i
+        self._where: dict[str, tuple[int, int, int, torch.dtype, tuple[int, ...]]] = {}  # fd, start, nbytes, ...
+        self._written: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._fds: list[int] = []
+        for i, shard in enumerate(self.shards):
+            header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+            offset = 0
+            for name, shape, dtype, nbytes in shard:
+                header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
+                                "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            fd = os.open(self.folder / self.files[i], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            os.write(fd, struct.pack("<Q", len(raw)) + raw)
+            start = 8 + len(raw)
+            os.ftruncate(fd, start + offset)
+            for name, shape, dtype, nbytes in shard:
+                self._where[name] = (fd, start + header[name]["data_offsets"][0], nbytes, dtype, shape)
+                self._written[name] = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        if self._next >= len(self._order):
-            raise PaftError(f"{name}: more tensors written than planned")
-        i, (want, shape, dtype, nbytes) = self._order[self._next]
-        if name != want or tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise PaftError(f"writer expected {want} {shape} {dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}")
-        if i != self._open_shard:
-            self._start_shard(i)
-        if nbytes:
-            self._fh.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-        self._next += 1
+        if name in self._where and tuple(tensor.shape) != self._where[name][4]:
+            raise PaftError(f"writer expected {name} of shape {self._where[name][4]}, got {tuple(tensor.shape)}")
+        self.write_rows(name, 0, tensor)
+
+    def write_rows(self, name: str, r0: int, rows: torch.Tensor) -> None:
+        """Rows ``r0:r0 + len(rows)`` of ``name`` (any shape with the tensor's dtype; placed by flat offset)."""
+        if name not in self._where:
+            raise PaftError(f"writer has no tensor {name} in its plan")
+        fd, start, nbytes, dtype, shape = self._where[name]
+        if rows.dtype != dtype:
+            raise PaftError(f"writer expected {name} in {dtype}, got {rows.dtype}")
+        data = rows.detach().contiguous().reshape(-1).view(torch.uint8)
+        row_bytes = nbytes // shape[0] if shape and shape[0] else nbytes
+        offset = r0 * row_bytes
+        if offset + data.numel() > nbytes:
+            raise PaftError(f"writer: rows from {r0} overflow {name} ({data.numel()} bytes at {offset} of {nbytes})")
+        if data.numel():
+            done = os.pwrite(fd, data.numpy(), start + offset)
+            if done != data.numel():
+                raise PaftError(f"{self.folder}: short write for {name} (disk full?)")
+        with self._lock:
+            self._written[name] += data.numel()
+
+    def abort(self) -> None:
+        """Close the files after a failure (the atomic folder is discarded by the caller)."""
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
 
     def close(self) -> None:
-        if self._next != len(self._order):
-            raise PaftError(f"writer got {self._next} of {len(self._order)} planned tensors")
-        if self._open_shard < 0:  # no tensors at all: still write a valid empty file
-            self._start_shard(0)
-        self._fh.close()
+        try:
+            for name, (_, _, nbytes, _, _) in self._where.items():
+                if self._written[name] != nbytes:
+                    raise PaftError(f"writer got {self._written[name]} of {nbytes} bytes of {name}")
+        finally:
+            for fd in self._fds:
+                os.close(fd)
+            self._fds = []
         if len(self.files) > 1:
             weight_map = {e[0]: self.files[i] for i, shard in enumerate(self.shards) for e in shard}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
@@ -282,7 +312,7 @@ class MergeJob:
         weights, density = params.pop("weights"), params.pop("density")
         try:
             mixed = merge_deltas(self.method, deltas, weights, density=density,
-                                 generator=tensor_generator(self.seed, name), base=base_w, **params)
+                                 generator=ChunkedRandom(self.seed, name), base=base_w, **params)
         except PaftError as exc:
             raise PaftError(f"{name}: {exc} (inputs: {', '.join(self.labels)})") from None
         out = (base_w + mixed).to(target)
@@ -302,13 +332,37 @@ class MergeJob:
 
     def write(self, folder: Path, workers: int | None = None,
               progress: Callable[[int, int], None] | None = None) -> int:
-        """Stream every tensor into safetensors shards under ``folder``; returns the bytes written."""
-        writer = StreamingShardWriter(folder, self.plan(), SHARD_BYTES)
+        """Write every tensor into safetensors shards under ``folder``; returns the bytes written.
+
+        Methods of the task-arithmetic family stream chunk by chunk
+        (:mod:`paft.merge.streaming`), a tensor at a time with its chunks on
+        ``workers`` threads; the others (della, slerp, model_stock) need whole
+        tensors and run a tensor per thread.
+        """
+        from paft.merge.streaming import ELEMENTWISE, TensorMerge, copy_tensor
+
+        writer = ShardWriter(folder, self.plan(), SHARD_BYTES)
         total = len(self.names)
-        for done, (name, tensor, _) in enumerate(self.run(workers=workers), start=1):
-            writer.write(name, tensor)
-            if progress is not None:
-                progress(done, total)
+        workers = default_workers() if workers is None else max(1, int(workers))
+        try:
+            if self.method in ELEMENTWISE:
+                with ThreadPoolExecutor(workers, thread_name_prefix="paft-merge") as pool, \
+                        _torch_threads(1 if workers > 1 else None):
+                    for done, name in enumerate(self.names, start=1):
+                        if name in self._merged:
+                            TensorMerge(self, name, pool).write(writer)
+                        else:
+                            copy_tensor(self, name, writer, pool)
+                        if progress is not None:
+                            progress(done, total)
+            else:
+                for done, (name, tensor, _) in enumerate(self.run(workers=workers), start=1):
+                    writer.write(name, tensor)
+                    if progress is not None:
+                        progress(done, total)
+        except BaseException:
+            writer.abort()
+            raise
         writer.close()
         return writer.total_bytes
 
@@ -322,7 +376,7 @@ def merge_into_base(base_dir: str | Path, branches: list[str | Path], weights: l
 
     A tensor some branch changes is merged with one delta per branch (zero for
     branches that leave it alone, so e.g. ``linear`` averages against them);
-    untouched tensors are copied. DARE masks come from ``tensor_generator(seed, name)``,
+    untouched tensors are copied. DARE masks come from ``ChunkedRandom(seed, name)``,
     so the result is reproducible tensor by tensor (and the same for any ``workers``).
     ``dtype`` casts floating tensors (default: keep the base's). ``params`` (normalize,
     majority_sign, gamma, epsilon, lambda_, t, rescale) go to :func:`merge_deltas`,

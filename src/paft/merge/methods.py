@@ -56,6 +56,52 @@ def tensor_generator(seed: int, name: str) -> torch.Generator:
     return gen
 
 
+CHUNK_NUMEL = 1 << 20  # entries per chunk of the streaming engine (and of its random streams)
+
+
+def row_chunks(rows: int, cols: int, numel: int | None = None) -> list[tuple[int, int]]:
+    """Row ranges of about ``numel`` (default :data:`CHUNK_NUMEL`) entries, at least one row each, covering ``rows``."""
+    step = max(1, (numel or CHUNK_NUMEL) // max(cols, 1))
+    return [(r0, min(r0 + step, rows)) for r0 in range(0, rows, step)] or [(0, 0)]
+
+
+def chunk_generator(seed: int, name: str, index: int, start: int) -> torch.Generator:
+    """The generator of delta ``index``'s chunk of tensor ``name`` that starts at flat entry ``start``."""
+    digest = hashlib.blake2b(f"{int(seed)}\0{name}\0{int(index)}\0{int(start)}".encode(), digest_size=8).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little"))
+
+
+class ChunkedRandom:
+    """The merge engine's random stream for one tensor, keyed by ``(seed, name)``.
+
+    Delta ``index``'s uniforms are drawn chunk by chunk (:func:`row_chunks` of
+    its rows), each chunk from :func:`chunk_generator`, so the streaming engine
+    can draw any chunk on any thread and still give the same masks as a whole
+    tensor drawn here. Pass it as ``generator=`` to :func:`merge_deltas` to
+    reproduce ``paft merge``'s DARE/DELLA masks exactly.
+    """
+
+    def __init__(self, seed: int, name: str):
+        self.seed, self.name = int(seed), name
+
+    def uniform(self, index: int, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        n = math.prod(shape)
+        rows = shape[0] if len(shape) else 1
+        cols = n // rows if rows else 0
+        parts = [torch.rand((r1 - r0) * cols, generator=chunk_generator(self.seed, self.name, index, r0 * cols))
+                 for r0, r1 in row_chunks(rows, cols)]
+        return torch.cat(parts).view(shape) if parts else torch.empty(shape)
+
+
+def _keep(probs: torch.Tensor | float, shape: torch.Size, generator, index: int) -> torch.Tensor:
+    """A keep mask with ``P(keep) = probs``: Bernoulli from a generator, or ``u < probs`` from a ChunkedRandom."""
+    if isinstance(generator, ChunkedRandom):
+        return generator.uniform(index, shape) < probs
+    if not isinstance(probs, torch.Tensor):
+        probs = torch.full(shape, probs, dtype=torch.float32)
+    return torch.bernoulli(probs.to(generator.device if generator is not None else "cpu"), generator=generator)
+
+
 def _densities(density: float | Sequence[float], n_deltas: int) -> list[float]:
     """One density per delta: a number applies to all, a sequence gives one each (mergekit's per-model density)."""
     if isinstance(density, (int, float)) and not isinstance(density, bool):
@@ -247,7 +293,7 @@ def della_keep_probs(delta: torch.Tensor, density: float, epsilon: float) -> tor
 
 
 def della_drop(delta: torch.Tensor, density: float, epsilon: float,
-               generator: torch.Generator | None) -> torch.Tensor:
+               generator: "torch.Generator | ChunkedRandom | None", index: int = 0) -> torch.Tensor:
     """DELLA's MagPrune: keep each entry with :func:`della_keep_probs`, rescale survivors by ``1/p``.
 
     ``E[della_drop(d)] = d`` entry by entry. The mask is drawn on the generator's
@@ -257,25 +303,24 @@ def della_drop(delta: torch.Tensor, density: float, epsilon: float,
     """
     if density >= 1.0:
         return delta
-    probs = della_keep_probs(delta, density, epsilon).to(generator.device if generator is not None else "cpu")
-    mask = torch.bernoulli(probs, generator=generator)
+    probs = della_keep_probs(delta, density, epsilon)
+    mask = _keep(probs, delta.shape, generator, index)
     return (delta * mask.to(delta.device)) / probs.to(delta.device)
 
 
-def dare_drop(delta: torch.Tensor, density: float, generator: torch.Generator | None,
-              rescale: bool = True) -> torch.Tensor:
+def dare_drop(delta: torch.Tensor, density: float, generator: "torch.Generator | ChunkedRandom | None",
+              rescale: bool = True, index: int = 0) -> torch.Tensor:
     """DARE: drop each entry with probability ``1 - density``, scale survivors by ``1/density``.
 
     ``rescale=False`` (mergekit's ``rescale: false``) keeps the survivors as they are.
-
-    The Bernoulli mask is drawn on the generator's device (CPU) and moved to the
-    delta's, so a merge is reproducible regardless of where it runs.
+    The mask is a Bernoulli draw from a ``torch.Generator`` (on its device,
+    CPU, then moved to the delta's, so a merge is reproducible wherever it
+    runs), or ``uniform < density`` from a :class:`ChunkedRandom` (the engine's
+    stream; ``index`` picks the delta's stream).
     """
     if density >= 1.0:
         return delta
-    probs = torch.full(delta.shape, density, dtype=torch.float32,
-                       device=generator.device if generator is not None else "cpu")
-    mask = torch.bernoulli(probs, generator=generator).to(delta.device)
+    mask = _keep(density, delta.shape, generator, index).to(delta.device)
     return delta * mask / density if rescale else delta * mask
 
 
@@ -365,7 +410,7 @@ def dare_linear(stacked: torch.Tensor, w: torch.Tensor, *, density: list[float],
 
     ``d = sum_i w_i (m_i * d_i) / density`` with ``m_i ~ Bernoulli(density)``.
     """
-    dropped = torch.stack([dare_drop(d, p, generator, rescale) for d, p in zip(stacked, density)])
+    dropped = torch.stack([dare_drop(d, p, generator, rescale, i) for i, (d, p) in enumerate(zip(stacked, density))])
     return _weighted_sum(dropped, w, normalize)
 
 
@@ -378,7 +423,7 @@ def dare_ties(stacked: torch.Tensor, w: torch.Tensor, *, density: list[float],
     Normalised by default, like ties and PEFT's dare_ties; mergekit's dare_ties
     defaults to ``normalize=False`` (pass it explicitly for mergekit parity).
     """
-    dropped = torch.stack([dare_drop(d, p, generator, rescale) for d, p in zip(stacked, density)])
+    dropped = torch.stack([dare_drop(d, p, generator, rescale, i) for i, (d, p) in enumerate(zip(stacked, density))])
     return _disjoint_sum(dropped * w, w, normalize, majority_sign)
 
 
@@ -436,7 +481,7 @@ def della(stacked: torch.Tensor, w: torch.Tensor, *, density: list[float], epsil
     requires ``density + epsilon < 1``; paft allows ``= 1`` (the largest entry of
     each row is then always kept). Tasks draw their masks in order from ``generator``.
     """
-    dropped = torch.stack([della_drop(d, p, epsilon, generator) for d, p in zip(stacked, density)])
+    dropped = torch.stack([della_drop(d, p, epsilon, generator, i) for i, (d, p) in enumerate(zip(stacked, density))])
     return lambda_ * _disjoint_sum(dropped * w, w, normalize, majority_sign)
 
 
@@ -448,7 +493,7 @@ def della_linear(stacked: torch.Tensor, w: torch.Tensor, *, density: list[float]
     mergekit's ``della_linear`` (no consensus, normalize False). Unbiased:
     ``E[d] = lambda_ * sum_i w_i d_i``.
     """
-    dropped = torch.stack([della_drop(d, p, epsilon, generator) for d, p in zip(stacked, density)])
+    dropped = torch.stack([della_drop(d, p, epsilon, generator, i) for i, (d, p) in enumerate(zip(stacked, density))])
     return lambda_ * _weighted_sum(dropped, w, normalize)
 
 

@@ -21,15 +21,11 @@ import torch
 
 from paft.errors import ConfigError, ModelError, PaftError
 from paft.io import atomic_dir, package_versions, write_json_atomic
-from paft.merge.deltas import ADAPTER_CONFIG, LoraDeltas, StateDir, open_state
+from paft.merge.deltas import ADAPTER_CONFIG, CheckpointDeltas, LoraDeltas, StateDir, open_state
 from paft.merge.engine import METADATA_FILE, MergeJob, _resolve_dtype, copy_model_files, default_workers
 from paft.merge.mergekit_config import (MERGEKIT_NORMALIZE, MergeSpec, ModelInput, evaluate_setting,
                                         layer_position, resolve_model_ref)
 
-#: config.json keys that must agree between the base and a full checkpoint
-ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "intermediate_size",
-             "num_attention_heads", "num_key_value_heads", "head_dim", "n_embd", "n_layer", "n_head")
-_VOCAB_NAME = re.compile(r"embed|lm_head|wte|output|word_embeddings|tok_embeddings")
 
 
 def _read_config(folder: Path) -> dict:
@@ -71,57 +67,6 @@ def check_vocab_match(base_dir: Path, other: Path, what: str) -> None:
         if a[i] != b[i]:
             raise ModelError(f"{what} {other}: token id {i} is {b[i]!r} but {a[i]!r} in base {base_dir}; "
                              "vocabularies differ and paft does not remap them")
-
-
-class FullDeltas:
-    """``W_model - W_base`` for a full checkpoint, after architecture and shape checks.
-
-    A vocabulary-sized tensor (embeddings, lm_head) whose row count differs from
-    the base's is refused unless ``resize_vocab``: then only the base's rows are
-    merged (extra rows dropped, missing rows get a zero delta), so the output
-    keeps the base's vocabulary.
-    """
-
-    def __init__(self, path: Path, base: StateDir, base_cfg: dict, label: str, resize_vocab: bool):
-        self.path, self.base, self.label = Path(path), base, label
-        cfg = _read_config(self.path)
-        for key in ARCH_KEYS:
-            if key in cfg and key in base_cfg and cfg[key] != base_cfg[key]:
-                raise ModelError(f"{label}: config.json {key} is {cfg[key]!r} but {base_cfg[key]!r} in base "
-                                 f"{base.path}; models of different architectures cannot be merged")
-        self.model = open_state(self.path)
-        mk, bk = set(self.model.keys()), set(base.keys())
-        if extra := sorted(mk - bk):
-            raise ModelError(f"{label}: tensor {extra[0]} is not in base {base.path} (another architecture?)")
-        if missing := sorted(bk - mk):
-            raise ModelError(f"{label}: tensor {missing[0]} of base {base.path} is missing (another architecture?)")
-        self.resized: dict[str, tuple[int, int]] = {}
-        for name in base.keys():
-            ms, bs = self.model.shape(name), base.shape(name)
-            if ms == bs:
-                continue
-            if len(ms) == len(bs) and ms[1:] == bs[1:] and _VOCAB_NAME.search(name):
-                if not resize_vocab:
-                    raise ModelError(f"{label}: vocabulary of {ms[0]} tokens ({name} has {ms[0]} rows) but base "
-                                     f"{base.path} has {bs[0]}; pass --resize-vocab (YAML: resize_vocab: true) "
-                                     "to merge the base's rows only")
-                self.resized[name] = (ms[0], bs[0])
-                continue
-            raise ModelError(f"{label}: {name} has shape {ms} but {bs} in base {base.path}")
-
-    def names(self) -> list[str]:
-        return self.base.keys()
-
-    def delta(self, name: str) -> torch.Tensor:
-        b = self.base.get(name).float()
-        if name in self.resized:
-            rows, want = self.resized[name]
-            if rows >= want:
-                m = self.model._file(name).get_slice(name)[:want].float()
-            else:
-                m = torch.cat([self.model.get(name).float(), b[rows:]])
-            return m - b
-        return self.model.get(name).float() - b
 
 
 class ZeroDeltas:
@@ -230,7 +175,7 @@ class PreparedMerge:
                 self.sources.append(LoraDeltas(adapter, self.base))
                 self.kinds.append("lora")
             else:
-                self.sources.append(FullDeltas(m.path, self.base, self.base_cfg, label, spec.resize_vocab))
+                self.sources.append(CheckpointDeltas(m.path, self.base, self.base_cfg, label, spec.resize_vocab))
                 check_vocab_match(self.base_dir, m.path, label)
                 self.kinds.append("full")
         self.labels = [f"{m.key} ({m.ref})" if m.key else m.ref for m in inputs]
