@@ -1,11 +1,13 @@
 """Merge branch deltas into the base model and write a loadable Hugging Face folder.
 
-Tensors are streamed: each worker reads one base tensor and one delta per branch
-from memory-mapped safetensors, merges them in float32 and hands the result back;
-a bounded window of tensors is in flight (``workers + 1``), and the writer takes
-them in the base's order, so the output is identical for any number of workers.
-Shards are written as they go (their headers are known up front from the base's
-shapes), so peak memory is a few tensors, not a shard.
+The shard layout is fixed up front from the base's shapes (:class:`ShardWriter`),
+so results are written at their offsets as they come. Methods of the
+task-arithmetic family stream a block of rows at a time on a thread pool
+(:mod:`paft.merge.streaming`): memory is a few chunks per thread whatever the
+model size. The others (della, slerp, model_stock) and ``--to-lora`` need a
+whole tensor: :meth:`MergeJob.run` merges one tensor per thread with a bounded
+number of entries in flight (:func:`ordered_map`). Either way the output is
+identical for any number of workers.
 """
 
 from __future__ import annotations
