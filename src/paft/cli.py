@@ -212,14 +212,63 @@ def merge_cmd(
 
 @app.command("eval")
 @_guard
-def eval_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = None, out: OutOpt = None,
-             force: ForceOpt = False):
-    """Evaluate every model the run folder has (base, sft, preference, sequential, paft) and write the report."""
-    run, ui = _run(config, set_, preset, out, force)
+def eval_cmd(
+    inputs: Annotated[Optional[list[Path]], typer.Argument(
+        help="a paft run config (YAML; default: the embedded one), or model / LoRA adapter folders to evaluate "
+             "on their own")] = None,
+    set_: SetOpt = None, preset: PresetOpt = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="run folder (run.output_dir); for model folders: where eval.json goes (runs/eval)")] = None,
+    force: ForceOpt = False,
+    tasks: Annotated[Optional[str], typer.Option(
+        "--tasks", help="lm-eval tasks, comma-separated (eval.harness_tasks): NAME or NAME:SHOTS, paft_arith, "
+                        "leaderboard-v1")] = None,
+    limit: Annotated[Optional[float], typer.Option(
+        "--limit", help="rows per harness task, or a share below 1 (eval.harness_limit)")] = None,
+    base: Annotated[Optional[str], typer.Option(
+        "--base", help="base model of LoRA adapter folders, evaluated too as 'base' (model.name)")] = None):
+    """Evaluate a run's models (base, sft, preference, sequential, paft) and write the report; or model folders."""
+    overrides = list(set_ or [])
+    if tasks is not None:
+        overrides.append(f"eval.harness_tasks={tasks}")
+    if limit is not None:
+        overrides.append(f"eval.harness_limit={limit}")
+    inputs = list(inputs or [])
+    if len(inputs) > 1 or (inputs and (inputs[0].is_dir() or
+                                       (not inputs[0].exists() and inputs[0].suffix not in (".yaml", ".yml")))):
+        _eval_folders(inputs, overrides, preset, out, force, base)
+        return
+    if base is not None:
+        raise PaftError("--base: only with model folders (paft eval MODEL... --base BASE); a run's base is "
+                        "model.name")
+    run, ui = _run(inputs[0] if inputs else None, overrides, preset, out, force)
     with ui:
         run.evaluate()
     run.report()
     _print_summary(run)
+
+
+def _eval_folders(inputs, overrides, preset, out, force, base) -> None:
+    """`paft eval MODEL...`: model / adapter folders (paft.eval.standalone), eval.json in run.output_dir."""
+    quiet_libraries()
+    from paft.eval.standalone import DEFAULT_OUT, evaluate_folders, print_table
+
+    if base is not None:
+        overrides.append(f"model.name={base}")
+    if out is not None:
+        overrides.append(f"run.output_dir={out}")
+    elif not any(o.split("=", 1)[0].strip() == "run.output_dir" for o in overrides):
+        overrides.append(f"run.output_dir={DEFAULT_OUT}")  # never the default run's folder
+    if force:
+        overrides.append("run.force=true")
+    cfg = _config(None, overrides, preset, None, False)
+
+    def progress(name, i, n):
+        console.print(f"evaluating {name} ({i + 1}/{n})", highlight=False)
+
+    path, res = evaluate_folders(inputs, cfg, base=base, force=cfg.run.force, progress=progress)
+    print_table(res, console)
+    console.print(f"eval: [bold]{path}[/]", highlight=False)
 
 
 @app.command("report")
@@ -243,7 +292,7 @@ def report_cmd(target: Annotated[Optional[Path], typer.Argument(
     else:
         run, _ = _run(target, set_, preset, out, False)
         md = run.report()
-    console.print(f"report: {md}  ({md.with_suffix('.html')})", highlight=False)
+    console.print(f"report: {md}  ({md.with_suffix('.html')})", highlight=False, soft_wrap=True)
 
 
 @app.command("methods")
@@ -274,6 +323,59 @@ def methods_cmd(as_json: Annotated[bool, typer.Option("--json", help="machine-re
 def config_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = None, out: OutOpt = None):
     """Print the resolved config (preset <- file <- --set) as YAML."""
     sys.stdout.write(_config(config, set_, preset, out, False).to_yaml())
+
+
+@app.command("sweep")
+@_guard
+def sweep_cmd(
+    sweep_file: Annotated[Path, typer.Argument(help="sweep YAML: base config + axes (a grid) or cells (a list)")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="sweep folder (default sweeps/NAME)")] = None,
+    set_: SetOpt = None,
+    backend: Annotated[Optional[str], typer.Option("--backend", help="local or ray (sweep.backend)")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="local cells at once (sweep.workers)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list the cells and their keys; run nothing")] = False):
+    """Run a grid of paft runs (resumable: finished cells are skipped); results.csv/parquet and report.md."""
+    quiet_libraries()
+    from rich.table import Table
+
+    from paft import sweep as sw
+
+    s = sw.load_sweep(sweep_file, set_)  # every cell's config is validated before the progress display starts
+    if dry_run:
+        table = Table(title=f"{len(s.cells)} cells")
+        for col in ("cell", *s.columns):
+            table.add_column(col)
+        for c in s.cells:
+            table.add_row(c.key, *[str(c.labels[k]) for k in s.columns])
+        console.print(table)
+        return
+    ui = ProgressUI(enabled=True)
+    with ui:
+        res = sw.run_sweep(s, out, backend=backend, workers=workers, ui=ui)
+    df = res.table
+    table = Table(title=f"sweep results ({len(res.ran)} ran, {len(res.skipped)} skipped)")
+    axes = res.sweep.columns
+    # the last part of a dotted key is header enough when it is unique (narrow terminals)
+    short = {a: a.rsplit(".", 1)[-1] if [x.rsplit(".", 1)[-1] for x in axes].count(a.rsplit(".", 1)[-1]) == 1
+             else a for a in axes}
+    table.add_column("cell", no_wrap=True)
+    for a in axes:
+        table.add_column(short[a], overflow="fold")
+    table.add_column("status")
+    table.add_column("wall s", justify="right")
+    for m in res.metrics:
+        table.add_column(m, justify="right", overflow="fold")
+    for _, row in df.iterrows():
+        status = row["status"] if row["status"] == "ok" else f"[red]{row['status']}"
+        wall = "–" if row["wall_s"] != row["wall_s"] else f"{row['wall_s']:.0f}"
+        table.add_row(row["cell"], *[sw._fmt(row[a]) for a in axes], status, wall, *[sw._fmt(row[m]) for m in res.metrics])
+    console.print(table)
+    console.print(f"results: {res.out / 'results.csv'} (.parquet); report: {res.report} (.html)", highlight=False,
+                  soft_wrap=True)
+    if res.failed:
+        first = res.failed[0]
+        raise PaftError(f"{len(res.failed)} of {len(df)} cells failed (first: {first['key']}: {first['error']}); "
+                        f"run the same command again to retry them")
 
 
 def _print_summary(run) -> None:

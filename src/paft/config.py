@@ -44,6 +44,26 @@ class DataSource(_Section):
     max_rows: int | None = Field(None, gt=0)
     beavertails_preference: Literal["helpful", "safe"] = Field(
         "helpful", description="BeaverTails: better_response_id (helpful) or safer_response_id (safe)")
+    local: str | None = Field(None, description="a local file in a dataset preset's schema (path: hh-rlhf:..., "
+                                                "beavertails:...), read instead of the hub")
+
+    @field_validator("path", "eval_path")
+    @classmethod
+    def _preset_known(cls, v: str | None) -> str | None:
+        from paft.data.loading import dataset_preset
+        from paft.errors import DataError
+
+        try:
+            if v is not None:
+                dataset_preset(v)  # a known preset name with an unknown selector fails here, naming the key
+        except DataError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("format")
+    @classmethod
+    def _format_name(cls, v: str) -> str:
+        return v.strip().lower().replace("-", "_")  # `hh-rlhf` as the preset is spelt
 
 
 class DemoConfig(_Section):
@@ -79,6 +99,9 @@ class LoraConfig(_Section):
 class TrainConfig(_Section):
     """Knobs shared by both branches (passed to transformers' TrainingArguments)."""
 
+    adapter: Literal["lora", "qlora", "full"] = Field(
+        "lora", description="lora; qlora (LoRA on the base loaded in 4-bit NF4, needs bitsandbytes: paft[qlora]); "
+                            "full (full fine-tuning, no adapter: writes RUN/BRANCH/model)")
     lora: LoraConfig = LoraConfig()
     learning_rate: float = Field(2e-4, gt=0)
     max_steps: int = Field(60, description="optimizer steps; -1 to use epochs")
@@ -146,6 +169,8 @@ class OnlineConfig(_Section):
 class RewardConfig(TrainConfig):
     """``paft reward``: a Bradley-Terry reward model (sequence-classification head + LoRA) on preference pairs."""
 
+    # the reward trainer (paft.train.reward) builds its own LoRA model; qlora/full are not wired there yet
+    adapter: Literal["lora"] = Field("lora", description="lora only, for now")
     learning_rate: float = Field(1e-4, gt=0)
     margin_weight: float = Field(0.0, ge=0, description="add Llama-2's margin term (0 = plain Bradley-Terry)")
     center_rewards: float = Field(0.0, ge=0, description="weight of the (r_w + r_l)^2 centering term")
@@ -172,6 +197,17 @@ class PreferenceConfig(TrainConfig):
             raise ValueError(f"unknown method {v!r}; known: {', '.join(sorted(LOSSES))}"
                              + (f" (did you mean {hint[0]!r}?)" if hint else ""))
         return key
+
+    @model_validator(mode="after")
+    def _full_offline(self) -> "PreferenceConfig":
+        from paft.train.losses import get_loss
+
+        schedule = get_loss(self.method).schedule
+        if self.adapter == "full" and schedule != "offline":
+            # staged/online phases save and restore a LoRA adapter between phases
+            raise ValueError(f"preference.adapter 'full' works with offline methods only; {self.method!r} is "
+                             f"{schedule}: use adapter lora or qlora")
+        return self
 
 
 class MergeConfig(_Section):
@@ -208,10 +244,57 @@ class SparsityConfig(_Section):
 
 
 class EvalConfig(_Section):
+    """What ``paft eval`` and the run's eval step measure on every model (paft.eval.models.evaluate_models)."""
+
     max_examples: int = Field(64, gt=0, description="held-out rows per metric")
     max_new_tokens: int = Field(16, gt=0)
     batch_size: int = Field(16, gt=0)
     beta: float | None = Field(None, gt=0, description="beta of implicit rewards; default preference.beta")
+    heldout: bool = Field(True, description="held-out SFT/preference metrics on the run's data (exact match, NLL, "
+                                            "preference accuracy, implicit reward)")
+    harness_tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness tasks run in process: names, NAME:SHOTS, paft_arith (shipped), "
+                    "leaderboard-v1 (ARC-25, HellaSwag-10, MMLU-5, TruthfulQA-mc2-0, Winogrande-5, GSM8K-5)")
+    harness_limit: float | None = Field(
+        None, gt=0, description="rows per harness task (a share of them when below 1); unset: all")
+    harness_batch_size: int | None = Field(None, gt=0, description="harness batch size; default eval.batch_size")
+    harness_chat_template: bool = Field(
+        False, description="render harness prompts with the model's chat template (the Open LLM Leaderboard v1 did not)")
+    reward_model: str | None = Field(
+        None, description="a `paft reward` output folder: mean reward (rm_reward) of each model's greedy replies")
+    judge_model: str | None = Field(
+        None, description="a chat model (folder, alias or hub id) judging replies pairwise against judge_reference "
+                          "(judge_win_rate) and harmful-prompt replies (refusal/unsafe)")
+    judge_reference: str = Field("base", description="the model whose replies the others are compared with "
+                                                     "(judge_win_rate, rm_win_rate)")
+    reply_max_new_tokens: int | None = Field(
+        None, gt=0, description="length of the greedy replies that the reward model, the judge and the refusal "
+                                "check read; default max_new_tokens")
+    harmlessness: bool = Field(True, description="refusal rate on paft's shipped harmful prompts (and over-refusal "
+                                                 "on benign ones): judged when judge_model is set, else a "
+                                                 "refusal-phrase heuristic")
+
+    @field_validator("harness_tasks", mode="before")
+    @classmethod
+    def _task_syntax(cls, v: Any) -> Any:
+        import re
+
+        if isinstance(v, str):  # --set eval.harness_tasks=a,b:5 and --tasks a,b give one string
+            v = [x for x in v.split(",") if x.strip()]
+        if not isinstance(v, list):
+            return v
+        for item in v:  # existence is checked when the eval starts (it needs lm-eval's task index)
+            if not isinstance(item, str) or not re.fullmatch(r"[\w.\-]+(:\d+)?", item.strip()):
+                raise ValueError(f"{item!r}: expected a task name or NAME:SHOTS, e.g. arc_challenge:25")
+        return [x.strip() for x in v]
+
+    @field_validator("harness_limit")
+    @classmethod
+    def _limit(cls, v: float | None) -> float | None:
+        if v is not None and v >= 1 and not float(v).is_integer():
+            raise ValueError("a number of rows (a whole number) or a share of them below 1")
+        return v
 
 
 class RunConfig(_Section):
@@ -223,6 +306,17 @@ class RunConfig(_Section):
     bf16: Literal["auto", True, False] = Field("auto", description="bf16 autocast for training (auto: if supported)")
     threads: int | None = Field(None, gt=0, description="CPU threads in all; split between parallel branches")
     force: bool = Field(False, description="overwrite an existing output folder from a different config")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "dvclive", "trackio"]] = Field(
+        ["tensorboard"], description="training-log integrations of the Trainer (TensorBoard logs go to "
+                                     "RUN/BRANCH/tb); [] or none: off")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to_list(cls, v: Any) -> Any:
+        # `--set run.report_to=wandb` gives a string; "none" (the Trainer's word for off) means []
+        if v is None or v == "none":
+            return []
+        return [v] if isinstance(v, str) else v
 
 
 class PaftConfig(_Section):

@@ -27,7 +27,7 @@ from paft.io import package_versions, sha256_file, write_json_atomic, write_text
 from paft.progress import ProgressUI
 
 # keys that change how a run executes, not what it computes
-_EXECUTION_KEYS = {"force", "parallel", "threads", "device"}
+_EXECUTION_KEYS = {"force", "parallel", "threads", "device", "report_to"}
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,15 @@ class Run:
 
     def adapter(self, name: str) -> Path:
         return self.root / name / "adapter"
+
+    def output(self, name: str) -> Path:
+        """A trained branch's output: its LoRA/QLoRA adapter folder, or its model folder (``adapter: full``)."""
+        from paft.train.branch import branch_output
+
+        return branch_output(self.branch_dir(name))
+
+    def _is_full(self, name: str) -> bool:
+        return self.output(name).name == "model"
 
     @property
     def data_dir(self) -> Path:
@@ -166,8 +175,8 @@ class Run:
             else:
                 res = load_examples(src.path, kind, fmt=src.format, split=src.split, subset=src.subset,
                                     skip_invalid=d.skip_invalid, beavertails_preference=src.beavertails_preference,
-                                    max_rows=src.max_rows)
-                info.update(format=res.fmt, sha256=hash_source(src.path), skipped=res.skipped,
+                                    max_rows=src.max_rows, local=src.local)
+                info.update(format=res.fmt, sha256=hash_source(src.local or src.path), skipped=res.skipped,
                             skipped_errors=res.errors)
                 if res.skipped:
                     self.ui.log(f"[yellow]{src.path}: skipped {res.skipped} invalid rows (data.skip_invalid)")
@@ -255,7 +264,7 @@ class Run:
     def _job_args(self, job: Job) -> dict[str, Any]:
         return {"kind": job.kind, "cfg": self.cfg, "model_dir": self.model_dir,
                 "data_path": self.data_dir / f"{job.kind}_train.jsonl", "out_dir": self.branch_dir(job.name),
-                "init_adapter": self.adapter(job.after) if job.after else None, "name": job.name,
+                "init_adapter": self.output(job.after) if job.after else None, "name": job.name,
                 "reward_dir": self.root / "reward" if self.needs_reward_model() else None}
 
     def _train_one(self, job: Job, *, threads, device, report) -> dict[str, Any]:
@@ -317,11 +326,12 @@ class Run:
         return self._once(self.root / "sparsity.json", self._compute_sparsity, "sparsity")
 
     def _compute_sparsity(self) -> dict[str, Any]:
-        from paft.sparsity import adapter_sparsity
+        from paft.sparsity import adapter_sparsity, model_sparsity
 
         s = self.cfg.sparsity
-        out = {name: adapter_sparsity(self.adapter(name), self.model_dir, s.absolute, s.relative)
-               for name in ("sft", "preference") if self.adapter(name).exists()}
+        out = {name: (model_sparsity if self._is_full(name) else adapter_sparsity)(
+                   self.output(name), self.model_dir, s.absolute, s.relative)
+               for name in ("sft", "preference") if self.output(name).exists()}
         if not out:
             raise PaftError(f"{self.root}: no trained branch adapters to analyse; run `paft sft`/`paft align` first")
         return out
@@ -333,11 +343,13 @@ class Run:
         if summary_path.exists():
             return json.loads(summary_path.read_text())
         for name in ("sft", "preference"):
-            if not (self.adapter(name) / "adapter_config.json").exists():
-                raise PaftError(f"{self.adapter(name)}: missing; train the {name} branch before merging")
+            out = self.output(name)
+            if not (out / ("config.json" if out.name == "model" else "adapter_config.json")).exists():
+                raise PaftError(f"{out}: missing; train the {name} branch before merging")
         m = self.cfg.merge
         start = time.perf_counter()
-        summary = merge_into_base(self.model_dir, [str(self.adapter("sft")), str(self.adapter("preference"))],
+        # a full fine-tuned branch's delta is W - W_base; a QLoRA adapter applies to the float base
+        summary = merge_into_base(self.model_dir, [str(self.output("sft")), str(self.output("preference"))],
                                   m.weights, m.method, density=m.density, seed=m.seed, out_dir=self.merged_dir,
                                   force=True, progress=lambda d, t: self.ui.update("merge", d, t), **m.params)
         self._timed("merge", start)
@@ -347,8 +359,9 @@ class Run:
         """The sequential baseline as a full model: base + SFT delta + preference delta trained on top."""
         from paft.merge.engine import merge_into_base
 
+        # a full fine-tuned sequential branch wrote this folder itself (it started from the SFT weights)
         if not (self.sequential_model_dir / "config.json").exists():
-            merge_into_base(self.model_dir, [str(self.adapter("sft")), str(self.adapter("sequential"))], [1.0, 1.0],
+            merge_into_base(self.model_dir, [str(self.output("sft")), str(self.adapter("sequential"))], [1.0, 1.0],
                             "task_arithmetic", out_dir=self.sequential_model_dir, force=True)
         return self.sequential_model_dir
 
@@ -358,9 +371,11 @@ class Run:
 
         specs = [ModelSpec("base", self.model_dir)]
         for name in ("sft", "preference"):
-            if self.adapter(name).exists():
+            if self._is_full(name):
+                specs.append(ModelSpec(name, self.output(name)))
+            elif self.adapter(name).exists():
                 specs.append(ModelSpec(name, self.model_dir, self.adapter(name)))
-        if self.adapter("sequential").exists():
+        if self.adapter("sequential").exists() or self._is_full("sequential"):
             specs.append(ModelSpec("sequential", self.sequential_model()))
         if (self.merged_dir / "config.json").exists():
             specs.append(ModelSpec("paft", self.merged_dir))
@@ -379,7 +394,8 @@ class Run:
             self.ui.update("evaluate", i, n, name)
 
         res = evaluate_models(specs, self.cfg, self.tokenizer, self.eval_examples("sft"),
-                              self.eval_examples("preference"), device=self.device, progress=progress)
+                              self.eval_examples("preference"), device=self.device, base_dir=self.model_dir,
+                              progress=progress)
         self.ui.update("evaluate", len(specs), len(specs), "done")
         return res
 

@@ -447,13 +447,28 @@ def ranked_ultrafeedback(row: Mapping[str, Any], *, beavertails_preference: str 
     return RankedExample(prompt=prompt, responses=responses, scores=scores)
 
 
-SFT_FORMATS: dict[str, Callable[[Mapping[str, Any]], SFTExample]] = {
+def sft_hh_rlhf(row: Mapping[str, Any], *, beavertails_preference: str = "helpful") -> SFTExample:
+    """HH-RLHF as SFT data: the chosen conversation (SFT on the preferred replies, as in arXiv 2406.04879)."""
+    ex = pref_hh_rlhf(row)
+    return SFTExample(messages=ex.prompt + [{"role": "assistant", "content": ex.chosen}])
+
+
+def sft_beavertails(row: Mapping[str, Any], *, beavertails_preference: str = "helpful") -> SFTExample:
+    """BeaverTails / PKU-SafeRLHF as SFT data: the prompt and its better (or safer) reply."""
+    ex = pref_beavertails(row, beavertails_preference=beavertails_preference)
+    return SFTExample(messages=ex.prompt + [{"role": "assistant", "content": ex.chosen}])
+
+
+SFT_FORMATS: dict[str, Callable[..., SFTExample]] = {
     "messages": sft_messages,
     "prompt_completion": sft_prompt_completion,
     "alpaca": sft_alpaca,
     "sharegpt": sft_sharegpt,
     "text": sft_text,
+    "hh_rlhf": sft_hh_rlhf,  # preference data read for SFT; never auto-detected as SFT
+    "beavertails": sft_beavertails,
 }
+_SFT_FROM_PAIRS = ("hh_rlhf", "beavertails")  # SFT formats that take beavertails_preference
 
 PREFERENCE_FORMATS: dict[str, Callable[..., PreferenceExample | BinaryExample | RankedExample]] = {
     "prompt_chosen_rejected": pref_prompt_chosen_rejected,
@@ -531,7 +546,7 @@ def get_adapter(kind: str, fmt: str, beavertails_preference: str = "helpful") ->
     if fmt not in table:
         label = "SFT" if kind == "sft" else "preference"
         raise DataError(f"unknown {label} format {fmt!r}; known: auto, {', '.join(table)}")
-    if kind == "sft":
+    if kind == "sft" and fmt not in _SFT_FROM_PAIRS:
         return table[fmt]
     return functools.partial(table[fmt], beavertails_preference=beavertails_preference)
 

@@ -8,6 +8,7 @@ can fix the data without a traceback.
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import random
@@ -20,7 +21,7 @@ from paft.data.formats import RowError, detect_preference_format, detect_sft_for
 from paft.errors import DataError
 from paft.io import sha256_file
 
-SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz")
 MAX_KEPT_ERRORS = 20
 
 # "name" or "owner/name": what a `datasets` hub id looks like, as opposed to a filesystem path.
@@ -39,10 +40,11 @@ def _read_text(path: str) -> str:
 
 
 def _read_jsonl(path: str) -> tuple[list[dict], list[int]]:
-    """Rows and their 1-based line numbers; streamed, since JSONL files can be large."""
+    """Rows and their 1-based line numbers; streamed, since JSONL files can be large (.jsonl.gz: HH-RLHF's files)."""
     rows, lines = [], []
+    opener = gzip.open if path.lower().endswith(".gz") else open
     try:
-        with open(path, encoding="utf-8-sig") as fh:
+        with opener(path, "rt", encoding="utf-8-sig") as fh:
             for n, line in enumerate(fh, start=1):
                 if not line.strip():
                     continue
@@ -134,9 +136,9 @@ def _read(path: str, split: str, subset: str | None) -> tuple[list[dict], list[i
         raise DataError(f"{path}: file not found")
     if local.is_dir():
         raise DataError(f"{path}: is a folder; pass a data file ({', '.join(SUPPORTED_SUFFIXES)})")
-    suffix = local.suffix.lower()
+    suffix = ".jsonl.gz" if local.name.lower().endswith(".jsonl.gz") else local.suffix.lower()
     try:
-        if suffix == ".jsonl":
+        if suffix in (".jsonl", ".jsonl.gz"):
             return _read_jsonl(path)
         if suffix == ".json":
             return _read_json(path), None
@@ -148,6 +150,78 @@ def _read(path: str, split: str, subset: str | None) -> tuple[list[dict], list[i
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
     raise DataError(f"{path}: unsupported file type {suffix or '(no suffix)'!r}; "
                     f"expected {', '.join(SUPPORTED_SUFFIXES)}")
+
+
+# --------------------------------------------------------------------------- dataset presets
+
+@dataclass(frozen=True)
+class DatasetPreset:
+    """A named public dataset: where it lives on the hub, its format, and how a selector picks from it."""
+
+    name: str
+    hub: str
+    fmt: str
+    selectors: dict[str, dict[str, str]]  # selector -> {"data_dir": ...} and/or {"preference": ...}
+    download: str  # how to fetch it for offline use ({sel}: the selector's data_dir)
+    local_file: str  # which downloaded file to point data.*.local at
+
+
+DATASET_PRESETS = {
+    # Anthropic HH-RLHF: one folder per tranche on the hub, each with train/test .jsonl.gz
+    "hh-rlhf": DatasetPreset(
+        "hh-rlhf", "Anthropic/hh-rlhf", "hh_rlhf",
+        {d: {"data_dir": d} for d in ("helpful-base", "harmless-base", "helpful-online", "helpful-rejection-sampled")},
+        "hf download Anthropic/hh-rlhf --repo-type dataset --include '{sel}/*' --local-dir DIR",
+        "DIR/{sel}/{split}.jsonl.gz"),
+    # BeaverTails' preference data is PKU-SafeRLHF (prompt, response_0/1, better_/safer_response_id);
+    # one pair of replies, two labels: `better` (helpfulness) and `safer` (harmlessness)
+    "beavertails": DatasetPreset(
+        "beavertails", "PKU-Alignment/PKU-SafeRLHF", "beavertails",
+        {"better": {"preference": "helpful"}, "safer": {"preference": "safe"}},
+        "hf download PKU-Alignment/PKU-SafeRLHF --repo-type dataset --local-dir DIR",
+        "one of DIR/data/*/{split}.jsonl"),
+}
+
+
+@dataclass(frozen=True)
+class ResolvedPreset:
+    preset: DatasetPreset
+    selector: str | None
+    data_dir: str | None
+    preference: str | None  # beavertails_preference implied by the selector
+
+
+def dataset_preset(path: str) -> ResolvedPreset | None:
+    """``hh-rlhf:helpful-base``, ``beavertails:safer``, or a bare preset name -> its preset; None for other paths.
+
+    An unknown selector of a known preset is a one-line ``DataError``.
+    """
+    name, _, selector = path.partition(":")
+    preset = DATASET_PRESETS.get(name.strip().lower())
+    if preset is None or (not selector and Path(path).exists()):  # a local file that happens to share the name
+        return None
+    selector = selector.strip() or None
+    if selector is not None and selector not in preset.selectors:
+        raise DataError(f"{path}: unknown {preset.name} selector {selector!r}; known: "
+                        f"{', '.join(f'{preset.name}:{k}' for k in preset.selectors)} (or {preset.name} for all)")
+    chosen = preset.selectors.get(selector or "", {})
+    return ResolvedPreset(preset, selector, chosen.get("data_dir"), chosen.get("preference"))
+
+
+def _read_preset(rp: ResolvedPreset, path: str, kind: str, split: str, subset: str | None) -> list[dict]:
+    """A preset's rows from the hub; offline, one line saying what to download and which key to point at it."""
+    try:
+        import datasets
+
+        return datasets.load_dataset(rp.preset.hub, subset, data_dir=rp.data_dir, split=split).to_list()
+    except Exception as e:  # network, auth, missing split: all end the same way for the user
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        sel = rp.data_dir or "*"
+        where = f"{rp.preset.hub}" + (f" (data_dir {rp.data_dir})" if rp.data_dir else "")
+        raise DataError(
+            f"{path}: cannot load {where} split {split!r} from the hub ({type(e).__name__}: {reason}); "
+            f"download it when online ({rp.preset.download.format(sel=sel)}) and set data.{kind}.local: "
+            f"{rp.preset.local_file.format(sel=sel, split=split)}") from None
 
 
 def read_rows(path: str, split: str = "train", subset: str | None = None) -> list[dict]:
@@ -174,6 +248,7 @@ def load_examples(
     skip_invalid: bool = False,
     beavertails_preference: str = "helpful",
     max_rows: int | None = None,
+    local: str | None = None,
 ) -> LoadResult:
     """Read ``path`` and convert every row; a bad row stops the load unless ``skip_invalid``.
 
@@ -183,11 +258,27 @@ def load_examples(
 
     ``max_rows`` counts converted examples, and conversion stops once it is reached,
     so rows after that point are neither checked nor counted as skipped.
+
+    ``path`` may name a dataset preset (``DATASET_PRESETS``: ``hh-rlhf:helpful-base``,
+    ``beavertails:safer``, ...): its format and preference label are implied (the selector
+    wins over ``beavertails_preference``), and its rows come from the hub, or from ``local``,
+    a file in the same schema. For SFT a preset gives the chosen conversations.
     """
     if max_rows is not None and max_rows < 1:
         raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+    preset = dataset_preset(path)
+    if preset is not None:
+        fmt = preset.preset.fmt if fmt == "auto" else fmt
+        beavertails_preference = preset.preference or beavertails_preference
     adapter = None if fmt == "auto" else get_adapter(kind, fmt, beavertails_preference)
-    rows, lines = _read(path, split, subset)
+    if local is not None:
+        local = str(Path(local).expanduser())
+        rows, lines = _read(local, split, subset)
+        path = local  # errors name the file that holds the row
+    elif preset is not None:
+        rows, lines = _read_preset(preset, path, kind, split, subset), None
+    else:
+        rows, lines = _read(path, split, subset)
     if not rows:
         raise DataError(f"{path}: no rows")
     if adapter is None:

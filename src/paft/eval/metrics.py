@@ -26,32 +26,48 @@ def _batches(items, size):
 
 
 @torch.no_grad()
+def generate_replies(model, tok, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int,
+                     max_prompt_tokens: int, progress=None) -> list[str]:
+    """Greedy replies to chat prompts (each a message list ending with a user turn), whitespace-stripped.
+
+    The chat template with its generation prompt is applied; prompts are left-padded so every
+    row's reply starts at the same position, and truncated to ``max_prompt_tokens``.
+    """
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    side, tok.padding_side = tok.padding_side, "left"
+    replies: list[str] = []
+    try:
+        for batch in _batches(prompts, batch_size):
+            texts = [prompt_text(tok, m) for m in batch]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False,
+                      truncation=True, max_length=max_prompt_tokens).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            replies += [tok.decode(row, skip_special_tokens=True).strip()
+                        for row in out[:, enc["input_ids"].shape[1]:]]
+            if progress:
+                progress(len(batch))
+    finally:
+        tok.padding_side = side
+    return replies
+
+
 def exact_match(model, tok, examples: list[SFTExample], *, max_new_tokens: int, batch_size: int,
                 max_prompt_tokens: int, progress=None) -> tuple[float, list[dict]]:
     """Greedy generation against the last assistant turn of each chat example."""
     chats = [e for e in examples if e.messages and e.messages[-1]["role"] == "assistant"]
     if not chats:
         return float("nan"), []
-    device = next(model.parameters()).device
-    side, tok.padding_side = tok.padding_side, "left"
+    replies = generate_replies(model, tok, [e.messages[:-1] for e in chats], max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, progress=progress)
     samples, hits = [], 0
-    try:
-        for batch in _batches(chats, batch_size):
-            texts = [prompt_text(tok, e.messages[:-1]) for e in batch]
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False,
-                      truncation=True, max_length=max_prompt_tokens).to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            for e, row in zip(batch, out[:, enc["input_ids"].shape[1]:]):
-                reply = tok.decode(row, skip_special_tokens=True).strip()
-                target = e.messages[-1]["content"].strip()
-                hits += reply == target
-                samples.append({"prompt": e.messages[-2]["content"] if len(e.messages) > 1 else "",
-                                "target": target, "reply": reply})
-            if progress:
-                progress(len(batch))
-    finally:
-        tok.padding_side = side
+    for e, reply in zip(chats, replies):
+        target = e.messages[-1]["content"].strip()
+        hits += reply == target
+        samples.append({"prompt": e.messages[-2]["content"] if len(e.messages) > 1 else "",
+                        "target": target, "reply": reply})
     return hits / len(chats), samples
 
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-
 from paft.config import PaftConfig
 from paft.data.formats import PreferenceExample, RankedExample, ranked_to_pairs
+from paft.errors import ConfigError, PaftError
 from paft.eval.metrics import completion_nll, exact_match, pair_logps, preference_scores
 
 
@@ -18,6 +19,7 @@ class ModelSpec:
     name: str
     path: Path  # an HF folder, or the base folder when ``adapter`` is set
     adapter: Path | None = None
+    tokenizer: Path | None = None  # the model's own tokenizer folder; None: the tokenizer evaluate_models is given
 
 
 def load_spec(spec: ModelSpec, cfg: PaftConfig, device: str):
@@ -31,51 +33,228 @@ def load_spec(spec: ModelSpec, cfg: PaftConfig, device: str):
     return model.eval()
 
 
+def needs_chat_template(cfg: PaftConfig) -> bool:
+    """Whether any configured metric renders chat prompts (the harness alone does not, by default)."""
+    e = cfg.eval
+    return bool(e.heldout or e.reward_model or e.judge_model or e.harmlessness or e.harness_chat_template)
+
+
+def load_eval_tokenizer(path: Path, cfg: PaftConfig):
+    """The tokenizer at ``path``; a chat template is required only when a configured metric uses one."""
+    from transformers import AutoTokenizer
+
+    from paft.errors import ModelError
+    from paft.models import load_tokenizer
+
+    try:
+        if needs_chat_template(cfg):
+            return load_tokenizer(path, cfg.model.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot load its tokenizer: {str(exc).splitlines()[0] if str(exc) else exc!r}") \
+            from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _reply_prompts(pref_eval: list, sft_eval: list, n: int) -> list[list[dict]]:
+    """Held-out prompts for the reply metrics: the preference prompts (else the SFT ones), distinct, at most n."""
+    seen, out = set(), []
+    rows = [x.prompt for x in pref_eval if getattr(x, "prompt", None)]
+    if not rows:
+        rows = [e.messages[:-1] for e in sft_eval if e.messages and e.messages[-1]["role"] == "assistant"]
+    for p in rows:
+        key = json.dumps(p, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out[:n]
+
+
+def _prefixed(key: str, exc: PaftError) -> PaftError:
+    return type(exc)(f"{key}: {exc}")
+
+
+class _Extras:
+    """The reply-based metrics' shared parts, loaded once before any model: reward model, judge, prompts."""
+
+    def __init__(self, cfg: PaftConfig, names: list[str], pref_eval: list, sft_eval: list, device: str,
+                 base_dir: Path | None):
+        from paft.config import ScorerConfig
+        from paft.scoring import build_scorer
+
+        e = cfg.eval
+        self.rm = self.pair_judge = self.harm_judge = None
+        wants_replies = bool(e.reward_model or e.judge_model)
+        if wants_replies and e.judge_reference not in names:
+            raise ConfigError(f"eval.judge_reference: {e.judge_reference!r} is not one of the evaluated models "
+                              f"({', '.join(names)})")
+        self.prompts = _reply_prompts(pref_eval, sft_eval, e.max_examples) if wants_replies else []
+        if wants_replies and not self.prompts:
+            raise ConfigError("eval.reward_model/judge_model: the held-out data has no prompts to reply to")
+        if e.reward_model:
+            try:
+                self.rm = build_scorer(ScorerConfig(kind="reward_model", path=e.reward_model, batch_size=e.batch_size),
+                                       base_model_dir=base_dir, device=device,
+                                       trust_remote_code=cfg.model.trust_remote_code)
+            except PaftError as exc:
+                raise _prefixed("eval.reward_model", exc) from None
+        if e.judge_model:
+            from paft.eval.judges import pairwise_judge, refusal_judge
+            from paft.models import load_model, load_tokenizer, resolve_model_dir
+
+            try:
+                judge_dir = resolve_model_dir(e.judge_model)
+                model = load_model(judge_dir, cfg.model.dtype, device, cfg.model.trust_remote_code).eval()
+                tok = load_tokenizer(judge_dir, cfg.model.trust_remote_code)
+                self.pair_judge = pairwise_judge(model, tok, batch_size=e.batch_size)
+                self.harm_judge = refusal_judge(model, tok, batch_size=e.batch_size)
+            except PaftError as exc:
+                raise _prefixed("eval.judge_model", exc) from None
+        self.harm = []
+        if e.harmlessness:
+            from paft.data.demo import SYSTEM
+            from paft.eval.judges import harm_messages, load_harm_prompts
+
+            self.harm = load_harm_prompts()
+            self.harm_prompts = harm_messages(self.harm, SYSTEM)
+        self.ref_replies: list[str] | None = None
+        self.ref_rewards: list[float] | None = None
+
+    def metrics(self, spec_name: str, is_ref: bool, model, tok, cfg: PaftConfig) -> tuple[dict, dict]:
+        from paft.eval.judges import (harmlessness_metrics, pairwise_verdicts, refusal_labels, rm_win_rate,
+                                      win_rates)
+        from paft.eval.metrics import generate_replies
+
+        e, d = cfg.eval, cfg.data
+        gen = dict(max_new_tokens=e.reply_max_new_tokens or e.max_new_tokens, batch_size=e.batch_size,
+                   max_prompt_tokens=d.max_prompt_length)
+        row: dict[str, Any] = {}
+        samples: dict[str, Any] = {}
+        if self.prompts:
+            replies = generate_replies(model, tok, self.prompts, **gen)
+            if is_ref:
+                self.ref_replies = replies
+            sample = [{"prompt": p[-1]["content"], "reply": r} for p, r in zip(self.prompts, replies)]
+            if self.rm is not None:
+                rewards = self.rm(self.prompts, replies)
+                if is_ref:
+                    self.ref_rewards = rewards
+                row["rm_reward"] = sum(rewards) / len(rewards)
+                row["rm_win_rate"] = rm_win_rate(rewards, self.ref_rewards)
+                for s, r in zip(sample, rewards):
+                    s["reward"] = round(r, 4)
+            if self.pair_judge is not None:
+                verdicts = pairwise_verdicts(self.pair_judge, self.prompts, replies, self.ref_replies)
+                row.update(win_rates(verdicts))
+                for s, v in zip(sample, verdicts):
+                    s["judge"] = {1: "win", 0: "tie", -1: "loss"}[v]
+            samples["replies"] = sample[:8]
+        if self.harm:
+            replies = generate_replies(model, tok, self.harm_prompts, **gen)
+            labels = refusal_labels(replies, self.harm_prompts, self.harm_judge)
+            row.update(harmlessness_metrics(self.harm, labels, self.harm_judge is not None))
+            rows = [{"kind": h.kind, "prompt": h.prompt, "reply": r, "label": lab}
+                    for h, r, lab in zip(self.harm, replies, labels)]
+            samples["harmlessness"] = ([x for x in rows if x["kind"] == "harmful"][:5]
+                                       + [x for x in rows if x["kind"] == "benign"][:3])
+        return row, samples
+
+    def describe(self, cfg: PaftConfig) -> dict[str, Any]:
+        e = cfg.eval
+        out: dict[str, Any] = {}
+        if self.prompts:
+            out["replies"] = {"prompts": len(self.prompts), "reference": e.judge_reference,
+                              "max_new_tokens": e.reply_max_new_tokens or e.max_new_tokens,
+                              "reward_model": e.reward_model, "judge_model": e.judge_model}
+        if self.harm:
+            out["harmlessness"] = {
+                "harmful_prompts": sum(h.kind == "harmful" for h in self.harm),
+                "benign_prompts": sum(h.kind == "benign" for h in self.harm),
+                "scorer": f"judge {e.judge_model}" if self.harm_judge is not None
+                else "refusal phrases (heuristic, paft.eval.judges.REFUSAL_PHRASES)"}
+        return out
+
+
 def evaluate_models(specs: list[ModelSpec], cfg: PaftConfig, tok, sft_eval: list, pref_eval: list, *,
-                    device: str = "cpu", reference: str | None = None,
+                    device: str = "cpu", reference: str | None = None, base_dir: Path | None = None,
                     progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Metrics per model; implicit rewards use ``reference`` (a spec name, default the first) as pi_ref.
 
     The preference metrics need pairs: held-out ranked lists count as their best-vs-worst pairs;
     unpaired rows (prompt, completion, label) leave them None, and the result says why under
-    ``pref_metrics``.
+    ``pref_metrics``. ``eval.harness_tasks`` (``paft.eval.harness``), ``eval.reward_model``,
+    ``eval.judge_model`` and ``eval.harmlessness`` (``paft.eval.judges``) add their metrics to
+    each model's row; their tasks, data and models are checked and loaded before the first model,
+    so a bad name fails at once. ``base_dir``: the base of a reward model whose adapter names none.
+    ``tok`` serves every spec without a ``tokenizer`` of its own.
     """
     e, d = cfg.eval, cfg.data
     if any(isinstance(x, RankedExample) for x in pref_eval):  # ranked lists: best vs worst of each
         pref_eval = ranked_to_pairs([x for x in pref_eval if isinstance(x, RankedExample)])
     sft_eval, pref_eval = sft_eval[: e.max_examples], pref_eval[: e.max_examples]
     unpaired = any(not isinstance(x, PreferenceExample) for x in pref_eval)
+    reply_source = pref_eval
     if unpaired:
         pref_eval = []
     beta = e.beta or cfg.preference.beta
     reference = reference or specs[0].name
-    ref_lp, results, samples = None, {}, {}
-    order = sorted(specs, key=lambda s: s.name != reference)  # the reference first, to score the others
+    suite = None
+    if e.harness_tasks:
+        from paft.eval.harness import HarnessSuite
+
+        suite = HarnessSuite.build(e.harness_tasks, limit=e.harness_limit,
+                                   batch_size=e.harness_batch_size or e.batch_size,
+                                   chat_template=e.harness_chat_template)
+    extras = _Extras(cfg, [s.name for s in specs], reply_source, sft_eval, device, base_dir)
+    ref_lp, results, samples, harness_details, reply_samples = None, {}, {}, {}, {}
+    # the implicit-reward reference first, then the judge's reference: the others are scored against them
+    order = sorted(specs, key=lambda s: (s.name != reference, s.name != e.judge_reference))
     for i, spec in enumerate(order):
         start = time.perf_counter()
         model = load_spec(spec, cfg, device)
+        mtok = load_eval_tokenizer(spec.tokenizer, cfg) if spec.tokenizer is not None else tok
         if progress:
             progress(spec.name, i, len(order))
-        em, gen = exact_match(model, tok, sft_eval, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                              max_prompt_tokens=d.max_prompt_length)
-        nll = completion_nll(model, tok, sft_eval, max_length=d.max_length, batch_size=e.batch_size)
-        if unpaired:
-            pref = {"pref_accuracy": None, "reward_margin": None, "reward_accuracy": None}
-        else:
-            lp = pair_logps(model, tok, pref_eval, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-                            batch_size=e.batch_size)
-            if spec.name == reference:
-                ref_lp = lp
-            scores = preference_scores(lp, ref_lp, beta)
-            pref = {"pref_accuracy": scores.accuracy, "reward_margin": scores.reward_margin,
-                    "reward_accuracy": scores.reward_accuracy}
-        results[spec.name] = {"sft_exact_match": em, "sft_nll": nll, **pref,
-                              "eval_s": round(time.perf_counter() - start, 2)}
-        samples[spec.name] = gen[:8]
+        row: dict[str, Any] = {}
+        if e.heldout:
+            em, gen = exact_match(model, mtok, sft_eval, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
+                                  max_prompt_tokens=d.max_prompt_length)
+            nll = completion_nll(model, mtok, sft_eval, max_length=d.max_length, batch_size=e.batch_size)
+            if unpaired:
+                pref = {"pref_accuracy": None, "reward_margin": None, "reward_accuracy": None}
+            else:
+                lp = pair_logps(model, mtok, pref_eval, max_length=d.max_length,
+                                max_prompt_length=d.max_prompt_length, batch_size=e.batch_size)
+                if spec.name == reference:
+                    ref_lp = lp
+                scores = preference_scores(lp, ref_lp, beta)
+                pref = {"pref_accuracy": scores.accuracy, "reward_margin": scores.reward_margin,
+                        "reward_accuracy": scores.reward_accuracy}
+            row.update({"sft_exact_match": em, "sft_nll": nll, **pref})
+            samples[spec.name] = gen[:8]
+        if suite is not None:
+            flat, details = suite.run(model, mtok)
+            row.update(flat)
+            harness_details[spec.name] = details
+        extra_row, extra_samples = extras.metrics(spec.name, spec.name == e.judge_reference, model, mtok, cfg)
+        row.update(extra_row)
+        if extra_samples:
+            reply_samples[spec.name] = extra_samples
+        row["eval_s"] = round(time.perf_counter() - start, 2)
+        results[spec.name] = row
         del model
     out = {"models": {s.name: results[s.name] for s in specs}, "reference": reference, "beta": beta,
-           "n_sft_eval": len(sft_eval), "n_pref_eval": len(pref_eval), "samples": samples}
-    if unpaired:
+           "n_sft_eval": len(sft_eval) if e.heldout else 0, "n_pref_eval": len(pref_eval) if e.heldout else 0,
+           "samples": samples}
+    if unpaired and e.heldout:
         out["pref_metrics"] = ("held-out preference data is unpaired (prompt, completion, label); "
                                "pref_accuracy and the reward metrics need pairs")
+    if suite is not None:
+        out["harness"] = {"tasks": suite.shots(), "limit": e.harness_limit, "chat_template": e.harness_chat_template,
+                          "details": harness_details}
+    out.update(extras.describe(cfg))
+    if reply_samples:
+        out["reply_samples"] = reply_samples
     return out

@@ -50,13 +50,57 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
     return tok
 
 
-def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False) -> Any:
+def require_bitsandbytes(key: str) -> None:
+    """One line telling how to install bitsandbytes, before any model is loaded."""
+    import importlib.util
+
+    from paft.errors import ConfigError
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{key} 'qlora' needs bitsandbytes: pip install 'paft[qlora]' (or pip install bitsandbytes)")
+
+
+def nf4_compute_dtype(device: str = "cpu"):
+    """bf16 where the hardware has it; else fp16 on a GPU (pre-Ampere, as the QLoRA code does) and fp32 on a CPU:
+    emulated bf16 matmuls made a QLoRA step about 10x slower than fp32 on a CPU without AVX512-BF16/AMX."""
+    import torch
+
+    from paft.train.trainer import resolve_bf16
+
+    if resolve_bf16("auto", device):
+        return torch.bfloat16
+    return torch.float16 if device.startswith("cuda") else torch.float32
+
+
+def nf4_config(device: str = "cpu"):
+    """QLoRA's quantisation (Dettmers et al. 2023): 4-bit NF4 weights, double quantisation, bf16 compute
+    (see ``nf4_compute_dtype`` for hardware without bf16)."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=nf4_compute_dtype(device))
+
+
+def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
+               quantize_4bit: bool = False) -> Any:
+    """The causal LM at ``model_dir`` on ``device``; ``quantize_4bit``: its linear layers in NF4 (QLoRA).
+
+    The unquantised parts (embeddings, norms, head) stay in ``dtype``.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
+    kwargs: dict[str, Any] = {}
+    if quantize_4bit:
+        require_bitsandbytes("adapter")
+        # a quantised model cannot be moved with .to(); it is placed while loading
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        kwargs = {"quantization_config": nf4_config(device), "device_map": {"": str(dev)}}
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{model_dir}: cannot load as a causal LM: {str(exc).splitlines()[0]}") from None
-    return model.to(device)
+    return model if quantize_4bit else model.to(device)

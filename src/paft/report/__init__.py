@@ -1,4 +1,4 @@
-"""Run reports: report.json (every number), report.md (tables), PNG plots."""
+"""Run reports: report.json (every number), report.md and report.html (tables, alignment tax), PNG plots."""
 
 from paft.report.render import write_report
 

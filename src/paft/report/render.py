@@ -1,21 +1,22 @@
-"""Render a run folder's saved JSON into report.json, report.md and plots.
+"""Render a run folder's saved JSON into report.json, report.md, report.html and PNG plots.
 
-Reads only files the pipeline wrote, so `paft report`-style re-rendering needs no model.
+Reads only files the pipeline wrote, so `paft report RUN_DIR` re-renders without a model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from paft.config import PaftConfig
 from paft.io import package_versions, write_json_atomic, write_text_atomic
+from paft.report.metrics import LABELS, MODELS, SHORT, alignment_tax, fmt_delta, fmt_value
 
-MODELS = ("base", "sft", "preference", "sequential", "paft")
-LABELS = {"base": "base", "sft": "SFT only", "preference": "preference only",
-          "sequential": "sequential SFT->pref", "paft": "PAFT merge"}
-COLORS = {"base": "#9e9e9e", "sft": "#4c72b0", "preference": "#dd8452", "sequential": "#8172b3", "paft": "#55a868"}
+# the five headline metrics (the `paft run` summary table prints these)
 METRICS = [  # key, header, higher is better
     ("sft_exact_match", "SFT exact match", True),
     ("sft_nll", "SFT NLL", False),
@@ -23,6 +24,8 @@ METRICS = [  # key, header, higher is better
     ("reward_margin", "reward margin", True),
     ("reward_accuracy", "reward accuracy", True),
 ]
+BRANCHES = ("sft", "preference", "sequential", "reward")
+IMAGES = {"metrics": "metrics.png", "training": "training.png", "sparsity": "sparsity.png"}
 
 
 def _read(path: Path) -> Any:
@@ -37,128 +40,133 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _delta(a: float | None, b: float | None) -> str:
-    return "–" if a is None or b is None else f"{a - b:+.3f}"
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Like paft.io.write_text_atomic, for a PNG: temp file in the same folder, then a rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
-def collect(root: Path, cfg: PaftConfig) -> dict[str, Any]:
+def collect(root: Path, cfg: PaftConfig | dict[str, Any]) -> dict[str, Any]:
+    """Everything the report shows, from the run folder's saved JSON."""
     branches = {}
-    for name in ("sft", "preference", "sequential"):
+    for name in BRANCHES:
         s = _read(root / name / "train_summary.json")
         if s:
             s["log_history"] = _read(root / name / "log_history.json") or []
+            s["tensorboard"] = (root / name / "tb").is_dir()
             branches[name] = s
     sparsity = _read(root / "sparsity.json") or {}
+    ev = _read(root / "eval.json")
+    keep = ("overall", "by_type", "by_layer", "histogram")  # not the per-tensor rows: they are in sparsity.json
     return {
-        "config": cfg.model_dump(mode="json"),
+        "config": cfg.model_dump(mode="json") if isinstance(cfg, PaftConfig) else cfg,
+        "run_dir": str(root),
         "versions": (_read(root / "provenance.json") or {}).get("versions") or package_versions(),
         "provenance": _read(root / "provenance.json"),
         "data": _read(root / "data" / "summary.json"),
         "training": branches,
-        "sparsity": {k: {"overall": v["overall"], "by_type": v["by_type"]} for k, v in sparsity.items()},
+        "sparsity": {k: {kk: v[kk] for kk in keep if kk in v} for k, v in sparsity.items()},
         "merge": _read(root / "merged" / "paft_merge.json"),
-        "eval": _read(root / "eval.json"),
+        "eval": ev,
+        "alignment_tax": alignment_tax(ev["models"]) if ev and ev.get("models") else None,
         "timings_s": _read(root / "timings.json"),
     }
 
 
-def _plot_metrics(evals: dict[str, dict], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [m for m in MODELS if m in evals]
-    shown = [(k, h) for k, h, _ in METRICS if k != "reward_accuracy"]
-    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.4))
-    for ax, (key, header) in zip(axes, shown):
-        vals = [evals[n].get(key) for n in names]
-        vals = [float("nan") if v is None else v for v in vals]
-        ax.bar(range(len(names)), vals, color=[COLORS.get(n, "#333") for n in names])
-        ax.set_xticks(range(len(names)), [LABELS[n].replace(" ", "\n", 1) for n in names], fontsize=7)
-        ax.set_title(header + (" (lower better)" if key == "sft_nll" else ""), fontsize=9)
-        for i, v in enumerate(vals):
-            if v == v:
-                ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
-        ax.margins(y=0.15)
-    fig.suptitle("Held-out metrics per model", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+def _setup_line(cfg: dict[str, Any]) -> str:
+    m, p = cfg["merge"], cfg["preference"]
+    return (f"Model `{cfg['model']['name']}`; SFT data `{cfg['data']['sft']['path']}`, preference data "
+            f"`{cfg['data']['preference']['path']}`; preference method `{p['method']}` (beta {p['beta']}); merge "
+            f"`{m['method']}` (weights {m['weights']}, density {m['density']}); SFT L1 lambda {cfg['sft']['l1_lambda']}.")
 
 
-def _plot_training(training: dict[str, dict], out: Path) -> None:
-    import matplotlib
+def _eval_note(ev: dict[str, Any]) -> str:
+    return (f"Reward margin and accuracy: DPO implicit reward with `{ev.get('reference')}` as reference, beta "
+            f"{ev.get('beta')}. Preference accuracy: the model's own log p(chosen) > log p(rejected).")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for name, s in training.items():
-        hist = [h for h in s["log_history"] if "loss" in h]
-        if hist:
-            axes[0].plot([h["step"] for h in hist], [h["loss"] for h in hist], marker=".", label=name,
-                         color=COLORS.get(name))
-        acc = [h for h in s["log_history"] if "rewards/margin" in h]
-        if acc:
-            axes[1].plot([h["step"] for h in acc], [h["rewards/margin"] for h in acc], marker=".", label=name,
-                         color=COLORS.get(name))
-    axes[0].set_title("training loss (SFT: NLL + lambda * L1)", fontsize=9)
-    axes[1].set_title("preference branches: reward margin", fontsize=9)
-    for ax in axes:
-        ax.set_xlabel("step", fontsize=8)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+def _tax_markdown(tax: dict[str, Any]) -> list[str]:
+    models, metrics, values = tax["models"], tax["metrics"], tax["values"]
+    lines = ["| metric | " + " | ".join(LABELS.get(m, m) for m in models) + " |", "|---|" + "---:|" * len(models)]
+    for x in metrics:
+        arrow = {True: " ↑", False: " ↓", None: ""}[x["higher_is_better"]]
+        lines.append(f"| {x['label']}{arrow} | " + " | ".join(fmt_value(values[m][x["key"]]) for m in models) + " |")
+    lines.append("")
+    deltas = tax["deltas"]
+    if "sft" in deltas and "preference" in deltas:
+        # the headline: what each two-objective model gave up on each branch's own task
+        head = [(k, ref) for k, ref in (("sft_exact_match", "sft"), ("pref_accuracy", "preference"))
+                if any(x["key"] == k for x in metrics)]
+        if head:
+            lines += ["### Alignment tax", "",
+                      "| model | " + " | ".join(f"Δ {_label(metrics, k)} vs {LABELS[ref]}" for k, ref in head) + " |",
+                      "|---|" + "---:|" * len(head)]
+            for m in ("sequential", "paft"):
+                if m in values:
+                    lines.append(f"| {LABELS[m]} | " + " | ".join(fmt_delta(deltas[ref][m][k]) for k, ref in head)
+                                 + " |")
+            lines.append("")
+    cols = [(ref, m) for ref in deltas for m in models if m in deltas[ref]]
+    if cols:
+        lines += ["### Differences from the single-objective models", "",
+                  "Each column is one model minus the SFT-only or the preference-only model; the sequential and "
+                  "PAFT columns are the alignment tax (↑/↓: the better direction).", "",
+                  "| metric | " + " | ".join(f"{SHORT.get(m, m)} − {SHORT[ref]}" for ref, m in cols) + " |",
+                  "|---|" + "---:|" * len(cols)]
+        for x in metrics:
+            arrow = {True: " ↑", False: " ↓", None: ""}[x["higher_is_better"]]
+            lines.append(f"| {x['label']}{arrow} | " + " | ".join(fmt_delta(deltas[ref][m][x["key"]]) for ref, m in cols)
+                         + " |")
+        lines.append("")
+    return lines
+
+
+def _label(metrics: list[dict], key: str) -> str:
+    return next(x["label"] for x in metrics if x["key"] == key)
+
+
+def sparsity_columns(sparsity: dict[str, dict]) -> list[str]:
+    keys = list(next(iter(sparsity.values()))["overall"])
+    return [k for k in keys if k.startswith(("abs<=", "rel<="))]
 
 
 def _markdown(rep: dict[str, Any]) -> str:
-    cfg, ev = rep["config"], rep["eval"] or {}
+    cfg, ev = rep["config"], rep.get("eval") or {}
     evals = ev.get("models", {})
-    lines = ["# PAFT run report", "",
-             f"Model `{cfg['model']['name']}`; SFT data `{cfg['data']['sft']['path']}`, preference data "
-             f"`{cfg['data']['preference']['path']}`; preference method `{cfg['preference']['method']}` "
-             f"(beta {cfg['preference']['beta']}); merge `{cfg['merge']['method']}` (weights {cfg['merge']['weights']}, "
-             f"density {cfg['merge']['density']}); SFT L1 lambda {cfg['sft']['l1_lambda']}.", ""]
+    lines = ["# PAFT run report", "", _setup_line(cfg), "",
+             "The same report with its plots in one file: `report.html`.", ""]
     if evals:
-        lines += [f"## Held-out metrics ({ev.get('n_sft_eval')} SFT rows, {ev.get('n_pref_eval')} preference pairs)", "",
-                  "| model | " + " | ".join(h + (" ↑" if up else " ↓") for _, h, up in METRICS) + " |",
-                  "|---|" + "---:|" * len(METRICS)]
-        for m in MODELS:
-            if m in evals:
-                lines.append(f"| {LABELS[m]} | " + " | ".join(_fmt(evals[m].get(k)) for k, _, _ in METRICS) + " |")
-        lines += ["", f"Reward margin and accuracy: DPO implicit reward with `{ev.get('reference')}` as reference, "
-                  f"beta {ev.get('beta')}. Preference accuracy: the model's own log p(chosen) > log p(rejected).", ""]
+        tax = rep.get("alignment_tax") or alignment_tax(evals)
+        lines += [f"## Held-out metrics ({ev.get('n_sft_eval')} SFT rows, {ev.get('n_pref_eval')} preference pairs)", ""]
+        lines += _tax_markdown(tax)
+        lines += [_eval_note(ev), ""]
         if ev.get("pref_metrics"):
             lines += [f"Preference metrics not computed: {ev['pref_metrics']}.", ""]
         lines += ["![metrics](metrics.png)", ""]
-        if "sft" in evals and "preference" in evals:
-            lines += ["### Alignment tax", "",
-                      "| model | Δ SFT exact match vs SFT only | Δ pref. accuracy vs preference only |", "|---|---:|---:|"]
-            for m in ("sequential", "paft"):
-                if m in evals:
-                    d1 = _delta(evals[m]["sft_exact_match"], evals["sft"]["sft_exact_match"])
-                    d2 = _delta(evals[m]["pref_accuracy"], evals["preference"]["pref_accuracy"])
-                    lines.append(f"| {LABELS[m]} | {d1} | {d2} |")
-            lines.append("")
-    if rep["sparsity"]:
-        keys = list(next(iter(rep["sparsity"].values()))["overall"])
-        share = [k for k in keys if k.startswith(("abs<=", "rel<="))]
+    if rep.get("sparsity"):
+        share = sparsity_columns(rep["sparsity"])
         lines += ["## Delta sparsity (share of near-zero entries of B·A·scale)", "",
                   "| branch | " + " | ".join(f"`{k}`" for k in share) + " | mean abs |", "|---|" + "---:|" * (len(share) + 1)]
         for name, s in rep["sparsity"].items():
             o = s["overall"]
             lines.append(f"| {name} | " + " | ".join(f"{o[k]:.3f}" for k in share) + f" | {o['mean_abs']:.2e} |")
-        lines += ["", "`rel<=r`: |delta| <= r × RMS of the base weight of its module.", ""]
-    if rep["training"]:
+        lines += ["", "`rel<=r`: |delta| <= r × RMS of the base weight of its module.", "", "![sparsity](sparsity.png)",
+                  ""]
+    if rep.get("training"):
         lines += ["## Training", "", "| branch | steps | examples | mean train loss | wall (s) | threads at start | device |",
                   "|---|---:|---:|---:|---:|---:|---|"]
         for name, s in rep["training"].items():
-            lines.append(f"| {name} | {s['steps']} | {s['examples']} | {_fmt(s['train_loss'])} | {s['wall_s']} | "
-                         f"{s['threads']} | {s['device']} |")
+            lines.append(f"| {name} | {s.get('steps')} | {s.get('examples', '–')} | {_fmt(s.get('train_loss'))} | "
+                         f"{s.get('wall_s')} | {s.get('threads', '–')} | {s.get('device', '–')} |")
         lines += ["", "![training](training.png)", ""]
-    if rep["timings_s"]:
+    if rep.get("timings_s"):
         lines += ["## Wall time per stage (s)", "", "| stage | seconds |", "|---|---:|"]
         lines += [f"| {k} | {v} |" for k, v in rep["timings_s"].items()]
         lines.append("")
@@ -169,19 +177,36 @@ def _markdown(rep: dict[str, Any]) -> str:
             for s in samples.get(m, [])[:2]:
                 lines.append(f"| {m} | {s['prompt']} | {s['reply'].replace('|', '/').replace(chr(10), ' ')} |")
         lines.append("")
-    v = rep["versions"]
+    v = rep.get("versions") or {}
     lines += ["## Versions", "", ", ".join(f"{k} {v[k]}" for k in v), "",
               "The resolved config is `config.yaml`; seeds and input hashes are in `provenance.json`.", ""]
     return "\n".join(lines)
 
 
-def write_report(root: Path, cfg: PaftConfig) -> Path:
+def render_images(rep: dict[str, Any]) -> dict[str, bytes]:
+    """The report's figures as PNG bytes, by IMAGES key; a figure without data is left out."""
+    from paft.report import plots
+
+    out = {}
+    if rep.get("alignment_tax"):
+        out["metrics"] = plots.metric_bars(rep["alignment_tax"])
+    if rep.get("training"):
+        out["training"] = plots.training_curves(rep["training"])
+    if rep.get("sparsity"):
+        out["sparsity"] = plots.sparsity_figure(rep["sparsity"])
+    return {k: v for k, v in out.items() if v}
+
+
+def write_report(root: Path, cfg: PaftConfig | dict[str, Any]) -> Path:
+    """Write report.json, report.md, report.html and the PNGs into ``root``; returns report.md's path."""
+    from paft.report.html import render_html
+
+    root = Path(root)
     rep = collect(root, cfg)
-    evals = (rep["eval"] or {}).get("models", {})
-    if evals:
-        _plot_metrics(evals, root / "metrics.png")
-    if rep["training"]:
-        _plot_training(rep["training"], root / "training.png")
+    images = render_images(rep)
+    for key, png in images.items():
+        write_bytes_atomic(root / IMAGES[key], png)
     write_json_atomic(root / "report.json", rep)
     write_text_atomic(root / "report.md", _markdown(rep))
+    write_text_atomic(root / "report.html", render_html(rep, images))
     return root / "report.md"

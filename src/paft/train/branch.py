@@ -27,10 +27,13 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
                  device: str = "cpu", threads: int | None = None, init_adapter: Path | None = None,
                  report: Report = _noop, name: str | None = None,
                  thread_share: tuple[int, Any] | None = None, reward_dir: Path | None = None) -> dict[str, Any]:
-    """Train ``kind`` ("sft" or "preference") and write ``out_dir/adapter`` (PEFT format).
+    """Train ``kind`` ("sft" or "preference") and write ``out_dir/adapter`` (PEFT format), or ``out_dir/model``
+    (a Hugging Face folder) when the branch's ``adapter`` is ``full``.
 
-    ``init_adapter``: merge this LoRA adapter into the base first (the sequential
-    baseline trains its preference stage on the SFT-merged weights). A run killed
+    ``init_adapter``: start from this branch output: a LoRA adapter is merged into the base
+    first, a full model folder replaces the base (the sequential baseline trains its
+    preference stage on the SFT weights). ``qlora`` loads the start model in 4-bit NF4 (an
+    adapter start is merged into the float base on disk first, ``out_dir/start``). A run killed
     mid-way resumes from the last checkpoint under ``out_dir/checkpoints`` (staged and online
     methods: from their last finished stage or round, then its checkpoint). ``reward_dir``: the
     run's reward model, the default scorer of online methods.
@@ -38,23 +41,30 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
     from paft.data.collate import BinaryCollator, PairCollator, SFTCollator
     from paft.data.loading import load_examples
     from paft.data.tokenize import encode_completion, encode_pair, encode_sft
-    from paft.models import load_model, load_tokenizer
+    from paft.models import load_tokenizer
     from transformers.trainer_callback import PrinterCallback
 
     from paft.data.tokenize import IGNORE
     from paft.errors import DataError
     from paft.progress import quiet_libraries
-    from paft.train.lora import attach_lora
+    from paft.train.lora import attach_adapter, keep_frozen_copy
     from paft.train.preference import PreferenceObjective
     from paft.train.sft import SFTObjective
     from paft.train.trainer import (PaftTrainer, ProgressCallback, SaveReferenceCallback, ThreadShareCallback,
-                                    last_checkpoint, resolve_bf16, training_args)
+                                    check_report_to, last_checkpoint, resolve_bf16, route_tensorboard, training_args)
 
     quiet_libraries()
+    check_report_to(cfg.run.report_to)  # a missing logger fails before the model loads
     if threads:
         torch.set_num_threads(threads)
     name = name or kind
     tcfg = cfg.sft if kind == "sft" else cfg.preference
+    nf4 = None  # qlora: the compute dtype of the 4-bit layers
+    if tcfg.adapter == "qlora":
+        from paft.models.loading import nf4_compute_dtype, require_bitsandbytes
+
+        require_bitsandbytes(f"{'sft' if kind == 'sft' else 'preference'}.adapter")  # before data or model load
+        nf4 = str(nf4_compute_dtype(device)).removeprefix("torch.")
     if kind == "sft":
         examples = load_examples(str(data_path), kind).examples
     else:
@@ -63,12 +73,12 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
         objective = PreferenceObjective(cfg.preference.method, cfg.preference.beta, cfg.preference.params)
         data_kind = objective.spec.data
     tok = load_tokenizer(model_dir, cfg.model.trust_remote_code)
-    model = load_model(model_dir, cfg.model.dtype, device, cfg.model.trust_remote_code)
-    if init_adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(init_adapter)).merge_and_unload()
-    model = attach_lora(model, tcfg.lora, cfg.run.seed)
+    model = _start_model(cfg, tcfg.adapter, model_dir, init_adapter, out_dir, device)
+    # full fine-tuning keeps the starting weights: W_base of the L1 penalty, and the reference model
+    needs_start = tcfg.adapter == "full" and (
+        (kind == "sft" and cfg.sft.l1_lambda > 0) or (kind != "sft" and objective.spec.reference))
+    frozen = keep_frozen_copy(model) if needs_start else None
+    model = attach_adapter(model, tcfg, cfg.run.seed)
 
     d = cfg.data
     if kind == "sft":
@@ -105,17 +115,23 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
 
         path = None
         if cfg.preference.reference_cache:
+            # a 4-bit base, and its compute dtype, give other reference log-probs than the float base
+            kind_key = f"qlora/{nf4}" if nf4 else tcfg.adapter
             path = reference_cache_path(reference_identity(model_dir, dtype=cfg.model.dtype, bf16=bf16,
-                                                           init_adapter=init_adapter))
-        reference = objective.reference = ReferenceLogps(path, cache=cfg.preference.reference_cache)
+                                                           init_adapter=init_adapter, adapter=kind_key))
+        reference = objective.reference = ReferenceLogps(path, cache=cfg.preference.reference_cache, model=frozen)
     log_history: list[dict[str, Any]] = []
 
     def fit(fit_rows: list, fit_collator, ckpt_dir: Path, max_steps: int | None = None) -> dict[str, Any]:
         """One Trainer run over ``fit_rows`` (resuming from ``ckpt_dir``): the only training loop."""
         t = tcfg if max_steps is None else tcfg.model_copy(update={"max_steps": max_steps})
-        args = training_args(t, ckpt_dir, seed=cfg.run.seed, device=device, bf16=bf16, n_examples=len(fit_rows))
+        args = training_args(t, ckpt_dir, seed=cfg.run.seed, device=device, bf16=bf16, n_examples=len(fit_rows),
+                             report_to=cfg.run.report_to, run_name=f"{Path(out_dir).resolve().parent.name}/{name}")
         trainer = PaftTrainer(model=model, args=args, train_dataset=fit_rows, data_collator=fit_collator,
                               objective=objective, callbacks=[ProgressCallback(report, name)])
+        # TensorBoard events: OUT/tb, or OUT/tb/stages/stage-2 etc. for a staged or online schedule's fits
+        rel = Path(ckpt_dir).parent.relative_to(out_dir)
+        route_tensorboard(trainer, Path(out_dir) / "tb" / rel)
         if thread_share is not None:
             trainer.add_callback(ThreadShareCallback(*thread_share))
         if reference is not None:
@@ -146,16 +162,23 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
     if reference is not None:
         reference.save()
 
-    with atomic_dir(out_dir / "adapter", force=True) as tmp:
-        model.save_pretrained(tmp)
+    output = out_dir / ("model" if tcfg.adapter == "full" else "adapter")
+    with atomic_dir(output, force=True) as tmp:
+        model.save_pretrained(tmp)  # full: a safetensors model folder; else a PEFT adapter (for the float base)
         tok.save_pretrained(tmp)
+    if (out_dir / "start").is_dir():  # qlora's merged start model: only needed while training
+        import shutil
+
+        shutil.rmtree(out_dir / "start", ignore_errors=True)
     summary = {
-        "branch": name, "kind": kind,
+        "branch": name, "kind": kind, "adapter": tcfg.adapter, "output": str(output),
         "data_kind": "sft" if kind == "sft" else data_kind, "schedule": schedule, "steps": phases["steps"],
         "examples": len(rows), "dropped_no_reply_tokens": dropped,
         "train_loss": phases["train_loss"], "wall_s": round(wall, 2), "threads": threads or torch.get_num_threads(),
         "device": device, "bf16": bf16, "init_adapter": str(init_adapter) if init_adapter else None,
     }
+    if nf4:
+        summary["nf4_compute_dtype"] = nf4
     if schedule != "offline":
         summary["phases"] = phases.get("stages") or phases.get("rounds")
     if reference is not None:
@@ -207,8 +230,44 @@ def preference_examples(cfg: PaftConfig, data_path: Path, source: str | None = N
     return examples_for_method(examples, spec.data, method=p.method, source=source or str(data_path))
 
 
+def _start_model(cfg: PaftConfig, adapter: str, model_dir: Path, init: Path | None, out_dir: Path, device: str):
+    """The model a branch starts from: the base, or the base with ``init`` (an adapter or a full model folder)
+    applied; in 4-bit NF4 for ``qlora``."""
+    from paft.models import load_model
+
+    start_dir = model_dir
+    init_is_adapter = init is not None and (Path(init) / "adapter_config.json").is_file()
+    if init is not None and not init_is_adapter:
+        start_dir = Path(init)  # a full fine-tuned model folder is the start model itself
+    elif init_is_adapter and adapter == "qlora":
+        # a 4-bit model is quantised while loading, so the adapter is merged into the float base on disk first
+        from paft.merge.engine import merge_into_base
+
+        start_dir = out_dir / "start"
+        if not (start_dir / "config.json").is_file():
+            merge_into_base(model_dir, [str(init)], [1.0], "task_arithmetic", out_dir=start_dir, force=True)
+    model = load_model(start_dir, cfg.model.dtype, device, cfg.model.trust_remote_code,
+                       quantize_4bit=adapter == "qlora")
+    if init_is_adapter and adapter != "qlora":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(init)).merge_and_unload()
+    return model
+
+
+def branch_output(out_dir: Path) -> Path:
+    """What a branch wrote: ``out_dir/adapter`` (LoRA, QLoRA), else ``out_dir/model`` (full fine-tuning) when
+    present. The adapter wins: the pipeline writes the merged sequential baseline to ``sequential/model``."""
+    adapter, full = Path(out_dir) / "adapter", Path(out_dir) / "model"
+    if (adapter / "adapter_config.json").is_file() or not (full / "config.json").is_file():
+        return adapter
+    return full
+
+
 def branch_done(out_dir: Path) -> bool:
-    return (out_dir / "adapter" / "adapter_config.json").is_file() and (out_dir / "train_summary.json").is_file()
+    out = branch_output(out_dir)
+    marker = "config.json" if out.name == "model" else "adapter_config.json"
+    return (out / marker).is_file() and (out_dir / "train_summary.json").is_file()
 
 
 def read_summary(out_dir: Path) -> dict[str, Any]:

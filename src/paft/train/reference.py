@@ -9,8 +9,12 @@ memoised, and written to a JSON file under ``PAFT_CACHE/reference`` at the end o
 training (and at each checkpoint), so later epochs and later runs on the same
 (model, data, tokenisation) skip those forwards.
 
+Full fine-tuning (``adapter: full``) has no adapter to disable: its reference is a frozen
+copy of the starting weights (``model``), run the same way, once per row.
+
 Keys: one file per reference model identity (base weights, the adapter merged into
-them for the sequential baseline, dtype, bf16); inside it one entry per row, keyed by
+them for the sequential baseline, dtype, bf16, the adapter kind: a 4-bit QLoRA base
+gives other log-probs than the float one); inside it one entry per row, keyed by
 a hash of the row's token ids and label mask. The tokenisation is therefore part of
 the key by construction: a different template, tokenizer or max_length gives
 different tokens and so a different entry, never a stale one.
@@ -48,10 +52,13 @@ class ReferenceLogps:
 
     ``path`` None keeps the memo in memory only (still one forward per row per run).
     ``cache`` False disables memoising: the adapter-disabled forward on every call.
+    ``model``: the reference model itself, for full fine-tuning (no adapter to disable): a frozen
+    copy of the starting weights, run once per row like the adapter-disabled forward.
     """
 
-    def __init__(self, path: Path | None = None, *, cache: bool = True):
+    def __init__(self, path: Path | None = None, *, cache: bool = True, model=None):
         self.path, self.cache = path, cache
+        self.model = model
         self.values: dict[str, float] = {}
         self.snapshot_values: dict[str, float] | None = None
         self.hits = self.misses = 0
@@ -66,7 +73,7 @@ class ReferenceLogps:
         if self.snapshot_values is not None:
             return self._lookup(self.snapshot_values, ids, mask, labels, "stage snapshot")
         if not self.cache:
-            return _disabled_adapter_logps(model, ids, mask, labels)
+            return self._forward(model, ids, mask, labels)
         keys = [row_key(ids[i], mask[i], labels[i]) for i in range(ids.shape[0])]
         missing = [i for i, k in enumerate(keys) if k not in self.values]
         self.hits += len(keys) - len(missing)
@@ -74,11 +81,16 @@ class ReferenceLogps:
         if missing:
             sel = torch.tensor(missing, device=ids.device)
             sub = trim_padding(ids[sel], mask[sel], labels[sel])
-            fresh = _disabled_adapter_logps(model, *sub).tolist()
+            fresh = self._forward(model, *sub).tolist()
             for i, v in zip(missing, fresh):
                 self.values[keys[i]] = v
             self._dirty = True
         return torch.tensor([self.values[k] for k in keys], device=ids.device, dtype=torch.float32)
+
+    def _forward(self, model, ids, mask, labels) -> torch.Tensor:
+        if self.model is not None:
+            return _frozen_logps(self.model, ids, mask, labels)
+        return _disabled_adapter_logps(model, ids, mask, labels)
 
     @staticmethod
     def _lookup(table, ids, mask, labels, what) -> torch.Tensor:
@@ -131,17 +143,35 @@ def _disabled_adapter_logps(model, ids, mask, labels) -> torch.Tensor:
         return sequence_logps(model, ids, mask, labels)[0].detach().float()
 
 
-def reference_identity(model_dir: Path, *, dtype: str, bf16: bool, init_adapter: Path | None) -> str:
-    """Key of the reference model: its weight files (name, size, mtime), the merged adapter's weights, precision."""
-    parts = [f"dtype={dtype}", f"bf16={bf16}"]
+@torch.no_grad()
+def _frozen_logps(ref_model, ids, mask, labels) -> torch.Tensor:
+    return sequence_logps(ref_model, ids, mask, labels)[0].detach().float()
+
+
+def _weight_files(model_dir: Path) -> list[str]:
+    parts = []
     for f in sorted(model_dir.glob("*.safetensors")):
         st = f.stat()
         parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
     parts.append((model_dir / "config.json").read_text() if (model_dir / "config.json").is_file() else "")
+    return parts
+
+
+def reference_identity(model_dir: Path, *, dtype: str, bf16: bool, init_adapter: Path | None,
+                       adapter: str = "lora") -> str:
+    """Key of the reference model: its weight files (name, size, mtime), the merged adapter's weights (or the
+    full model the branch starts from), precision, and the adapter kind: a 4-bit (qlora) base gives other
+    log-probs than the float one (``lora`` adds nothing, so caches written before the kinds existed stay valid)."""
+    parts = [f"dtype={dtype}", f"bf16={bf16}", *_weight_files(model_dir)]
+    if adapter != "lora":
+        parts.append(f"adapter={adapter}")
     if init_adapter is not None:
         from paft.io import sha256_file
 
-        parts.append("adapter:" + sha256_file(init_adapter / "adapter_model.safetensors"))
+        if (init_adapter / "adapter_model.safetensors").is_file():
+            parts.append("adapter:" + sha256_file(init_adapter / "adapter_model.safetensors"))
+        else:  # a full fine-tuned model folder (sft.adapter full)
+            parts.append("start-model:" + "|".join(_weight_files(init_adapter)))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 

@@ -7,15 +7,18 @@ devices and accelerate/DeepSpeed/FSDP; paft brings only the objectives.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations import TensorBoardCallback
 
 from paft.config import TrainConfig
+from paft.errors import ConfigError
 
 
 class Objective(Protocol):
@@ -106,8 +109,53 @@ def _cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+# run.report_to integration -> the modules it can use (any one of them)
+_INTEGRATION_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                        "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",),
+                        "trackio": ("trackio",)}
+
+
+def check_report_to(report_to: Iterable[str]) -> None:
+    """One config error for a requested logger that is not installed (the Trainer would fail later, less clearly)."""
+    for name in report_to:
+        mods = _INTEGRATION_MODULES.get(name, (name,))
+        if not any(importlib.util.find_spec(m) for m in mods):
+            raise ConfigError(f"run.report_to includes {name!r}, but {mods[0]} is not installed: "
+                              f"`pip install {mods[0]}`, or leave it out (--set run.report_to=[])")
+
+
+class BranchTensorBoard(TensorBoardCallback):
+    """The Trainer's TensorBoard logger, writing to a fixed folder (RUN/BRANCH/tb) instead of output_dir/runs/DATE.
+
+    A run resumed from a checkpoint at step N purges the events after step N that the
+    killed run logged after that checkpoint, so the curves do not double back.
+    """
+
+    def __init__(self, log_dir: Path):
+        super().__init__()
+        self.logging_dir = str(log_dir)
+        self._purge_step: int | None = None
+
+    def on_train_begin(self, args, state, control, **kw):
+        # global_step is restored from the checkpoint before this call; steps up to it are kept
+        self._purge_step = state.global_step + 1 if state.global_step else None
+        super().on_train_begin(args, state, control, **kw)
+
+    def _init_summary_writer(self, args):
+        self.tb_writer = self._SummaryWriter(log_dir=self.logging_dir, purge_step=self._purge_step)
+
+
+def route_tensorboard(trainer: Trainer, log_dir: Path) -> None:
+    """Swap the TensorBoard callback that ``report_to`` made for one that logs under ``log_dir``."""
+    if any(isinstance(cb, TensorBoardCallback) for cb in trainer.callback_handler.callbacks):
+        trainer.remove_callback(TensorBoardCallback)
+        trainer.add_callback(BranchTensorBoard(log_dir))
+
+
 def training_args(cfg: TrainConfig, out_dir: Path, *, seed: int, device: str, bf16: bool,
-                  n_examples: int) -> TrainingArguments:
+                  n_examples: int, report_to: Iterable[str] = (), run_name: str | None = None) -> TrainingArguments:
+    report_to = list(report_to)
+    check_report_to(report_to)
     steps_per_epoch = math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum))
     return TrainingArguments(
         output_dir=str(out_dir),
@@ -127,7 +175,8 @@ def training_args(cfg: TrainConfig, out_dir: Path, *, seed: int, device: str, bf
         data_seed=seed,
         bf16=bf16,
         use_cpu=device == "cpu",
-        report_to="none",
+        report_to=report_to or "none",
+        run_name=run_name,  # the W&B / MLflow run name
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
