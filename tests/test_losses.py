@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from paft.errors import ConfigError
-from paft.train.losses import GPO_FUNCTIONS, LOSSES, LossParamError, PairLogps, get_loss, log1mexp
+from paft.train.losses import GPO_FUNCTIONS, LOSSES, PairLogps, get_loss, log1mexp
 
 # ------------------------------------------------------------------------------------------
 # hand-made batch: (log pi(y_w), log pi(y_l), log pi_ref(y_w), log pi_ref(y_l), |y_w|, |y_l|)
@@ -192,7 +192,7 @@ def test_cpo_closed_form():
 
 
 def test_length_regularised_dpo_closed_form():
-    beta, alpha = 0.5, 0.01
+    beta = 0.5  # alpha defaults to 0.01
     # beta Delta - alpha (|y_w| - |y_l|): 1 + 0.02, 0 - 0, -1 - 0.01
     close(run("r-dpo", _lp(), beta), [-lsig(1.02), math.log(2), -lsig(-1.01)])
     close(run("r-dpo", _lp(), beta, alpha=0.0), [-lsig(beta * d) for d in DELTAS])

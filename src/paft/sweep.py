@@ -26,7 +26,6 @@ import math
 import os
 import re
 import socket
-import tempfile
 import time
 import traceback
 from collections import deque
@@ -39,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from paft.config import PRESETS, PaftConfig, _deep_update, format_validation_error, load_config, parse_override
 from paft.errors import ConfigError, PaftError
-from paft.io import write_json_atomic, write_text_atomic
+from paft.io import write_bytes_atomic, write_json_atomic, write_text_atomic
 
 MODES = ("run", "sft", "preference")
 SEED_AXIS = "run.seed"
@@ -697,24 +696,11 @@ def pick_metrics(df, wanted: list[str] | None, source: str) -> list[str]:
     return chosen or present[:3]
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_results(out: Path, df) -> None:
     write_text_atomic(out / "results.csv", df.to_csv(index=False))
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
-    _write_bytes_atomic(out / "results.parquet", buf.getvalue())
+    write_bytes_atomic(out / "results.parquet", buf.getvalue())
 
 
 def _is_numeric_axis(df, col: str) -> bool:
@@ -841,15 +827,15 @@ def write_sweep_report(out: Path, res: SweepResult, ex: ExecutionSettings) -> Pa
         for axis in numeric:
             groups = [c for c in numeric + categorical if c != axis]
             rel = f"plots/{_slug(metric)}__vs__{_slug(axis)}.png"
-            _write_bytes_atomic(out / rel, plot_vs_numeric(df, metric, axis, groups))
+            write_bytes_atomic(out / rel, plot_vs_numeric(df, metric, axis, groups))
             plots.append((f"{metric} vs {axis}", rel))
         if len(categorical) >= 2:
             rel = f"plots/{_slug(metric)}__{_slug(categorical[0])}_x_{_slug(categorical[1])}.png"
-            _write_bytes_atomic(out / rel, plot_heatmap(df, metric, categorical[0], categorical[1]))
+            write_bytes_atomic(out / rel, plot_heatmap(df, metric, categorical[0], categorical[1]))
             plots.append((f"{metric}: {categorical[0]} × {categorical[1]}", rel))
         elif len(categorical) == 1 and not numeric:
             rel = f"plots/{_slug(metric)}__by__{_slug(categorical[0])}.png"
-            _write_bytes_atomic(out / rel, plot_bars(df, metric, categorical[0]))
+            write_bytes_atomic(out / rel, plot_bars(df, metric, categorical[0]))
             plots.append((f"{metric} by {categorical[0]}", rel))
 
     n_ok = int((df["status"] == "ok").sum())

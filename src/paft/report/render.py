@@ -5,15 +5,12 @@ Reads only files the pipeline wrote, so `paft report RUN_DIR` re-renders without
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from paft.config import PaftConfig
-from paft.io import package_versions, write_json_atomic, write_text_atomic
+from paft.io import package_versions, write_bytes_atomic, write_json_atomic, write_text_atomic
 from paft.report.metrics import LABELS, MODELS, SHORT, alignment_tax, fmt_delta, fmt_value
 
 # the five headline metrics (the `paft run` summary table prints these)
@@ -38,19 +35,6 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3f}"
     return str(v)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Like paft.io.write_text_atomic, for a PNG: temp file in the same folder, then a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def collect(root: Path, cfg: PaftConfig | dict[str, Any]) -> dict[str, Any]:
