@@ -76,7 +76,8 @@ def run_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = N
     with ui:
         report = run.all()
     _print_summary(run)
-    console.print(f"report: [bold]{report}[/]  ({time.perf_counter() - start:.0f} s)", highlight=False)
+    console.print(f"report: [bold]{report}[/], {report.with_suffix('.html')}  ({time.perf_counter() - start:.0f} s)",
+                  highlight=False)
 
 
 @app.command("sft")
@@ -389,11 +390,17 @@ def _print_summary(run) -> None:
     evals = json.loads(path.read_text())["models"]
     table = Table(title="held-out metrics")
     table.add_column("model")
-    for _, header, up in METRICS:
+    # the fixed columns, then harness accuracies and the harmlessness rates when the run has them
+    extra = sorted({k for v in evals.values() for k in v if k.startswith("harness/") and k.endswith("/acc")})
+    extra += [k for k in ("refusal_rate", "over_refusal_rate") if any(k in v for v in evals.values())]
+    columns = [(k, h, up) for k, h, up in METRICS] + [
+        (k, k.split("/")[1] if k.startswith("harness/") else k.replace("_rate", "").replace("_", "-"),
+         k != "over_refusal_rate") for k in extra]
+    for _, header, up in columns:
         table.add_column(header + (" ↑" if up else " ↓"), justify="right")
     for m in MODELS:
         if m in evals:
-            table.add_row(LABELS[m], *[_fmt(evals[m].get(k)) for k, _, _ in METRICS])
+            table.add_row(LABELS[m], *[_fmt(evals[m].get(k)) for k, _, _ in columns])
     console.print(table)
 
 

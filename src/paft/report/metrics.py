@@ -32,7 +32,7 @@ KNOWN: dict[str, tuple[str, bool | None]] = {
     "judge_win_rate": ("judge win rate", True),
     "judge_score": ("judge score", True),
     # refusing is right on harmful prompts and wrong on benign ones; a bare rate has no better side
-    "refusal_rate": ("refusal rate", None),
+    "refusal_rate": ("refusal rate, harmful prompts", True),  # paft's harmlessness set: refusing is right
     "harmful_refusal_rate": ("refusal rate, harmful prompts", True),
     "benign_refusal_rate": ("refusal rate, benign prompts", False),
     "over_refusal_rate": ("over-refusal rate", False),
