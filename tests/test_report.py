@@ -144,7 +144,7 @@ def test_tax_table_equals_hand_computed_differences(run_dir):
     assert tax["deltas"]["preference"]["paft"]["pref_accuracy"] == pytest.approx(-0.125)
     assert tax["better"]["preference"]["paft"]["pref_accuracy"] == -1
     assert tax["better"]["preference"]["sequential"]["reward_margin"] == 1
-    assert tax["better"]["sft"]["paft"]["refusal_rate"] == 0  # no better direction: not judged
+    assert tax["better"]["sft"]["paft"]["refusal_rate"] == 1  # harmful prompts: refusing more is better (0.52 > 0.50)
     assert tax["deltas"]["sft"]["sequential"]["my_custom_score"] is None
 
     md = (run_dir / "report.md").read_text()
@@ -184,7 +184,7 @@ def test_metric_labels_and_directions():
     assert metric_info("harness/task/acc,none").higher is True
     odd = metric_info("my_custom_score")
     assert odd.label == "my_custom_score" and odd.higher is None
-    assert metric_info("refusal_rate").higher is None
+    assert metric_info("refusal_rate").higher is True  # paft's harmlessness set: harmful prompts only
 
 
 # --------------------------------------------------------------------------- the page
