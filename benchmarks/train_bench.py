@@ -1,0 +1,385 @@
+"""Training throughput: paft's SFT and DPO branches against TRL's SFTTrainer and DPOTrainer.
+
+    python benchmarks/train_bench.py                      # smollm2-135m, 64 pairs, 10 steps of 4, both tools
+    python benchmarks/train_bench.py --steps 6 --warmup 2 --pairs 64 --out runs/train-bench
+
+Same model (SmolLM2-135M-Instruct from paft's cache), same LoRA (r=16, alpha=32, every linear layer,
+no dropout), same data (``--pairs`` synthetic preference pairs in HH-RLHF's shape: multi-turn prompts of
+100-300 tokens, replies of 40-150 tokens; the SFT set is each prompt with its chosen reply), same
+batch size, learning rate and sequence limits. The DPO reference is the adapter-disabled base in both.
+
+Every configuration runs in its own child process (peak RSS is that process's ``ru_maxrss`` from
+``wait4``), in one sitting: paft (its defaults: ``run.bf16: auto``, reference log-probs cached per row
+but cold at the start, so the first epoch still computes them), TRL with its defaults (gradient
+checkpointing on, bf16 on) and TRL at its best on this hardware (gradient checkpointing off, fp32 or
+bf16, whichever is faster here: both are run). Step times come from the Trainer's step callbacks;
+tokens are the real (non-padding) tokens of each step's batch; the figure is the median over the
+steps after ``--warmup``. The machine's fp32 and bf16 GEMM rates are measured in the same run, and
+each configuration's model FLOP rate (6 x trainable-path parameters x tokens, a standard estimate)
+is given as a share of the fp32 peak.
+
+Writes ``--out``/train_bench.json and ends with ``dpo_speedup_vs_trl=X sft_speedup_vs_trl=Y``
+(paft tokens/s over TRL's best). Runs on a CUDA GPU too when one is present (device chosen
+automatically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+WORDS = ("the a to of and in is it you that he was for on are with as his they be at one have this from or had "
+         "by word but what some we can out other were all there when up use your how said an each she which do "
+         "their time if will way about many then them write would like so these her long make thing see him two "
+         "has look more day could go come did number sound no most people my over know water than call first who "
+         "may down side been now find any new work part take get place made live where after back little only "
+         "round man year came show every good me give our under name very through just form sentence great think "
+         "say help low line differ turn cause much mean before move right boy old too same tell does set three "
+         "want air well also play small end put home read hand port large spell add even land here must big high "
+         "such follow act why ask men change went light kind off need house picture try us again animal point "
+         "mother world near build self earth father head stand own page should country found answer school grow "
+         "study still learn plant cover food sun four between state keep eye never last let thought city tree "
+         "cross farm hard start might story saw far sea draw left late run while press close night real life few "
+         "north open seem together next white children begin got walk example ease paper group always music those "
+         "both mark often letter until mile river car feet care second book carry took science eat room friend "
+         "began idea fish mountain stop once base hear horse cut sure watch color face wood main enough plain girl "
+         "usual young ready above ever red list though feel talk bird soon body dog family direct pose leave song "
+         "measure door product black short numeral class wind question happen complete ship area half rock order "
+         "fire south problem piece told knew pass since top whole king space heard best hour better true during "
+         "hundred five remember step early hold west ground interest reach fast verb sing listen six table travel "
+         "less morning ten simple several vowel toward war lay against pattern slow center love person money serve "
+         "appear road map rain rule govern pull cold notice voice unit power town fine certain fly fall lead cry "
+         "dark machine note wait plan figure star box noun field rest correct able pound done beauty drive stood "
+         "contain front teach week final gave green oh quick develop ocean warm free minute strong special mind "
+         "behind clear tail produce fact street inch multiply nothing course stay wheel full force blue object "
+         "decide surface deep moon island foot system busy test record boat common gold possible plane stead dry "
+         "wonder laugh thousand ago ran check game shape equate hot miss brought heat snow tire bring yes distant "
+         "fill east paint language among").split()
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+def _text(rng: random.Random, tok, lo: int, hi: int) -> str:
+    """Sentences of common words until the text is ``lo``..``hi`` tokens long (target drawn uniformly)."""
+    target = rng.randint(lo, hi)
+    words: list[str] = []
+    while True:
+        n = rng.randint(6, 16)
+        sentence = " ".join(rng.choice(WORDS) for _ in range(n))
+        words.append(sentence[0].upper() + sentence[1:] + rng.choice(".?!"))
+        text = " ".join(words)
+        if len(tok(text, add_special_tokens=False)["input_ids"]) >= target:
+            ids = tok(text, add_special_tokens=False)["input_ids"][:target]
+            return tok.decode(ids).strip()
+
+
+def make_pairs(tok, n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` rows of (prompt messages, chosen, rejected) in HH-RLHF's shape: 1-3 exchanges, then a question."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        turns = rng.randint(1, 3) * 2 - 1  # user, (assistant, user)*
+        budget = rng.randint(100, 300)
+        per = max(20, budget // turns)
+        prompt = [{"role": "user" if i % 2 == 0 else "assistant", "content": _text(rng, tok, per - 10, per)}
+                  for i in range(turns)]
+        rows.append({"prompt": prompt, "chosen": _text(rng, tok, 40, 150), "rejected": _text(rng, tok, 40, 150)})
+    return rows
+
+
+def token_lengths(tok, rows: list[dict[str, Any]]) -> dict[str, float]:
+    p = [len(tok(tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True),
+                 add_special_tokens=False)["input_ids"]) for r in rows]
+    c = [len(tok(r["chosen"], add_special_tokens=False)["input_ids"]) for r in rows]
+    return {"prompt_median": statistics.median(p), "prompt_min": min(p), "prompt_max": max(p),
+            "reply_median": statistics.median(c), "reply_min": min(c), "reply_max": max(c)}
+
+
+# --- machine peak -------------------------------------------------------------------------------
+
+def gemm_rates(device: str, seconds: float = 2.0) -> dict[str, float]:
+    """Sustained GFLOP/s of a 1024 x 2048 x 2048 matmul in fp32 and bf16 (the shapes of a small LM's layers)."""
+    import torch
+
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(1024, 2048, device=device, dtype=dtype)
+        b = torch.randn(2048, 2048, device=device, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            a @ b
+            n += 1
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        out[name] = 2 * 1024 * 2048 * 2048 * n / (time.perf_counter() - start) / 1e9
+    return out
+
+
+# --- one configuration, in a child process -------------------------------------------------------
+
+class StepClock:
+    """Patches the Trainer's callback handler and training_step: per-step wall time and real tokens."""
+
+    def __init__(self):
+        self.begin: list[float] = []
+        self.end: list[float] = []
+        self.tokens: list[int] = []
+        self.losses: list[float] = []
+
+    def install(self) -> None:
+        from transformers import Trainer
+        from transformers.trainer_callback import CallbackHandler
+
+        clock, begin, end, step = self, CallbackHandler.on_step_begin, CallbackHandler.on_step_end, Trainer.training_step
+
+        def on_step_begin(handler, args, state, control):
+            clock.begin.append(time.perf_counter())
+            clock.tokens.append(0)
+            return begin(handler, args, state, control)
+
+        def on_step_end(handler, args, state, control):
+            clock.end.append(time.perf_counter())
+            return end(handler, args, state, control)
+
+        def training_step(trainer, model, inputs, *a, **kw):
+            if clock.tokens and "attention_mask" in inputs:
+                clock.tokens[-1] += int(inputs["attention_mask"].sum())
+            loss = step(trainer, model, inputs, *a, **kw)
+            clock.losses.append(float(loss.detach()))
+            return loss
+
+        CallbackHandler.on_step_begin, CallbackHandler.on_step_end = on_step_begin, on_step_end
+        Trainer.training_step = training_step
+
+    def summary(self, warmup: int) -> dict[str, Any]:
+        steps = [(e - b, t) for b, e, t in zip(self.begin, self.end, self.tokens)]
+        timed = steps[warmup:] or steps
+        rates = [t / s for s, t in timed if s > 0]
+        return {"steps": len(steps), "step_s": [round(s, 3) for s, _ in steps], "tokens": [t for _, t in steps],
+                "tokens_per_s": statistics.median(rates) if rates else None,
+                "median_step_s": statistics.median(s for s, _ in timed) if timed else None,
+                "losses": self.losses}
+
+
+def _lora_kwargs() -> dict[str, Any]:
+    return {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear", "bias": "none",
+            "task_type": "CAUSAL_LM"}
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    torch.manual_seed(0)
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    clock = StepClock()
+    clock.install()
+    work = Path(spec["work"])
+    if spec["tool"] == "paft":
+        # a cold reference cache (no head start from an earlier run), the usual converted model
+        from paft.models.smollm2 import cache_root
+
+        models = cache_root() / "models"
+        cache = work / "paft-cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        if not (cache / "models").exists():
+            (cache / "models").symlink_to(models)
+        os.environ["PAFT_CACHE"] = str(cache)
+        from paft.config import load_config
+        from paft.train.branch import train_branch
+
+        kind = "sft" if spec["task"] == "sft" else "preference"
+        sets = [f"{s}.max_steps={spec['steps']}" for s in ("sft", "preference")] + [
+            f"{s}.batch_size={spec['batch']}" for s in ("sft", "preference")] + [
+            f"{s}.learning_rate={spec['lr']}" for s in ("sft", "preference")] + [
+            f"{s}.warmup_ratio=0.0" for s in ("sft", "preference")] + [
+            f"{s}.save_steps=100000" for s in ("sft", "preference")] + [
+            f"{s}.lora.r=16" for s in ("sft", "preference")] + [
+            f"{s}.lora.alpha=32" for s in ("sft", "preference")] + [
+            f"data.max_length={spec['max_length']}", f"data.max_prompt_length={spec['max_prompt_length']}",
+            f"sft.l1_lambda={spec.get('l1', 0.0)}", "preference.method=dpo", "preference.beta=0.1",
+            f"run.bf16={spec['bf16']}", "run.report_to=[]", f"run.output_dir={work / 'run'}"]
+        cfg = load_config(None, overrides=sets)
+        from paft.models import resolve_model_dir
+
+        model_dir = resolve_model_dir(cfg.model.name)
+        train_branch(kind, cfg, model_dir, Path(spec["data"][spec["task"]]), work / "out",
+                     device=spec["device"], threads=spec.get("threads"))
+    else:
+        from datasets import Dataset
+        from peft import LoraConfig
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from paft.models import resolve_model_dir
+
+        model_dir = resolve_model_dir("smollm2-135m")
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(spec["device"])
+        rows = [json.loads(line) for line in Path(spec["data"]["trl_" + spec["task"]]).read_text().splitlines()]
+        common = dict(output_dir=str(work / "trl"), per_device_train_batch_size=spec["batch"], max_steps=spec["steps"],
+                      learning_rate=spec["lr"], lr_scheduler_type="cosine", warmup_steps=0, logging_steps=1,
+                      save_strategy="no", report_to="none", seed=0, data_seed=0, disable_tqdm=True,
+                      use_cpu=spec["device"] == "cpu", dataloader_num_workers=0, max_length=spec["max_length"])
+        if spec["variant"] == "best":
+            common.update(gradient_checkpointing=False, bf16=spec["bf16"] is True)
+        elif spec["variant"] == "default-fp32":
+            common.update(bf16=False)  # TRL's defaults otherwise (gradient checkpointing on)
+        if spec["task"] == "sft":
+            from trl import SFTConfig, SFTTrainer
+
+            args = SFTConfig(**common, completion_only_loss=True)
+            trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                 processing_class=tok, peft_config=LoraConfig(**_lora_kwargs()))
+        else:
+            from trl import DPOConfig, DPOTrainer
+
+            args = DPOConfig(**common, beta=0.1)
+            trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(rows),
+                                 processing_class=tok, peft_config=LoraConfig(**_lora_kwargs()))
+        trainer.train()
+    return clock.summary(spec["warmup"])
+
+
+def run_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """One configuration in a fresh process; its peak RSS from wait4."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump(spec, fh)
+    result = Path(fh.name + ".out")
+    log = Path(spec["work"]) / "log.txt"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, __file__, "--child", fh.name, "--child-out", str(result)],
+                                stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0 or not result.exists():
+        tail = log.read_text()[-2000:]
+        return {"error": f"exit {proc.returncode}", "log_tail": tail}
+    res = json.loads(result.read_text())
+    res["peak_rss_gib"] = round(usage.ru_maxrss / 2**20, 2)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--max-prompt-length", type=int, default=320)
+    ap.add_argument("--tasks", nargs="+", default=["dpo", "sft"], choices=["dpo", "sft"])
+    ap.add_argument("--configs", nargs="+", default=None,
+                    help="subset of: paft, trl-default, trl-default-fp32, trl-best-fp32, trl-best-bf16 (default: "
+                         "paft, TRL's defaults and TRL's best; bf16 ones only where bf16 GEMMs are fast)")
+    ap.add_argument("--out", type=Path, default=Path("runs/train-bench"))
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        spec = json.loads(Path(args.child).read_text())
+        Path(args.child_out).write_text(json.dumps(child(spec)))
+        return
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from paft.models import resolve_model_dir
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.out.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(resolve_model_dir("smollm2-135m"))
+    rows = make_pairs(tok, args.pairs, seed=0)
+    data = {"dpo": args.out / "pairs.jsonl", "sft": args.out / "sft.jsonl",
+            "trl_dpo": args.out / "trl_pairs.jsonl", "trl_sft": args.out / "trl_sft.jsonl"}
+    data["dpo"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data["sft"].write_text("".join(json.dumps({"messages": r["prompt"] + [{"role": "assistant", "content": r["chosen"]}]})
+                                   + "\n" for r in rows))
+    # TRL's conversational formats: the same messages, so both tools apply the same chat template
+    data["trl_dpo"].write_text("".join(json.dumps({"prompt": r["prompt"],
+                                                   "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                                                   "rejected": [{"role": "assistant", "content": r["rejected"]}]})
+                                       + "\n" for r in rows))
+    data["trl_sft"].write_text("".join(json.dumps({"prompt": r["prompt"],
+                                                   "completion": [{"role": "assistant", "content": r["chosen"]}]})
+                                       + "\n" for r in rows))
+    lengths = token_lengths(tok, rows)
+    print(f"data: {len(rows)} pairs; prompt tokens median {lengths['prompt_median']} "
+          f"({lengths['prompt_min']}-{lengths['prompt_max']}), reply {lengths['reply_median']} "
+          f"({lengths['reply_min']}-{lengths['reply_max']})", flush=True)
+    peak = gemm_rates(device)
+    print(f"GEMM peak on {device}: fp32 {peak['fp32']:.1f} GFLOP/s, bf16 {peak['bf16']:.1f} GFLOP/s", flush=True)
+
+    configs = {"paft": ("paft", "default", "auto"), "trl-default": ("trl", "default", None),
+               "trl-default-fp32": ("trl", "default-fp32", False),
+               "trl-best-fp32": ("trl", "best", False), "trl-best-bf16": ("trl", "best", True)}
+    slow_bf16 = peak["bf16"] < peak["fp32"] / 4 and device == "cpu"
+    skipped: dict[str, str] = {}
+    if args.configs:
+        chosen = args.configs
+    elif slow_bf16:
+        # TRL's defaults turn bf16 on; where bf16 GEMMs are emulated a step would take hours, so its
+        # defaults run with fp32 only (gradient checkpointing still on), and TRL's best is fp32
+        chosen = ["paft", "trl-default-fp32", "trl-best-fp32"]
+        for name in ("trl-default", "trl-best-bf16"):
+            skipped[name] = (f"bf16 GEMMs run at {peak['bf16']:.1f} GFLOP/s here vs {peak['fp32']:.1f} in fp32 "
+                             "(no native bf16 on this CPU)")
+    else:
+        chosen = ["paft", "trl-default", "trl-best-fp32", "trl-best-bf16"]
+    for name, why in skipped.items():
+        print(f"skipping {name}: {why}", flush=True)
+    results: dict[str, dict[str, Any]] = {}
+    n_params = 134_515_008  # SmolLM2-135M; 6 N flops per token (forward + backward), LoRA adds ~1%
+    for task in args.tasks:
+        for name in chosen:
+            tool, variant, bf16 = configs[name]
+            spec = {"tool": tool, "variant": variant, "bf16": bf16, "task": task, "steps": args.steps,
+                    "warmup": args.warmup, "batch": args.batch, "lr": args.lr, "max_length": args.max_length,
+                    "max_prompt_length": args.max_prompt_length, "device": device,
+                    "data": {k: str(v) for k, v in data.items()}, "work": str(args.out / f"{task}-{name}")}
+            start = time.perf_counter()
+            res = run_child(spec)
+            res["wall_s"] = round(time.perf_counter() - start, 1)
+            if res.get("tokens_per_s"):
+                flops = 6 * n_params * res["tokens_per_s"] * (4 / 3 if task == "dpo" else 1)  # DPO: + ref forward
+                res["share_of_fp32_peak"] = round(flops / (peak["fp32"] * 1e9), 3)
+            results[f"{task}/{name}"] = res
+            shown = f"{res['tokens_per_s']:.1f} tokens/s, peak RSS {res['peak_rss_gib']} GiB" \
+                if res.get("tokens_per_s") else res.get("error")
+            print(f"{task:>4} {name:<14} {shown}  ({res['wall_s']} s)", flush=True)
+
+    def best_trl(task: str) -> tuple[str | None, float | None]:
+        cands = [(k, v["tokens_per_s"]) for k, v in results.items()
+                 if k.startswith(f"{task}/trl-best") and v.get("tokens_per_s")]
+        return max(cands, key=lambda x: x[1]) if cands else (None, None)
+
+    ratios = {}
+    for task in args.tasks:
+        key, trl = best_trl(task)
+        ours = results.get(f"{task}/paft", {}).get("tokens_per_s")
+        ratios[task] = round(ours / trl, 2) if ours and trl else None
+        if key:
+            print(f"{task}: paft / TRL best ({key.split('/')[1]}) = {ratios[task]}")
+    report = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "device": device,
+                          "gemm_gflops": peak}, "data": lengths, "args": {k: str(v) for k, v in vars(args).items()},
+              "results": results, "skipped": skipped, "speedup_vs_trl_best": ratios}
+    (args.out / "train_bench.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out / 'train_bench.json'}")
+    print(f"dpo_speedup_vs_trl={ratios.get('dpo')} sft_speedup_vs_trl={ratios.get('sft')}")
+
+
+if __name__ == "__main__":
+    main()
