@@ -108,14 +108,23 @@ def token_lengths(tok, rows: list[dict[str, Any]]) -> dict[str, float]:
 # --- machine peak -------------------------------------------------------------------------------
 
 def gemm_rates(device: str, seconds: float = 2.0) -> dict[str, float]:
-    """Sustained GFLOP/s of a 1024 x 2048 x 2048 matmul in fp32 and bf16 (the shapes of a small LM's layers)."""
+    """Sustained GFLOP/s of an M x 2048 x 2048 matmul in fp32 and bf16 (the shapes of a small LM's layers).
+
+    M is 1024, or smaller where one product would take over 0.2 s (bf16 emulated on a CPU without
+    native bf16 runs at a few hundred MFLOP/s: a 1024-row product would take half a minute).
+    """
     import torch
 
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a = torch.randn(1024, 2048, device=device, dtype=dtype)
         b = torch.randn(2048, 2048, device=device, dtype=dtype)
-        for _ in range(3):
+        probe = torch.randn(16, 2048, device=device, dtype=dtype)
+        start = time.perf_counter()
+        probe @ b
+        per_row = (time.perf_counter() - start) / 16
+        rows = int(max(16, min(1024, 0.2 / max(per_row, 1e-9))))
+        a = torch.randn(rows, 2048, device=device, dtype=dtype)
+        for _ in range(2):
             a @ b
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
@@ -123,7 +132,7 @@ def gemm_rates(device: str, seconds: float = 2.0) -> dict[str, float]:
             n += 1
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        out[name] = 2 * 1024 * 2048 * 2048 * n / (time.perf_counter() - start) / 1e9
+        out[name] = 2 * rows * 2048 * 2048 * n / (time.perf_counter() - start) / 1e9
     return out
 
 
@@ -154,7 +163,11 @@ class StepClock:
             return end(handler, args, state, control)
 
         def training_step(trainer, model, inputs, *a, **kw):
-            if clock.tokens and "attention_mask" in inputs:
+            # real tokens of the plain layout: every sequence's prompt + reply (a packed batch computes a
+            # shared prompt once but counts it for each of its replies, as the padded rows hold it)
+            if clock.tokens and "sequence_tokens" in inputs:
+                clock.tokens[-1] += int(inputs["sequence_tokens"].sum())
+            elif clock.tokens and "attention_mask" in inputs:
                 clock.tokens[-1] += int(inputs["attention_mask"].sum())
             loss = step(trainer, model, inputs, *a, **kw)
             clock.losses.append(float(loss.detach()))
@@ -211,6 +224,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             f"data.max_length={spec['max_length']}", f"data.max_prompt_length={spec['max_prompt_length']}",
             f"sft.l1_lambda={spec.get('l1', 0.0)}", "preference.method=dpo", "preference.beta=0.1",
             f"run.bf16={spec['bf16']}", "run.report_to=[]", f"run.output_dir={work / 'run'}"]
+        sets += [f"{s}.{k}={v}" for s in ("sft", "preference") for k, v in spec.get("paft_sets", {}).items()]
         cfg = load_config(None, overrides=sets)
         from paft.models import resolve_model_dir
 
@@ -323,7 +337,13 @@ def main() -> None:
     peak = gemm_rates(device)
     print(f"GEMM peak on {device}: fp32 {peak['fp32']:.1f} GFLOP/s, bf16 {peak['bf16']:.1f} GFLOP/s", flush=True)
 
-    configs = {"paft": ("paft", "default", "auto"), "trl-default": ("trl", "default", None),
+    # paft's levers, one at a time from the plain path: full-vocabulary logits, padded rows
+    levers = {"paft-plain": {"packing": "false", "completion_logits": "false"},
+              "paft-completion-logits": {"packing": "false", "completion_logits": "true"},
+              "paft": {}}
+    configs = {"paft": ("paft", "default", "auto"), "paft-plain": ("paft", "plain", "auto"),
+               "paft-completion-logits": ("paft", "completion-logits", "auto"),
+               "trl-default": ("trl", "default", None),
                "trl-default-fp32": ("trl", "default-fp32", False),
                "trl-best-fp32": ("trl", "best", False), "trl-best-bf16": ("trl", "best", True)}
     slow_bf16 = peak["bf16"] < peak["fp32"] / 4 and device == "cpu"
@@ -333,12 +353,12 @@ def main() -> None:
     elif slow_bf16:
         # TRL's defaults turn bf16 on; where bf16 GEMMs are emulated a step would take hours, so its
         # defaults run with fp32 only (gradient checkpointing still on), and TRL's best is fp32
-        chosen = ["paft", "trl-default-fp32", "trl-best-fp32"]
+        chosen = ["paft-plain", "paft-completion-logits", "paft", "trl-default-fp32", "trl-best-fp32"]
         for name in ("trl-default", "trl-best-bf16"):
             skipped[name] = (f"bf16 GEMMs run at {peak['bf16']:.1f} GFLOP/s here vs {peak['fp32']:.1f} in fp32 "
                              "(no native bf16 on this CPU)")
     else:
-        chosen = ["paft", "trl-default", "trl-best-fp32", "trl-best-bf16"]
+        chosen = ["paft-plain", "paft-completion-logits", "paft", "trl-default", "trl-best-fp32", "trl-best-bf16"]
     for name, why in skipped.items():
         print(f"skipping {name}: {why}", flush=True)
     results: dict[str, dict[str, Any]] = {}
@@ -349,7 +369,8 @@ def main() -> None:
             spec = {"tool": tool, "variant": variant, "bf16": bf16, "task": task, "steps": args.steps,
                     "warmup": args.warmup, "batch": args.batch, "lr": args.lr, "max_length": args.max_length,
                     "max_prompt_length": args.max_prompt_length, "device": device,
-                    "data": {k: str(v) for k, v in data.items()}, "work": str(args.out / f"{task}-{name}")}
+                    "data": {k: str(v) for k, v in data.items()}, "work": str(args.out / f"{task}-{name}"),
+                    "paft_sets": levers.get(name, {})}
             start = time.perf_counter()
             res = run_child(spec)
             res["wall_s"] = round(time.perf_counter() - start, 1)
@@ -359,7 +380,7 @@ def main() -> None:
             results[f"{task}/{name}"] = res
             shown = f"{res['tokens_per_s']:.1f} tokens/s, peak RSS {res['peak_rss_gib']} GiB" \
                 if res.get("tokens_per_s") else res.get("error")
-            print(f"{task:>4} {name:<14} {shown}  ({res['wall_s']} s)", flush=True)
+            print(f"{task:>4} {name:<22} {shown}  ({res['wall_s']} s)", flush=True)
 
     def best_trl(task: str) -> tuple[str | None, float | None]:
         cands = [(k, v["tokens_per_s"]) for k, v in results.items()
@@ -373,9 +394,33 @@ def main() -> None:
         ratios[task] = round(ours / trl, 2) if ours and trl else None
         if key:
             print(f"{task}: paft / TRL best ({key.split('/')[1]}) = {ratios[task]}")
+    # the levers one at a time, and the optimised path's losses against the plain path's (same data, seed, steps)
+    lever_table: dict[str, list[dict[str, Any]]] = {}
+    loss_check: dict[str, Any] = {}
+    for task in args.tasks:
+        rows, prev = [], None
+        for name in levers:
+            res = results.get(f"{task}/{name}", {})
+            tps = res.get("tokens_per_s")
+            if not tps:
+                continue
+            rows.append({"config": name, "tokens_per_s": round(tps, 1), "peak_rss_gib": res.get("peak_rss_gib"),
+                         "vs_previous": round(tps / prev, 2) if prev else None})
+            prev = tps
+        lever_table[task] = rows
+        for row in rows:
+            print(f"  {task} {row['config']:<24} {row['tokens_per_s']:>7.1f} tokens/s  x{row['vs_previous'] or 1:.2f}"
+                  f"  peak RSS {row['peak_rss_gib']} GiB")
+        plain, ours = (results.get(f"{task}/{n}", {}).get("losses") for n in ("paft-plain", "paft"))
+        if plain and ours and len(plain) == len(ours):
+            diff = max(abs(a - b) for a, b in zip(plain, ours))
+            loss_check[task] = {"max_abs_loss_diff": diff, "final_plain": plain[-1], "final_paft": ours[-1]}
+            print(f"  {task} losses, optimised vs plain path: max |diff| over {len(ours)} steps {diff:.2e} "
+                  f"(final {ours[-1]:.5f} vs {plain[-1]:.5f})")
     report = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "device": device,
                           "gemm_gflops": peak}, "data": lengths, "args": {k: str(v) for k, v in vars(args).items()},
-              "results": results, "skipped": skipped, "speedup_vs_trl_best": ratios}
+              "results": results, "skipped": skipped, "speedup_vs_trl_best": ratios, "levers": lever_table,
+              "loss_check": loss_check}
     (args.out / "train_bench.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out / 'train_bench.json'}")
     print(f"dpo_speedup_vs_trl={ratios.get('dpo')} sft_speedup_vs_trl={ratios.get('sft')}")

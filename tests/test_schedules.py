@@ -48,13 +48,13 @@ def test_reference_cache_matches_the_adapter_disabled_forward_and_memoises(lora_
     b = _batch(tiny_tok)
     want = _disabled(lora_model, b)
     ref = ReferenceLogps(None)
-    got = ref(lora_model, b["input_ids"], b["attention_mask"], b["labels"])
+    got = ref(lora_model, b)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert (ref.hits, ref.misses) == (0, 8)
 
     calls = []
     monkeypatch.setattr(reference_mod, "_disabled_adapter_logps", lambda *a: calls.append(a) or torch.zeros(0))
-    again = ref(lora_model, b["input_ids"], b["attention_mask"], b["labels"])  # every row memoised: no forward
+    again = ref(lora_model, b)  # every row memoised: no forward
     assert calls == [] and torch.equal(again, got) and ref.hits == 8
 
 
@@ -62,8 +62,8 @@ def test_reference_cache_computes_only_missing_rows_and_keys_ignore_padding(lora
     full = _batch(tiny_tok, 4)
     ref = ReferenceLogps(None)
     first = _batch(tiny_tok, 2)  # rows of pairs 0 and 1, padded to their own (shorter) width
-    ref(lora_model, first["input_ids"], first["attention_mask"], first["labels"])
-    got = ref(lora_model, full["input_ids"], full["attention_mask"], full["labels"])
+    ref(lora_model, first)
+    got = ref(lora_model, full)
     assert ref.misses == 4 + 4 and ref.hits == 4  # the 4 rows seen before are found despite other padding
     torch.testing.assert_close(got, _disabled(lora_model, full), atol=1e-5, rtol=0)
     ids, mask, labels = full["input_ids"][0], full["attention_mask"][0], full["labels"][0]
@@ -78,16 +78,16 @@ def test_reference_cache_persists_and_merges_on_disk(lora_model, tiny_tok, tmp_p
     b = _batch(tiny_tok)
     path = tmp_path / "ref.json"
     a = ReferenceLogps(path)
-    want = a(lora_model, b["input_ids"], b["attention_mask"], b["labels"])
+    want = a(lora_model, b)
     a.save()
     assert len(json.loads(path.read_text())["logps"]) == 8
     b2 = ReferenceLogps(path)  # a later run: everything from disk
-    got = b2(lora_model, b["input_ids"], b["attention_mask"], b["labels"])
+    got = b2(lora_model, b)
     assert b2.misses == 0 and torch.allclose(got, want, atol=1e-7)
     path.write_text("not json")
     assert ReferenceLogps(path).values == {}  # a corrupt cache is recomputed, not an error
     off = ReferenceLogps(path, cache=False)
-    torch.testing.assert_close(off(lora_model, b["input_ids"], b["attention_mask"], b["labels"]), want,
+    torch.testing.assert_close(off(lora_model, b), want,
                                atol=1e-5, rtol=0)
     assert off.values == {}
 
@@ -111,15 +111,15 @@ def test_snapshot_freezes_the_current_policy(lora_model, tiny_tok):
         for n, p in lora_model.named_parameters():  # training moves on; the snapshot must not
             if "lora_B" in n:
                 p.add_(0.1)
-    got = ref(lora_model, b["input_ids"], b["attention_mask"], b["labels"])
+    got = ref(lora_model, b)
     torch.testing.assert_close(got, policy, atol=1e-5, rtol=0)
     assert not torch.allclose(got, _disabled(lora_model, b), atol=1e-3)
     other = _batch(tiny_tok, 2)
     other["input_ids"] = other["input_ids"].flip(1)
     with pytest.raises(RuntimeError, match="missing from the stage snapshot"):
-        ref(lora_model, other["input_ids"], other["attention_mask"], other["labels"])
+        ref(lora_model, other)
     ref.release_snapshot()
-    torch.testing.assert_close(ref(lora_model, b["input_ids"], b["attention_mask"], b["labels"]),
+    torch.testing.assert_close(ref(lora_model, b),
                                _disabled(lora_model, b), atol=1e-5, rtol=0)
 
 

@@ -114,6 +114,14 @@ class TrainConfig(_Section):
     max_grad_norm: float = Field(1.0, gt=0)
     logging_steps: int = Field(5, gt=0)
     save_steps: int = Field(20, gt=0, description="checkpoint interval; a killed run resumes from the last one")
+    packing: bool = Field(
+        True, description="packed batches: several sequences per row with a block attention mask and restarting "
+                          "positions, and a prompt shared by chosen/rejected (or ranked) replies computed once; "
+                          "same loss and gradients as the padded layout (KTO-style unpaired data stays padded)")
+    pack_length: int = Field(4096, gt=8, description="tokens per packed row (a longer example gets a row of its own)")
+    completion_logits: bool = Field(
+        True, description="LM head and log-softmax only where a completion token is predicted (off: full-vocabulary "
+                          "logits at every position, the plain path; same numbers, slower)")
 
     @field_validator("max_steps")
     @classmethod

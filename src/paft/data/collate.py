@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from paft.data.packing import Doc, pack
 from paft.data.tokenize import IGNORE, Encoded, EncodedCompletion, EncodedPair, EncodedRanked
 
 
@@ -27,19 +28,36 @@ def _padded(seqs: list[list[int]], labels: list[list[int]], pad_id: int) -> dict
 
 @dataclass
 class SFTCollator:
+    """Right-padded rows; with ``pack_length``, examples packed into rows of that many tokens
+    (``paft.data.packing``: block-diagonal attention, positions restarting per example)."""
+
     pad_id: int
+    pack_length: int | None = None
 
     def __call__(self, rows: list[Encoded]) -> dict[str, torch.Tensor]:
+        if self.pack_length:
+            docs = [Doc(r.input_ids, r.labels, seq_ids=[i]) for i, r in enumerate(rows)]
+            return pack(docs, self.pad_id, self.pack_length)
         return _padded([r.input_ids for r in rows], [r.labels for r in rows], self.pad_id)
 
 
 @dataclass
 class PairCollator:
-    """Stacks [prompt+chosen for each pair] then [prompt+rejected for each pair] in one batch."""
+    """Stacks [prompt+chosen for each pair] then [prompt+rejected for each pair] in one batch.
+
+    With ``pack_length``, the same logical sequences in that order, packed: each pair's prompt once,
+    chosen and rejected as two branches after it (``paft.data.packing``).
+    """
 
     pad_id: int
+    pack_length: int | None = None
 
     def __call__(self, rows: list[EncodedPair]) -> dict[str, torch.Tensor]:
+        if self.pack_length:
+            b = len(rows)
+            docs = [Doc(r.prompt_ids, [IGNORE] * len(r.prompt_ids), [r.chosen_ids, r.rejected_ids],
+                        [list(r.chosen_ids), list(r.rejected_ids)], [i, b + i]) for i, r in enumerate(rows)]
+            return pack(docs, self.pad_id, self.pack_length)
         seqs, labels = [], []
         for side in ("chosen_ids", "rejected_ids"):
             for r in rows:
@@ -92,23 +110,30 @@ class RankedCollator:
     - ``list_index``: [B, K] long, the row of reply k of list b in the flat batch, -1 past the end
       of a shorter list.
     - ``scores``: [B, K] float, the reply's score (higher = better), 0 where ``list_index`` is -1.
+
+    With ``pack_length``, the same N logical sequences, packed: each list's prompt once, its replies
+    as branches after it (``paft.data.packing``).
     """
 
     pad_id: int
+    pack_length: int | None = None
 
     def __call__(self, rows: list[EncodedRanked]) -> dict[str, torch.Tensor]:
         k = max(len(r.response_ids) for r in rows)
-        seqs, labels, index, scores, n = [], [], [], [], 0
+        seqs, labels, index, scores, docs, n = [], [], [], [], [], 0
         for r in rows:
             for resp in r.response_ids:
                 seqs.append(r.prompt_ids + resp)
                 labels.append([IGNORE] * len(r.prompt_ids) + resp)
             m = len(r.response_ids)
+            docs.append(Doc(r.prompt_ids, [IGNORE] * len(r.prompt_ids), [list(x) for x in r.response_ids],
+                            [list(x) for x in r.response_ids], list(range(n, n + m))))
             index.append(list(range(n, n + m)) + [-1] * (k - m))
             scores.append([float(x) for x in r.scores] + [0.0] * (k - m))
             n += m
+        layout = pack(docs, self.pad_id, self.pack_length) if self.pack_length else _padded(seqs, labels, self.pad_id)
         return {
-            **_padded(seqs, labels, self.pad_id),
+            **layout,
             "list_index": torch.tensor(index, dtype=torch.long),
             "scores": torch.tensor(scores, dtype=torch.float32),
         }

@@ -81,6 +81,9 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
     model = attach_adapter(model, tcfg, cfg.run.seed)
 
     d = cfg.data
+    pack_length = _pack_length(tcfg, model, d.max_length, report, name)
+    if kind != "sft":
+        objective.full_logits = not tcfg.completion_logits
     if kind == "sft":
         encoded = [encode_sft(e, tok, d.max_length) for e in examples]
         rows = [r for r in encoded if any(t != IGNORE for t in r.labels[1:])]
@@ -90,19 +93,20 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
         if dropped:
             report({"branch": name, "warning": f"{dropped} SFT examples have no reply tokens within "
                                                f"data.max_length={d.max_length}; not trained on"})
-        objective, collator = SFTObjective(cfg.sft.l1_lambda), SFTCollator(tok.pad_token_id)
+        objective = SFTObjective(cfg.sft.l1_lambda, full_logits=not tcfg.completion_logits)
+        collator = SFTCollator(tok.pad_token_id, pack_length)
     else:
         dropped = 0
         if data_kind in ("pairs", "online"):  # online: each round builds its own pairs
             rows = [encode_pair(e, tok, d.max_length, d.max_prompt_length) for e in examples] \
                 if data_kind == "pairs" else []
-            collator = PairCollator(tok.pad_token_id)
+            collator = PairCollator(tok.pad_token_id, pack_length)
         elif data_kind == "ranked":
             from paft.data.collate import RankedCollator
             from paft.data.tokenize import encode_ranked
 
             rows = [encode_ranked(e, tok, d.max_length, d.max_prompt_length) for e in examples]
-            collator = RankedCollator(tok.pad_token_id)
+            collator = RankedCollator(tok.pad_token_id, pack_length)
         else:
             rows = [encode_completion(e, tok, d.max_length, d.max_prompt_length) for e in examples]
             collator = BinaryCollator(tok.pad_token_id, kl=data_kind == "binary", max_length=d.max_length)
@@ -155,7 +159,7 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
 
         scorer = _online_scorer(cfg, objective.spec.name, model_dir, tok, model, device, reward_dir)
         phases = train_online(cfg=cfg, model=model, tok=tok, objective=objective, prompts=unique_prompts(examples),
-                              scorer=scorer, fit=fit, out_dir=out_dir, report=report, name=name)
+                              scorer=scorer, fit=fit, out_dir=out_dir, report=report, name=name, collator=collator)
     else:
         phases = fit(rows, collator, out_dir / "checkpoints")
     wall = time.perf_counter() - start
@@ -187,6 +191,19 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
     write_json_atomic(out_dir / "log_history.json", log_history)
     write_json_atomic(out_dir / "train_summary.json", summary)
     return summary
+
+
+def _pack_length(tcfg, model, max_length: int, report: Report, name: str) -> int | None:
+    """``tcfg.pack_length`` when the branch packs its batches (a note and the padded layout when the model can't)."""
+    if not tcfg.packing:
+        return None
+    from paft.data.packing import packing_unsupported
+
+    why = packing_unsupported(model, 2 * max_length)  # a pair's prompt + two replies
+    if why:
+        report({"branch": name, "note": f"packing off: {why}"})
+        return None
+    return tcfg.pack_length
 
 
 def _online_scorer(cfg: PaftConfig, method: str, model_dir: Path, tok, model, device: str, reward_dir: Path | None):

@@ -3,6 +3,13 @@
 The decoder runs once; the LM head and log-softmax are applied only at the
 positions whose next token is a label, which on chat data (long prompts, short
 replies) skips most of the largest matmul and the [T x vocab] activations.
+(``full_logits=True`` computes them everywhere, as a plain causal-LM forward
+does: the reference path the optimisation is checked and benchmarked against.)
+
+Batches come in two layouts, and every function here takes either: the plain
+right-padded one (``input_ids``/``attention_mask``/``labels``, a row per
+sequence) and the packed one of ``paft.data.packing`` (a shared prompt computed
+once, several sequences per row).
 """
 
 from __future__ import annotations
@@ -10,7 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from paft.data.packing import is_packed
 from paft.data.tokenize import IGNORE
+from paft.train.attention import packed_attention
 
 
 def _split(model):
@@ -19,7 +28,13 @@ def _split(model):
     return inner.get_decoder(), inner.get_output_embeddings()
 
 
-def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+def _target_logps(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) from the hidden states [N, H] that predict them: the LM head on those N rows only."""
+    return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                full_logits: bool = False):
     """Log-probs of every label token, flattened, plus the row index of each.
 
     Returns ``(logps [N], rows [N])`` for the N positions where ``labels[:, 1:] != IGNORE``.
@@ -28,20 +43,64 @@ def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, la
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE
-    h = hidden[:, :-1][keep]
-    logits = head(h).float()
-    logps = -F.cross_entropy(logits, targets[keep], reduction="none")
+    if full_logits:
+        logprobs = head(hidden[:, :-1]).float().log_softmax(-1)
+        logps = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)[keep]
+    else:
+        logps = _target_logps(head, hidden[:, :-1][keep], targets[keep])
     rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(targets)[keep]
     return logps, rows
+
+
+def packed_token_logps(model, batch: dict, full_logits: bool = False):
+    """``token_logps`` of a packed batch: ``(logps [N], sequence [N])`` in sequence, then position, order."""
+    decoder, head = _split(model)
+    mask = batch["attention_mask"]
+    if _attn_impl(model) == "eager":  # eager attention adds the mask to the scores
+        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
+            ~mask, torch.finfo(torch.float32).min)
+    spans = [tuple(x) for x in batch["doc_spans"].tolist()] if "doc_spans" in batch else None
+    with packed_attention(model, spans) as extra:
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask,
+                         position_ids=batch["position_ids"], **extra).last_hidden_state
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    if full_logits:
+        logprobs = head(flat).float().log_softmax(-1)
+        logps = logprobs[batch["pred_index"]].gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
+    else:
+        logps = _target_logps(head, flat[batch["pred_index"]], batch["targets"])
+    return logps, batch["target_seq"]
+
+
+def batch_token_logps(model, batch: dict, full_logits: bool = False):
+    """Per-token log-probs of either layout: ``(logps [N], sequence [N], number of sequences)``."""
+    if is_packed(batch):
+        logps, seq = packed_token_logps(model, batch, full_logits)
+        return logps, seq, batch["sequence_tokens"].shape[0]
+    logps, rows = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], full_logits)
+    return logps, rows, batch["labels"].shape[0]
+
+
+def _sums(logps: torch.Tensor, seq: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    total = torch.zeros(n, device=logps.device, dtype=logps.dtype).index_add(0, seq, logps)
+    count = torch.zeros(n, device=logps.device, dtype=logps.dtype).index_add(0, seq, torch.ones_like(logps))
+    return total, count
 
 
 def sequence_logps(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-prob and completion token count of each row."""
     logps, rows = token_logps(model, input_ids, attention_mask, labels)
-    n = labels.shape[0]
-    total = torch.zeros(n, device=logps.device, dtype=logps.dtype).index_add(0, rows, logps)
-    count = torch.zeros(n, device=logps.device, dtype=logps.dtype).index_add(0, rows, torch.ones_like(logps))
-    return total, count
+    return _sums(logps, rows, labels.shape[0])
+
+
+def batch_sequence_logps(model, batch: dict, full_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-prob and completion token count of each sequence of either layout."""
+    return _sums(*batch_token_logps(model, batch, full_logits))
+
+
+def _attn_impl(model) -> str:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner.config, "_attn_implementation", None) or "eager"
 
 
 def trim_padding(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor):

@@ -109,7 +109,9 @@ def unique_prompts(examples: list) -> list[list[dict]]:
 
 
 def train_online(*, cfg, model, tok, objective, prompts: list[list[dict]], scorer: Callable, fit: Fit,
-                 out_dir: Path, report: Callable[[dict[str, Any]], None], name: str) -> dict[str, Any]:
+                 out_dir: Path, report: Callable[[dict[str, Any]], None], name: str,
+                 collator=None) -> dict[str, Any]:
+    """``collator``: the pair collator the rounds' pairs are batched with (default: padded)."""
     from paft.data.collate import PairCollator
     from paft.data.formats import PreferenceExample
     from paft.data.tokenize import encode_pair
@@ -121,7 +123,7 @@ def train_online(*, cfg, model, tok, objective, prompts: list[list[dict]], score
     rounds = o.rounds
     steps = steps_for(p, o.prompts_per_round, rounds)  # a round has at most one pair per prompt
     reference = "previous" if method == "self-rewarding" else o.reference
-    collator = PairCollator(tok.pad_token_id)
+    collator = collator or PairCollator(tok.pad_token_id)
     log: list[dict[str, Any]] = []
     for r in range(rounds):
         rd = out_dir / "rounds" / f"round-{r + 1}"

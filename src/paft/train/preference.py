@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from paft.train.logps import sequence_logps, trim_padding
+from paft.data.packing import is_packed
+from paft.train.logps import batch_sequence_logps, trim_padding
 from paft.train.losses import PairLogps, RankedLogps, UnpairedLogps, get_loss
 
 
@@ -35,6 +36,7 @@ class PreferenceObjective:
     params: dict[str, Any] = field(default_factory=dict)
     # memoised / disk-cached reference log-probs (paft.train.reference); None: the adapter-disabled forward
     reference: Any = None
+    full_logits: bool = False  # the plain path: full-vocabulary logits at every position
 
     def __post_init__(self):
         self.spec = get_loss(self.method)
@@ -47,38 +49,40 @@ class PreferenceObjective:
             return self._ranked(model, batch)
         return self._unpaired(model, batch)
 
-    def reference_logps(self, model, ids, mask, labels) -> torch.Tensor:
-        """Summed reference log-prob of each row (no gradient): cached, or the adapter-disabled forward."""
+    def reference_logps(self, model, batch) -> torch.Tensor:
+        """Summed reference log-prob of each sequence of the batch (no gradient): cached, or the
+        adapter-disabled forward."""
         if self.reference is not None:
-            return self.reference(model, ids, mask, labels)
+            return self.reference(model, batch)
         with torch.no_grad(), model.disable_adapter():
-            return sequence_logps(model, ids, mask, labels)[0].detach()
+            return batch_sequence_logps(model, batch, self.full_logits)[0].detach()
 
     def _pairs(self, model, batch):
-        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-        n = ids.shape[0] // 2
-        logps, counts = sequence_logps(model, ids, mask, labels)
+        logps, counts = batch_sequence_logps(model, batch, self.full_logits)
+        n = logps.shape[0] // 2
         lp = PairLogps(policy_chosen=logps[:n], policy_rejected=logps[n:],
                        chosen_tokens=counts[:n], rejected_tokens=counts[n:])
         if self.spec.reference:
-            ref = self.reference_logps(model, ids, mask, labels)
+            ref = self.reference_logps(model, batch)
             lp.ref_chosen, lp.ref_rejected = ref[:n].detach(), ref[n:].detach()
         loss = self.spec.fn(lp, beta=self.beta, **self.kwargs).mean()
         return loss, _pair_metrics(lp, self.beta)
 
     def _unpaired(self, model, batch):
+        if is_packed(batch):
+            raise ValueError("unpaired (KTO-style) batches are not packed; build them with BinaryCollator")
         desirable = batch["desirable"].bool()
         n = desirable.shape[0]
         matched = _rows(batch, 0, n)
         has_kl = batch["input_ids"].shape[0] > n
-        policy, counts = sequence_logps(model, *matched)
+        policy, counts = batch_sequence_logps(model, matched, self.full_logits)
         lp = UnpairedLogps(policy=policy, labels=desirable, tokens=counts)
         if has_kl:
             kl_rows = _rows(batch, n, batch["input_ids"].shape[0])
             with torch.no_grad():
-                lp.policy_kl = sequence_logps(model, *kl_rows)[0].detach()
+                lp.policy_kl = batch_sequence_logps(model, kl_rows, self.full_logits)[0].detach()
         if self.spec.reference:
-            ref = self.reference_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            ref = self.reference_logps(model, batch)
             lp.ref = ref[:n].detach()
             if has_kl:
                 lp.ref_kl = ref[n:].detach()
@@ -86,22 +90,22 @@ class PreferenceObjective:
         return loss, _unpaired_metrics(lp, self.beta)
 
     def _ranked(self, model, batch):
-        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         index = batch["list_index"]
         present = index >= 0
         rows = index.clamp(min=0)  # padded entries read row 0; the mask keeps them out of the loss
-        logps, counts = sequence_logps(model, ids, mask, labels)
+        logps, counts = batch_sequence_logps(model, batch, self.full_logits)
         lp = RankedLogps(policy=logps[rows], scores=batch["scores"].to(logps.dtype), mask=present,
                          tokens=counts[rows])
         if self.spec.reference:
-            lp.ref = self.reference_logps(model, ids, mask, labels).detach()[rows]
+            lp.ref = self.reference_logps(model, batch).detach()[rows]
         loss = self.spec.fn(lp, beta=self.beta, **self.kwargs).mean()
         return loss, _ranked_metrics(lp, self.beta)
 
 
-def _rows(batch, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows [start, stop) of the batch, with the columns past their longest row cut off."""
-    return trim_padding(*(batch[k][start:stop] for k in ("input_ids", "attention_mask", "labels")))
+def _rows(batch, start: int, stop: int) -> dict[str, torch.Tensor]:
+    """Rows [start, stop) of a padded batch, with the columns past their longest row cut off."""
+    keys = ("input_ids", "attention_mask", "labels")
+    return dict(zip(keys, trim_padding(*(batch[k][start:stop] for k in keys))))
 
 
 def _pair_metrics(lp: PairLogps, beta: float) -> dict[str, float]:

@@ -36,7 +36,8 @@ from typing import Iterable
 import torch
 
 from paft.io import write_json_atomic
-from paft.train.logps import sequence_logps, trim_padding
+from paft.data.packing import is_packed
+from paft.train.logps import batch_sequence_logps, trim_padding
 
 
 def row_key(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> str:
@@ -69,39 +70,43 @@ class ReferenceLogps:
             except (ValueError, KeyError, TypeError):
                 self.values = {}  # unreadable cache: recompute (it is only a cache)
 
-    def __call__(self, model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def __call__(self, model, batch: dict) -> torch.Tensor:
+        """Summed reference log-prob of each sequence of ``batch`` (either layout of ``paft.train.logps``)."""
+        device = batch["input_ids"].device
         if self.snapshot_values is not None:
-            return self._lookup(self.snapshot_values, ids, mask, labels, "stage snapshot")
+            return self._lookup(self.snapshot_values, batch_keys(batch), device, "stage snapshot")
         if not self.cache:
-            return self._forward(model, ids, mask, labels)
-        keys = [row_key(ids[i], mask[i], labels[i]) for i in range(ids.shape[0])]
+            return self._forward(model, batch)
+        keys = batch_keys(batch)
         missing = [i for i, k in enumerate(keys) if k not in self.values]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         if missing:
-            sel = torch.tensor(missing, device=ids.device)
-            sub = trim_padding(ids[sel], mask[sel], labels[sel])
-            fresh = self._forward(model, *sub).tolist()
-            for i, v in zip(missing, fresh):
+            if is_packed(batch):  # a packed batch runs whole (first epoch: every sequence is new anyway)
+                fresh, where = self._forward(model, batch).tolist(), range(len(keys))
+            else:
+                ids, mask, labels = (batch[k] for k in ("input_ids", "attention_mask", "labels"))
+                sel = torch.tensor(missing, device=device)
+                sub = dict(zip(("input_ids", "attention_mask", "labels"),
+                               trim_padding(ids[sel], mask[sel], labels[sel])))
+                fresh, where = self._forward(model, sub).tolist(), missing
+            for i, v in zip(where, fresh):
                 self.values[keys[i]] = v
             self._dirty = True
-        return torch.tensor([self.values[k] for k in keys], device=ids.device, dtype=torch.float32)
+        return torch.tensor([self.values[k] for k in keys], device=device, dtype=torch.float32)
 
-    def _forward(self, model, ids, mask, labels) -> torch.Tensor:
+    def _forward(self, model, batch: dict) -> torch.Tensor:
         if self.model is not None:
-            return _frozen_logps(self.model, ids, mask, labels)
-        return _disabled_adapter_logps(model, ids, mask, labels)
+            return _frozen_logps(self.model, batch)
+        return _disabled_adapter_logps(model, batch)
 
     @staticmethod
-    def _lookup(table, ids, mask, labels, what) -> torch.Tensor:
-        out = []
-        for i in range(ids.shape[0]):
-            key = row_key(ids[i], mask[i], labels[i])
-            if key not in table:
-                raise RuntimeError(f"reference log-prob of a row missing from the {what}; "
-                                   "the stage's rows must all be snapshotted before it trains")
-            out.append(table[key])
-        return torch.tensor(out, device=ids.device, dtype=torch.float32)
+    def _lookup(table, keys: list[str], device, what) -> torch.Tensor:
+        missing = [k for k in keys if k not in table]
+        if missing:
+            raise RuntimeError(f"reference log-prob of a row missing from the {what}; "
+                               "the stage's rows must all be snapshotted before it trains")
+        return torch.tensor([table[k] for k in keys], device=device, dtype=torch.float32)
 
     @torch.no_grad()
     def snapshot(self, model, batches: Iterable[dict[str, torch.Tensor]]) -> int:
@@ -111,10 +116,9 @@ class ReferenceLogps:
         table: dict[str, float] = {}
         try:
             for b in batches:
-                ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
-                lp = sequence_logps(model, ids, mask, labels)[0].float().tolist()
-                for i, v in enumerate(lp):
-                    table[row_key(ids[i], mask[i], labels[i])] = v
+                lp = batch_sequence_logps(model, b)[0].float().tolist()
+                for key, v in zip(batch_keys(b), lp):
+                    table[key] = v
         finally:
             model.train(was_training)
         self.snapshot_values = table
@@ -137,15 +141,23 @@ class ReferenceLogps:
         self._dirty = False
 
 
+def batch_keys(batch: dict) -> list[str]:
+    """The cache key of each sequence of a batch, the same for the padded and the packed layout."""
+    if is_packed(batch):
+        return list(batch["sequence_keys"])
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    return [row_key(ids[i], mask[i], labels[i]) for i in range(ids.shape[0])]
+
+
 @torch.no_grad()
-def _disabled_adapter_logps(model, ids, mask, labels) -> torch.Tensor:
+def _disabled_adapter_logps(model, batch: dict) -> torch.Tensor:
     with model.disable_adapter():
-        return sequence_logps(model, ids, mask, labels)[0].detach().float()
+        return batch_sequence_logps(model, batch)[0].detach().float()
 
 
 @torch.no_grad()
-def _frozen_logps(ref_model, ids, mask, labels) -> torch.Tensor:
-    return sequence_logps(ref_model, ids, mask, labels)[0].detach().float()
+def _frozen_logps(ref_model, batch: dict) -> torch.Tensor:
+    return batch_sequence_logps(ref_model, batch)[0].detach().float()
 
 
 def _weight_files(model_dir: Path) -> list[str]:

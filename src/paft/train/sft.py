@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from paft.train.logps import token_logps
+from paft.train.logps import batch_token_logps
 from paft.train.lora import l1_delta_norm
 
 
@@ -13,9 +13,10 @@ class SFTObjective:
     """L = mean NLL over completion tokens + lambda * sum ||B A scale||_1."""
 
     l1_lambda: float = 0.0
+    full_logits: bool = False  # the plain path: full-vocabulary logits at every position
 
     def __call__(self, model, batch):
-        logps, _ = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        logps, _, _ = batch_token_logps(model, batch, self.full_logits)
         nll = -logps.mean()
         metrics = {"nll": nll.item()}
         loss = nll
