@@ -14,9 +14,15 @@ but cold at the start, so the first epoch still computes them), TRL with its def
 checkpointing on, bf16 on) and TRL at its best on this hardware (gradient checkpointing off, fp32 or
 bf16, whichever is faster here: both are run). Step times come from the Trainer's step callbacks;
 tokens are the real (non-padding) tokens of each step's batch; the figure is the median over the
-steps after ``--warmup``. The machine's fp32 and bf16 GEMM rates are measured in the same run, and
-each configuration's model FLOP rate (6 x trainable-path parameters x tokens, a standard estimate)
-is given as a share of the fp32 peak.
+steps after ``--warmup``. Tokens are the plain layout's: each reply's prompt counted once per reply,
+as TRL's rows hold it, so every configuration is measured on the same work. The machine's fp32 and
+bf16 GEMM rates are measured in the same run, and each configuration's model FLOP rate (6 x parameters
+x those tokens, x 4/3 for DPO's reference forward; a standard estimate) is given as a share of the fp32
+peak: an *effective* share, which exceeds 1 where a configuration computes fewer FLOPs than the plain
+layout for the same tokens (paft's shared prompt). The levers are measured one at a time from paft's
+plain path (``paft-plain``: full-vocabulary logits, padded rows; ``paft-completion-logits``; ``paft``:
+its defaults, which add the shared prompt and packing), and the optimised path's per-step losses are
+compared with the plain path's.
 
 Writes ``--out``/train_bench.json and ends with ``dpo_speedup_vs_trl=X sft_speedup_vs_trl=Y``
 (paft tokens/s over TRL's best). Runs on a CUDA GPU too when one is present (device chosen
@@ -30,6 +36,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -271,6 +278,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(spec, fh)
     result = Path(fh.name + ".out")
+    shutil.rmtree(spec["work"], ignore_errors=True)  # no checkpoint or warm cache left by an earlier sitting
     log = Path(spec["work"]) / "log.txt"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
