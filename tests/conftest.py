@@ -1,6 +1,7 @@
 import os
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -35,3 +36,25 @@ def tiny_model(tiny_dir):
     from paft.models import load_model
 
     return load_model(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def reward_dir(tmp_path_factory, tiny_dir):
+    """A `paft reward`-shaped folder written directly (random head, perturbed LoRA): no training needed."""
+    from paft.config import LoraConfig
+    from paft.io import write_json_atomic
+    from paft.models import load_tokenizer
+    from paft.train.reward import attach_reward_lora, load_reward_base
+
+    out = tmp_path_factory.mktemp("rm") / "reward"
+    tok = load_tokenizer(tiny_dir)
+    torch.manual_seed(1)
+    model = attach_reward_lora(load_reward_base(tiny_dir, pad_token_id=tok.pad_token_id), LoraConfig(r=4, alpha=8), 1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    model.save_pretrained(out / "adapter")
+    tok.save_pretrained(out / "adapter")
+    write_json_atomic(out / "train_summary.json", {"max_length": 96, "max_prompt_length": 64})
+    return out

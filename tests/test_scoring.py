@@ -21,27 +21,6 @@ RESPONSES = ["Sure! Plant seedlings deep in a sunny spot.", "I can't help with t
 
 # --------------------------------------------------------------------------- reward model
 
-@pytest.fixture(scope="module")
-def reward_dir(tmp_path_factory, tiny_dir):
-    """A `paft reward`-shaped folder written directly (random head, perturbed LoRA): no training needed."""
-    from paft.io import write_json_atomic
-    from paft.models import load_tokenizer
-    from paft.train.reward import attach_reward_lora, load_reward_base
-
-    out = tmp_path_factory.mktemp("rm") / "reward"
-    tok = load_tokenizer(tiny_dir)
-    torch.manual_seed(1)
-    model = attach_reward_lora(load_reward_base(tiny_dir, pad_token_id=tok.pad_token_id), LoraConfig(r=4, alpha=8), 1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    model.save_pretrained(out / "adapter")
-    tok.save_pretrained(out / "adapter")
-    write_json_atomic(out / "train_summary.json", {"max_length": 96, "max_prompt_length": 64})
-    return out
-
-
 def test_reward_model_scorer_equals_the_adapter_on_the_training_encoding(reward_dir, tiny_dir):
     from peft import PeftModel
 

@@ -314,8 +314,7 @@ class Run:
                         fut.result()  # re-raise a branch's error here
         except BaseException:
             # fail fast: a sibling branch may have minutes of training left; its checkpoints stay for resume
-            for proc in list(getattr(pool, "_processes", {}).values()):
-                proc.terminate()
+            terminate_workers(pool)
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -431,6 +430,12 @@ class Run:
         self.merge()
         self.evaluate()
         return self.report()
+
+
+def terminate_workers(pool: ProcessPoolExecutor) -> None:
+    """Stop a process pool's workers now (``shutdown`` would wait for their running tasks to finish)."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        proc.terminate()
 
 
 def _write_examples(path: Path, examples: list) -> None:

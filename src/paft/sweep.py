@@ -487,8 +487,9 @@ def _run_local(payloads: list[dict[str, Any]], workers: int, done: Callable[[dic
                 pool = new_pool()
     except BaseException:
         # Ctrl-C or a bug: stop the cells now; each resumes from its checkpoints on the next call
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            proc.terminate()
+        from paft.pipeline import terminate_workers
+
+        terminate_workers(pool)
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
