@@ -7,8 +7,9 @@ import torch
 from paft.config import LoraConfig
 from paft.data.collate import PairCollator, RankedCollator, SFTCollator
 from paft.data.formats import PreferenceExample, RankedExample, SFTExample
-from paft.data.packing import Doc, pack, packing_unsupported
+from paft.data.packing import Doc, pack
 from paft.data.tokenize import IGNORE, encode_pair, encode_ranked, encode_sft
+from paft.train.attention import packing_unsupported
 from paft.train.logps import batch_sequence_logps, batch_token_logps
 from paft.train.lora import attach_lora
 from paft.train.preference import PreferenceObjective

@@ -120,18 +120,20 @@ class RankedCollator:
 
     def __call__(self, rows: list[EncodedRanked]) -> dict[str, torch.Tensor]:
         k = max(len(r.response_ids) for r in rows)
-        seqs, labels, index, scores, docs, n = [], [], [], [], [], 0
+        index, scores, n = [], [], 0
         for r in rows:
-            for resp in r.response_ids:
-                seqs.append(r.prompt_ids + resp)
-                labels.append([IGNORE] * len(r.prompt_ids) + resp)
             m = len(r.response_ids)
-            docs.append(Doc(r.prompt_ids, [IGNORE] * len(r.prompt_ids), [list(x) for x in r.response_ids],
-                            [list(x) for x in r.response_ids], list(range(n, n + m))))
             index.append(list(range(n, n + m)) + [-1] * (k - m))
             scores.append([float(x) for x in r.scores] + [0.0] * (k - m))
             n += m
-        layout = pack(docs, self.pad_id, self.pack_length) if self.pack_length else _padded(seqs, labels, self.pad_id)
+        if self.pack_length:
+            starts = [row[0] for row in index]
+            layout = pack([Doc(r.prompt_ids, [IGNORE] * len(r.prompt_ids), [list(x) for x in r.response_ids],
+                               [list(x) for x in r.response_ids], list(range(s, s + len(r.response_ids))))
+                           for r, s in zip(rows, starts)], self.pad_id, self.pack_length)
+        else:
+            pairs = [(r.prompt_ids, resp) for r in rows for resp in r.response_ids]
+            layout = _padded([p + c for p, c in pairs], [[IGNORE] * len(p) + c for p, c in pairs], self.pad_id)
         return {
             **layout,
             "list_index": torch.tensor(index, dtype=torch.long),

@@ -58,7 +58,8 @@ class Doc:
 
 
 def sequence_key(ids: list[int], labels: list[int]) -> str:
-    """``row_key`` of the plain layout's row (same bytes: int64 tokens, then the bool scored flags)."""
+    """Reference-cache key of a sequence: a hash of its int64 tokens, then which of them are scored.
+    ``paft.train.reference.row_key`` gives a padded row's real tokens to it, so both layouts share keys."""
     tokens = np.asarray(ids, dtype=np.int64).tobytes()
     scored = (np.asarray(labels, dtype=np.int64) != IGNORE).tobytes()
     return hashlib.blake2b(tokens + b"|" + scored, digest_size=16).hexdigest()
@@ -152,23 +153,3 @@ def pack(docs: list[Doc], pad_id: int, pack_length: int) -> dict:
 
 def is_packed(batch: dict) -> bool:
     return "pred_index" in batch
-
-
-def packing_unsupported(model, max_sequence: int) -> str | None:
-    """Why ``model`` cannot take packed batches, or None when it can.
-
-    They need a custom 4D attention mask, which transformers' sdpa and eager attention take (flash
-    attention does not); and one mask for every layer, so no sliding window shorter than the longest
-    logical sequence (``max_sequence`` tokens), where the layers' masks would differ.
-    """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(inner, "config", None)
-    impl = getattr(config, "_attn_implementation", None) or "eager"
-    if impl not in ("sdpa", "eager"):
-        return f"attention implementation {impl!r} takes no custom 4D mask (sdpa and eager do)"
-    window = getattr(config, "sliding_window", None)
-    sliding = any("sliding" in str(t) for t in getattr(config, "layer_types", None) or []) or (
-        window and getattr(config, "use_sliding_window", True))
-    if sliding and window and window < max_sequence:
-        return f"its sliding window ({window} tokens) is shorter than the sequences ({max_sequence})"
-    return None

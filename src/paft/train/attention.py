@@ -48,12 +48,21 @@ def packed_sdpa(module, query, key, value, attention_mask, paft_spans=None, **kw
 AttentionInterface.register(NAME, packed_sdpa)
 
 
+def base_config(model):
+    """The config of a (possibly PEFT-wrapped) model, which its attention layers read."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.config
+
+
+def attn_implementation(model) -> str:
+    return getattr(base_config(model), "_attn_implementation", None) or "eager"
+
+
 @contextmanager
 def packed_attention(model, spans: list[tuple[int, int, int, bool]] | None):
     """Route ``model``'s sdpa attention through ``packed_sdpa`` for the forwards inside (no-op without spans,
     or for eager attention, which keeps the full 4D mask)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = inner.config
+    config = base_config(model)
     before = config._attn_implementation
     if spans is None or before != "sdpa":
         yield {}
@@ -63,3 +72,22 @@ def packed_attention(model, spans: list[tuple[int, int, int, bool]] | None):
         yield {"paft_spans": spans}
     finally:
         config._attn_implementation = before
+
+
+def packing_unsupported(model, max_sequence: int) -> str | None:
+    """Why ``model`` cannot take packed batches, or None when it can.
+
+    They need a custom 4D attention mask, which transformers' sdpa and eager attention take (flash
+    attention does not); and one mask for every layer, so no sliding window shorter than the longest
+    logical sequence (``max_sequence`` tokens), where the layers' masks would differ.
+    """
+    config = base_config(model)
+    impl = attn_implementation(model)
+    if impl not in ("sdpa", "eager"):
+        return f"attention implementation {impl!r} takes no custom 4D mask (sdpa and eager do)"
+    window = getattr(config, "sliding_window", None)
+    sliding = any("sliding" in str(t) for t in getattr(config, "layer_types", None) or []) or (
+        window and getattr(config, "use_sliding_window", True))
+    if sliding and window and window < max_sequence:
+        return f"its sliding window ({window} tokens) is shorter than the sequences ({max_sequence})"
+    return None

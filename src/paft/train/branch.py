@@ -70,7 +70,8 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
     else:
         # before any model is loaded: the examples in the method's data kind, or a one-line error
         examples = preference_examples(cfg, data_path)
-        objective = PreferenceObjective(cfg.preference.method, cfg.preference.beta, cfg.preference.params)
+        objective = PreferenceObjective(cfg.preference.method, cfg.preference.beta, cfg.preference.params,
+                                        full_logits=not cfg.preference.completion_logits)
         data_kind = objective.spec.data
     tok = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     model = _start_model(cfg, tcfg.adapter, model_dir, init_adapter, out_dir, device)
@@ -82,8 +83,6 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
 
     d = cfg.data
     pack_length = _pack_length(tcfg, model, d.max_length, report, name)
-    if kind != "sft":
-        objective.full_logits = not tcfg.completion_logits
     if kind == "sft":
         encoded = [encode_sft(e, tok, d.max_length) for e in examples]
         rows = [r for r in encoded if any(t != IGNORE for t in r.labels[1:])]
@@ -197,7 +196,7 @@ def _pack_length(tcfg, model, max_length: int, report: Report, name: str) -> int
     """``tcfg.pack_length`` when the branch packs its batches (a note and the padded layout when the model can't)."""
     if not tcfg.packing:
         return None
-    from paft.data.packing import packing_unsupported
+    from paft.train.attention import packing_unsupported
 
     why = packing_unsupported(model, 2 * max_length)  # a pair's prompt + two replies
     if why:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from paft.data.packing import is_packed
 from paft.data.tokenize import IGNORE
-from paft.train.attention import packed_attention
+from paft.train.attention import attn_implementation, packed_attention
 
 
 def _split(model):
@@ -56,7 +56,7 @@ def packed_token_logps(model, batch: dict, full_logits: bool = False):
     """``token_logps`` of a packed batch: ``(logps [N], sequence [N])`` in sequence, then position, order."""
     decoder, head = _split(model)
     mask = batch["attention_mask"]
-    if _attn_impl(model) == "eager":  # eager attention adds the mask to the scores
+    if attn_implementation(model) == "eager":  # eager attention adds the mask to the scores
         mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
             ~mask, torch.finfo(torch.float32).min)
     spans = [tuple(x) for x in batch["doc_spans"].tolist()] if "doc_spans" in batch else None
@@ -96,11 +96,6 @@ def sequence_logps(model, input_ids, attention_mask, labels) -> tuple[torch.Tens
 def batch_sequence_logps(model, batch: dict, full_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-prob and completion token count of each sequence of either layout."""
     return _sums(*batch_token_logps(model, batch, full_logits))
-
-
-def _attn_impl(model) -> str:
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(inner.config, "_attn_implementation", None) or "eager"
 
 
 def trim_padding(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor):

@@ -36,16 +36,14 @@ from typing import Iterable
 import torch
 
 from paft.io import write_json_atomic
-from paft.data.packing import is_packed
+from paft.data.packing import is_packed, sequence_key
 from paft.train.logps import batch_sequence_logps, trim_padding
 
 
 def row_key(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> str:
     """Hash of a row's real tokens and which of them are scored (independent of padding side and width)."""
     keep = mask.bool()
-    tokens = ids[keep].to(torch.int64).cpu().numpy().tobytes()
-    scored = (labels[keep] != -100).cpu().numpy().tobytes()
-    return hashlib.blake2b(tokens + b"|" + scored, digest_size=16).hexdigest()
+    return sequence_key(ids[keep].tolist(), labels[keep].tolist())
 
 
 class ReferenceLogps:
