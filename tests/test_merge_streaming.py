@@ -10,7 +10,8 @@ from paft.errors import PaftError
 from paft.merge import methods
 from paft.merge.engine import ShardWriter, merge_into_base
 from paft.merge.methods import ChunkedRandom, merge_deltas, trim_magnitude
-from paft.merge.streaming import ELEMENTWISE, TopK, _bits, _top_bucket
+from paft.merge.streaming import TopK, _bits, _top_bucket
+from paft.methods.merging import MERGE_METHODS
 
 SHAPES = {"emb": (37, 24), "w": (24, 24), "norm": (24,), "scalar": ()}
 
@@ -47,7 +48,7 @@ def _want(models, names, method, weights, density, seed, **params):
     return out
 
 
-@pytest.mark.parametrize("method", sorted(ELEMENTWISE))
+@pytest.mark.parametrize("method", sorted(n for n, s in MERGE_METHODS.items() if s.streams))
 @pytest.mark.parametrize("chunk", [7, 1 << 20])
 def test_streamed_methods_equal_whole_tensor_bitwise(models, method, chunk, monkeypatch):
     monkeypatch.setattr(methods, "CHUNK_NUMEL", chunk)  # 7 entries: many chunks, rows split unevenly

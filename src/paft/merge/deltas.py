@@ -32,7 +32,7 @@ _PEFT_PREFIX = "base_model.model."
 _ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
              "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-_ITEMSIZE = {dt: torch.empty((), dtype=dt).element_size() for dt in _ST_TORCH.values()}
+ITEMSIZE = {dt: torch.empty((), dtype=dt).element_size() for dt in _ST_TORCH.values()}
 #: config.json keys that must agree between the base and a full checkpoint
 ARCH_KEYS = ("model_type", "architectures", "hidden_size", "num_hidden_layers", "intermediate_size",
              "num_attention_heads", "num_key_value_heads", "head_dim", "n_embd", "n_layer", "n_head")
@@ -91,7 +91,7 @@ class StateDir:
         if f is None:
             raise PaftError(f"{self.path}: no tensor {name}")
         dtype, cols = self.dtype(name), self.rows_shape(name)[1]
-        size = _ITEMSIZE[dtype]
+        size = ITEMSIZE[dtype]
         nbytes = (r1 - r0) * cols * size
         start = self._data_start[f] + self._offsets(f)[name] + r0 * cols * size
         raw = torch.empty(nbytes, dtype=torch.uint8) if buf is None else buf[:nbytes]
@@ -342,7 +342,7 @@ class CheckpointDeltas:
     def row_delta(self, name: str) -> RowDelta:
         """Rows of :meth:`delta`: the model's rows read into a reused buffer, minus the base's."""
         have = self.resized.get(name, (self.model.rows_shape(name)[0], 0))[0]
-        model, buf = self.model, _thread_buffer
+        model, buf = self.model, thread_buffer
 
         def rows(r0: int, r1: int, base_rows: torch.Tensor, out: torch.Tensor) -> None:
             stop = min(r1, have)  # rows past a smaller vocabulary get a zero delta
@@ -362,7 +362,7 @@ class CheckpointDeltas:
 _local = threading.local()
 
 
-def _thread_buffer(key: str, nbytes: int) -> torch.Tensor:
+def thread_buffer(key: str, nbytes: int) -> torch.Tensor:
     """A uint8 buffer of at least ``nbytes``, one per (thread, key), grown as needed and then reused.
 
     Reusing buffers matters: a fresh tensor-sized allocation costs a page fault per 4 KiB.

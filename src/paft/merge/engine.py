@@ -30,7 +30,9 @@ from paft.errors import PaftError
 from paft.io import atomic_dir, package_versions, write_json_atomic
 from paft.merge.deltas import (ADAPTER_CONFIG, INDEX_FILE, SINGLE_FILE, CheckpointDeltas, LoraDeltas,
                                StateDir, open_state)
-from paft.merge.methods import ChunkedRandom, check_merge_args, merge_deltas
+from paft.merge.methods import ChunkedRandom, merge_deltas
+from paft.merge.streaming import TensorMerge, copy_tensor
+from paft.methods.merging import check_merge_args, get_method
 
 SHARD_BYTES = 2 * 10**9  # Hugging Face's default max_shard_size ("2GB")
 COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -341,13 +343,11 @@ class MergeJob:
         ``workers`` threads; the others (della, slerp, model_stock) need whole
         tensors and run a tensor per thread.
         """
-        from paft.merge.streaming import ELEMENTWISE, TensorMerge, copy_tensor
-
         writer = ShardWriter(folder, self.plan(), SHARD_BYTES)
         total = len(self.names)
         workers = default_workers() if workers is None else max(1, int(workers))
         try:
-            if self.method in ELEMENTWISE:
+            if get_method(self.method).streams:
                 with ThreadPoolExecutor(workers, thread_name_prefix="paft-merge") as pool, \
                         _torch_threads(1 if workers > 1 else None):
                     for done, name in enumerate(self.names, start=1):

@@ -1,9 +1,14 @@
-"""Merge methods on per-tensor deltas (task vectors ``d_i = W_i - W_base``).
+"""Merge kernels on per-tensor deltas (task vectors ``d_i = W_i - W_base``).
 
 Each method maps the deltas of one tensor, one per branch, to a single merged
-delta; the engine adds it to the base weight. Semantics follow mergekit's
+delta; the engine adds it to the base weight. What a method is (sparsifier,
+consensus, defaults, parameters) is its row in :data:`paft.methods.merging.MERGE_METHODS`;
+the task-arithmetic family runs :func:`sparsify` per delta and then :func:`combine_`,
+the in-place kernel the streaming engine (:mod:`paft.merge.streaming`) runs on row
+chunks too, so both paths give the same bits. Semantics follow mergekit's
 ``generalized_task_arithmetic`` (weights applied before sign election, TIES
 normalised by the weights of the agreeing entries), computed in float32.
+``slerp`` and ``model_stock`` are functions of their own.
 
 Methods that interpolate whole weights (``slerp``) also need the base tensor; they
 take it as ``base=`` and still return a delta, so ``base + merge_deltas(...)`` is the
@@ -20,29 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from paft.errors import PaftError
-
-MergeFn = Callable[..., torch.Tensor]
-MERGE_METHODS: dict[str, MergeFn] = {}
-
-_NORMALIZE_DEFAULT: dict[str, bool] = {}
-_SIGN_MODES = ("total", "count")
-#: method keywords beyond density/normalize/majority_sign, with mergekit's defaults
-PARAM_DEFAULTS: dict[str, float] = {"gamma": 0.01, "epsilon": 0.15, "lambda_": 1.0, "t": 0.5}
-_GAMMA_METHODS = ("breadcrumbs", "breadcrumbs_ties")
-_RESCALE_METHODS = ("dare_linear", "dare_ties")
-_EPSILON_METHODS = ("della", "della_linear")
-_NEEDS_BASE = ("slerp",)
-_LAMBDA_METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune", "breadcrumbs",
-                   "breadcrumbs_ties")
-
-
-def _register(name: str, *, normalize: bool) -> Callable[[MergeFn], MergeFn]:
-    """Register a method with its ``normalize`` default (mergekit's, except dare_ties)."""
-    def wrap(fn: MergeFn) -> MergeFn:
-        MERGE_METHODS[name], _NORMALIZE_DEFAULT[name] = fn, normalize
-        return fn
-    return wrap
-
+from paft.methods.merging import MERGE_METHODS, PARAM_DEFAULTS, MergeSpec, check_merge_args, densities
 
 def tensor_generator(seed: int, name: str) -> torch.Generator:
     """A CPU generator seeded from ``seed`` and a blake2b hash of the tensor name.
@@ -102,76 +85,6 @@ def _keep(probs: torch.Tensor | float, shape: torch.Size, generator, index: int)
     return torch.bernoulli(probs.to(generator.device if generator is not None else "cpu"), generator=generator)
 
 
-def _densities(density: float | Sequence[float], n_deltas: int) -> list[float]:
-    """One density per delta: a number applies to all, a sequence gives one each (mergekit's per-model density)."""
-    if isinstance(density, (int, float)) and not isinstance(density, bool):
-        return [float(density)] * n_deltas
-    if isinstance(density, (list, tuple)) and all(isinstance(d, (int, float)) and not isinstance(d, bool)
-                                                  for d in density):
-        if len(density) != n_deltas:
-            raise PaftError(f"got {len(density)} densities for {n_deltas} deltas; give one, or one per branch")
-        return [float(d) for d in density]
-    raise PaftError(f"density must be a number or a list of numbers, got {density!r}")
-
-
-def check_merge_args(method: str, n_deltas: int, weights: list[float], density: float | Sequence[float],
-                     majority_sign: str = "total", *, normalize: bool | None = None, rescale: bool = True,
-                     gamma: float = PARAM_DEFAULTS["gamma"], epsilon: float = PARAM_DEFAULTS["epsilon"],
-                     lambda_: float = PARAM_DEFAULTS["lambda_"], t: float = PARAM_DEFAULTS["t"],
-                     **unknown: object) -> None:
-    """Validate everything except the tensors, so the engine can fail before reading any.
-
-    Method keywords are range-checked for every method; the checks that couple
-    them with ``density`` (breadcrumbs' ``gamma``, DELLA's ``epsilon``) apply only
-    to the methods that use them, and only when ``density < 1`` (at density 1
-    those methods keep every entry, as in mergekit).
-    """
-    if unknown:
-        raise PaftError(f"unknown merge parameter {next(iter(unknown))!r}; known: normalize, majority_sign, "
-                        f"{', '.join(PARAM_DEFAULTS)}, rescale")
-    if method not in MERGE_METHODS:
-        raise PaftError(f"unknown merge method {method!r}; known: {', '.join(MERGE_METHODS)}")
-    if n_deltas == 0:
-        raise PaftError("nothing to merge: no deltas given")
-    if len(weights) != n_deltas:
-        raise PaftError(f"got {len(weights)} weights for {n_deltas} deltas; give one weight per branch")
-    densities = _densities(density, n_deltas)
-    for density in densities:
-        if not 0.0 < density <= 1.0:
-            raise PaftError(f"density must be in (0, 1], got {density}")
-    if not isinstance(rescale, bool):
-        raise PaftError(f"rescale must be true or false, got {rescale!r}")
-    if majority_sign not in _SIGN_MODES:
-        raise PaftError(f"majority_sign must be one of {', '.join(_SIGN_MODES)}, got {majority_sign!r}")
-    if normalize is not None and not isinstance(normalize, bool):
-        raise PaftError(f"normalize must be true, false or unset, got {normalize!r}")
-    for name, value in (("gamma", gamma), ("epsilon", epsilon), ("lambda_", lambda_), ("t", t)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise PaftError(f"{name} must be a number, got {value!r}")
-    if not 0.0 <= gamma < 1.0:
-        raise PaftError(f"gamma must be in [0, 1), got {gamma}")
-    if not 0.0 <= epsilon < 1.0:
-        raise PaftError(f"epsilon must be in [0, 1), got {epsilon}")
-    if not 0.0 <= t <= 1.0:
-        raise PaftError(f"t must be in [0, 1], got {t}")
-    if not math.isfinite(lambda_):
-        raise PaftError(f"lambda_ must be a finite number, got {lambda_}")
-    for density in densities:
-        if method in _GAMMA_METHODS and density < 1.0 and density + gamma > 1.0 + 1e-12:
-            raise PaftError(f"gamma + density must be <= 1 (gamma drops the largest entries, density keeps the "
-                            f"next ones), got gamma {gamma} + density {density}")
-        if method in _EPSILON_METHODS and density < 1.0 and not (density - epsilon > 0.0
-                                                                 and density + epsilon <= 1.0 + 1e-12):
-            raise PaftError(f"epsilon must keep density +/- epsilon in (0, 1], got density {density} and "
-                            f"epsilon {epsilon}")
-    if not rescale and method not in _RESCALE_METHODS:
-        raise PaftError(f"rescale: false applies to {', '.join(_RESCALE_METHODS)} only, not {method}")
-    if method == "slerp" and n_deltas != 2:
-        raise PaftError(f"slerp interpolates exactly 2 models, got {n_deltas}")
-    if method == "model_stock" and n_deltas < 2:
-        raise PaftError(f"model_stock needs at least 2 fine-tuned models, got {n_deltas}")
-
-
 def merge_deltas(method: str, deltas: list[torch.Tensor], weights: list[float], *,
                  density: float | Sequence[float] = 1.0, rescale: bool = True,
                  generator: torch.Generator | None = None, normalize: bool | None = None,
@@ -187,13 +100,12 @@ def merge_deltas(method: str, deltas: list[torch.Tensor], weights: list[float], 
     the method's default. ``generator`` drives DARE's and DELLA's random drops (use
     :func:`tensor_generator` for reproducible merges); ``None`` uses torch's global
     RNG. ``gamma``: breadcrumbs' outlier share; ``epsilon``: DELLA's probability spread;
-    ``lambda_``: final scale of the merged delta (task-arithmetic family and della*, as
-    mergekit; linear, slerp and model_stock ignore it); ``t``: slerp's interpolation factor.
+    ``lambda_``: final scale of the merged delta (the task-arithmetic family except
+    linear, as mergekit); ``t``: slerp's interpolation factor.
     ``base`` is the base tensor, needed by slerp and ignored by the others.
     """
-    check_merge_args(method, len(deltas), weights, density, majority_sign, normalize=normalize, gamma=gamma,
-                     epsilon=epsilon, lambda_=lambda_, t=t, rescale=rescale)
-    densities = _densities(density, len(deltas))
+    spec = check_merge_args(method, len(deltas), weights, density, majority_sign, normalize=normalize, gamma=gamma,
+                            epsilon=epsilon, lambda_=lambda_, t=t, rescale=rescale)
     shape = deltas[0].shape
     for i, d in enumerate(deltas):
         if d.shape != shape:
@@ -204,16 +116,15 @@ def merge_deltas(method: str, deltas: list[torch.Tensor], weights: list[float], 
         if base.shape != shape:
             raise PaftError(f"base has shape {tuple(base.shape)}, the deltas have {tuple(shape)}")
         base = base.to(torch.float32)
-    elif method in _NEEDS_BASE:
+    elif spec.needs_base:
         raise PaftError(f"{method} interpolates full weights: pass the base tensor as base=")
     stacked = torch.stack([d.to(torch.float32) for d in deltas])
-    w = torch.tensor(weights, dtype=torch.float32, device=stacked.device).view(-1, *([1] * len(shape)))
-    norm = _NORMALIZE_DEFAULT[method] if normalize is None else normalize
-    merged = MERGE_METHODS[method](stacked, w, density=densities, generator=generator, normalize=norm,
-                                   majority_sign=majority_sign, gamma=gamma, epsilon=epsilon, lambda_=lambda_,
-                                   t=t, base=base, rescale=rescale)
-    # mergekit scales the merged delta by ``lambda`` in every task-arithmetic-family method (della* do it themselves)
-    return lambda_ * merged if lambda_ != 1.0 and method in _LAMBDA_METHODS else merged
+    if not spec.family:
+        return OWN_FUNCTIONS[method](stacked, t=t, base=base)
+    for i, p in enumerate(densities(density, len(deltas))):
+        stacked[i] = sparsify(spec, stacked[i], p, index=i, generator=generator, gamma=gamma, epsilon=epsilon,
+                              rescale=rescale)
+    return combine_(spec, stacked, weights, normalize=normalize, majority_sign=majority_sign, lambda_=lambda_)
 
 
 # --- building blocks ---------------------------------------------------------------------------
@@ -324,38 +235,88 @@ def dare_drop(delta: torch.Tensor, density: float, generator: "torch.Generator |
     return delta * mask / density if rescale else delta * mask
 
 
-def elect_sign(weighted: torch.Tensor, majority_sign: str = "total") -> torch.Tensor:
-    """TIES sign election over stacked weighted deltas (dim 0 = branch); ties elect +1.
+#: the whole-tensor kernel of each sparsifier (the streaming engine draws the same masks chunk by chunk)
+_SPARSIFY: dict[str, Callable[..., torch.Tensor]] = {
+    "magnitude": lambda d, p, **_: trim_magnitude(d, p),
+    "magnitude_outliers": lambda d, p, *, gamma, **_: drop_outliers(d, p, gamma),
+    "random": lambda d, p, *, generator, rescale, index, **_: dare_drop(d, p, generator, rescale, index),
+    "della_magprune": lambda d, p, *, epsilon, generator, index, **_: della_drop(d, p, epsilon, generator, index),
+}
+
+
+def sparsify(spec: MergeSpec, delta: torch.Tensor, density: float, **kw: object) -> torch.Tensor:
+    """``delta`` thinned by ``spec``'s sparsifier (unchanged without one); ``kw``: index, generator, gamma, ..."""
+    return delta if spec.sparsifier is None else _SPARSIFY[spec.sparsifier.name](delta, density, **kw)
+
+
+Scratch = Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor]
+
+
+def _fresh(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
+
+
+def _sum0(x: torch.Tensor, scratch: Scratch) -> torch.Tensor:
+    """``x.sum(dim=0)`` into scratch (the same additions in the same order)."""
+    if x.shape[0] == 1:
+        return x[0]
+    out = scratch("sum", tuple(x.shape[1:]), torch.float32)
+    return torch.add(x[0], x[1], out=out) if x.shape[0] == 2 else torch.sum(x, 0, out=out)
+
+
+def elect_sign(weighted: torch.Tensor, majority_sign: str = "total", scratch: Scratch = _fresh) -> torch.Tensor:
+    """TIES sign election over stacked weighted deltas (dim 0 = branch): +1 or -1 per entry; ties elect +1.
 
     ``total`` takes the sign of the summed mass (the paper's rule); ``count``
     takes the sign held by more branches.
     """
-    score = weighted.sum(dim=0) if majority_sign == "total" else weighted.sign().sum(dim=0)
-    return torch.where(score >= 0, 1.0, -1.0)
+    shape = tuple(weighted.shape[1:])
+    score = _sum0(weighted if majority_sign == "total" else torch.sign(weighted), scratch)
+    elected = scratch("elected", shape, torch.float32)
+    return elected.copy_(torch.ge(score, 0, out=scratch("agree", shape, torch.bool))).mul_(2.0).sub_(1.0)
 
 
-def _disjoint_sum(weighted: torch.Tensor, w: torch.Tensor, normalize: bool, majority_sign: str) -> torch.Tensor:
-    """Sum the entries that agree with the elected sign; optionally divide by their weights.
+def combine_(spec: MergeSpec, x: torch.Tensor, weights: Sequence[float], *, normalize: bool | None = None,
+             majority_sign: str = "total", lambda_: float = PARAM_DEFAULTS["lambda_"],
+             scratch: Scratch = _fresh) -> torch.Tensor:
+    """The family's merge of sparsified deltas stacked on dim 0: weight, combine, normalise, scale.
 
-    Zero entries (trimmed or dropped) never agree, so they add neither mass nor weight.
-    Entries where no branch agrees get divisor 1 and hence a zero delta.
+    ``x`` (float32) is overwritten; temporaries come from ``scratch`` (the
+    streaming engine passes per-thread buffers: a fresh allocation per chunk
+    costs more than the merge). Without consensus: ``d = sum_i w_i t_i``, divided
+    by ``sum_i w_i`` with ``normalize``. With consensus (TIES): ``s = sign(sum_i w_i t_i)``
+    (or of the sign count), ``A_i = [sign(w_i t_i) = s]``, ``d = sum_i A_i w_i t_i``,
+    divided by ``sum_i A_i w_i`` with ``normalize``; zero entries never agree, and
+    entries where none agrees stay 0. This is mergekit's rule; PEFT's ``ties`` elects
+    on unweighted deltas and divides by the agreeing *count*, so it differs with
+    unequal weights. Finally ``d *= lambda_`` where the spec scales.
     """
-    agree = weighted.sign() == elect_sign(weighted, majority_sign)
-    merged = (weighted * agree).sum(dim=0)
-    if not normalize:
-        return merged
-    divisor = (w * agree).sum(dim=0)
-    return merged / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-
-
-def _weighted_sum(stacked: torch.Tensor, w: torch.Tensor, normalize: bool) -> torch.Tensor:
-    merged = (stacked * w).sum(dim=0)
-    if not normalize:
-        return merged
-    total = float(w.sum())
-    if abs(total) < 1e-8:
-        raise PaftError("weights sum to zero; cannot normalize (pass normalize=False)")
-    return merged / total
+    normalize = spec.normalize if normalize is None else normalize
+    for i, w in enumerate(weights):
+        x[i].mul_(w)
+    if not spec.consensus:
+        merged = _sum0(x, scratch)
+        if normalize:
+            total = float(torch.tensor(weights, dtype=torch.float32).sum())
+            if abs(total) < 1e-8:
+                raise PaftError("weights sum to zero; cannot normalize (pass normalize=False)")
+            merged.div_(total)
+    else:
+        shape = tuple(x.shape[1:])
+        elected = elect_sign(x, majority_sign, scratch)
+        agree, tmp = scratch("agree", shape, torch.bool), scratch("tmp", shape, torch.float32)
+        divisor = scratch("divisor", shape, torch.float32).zero_() if normalize else None
+        for i, w in enumerate(weights):  # sign(x_i) == s  <=>  x_i * s > 0, with s = +-1
+            torch.gt(torch.mul(x[i], elected, out=tmp), 0, out=agree)
+            x[i].mul_(agree)
+            if divisor is not None:
+                divisor.add_(agree, alpha=w)
+        merged = _sum0(x, scratch)
+        if divisor is not None:
+            merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
+    if spec.lambda_ and lambda_ != 1.0:
+        merged.mul_(lambda_)
+    return merged
 
 
 _CHUNK = 1 << 22
@@ -368,141 +329,11 @@ def _dot64(a: torch.Tensor, b: torch.Tensor) -> float:
                for i in range(0, a.numel(), _CHUNK))
 
 
-# --- methods: each takes deltas stacked on dim 0 and weights shaped to broadcast against them ---
-
-@_register("linear", normalize=True)
-def linear(stacked: torch.Tensor, w: torch.Tensor, *, normalize: bool, **_: object) -> torch.Tensor:
-    """Weighted average ``sum_i w_i d_i / sum_i w_i`` (Wortsman et al. 2022, Model Soups, arXiv 2203.05482).
-
-    On deltas this equals averaging the full weights, since ``W_base + avg(d) = avg(W)``.
-    """
-    return _weighted_sum(stacked, w, normalize)
-
-
-@_register("task_arithmetic", normalize=False)
-def task_arithmetic(stacked: torch.Tensor, w: torch.Tensor, *, normalize: bool, **_: object) -> torch.Tensor:
-    """``sum_i w_i d_i`` (Ilharco et al. 2023, Editing Models with Task Arithmetic, arXiv 2212.04089)."""
-    return _weighted_sum(stacked, w, normalize)
-
-
-@_register("ties", normalize=True)
-def ties(stacked: torch.Tensor, w: torch.Tensor, *, density: list[float], normalize: bool, majority_sign: str,
-         **_: object) -> torch.Tensor:
-    """TIES-Merging (Yadav et al. 2023, arXiv 2306.01708): trim, elect sign, disjoint merge.
-
-    ``t_i = top_density(|d_i|)``; ``s = sign(sum_i w_i t_i)``; ``A_i = [sign(w_i t_i) = s]``;
-    ``d = sum_i A_i w_i t_i / sum_i A_i w_i`` (denominator only with ``normalize``).
-
-    Matches mergekit. PEFT's ``merge_utils.ties`` differs: it elects the sign on
-    the unweighted trimmed deltas and divides by the *count* of agreeing
-    branches, not by their weights, so with unequal weights PEFT returns the
-    mean of ``w_i t_i`` where mergekit and paft return their weighted average.
-    """
-    trimmed = torch.stack([trim_magnitude(d, p) for d, p in zip(stacked, density)])
-    return _disjoint_sum(trimmed * w, w, normalize, majority_sign)
-
-
-@_register("dare_linear", normalize=False)
-def dare_linear(stacked: torch.Tensor, w: torch.Tensor, *, density: list[float],
-                generator: torch.Generator | None, normalize: bool, rescale: bool = True,
-                **_: object) -> torch.Tensor:
-    """DARE (Yu et al. 2023, Language Models are Super Mario, arXiv 2311.03099), then task arithmetic.
-
-    ``d = sum_i w_i (m_i * d_i) / density`` with ``m_i ~ Bernoulli(density)``.
-    """
-    dropped = torch.stack([dare_drop(d, p, generator, rescale, i) for i, (d, p) in enumerate(zip(stacked, density))])
-    return _weighted_sum(dropped, w, normalize)
-
-
-@_register("dare_ties", normalize=True)
-def dare_ties(stacked: torch.Tensor, w: torch.Tensor, *, density: list[float],
-              generator: torch.Generator | None, normalize: bool, majority_sign: str, rescale: bool = True,
-              **_: object) -> torch.Tensor:
-    """DARE drop-and-rescale (arXiv 2311.03099) followed by TIES sign election and disjoint merge.
-
-    Normalised by default, like ties and PEFT's dare_ties; mergekit's dare_ties
-    defaults to ``normalize=False`` (pass it explicitly for mergekit parity).
-    """
-    dropped = torch.stack([dare_drop(d, p, generator, rescale, i) for i, (d, p) in enumerate(zip(stacked, density))])
-    return _disjoint_sum(dropped * w, w, normalize, majority_sign)
-
-
-@_register("magnitude_prune", normalize=False)
-def magnitude_prune(stacked: torch.Tensor, w: torch.Tensor, *, density: list[float], normalize: bool,
-                    **_: object) -> torch.Tensor:
-    """TIES' magnitude trim per task, then task arithmetic, with no sign election.
-
-    ``d = sum_i w_i top_density(|d_i|)`` (trim from Yadav et al. 2023, TIES-Merging,
-    arXiv 2306.01708). Same as PEFT's ``merge_utils.magnitude_prune`` and mergekit's
-    task arithmetic with ``magnitude`` sparsification; unnormalised by default.
-    """
-    trimmed = torch.stack([trim_magnitude(d, p) for d, p in zip(stacked, density)])
-    return _weighted_sum(trimmed, w, normalize)
-
-
-@_register("breadcrumbs", normalize=False)
-def breadcrumbs(stacked: torch.Tensor, w: torch.Tensor, *, density: list[float], gamma: float, normalize: bool,
-                **_: object) -> torch.Tensor:
-    """Model Breadcrumbs (Davari & Belilovsky 2023, arXiv 2312.06795), then task arithmetic.
-
-    Per task, rank |d_i|, drop the top ``gamma`` share (outliers) and everything
-    below the next ``density`` share: ``d = sum_i w_i m_i * d_i`` with
-    ``m_i = [gamma n <= rank_desc(|d_i|) < (gamma + density) n]`` (see :func:`drop_outliers`).
-    mergekit's ``breadcrumbs`` (sparsification ``magnitude_outliers``, no consensus,
-    normalize False, gamma 0.01).
-    """
-    kept = torch.stack([drop_outliers(d, p, gamma) for d, p in zip(stacked, density)])
-    return _weighted_sum(kept, w, normalize)
-
-
-@_register("breadcrumbs_ties", normalize=False)
-def breadcrumbs_ties(stacked: torch.Tensor, w: torch.Tensor, *, density: list[float], gamma: float, normalize: bool,
-                     majority_sign: str, **_: object) -> torch.Tensor:
-    """Model Breadcrumbs' mask (arXiv 2312.06795), then TIES sign election and disjoint merge (arXiv 2306.01708).
-
-    ``t_i = m_i * d_i``; ``s = sign(sum_i w_i t_i)``; ``d = sum_i [sign(w_i t_i) = s] w_i t_i``
-    (divided by the agreeing weights only with ``normalize``). mergekit's
-    ``breadcrumbs_ties``: unlike ties it is *not* normalised by default.
-    """
-    kept = torch.stack([drop_outliers(d, p, gamma) for d, p in zip(stacked, density)])
-    return _disjoint_sum(kept * w, w, normalize, majority_sign)
-
-
-@_register("della", normalize=True)
-def della(stacked: torch.Tensor, w: torch.Tensor, *, density: list[float], epsilon: float, lambda_: float,
-          generator: torch.Generator | None, normalize: bool, majority_sign: str, **_: object) -> torch.Tensor:
-    """DELLA-Merging (Deep et al. 2024, arXiv 2406.11617): MagPrune, elect sign, disjoint merge, scale.
-
-    ``t_i = m_i * d_i / p_i`` with ``m_i ~ Bernoulli(p_i)`` and ``p_i`` spread by
-    within-row magnitude rank over ``[density - epsilon, density + epsilon]``
-    (:func:`della_keep_probs`); then TIES' election and disjoint merge as in
-    :func:`ties`; ``d = lambda_ * merged``. mergekit's ``della`` (normalize True,
-    epsilon 0.15, lambda 1; see :func:`della_drop` for the rescale). mergekit
-    requires ``density + epsilon < 1``; paft allows ``= 1`` (the largest entry of
-    each row is then always kept). Tasks draw their masks in order from ``generator``.
-    """
-    dropped = torch.stack([della_drop(d, p, epsilon, generator, i) for i, (d, p) in enumerate(zip(stacked, density))])
-    return lambda_ * _disjoint_sum(dropped * w, w, normalize, majority_sign)
-
-
-@_register("della_linear", normalize=False)
-def della_linear(stacked: torch.Tensor, w: torch.Tensor, *, density: list[float], epsilon: float, lambda_: float,
-                 generator: torch.Generator | None, normalize: bool, **_: object) -> torch.Tensor:
-    """DELLA's MagPrune (arXiv 2406.11617) without sign election: ``d = lambda_ * sum_i w_i m_i d_i / p_i``.
-
-    mergekit's ``della_linear`` (no consensus, normalize False). Unbiased:
-    ``E[d] = lambda_ * sum_i w_i d_i``.
-    """
-    dropped = torch.stack([della_drop(d, p, epsilon, generator, i) for i, (d, p) in enumerate(zip(stacked, density))])
-    return lambda_ * _weighted_sum(dropped, w, normalize)
-
-
 _COLINEAR_DOT = 0.9995  # mergekit's DOT_THRESHOLD
 _TINY_NORM = 1e-8
 
 
-@_register("slerp", normalize=False)
-def slerp(stacked: torch.Tensor, w: torch.Tensor, *, t: float, base: torch.Tensor, **_: object) -> torch.Tensor:
+def slerp(stacked: torch.Tensor, *, t: float, base: torch.Tensor, **_: object) -> torch.Tensor:
     """Spherical interpolation of the two full weights (Shoemake 1985, Animating Rotation with Quaternion Curves).
 
     With ``v_i = base + d_i`` flattened, ``cos theta = <v_0, v_1> / (|v_0| |v_1|)``:
@@ -528,8 +359,7 @@ def slerp(stacked: torch.Tensor, w: torch.Tensor, *, t: float, base: torch.Tenso
     return s0 * d0 + s1 * d1 + (s0 + s1 - 1.0) * base
 
 
-@_register("model_stock", normalize=False)
-def model_stock(stacked: torch.Tensor, w: torch.Tensor, **_: object) -> torch.Tensor:
+def model_stock(stacked: torch.Tensor, **_: object) -> torch.Tensor:
     """Model Stock (Jang et al. 2024, arXiv 2403.19522): move the average toward the base by the angle.
 
     ``cos`` is the mean pairwise cosine of the k deltas (whole tensor, mergekit's
@@ -555,3 +385,8 @@ def model_stock(stacked: torch.Tensor, w: torch.Tensor, **_: object) -> torch.Te
     cos = max(0.0, sum(cosines) / len(cosines))
     t = k * cos / (1.0 + (k - 1) * cos)
     return t * stacked.mean(dim=0)
+
+
+#: the methods outside the task-arithmetic family (``family=False`` rows), each with its own function
+OWN_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {"slerp": slerp, "model_stock": model_stock}
+assert set(OWN_FUNCTIONS) == {n for n, s in MERGE_METHODS.items() if not s.family}

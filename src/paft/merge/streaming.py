@@ -36,20 +36,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from paft.errors import PaftError
-from paft.merge.deltas import _ITEMSIZE, _thread_buffer
-from paft.merge.methods import _LAMBDA_METHODS, _NORMALIZE_DEFAULT, chunk_generator, row_chunks
+from paft.merge.deltas import ITEMSIZE, thread_buffer
+from paft.merge.methods import chunk_generator, combine_, row_chunks
+from paft.methods.merging import MAGNITUDE, OUTLIERS, PARAM_DEFAULTS, RANDOM, densities, get_method
 
 _HI_BINS = 1 << 15  # top 16 bits of a non-negative float32 (sign bit clear)
 _LO_BINS = 1 << 16
-
-#: method -> (how each delta is sparsified, whether TIES' sign consensus combines them)
-ELEMENTWISE: dict[str, tuple[str, bool]] = {
-    "linear": ("none", False), "task_arithmetic": ("none", False),
-    "ties": ("magnitude", True), "magnitude_prune": ("magnitude", False),
-    "dare_linear": ("random", False), "dare_ties": ("random", True),
-    "breadcrumbs": ("outliers", False), "breadcrumbs_ties": ("outliers", True),
-}
-
 
 @dataclass
 class TopK:
@@ -98,8 +90,8 @@ def _bits(absd: torch.Tensor) -> torch.Tensor:
 
 def _buf(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A per-thread scratch tensor (reused across chunks and tensors; contents undefined)."""
-    nbytes = math.prod(shape) * _ITEMSIZE[dtype]
-    return _thread_buffer(key, nbytes)[:nbytes].view(dtype).view(shape)
+    nbytes = math.prod(shape) * ITEMSIZE[dtype]
+    return thread_buffer(key, nbytes)[:nbytes].view(dtype).view(shape)
 
 
 def _top_bucket(counts: torch.Tensor, k: int) -> tuple[int, int, int]:
@@ -108,52 +100,6 @@ def _top_bucket(counts: torch.Tensor, k: int) -> tuple[int, int, int]:
     bucket = int(torch.nonzero(ge >= k).max())
     above = int(ge[bucket] - counts[bucket])
     return bucket, above, k - above
-
-
-def _sum0(x: torch.Tensor) -> torch.Tensor:
-    """``x.sum(dim=0)`` into a scratch buffer (same additions in the same order)."""
-    out = _buf("sum", tuple(x.shape[1:]), torch.float32)
-    return torch.add(x[0], x[1], out=out) if x.shape[0] == 2 else torch.sum(x, 0, out=out)
-
-
-def _weighted_sum_(x: torch.Tensor, weights: Sequence[float], normalize: bool) -> torch.Tensor:
-    """:func:`paft.merge.methods._weighted_sum` in place on the stacked chunk ``x`` (bitwise the same)."""
-    for i, w in enumerate(weights):
-        x[i].mul_(w)
-    merged = _sum0(x) if x.shape[0] > 1 else x[0]
-    if normalize:
-        total = float(torch.tensor(weights, dtype=torch.float32).sum())
-        if abs(total) < 1e-8:
-            raise PaftError("weights sum to zero; cannot normalize (pass normalize=False)")
-        merged.div_(total)
-    return merged
-
-
-def _disjoint_sum_(x: torch.Tensor, weights: Sequence[float], normalize: bool, majority_sign: str) -> torch.Tensor:
-    """TIES' election and disjoint merge (:func:`paft.merge.methods._disjoint_sum`) in place, bitwise the same.
-
-    ``sign(x_i) == s`` is computed as ``x_i * s > 0`` with ``s = +-1``; every
-    temporary is a per-thread buffer (a fresh boolean-times-int tensor alone costs
-    more than the whole merge of a chunk).
-    """
-    shape = tuple(x.shape[1:])
-    for i, w in enumerate(weights):
-        x[i].mul_(w)
-    score = _sum0(x) if majority_sign == "total" else _sum0(torch.sign(x))
-    agree = _buf("agree", shape, torch.bool)
-    elected = _buf("elected", shape, torch.float32)
-    elected.copy_(torch.ge(score, 0, out=agree)).mul_(2.0).sub_(1.0)  # +1 where the score is >= 0, else -1
-    tmp = _buf("tmp", shape, torch.float32)
-    divisor = _buf("divisor", shape, torch.float32).zero_() if normalize else None
-    for i, w in enumerate(weights):
-        torch.gt(torch.mul(x[i], elected, out=tmp), 0, out=agree)
-        x[i].mul_(agree)
-        if divisor is not None:
-            divisor.add_(agree, alpha=w)
-    merged = _sum0(x) if x.shape[0] > 1 else x[0]
-    if divisor is not None:
-        merged.div_(divisor.masked_fill_(divisor == 0, 1.0))
-    return merged
 
 
 class TensorMerge:
@@ -166,20 +112,20 @@ class TensorMerge:
         self.chunks = row_chunks(self.rows, self.cols)
         params = dict(job.resolve(name))
         self.weights, density = params.pop("weights"), params.pop("density")
-        self.densities = [float(density)] * len(job.sources) if isinstance(density, (int, float)) \
-            else [float(d) for d in density]
+        self.densities = densities(density, len(job.sources))
         self.params = params
-        self.sparsify, self.consensus = ELEMENTWISE[job.method]
+        self.spec = get_method(job.method)
+        self.sparsifier = self.spec.sparsifier
         self.fns = [src.row_delta(name) if name in own else None for src, own in zip(job.sources, job.own)]
         self.tops: list[list[TopK]] = [[] for _ in self.fns]  # per delta: 1 threshold (magnitude) or 2 (outliers)
         for i, p in enumerate(self.densities):
-            if p >= 1.0 or self.fns[i] is None or self.sparsify not in ("magnitude", "outliers"):
+            if p >= 1.0 or self.fns[i] is None or self.sparsifier not in (MAGNITUDE, OUTLIERS):
                 continue
             k = max(1, int(p * self.n))
-            if self.sparsify == "magnitude":
+            if self.sparsifier is MAGNITUDE:
                 self.tops[i] = [TopK(k, self.n)]
             else:  # breadcrumbs: drop the top ``gamma`` share, keep the next ``density`` share
-                top = min(int(params.get("gamma", 0.01) * self.n), self.n - k)
+                top = min(int(params.get("gamma", PARAM_DEFAULTS["gamma"]) * self.n), self.n - k)
                 self.tops[i] = [TopK(top, self.n), TopK(top + k, self.n)]
 
     # -- passes over the chunks ------------------------------------------------------------------
@@ -190,8 +136,8 @@ class TensorMerge:
     def _base_rows(self, j: int) -> torch.Tensor:
         r0, r1 = self.chunks[j]
         c = (r1 - r0) * self.cols
-        raw = self.job.base.read_rows(self.name, r0, r1, _thread_buffer("base", c * 8))
-        out = _thread_buffer("base32", c * 4)[: c * 4].view(torch.float32).view(r1 - r0, self.cols)
+        raw = self.job.base.read_rows(self.name, r0, r1, thread_buffer("base", c * 8))
+        out = thread_buffer("base32", c * 4)[: c * 4].view(torch.float32).view(r1 - r0, self.cols)
         return out.copy_(raw)
 
     def _deltas(self, j: int, which: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,7 +146,7 @@ class TensorMerge:
         c = (r1 - r0) * self.cols
         base = self._base_rows(j)
         k = len(self.fns)
-        stacked = _thread_buffer("deltas", k * c * 4)[: k * c * 4].view(torch.float32).view(k, r1 - r0, self.cols)
+        stacked = thread_buffer("deltas", k * c * 4)[: k * c * 4].view(torch.float32).view(k, r1 - r0, self.cols)
         for i in which:
             if self.fns[i] is None:
                 stacked[i].zero_()
@@ -281,28 +227,22 @@ class TensorMerge:
         for i, p in enumerate(self.densities):
             if self.fns[i] is None or p >= 1.0:
                 continue
-            if self.sparsify in ("magnitude", "outliers"):
+            if self.sparsifier in (MAGNITUDE, OUTLIERS):
                 tops = self.tops[i]
                 keep = tops[0].mask(self._abs(stacked[i]), j)
                 if len(tops) == 2:
                     keep = tops[1].mask(self._abs(stacked[i]), j) & ~keep
                 stacked[i].mul_(keep)
-            elif self.sparsify == "random":
+            elif self.sparsifier is RANDOM:
                 r0, r1 = self.chunks[j]
                 gen = chunk_generator(self.job.seed, self.name, i, r0 * self.cols)
                 u = torch.rand(stacked[i].shape, generator=gen)
                 stacked[i].mul_(u < p)
                 if self.params.get("rescale", True):
                     stacked[i].div_(p)
-        norm = self.params.get("normalize")
-        norm = _NORMALIZE_DEFAULT[self.job.method] if norm is None else norm
-        if self.consensus:
-            merged = _disjoint_sum_(stacked, self.weights, norm, self.params.get("majority_sign", "total"))
-        else:
-            merged = _weighted_sum_(stacked, self.weights, norm)
-        lam = self.params.get("lambda_", 1.0)
-        if lam != 1.0 and self.job.method in _LAMBDA_METHODS:
-            merged.mul_(lam)
+        merged = combine_(self.spec, stacked, self.weights, normalize=self.params.get("normalize"),
+                          majority_sign=self.params.get("majority_sign", "total"),
+                          lambda_=self.params.get("lambda_", PARAM_DEFAULTS["lambda_"]), scratch=_buf)
         return base, merged
 
     def write(self, writer: Any) -> None:
@@ -336,7 +276,7 @@ def copy_tensor(job: Any, name: str, writer: Any, pool: Executor | None) -> None
 
     def one(j: int) -> None:
         r0, r1 = parts[j]
-        raw = job.base.read_rows(name, r0, r1, _thread_buffer("base", (r1 - r0) * cols * 8))
+        raw = job.base.read_rows(name, r0, r1, thread_buffer("base", (r1 - r0) * cols * 8))
         if raw.is_floating_point() and not torch.isfinite(raw).all():
             raise PaftError(f"{name}: base tensor contains NaN or inf (in {job.base.path})")
         writer.write_rows(name, r0, raw if raw.dtype == target else raw.to(target))
