@@ -136,7 +136,7 @@ def test_tiny_run_with_full_sft_completes_through_merge_and_eval(tmp_path, paft_
     assert (out / "sft" / "model" / "model.safetensors").is_file()
     assert (out / "merged" / "model.safetensors").is_file() and (out / "sequential" / "model").is_dir()
     merge = json.loads((out / "merged" / "paft_merge.json").read_text())
-    assert merge["branches"][0].endswith("sft/model")
+    assert merge["models"][0]["path"].endswith("sft/model")
     # the sequential stage started from the full SFT model folder
     assert json.loads((out / "sequential" / "train_summary.json").read_text())["init_adapter"].endswith("sft/model")
     assert json.loads((out / "sparsity.json").read_text())["sft"]["kind"] == "full"

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Llam
 from paft.errors import PaftError
 from paft.merge import engine
 from paft.merge.deltas import checkpoint_deltas, lora_deltas, open_state
-from paft.merge.engine import merge_into_base
+from paft.merge.mergekit_config import plan_from_flags
+from paft.merge.standalone import run_merge
 from paft.merge.methods import (MERGE_METHODS, check_merge_args, dare_drop, della_drop, della_keep_probs,
                                 drop_outliers, elect_sign, merge_deltas, tensor_generator, trim_magnitude)
 
@@ -22,6 +23,14 @@ T = torch.tensor
 D1 = T([[1.0, -2.0, 3.0], [0.5, 0.0, -1.0]])
 D2 = T([[-1.0, 1.0, 2.0], [0.5, -3.0, 1.0]])
 D3 = T([[0.5, 0.5, -1.0], [-2.0, 1.0, 0.25]])
+
+
+def _merge(base, branches, weights, method, *, out_dir, density=None, seed=0, dtype=None, force=False, workers=None,
+           progress=None, **params):
+    """A run's merge: the plan its merge section builds, through the one entry point."""
+    plan = plan_from_flags(base, branches, method, weights=weights, density=density, params=params, seed=seed,
+                           dtype=dtype)
+    return run_merge(plan, out_dir, force=force, workers=workers, progress=progress)
 
 
 def close(a, b, tol=1e-6):
@@ -294,7 +303,7 @@ def test_checkpoint_deltas_and_refusals(tiny, tmp_path):
 def test_engine_task_arithmetic_matches_sequential_peft(tiny, tmp_path):
     out = tmp_path / "merged"
     calls = []
-    summary = merge_into_base(tiny["base"], [tiny["A"], tiny["B"]], [1, 1], "task_arithmetic", out_dir=out,
+    summary = _merge(tiny["base"], [tiny["A"], tiny["B"]], [1, 1], "task_arithmetic", out_dir=out,
                               progress=lambda done, total: calls.append((done, total)))
     base = _base_state(tiny["base"])
     merged = _base_state(out)
@@ -305,10 +314,14 @@ def test_engine_task_arithmetic_matches_sequential_peft(tiny, tmp_path):
         assert close(merged[k], expected)
         if k not in da and k not in db:
             assert torch.equal(merged[k], w)
-    assert summary == {"method": "task_arithmetic", "weights": [1.0, 1.0], "density": 1.0, "seed": 0,
-                       "tensors_merged": 15, "tensors_total": 20, "out_dir": str(out)}
+    timing = {k: summary.pop(k) for k in ("seconds", "workers", "bytes")}
+    assert summary == {"method": "task_arithmetic", "base": str(tiny["base"]), "config": "command line",
+                       "models": [{"ref": str(tiny[n]), "path": str(tiny[n]), "kind": "lora"} for n in "AB"],
+                       "params": {}, "model_params": [{"weight": 1}, {"weight": 1}], "seed": 0, "dtype": None,
+                       "tokenizer_source": str(tiny["base"]), "tensors_merged": 15, "tensors_total": 20,
+                       "out_dir": str(out)} and timing["bytes"] > 0
     meta = json.loads((out / "paft_merge.json").read_text())
-    assert meta["branches"] == [str(tiny["A"]), str(tiny["B"])] and meta["base"] == str(tiny["base"])
+    assert [m["path"] for m in meta["models"]] == [str(tiny["A"]), str(tiny["B"])] and meta["base"] == str(tiny["base"])
     assert calls[-1] == (20, 20) and len(calls) == 20
     for f in ("config.json", "generation_config.json"):
         assert (out / f).read_text() == (tiny["base"] / f).read_text()
@@ -320,14 +333,14 @@ def test_engine_task_arithmetic_matches_sequential_peft(tiny, tmp_path):
     assert close(ours, theirs, 1e-5)
 
     with pytest.raises(PaftError, match="output exists"):
-        merge_into_base(tiny["base"], [tiny["A"]], [1], "linear", out_dir=out)
-    merge_into_base(tiny["base"], [tiny["A"]], [1], "linear", out_dir=out, force=True)
+        _merge(tiny["base"], [tiny["A"]], [1], "linear", out_dir=out)
+    _merge(tiny["base"], [tiny["A"]], [1], "linear", out_dir=out, force=True)
     assert json.loads((out / "paft_merge.json").read_text())["method"] == "linear"
 
 
 def test_engine_partial_branch_and_full_checkpoint(tiny, tmp_path):
     # C touches only q/v: it contributes a zero delta elsewhere, so linear halves A's k_proj delta
-    merge_into_base(tiny["base"], [tiny["A"], tiny["C"]], [1, 1], "linear", out_dir=tmp_path / "lin")
+    _merge(tiny["base"], [tiny["A"], tiny["C"]], [1, 1], "linear", out_dir=tmp_path / "lin")
     base, out = _base_state(tiny["base"]), _base_state(tmp_path / "lin")
     da, dc = dict(lora_deltas(tiny["A"])), dict(lora_deltas(tiny["C"]))
     q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
@@ -336,7 +349,7 @@ def test_engine_partial_branch_and_full_checkpoint(tiny, tmp_path):
     # a full model folder as a branch gives the same result as its adapter
     full = tmp_path / "fullA"
     _peft_merged(tiny["base"], tiny["A"]).save_pretrained(full)
-    merge_into_base(tiny["base"], [full, tiny["C"]], [1, 1], "task_arithmetic", out_dir=tmp_path / "ta")
+    _merge(tiny["base"], [full, tiny["C"]], [1, 1], "task_arithmetic", out_dir=tmp_path / "ta")
     merged = _base_state(tmp_path / "ta")
     for name, w in base.items():
         assert close(merged[name], w + da.get(name, 0) + dc.get(name, 0))
@@ -344,23 +357,23 @@ def test_engine_partial_branch_and_full_checkpoint(tiny, tmp_path):
 
 def test_engine_dare_reproducible_and_sharded(tiny, tmp_path, monkeypatch):
     kw = dict(method="dare_ties", density=0.5, seed=5)
-    merge_into_base(tiny["base"], [tiny["A"], tiny["B"]], [1, 1], out_dir=tmp_path / "a", **kw)
+    _merge(tiny["base"], [tiny["A"], tiny["B"]], [1, 1], out_dir=tmp_path / "a", **kw)
     monkeypatch.setattr(engine, "SHARD_BYTES", 20_000)
-    merge_into_base(tiny["base"], [tiny["A"], tiny["B"]], [1, 1], out_dir=tmp_path / "b", **kw)
+    _merge(tiny["base"], [tiny["A"], tiny["B"]], [1, 1], out_dir=tmp_path / "b", **kw)
     index = json.loads((tmp_path / "b" / "model.safetensors.index.json").read_text())
     shards = set(index["weight_map"].values())
     assert len(shards) > 1 and not (tmp_path / "b" / "model.safetensors").exists()
     assert all((tmp_path / "b" / s).is_file() for s in shards) and "model-00001-of-" in min(shards)
     a, b = _base_state(tmp_path / "a"), _base_state(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    merge_into_base(tiny["base"], [tiny["A"], tiny["B"]], [1, 1], out_dir=tmp_path / "c", **{**kw, "seed": 6})
+    _merge(tiny["base"], [tiny["A"], tiny["B"]], [1, 1], out_dir=tmp_path / "c", **{**kw, "seed": 6})
     c = _base_state(tmp_path / "c")
     assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], c["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_engine_dtype_and_refusals(tiny, tmp_path):
     out = tmp_path / "bf16"
-    merge_into_base(tiny["base"], [tiny["A"]], [1], "ties", out_dir=out, dtype="bfloat16")
+    _merge(tiny["base"], [tiny["A"]], [1], "ties", out_dir=out, dtype="bfloat16")
     assert all(t.dtype == torch.bfloat16 for t in _base_state(out).values())
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
@@ -370,11 +383,11 @@ def test_engine_dtype_and_refusals(tiny, tmp_path):
     nan.mkdir()
     save_file(state, nan / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(PaftError, match="model.norm.weight: delta 1 contains NaN"):
-        merge_into_base(tiny["base"], [tiny["A"], nan], [1, 1], "linear", out_dir=tmp_path / "o")
-    with pytest.raises(PaftError, match="got 1 weights for 2 deltas"):
-        merge_into_base(tiny["base"], [tiny["A"], tiny["B"]], [1], "linear", out_dir=tmp_path / "o")
-    with pytest.raises(PaftError, match="branch folder does not exist"):
-        merge_into_base(tiny["base"], [tmp_path / "missing"], [1], "linear", out_dir=tmp_path / "o")
+        _merge(tiny["base"], [tiny["A"], nan], [1, 1], "linear", out_dir=tmp_path / "o")
+    with pytest.raises(PaftError, match="got 3 values for 2 models"):
+        _merge(tiny["base"], [tiny["A"], tiny["B"]], [1, 1, 1], "linear", out_dir=tmp_path / "o")
+    with pytest.raises(PaftError, match="missing' is not a local folder"):
+        _merge(tiny["base"], [tmp_path / "missing"], [1], "linear", out_dir=tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 
@@ -583,10 +596,10 @@ def test_parameter_checks_only_where_used():
 def test_engine_slerp_and_model_stock_pass_base_and_params(tiny, tmp_path):
     base = _base_state(tiny["base"])
     da, db = dict(lora_deltas(tiny["A"])), dict(lora_deltas(tiny["B"], tiny["base"]))
-    summary = merge_into_base(tiny["base"], [tiny["A"], tiny["B"]], [1, 1], "slerp", out_dir=tmp_path / "s", t=0.3)
+    summary = _merge(tiny["base"], [tiny["A"], tiny["B"]], [1, 1], "slerp", out_dir=tmp_path / "s", t=0.3)
     assert summary["params"] == {"t": 0.3}
     assert json.loads((tmp_path / "s" / "paft_merge.json").read_text())["params"] == {"t": 0.3}
-    merge_into_base(tiny["base"], [tiny["A"], tiny["B"]], [1, 1], "model_stock", out_dir=tmp_path / "m")
+    _merge(tiny["base"], [tiny["A"], tiny["B"]], [1, 1], "model_stock", out_dir=tmp_path / "m")
     slerped, stocked = _base_state(tmp_path / "s"), _base_state(tmp_path / "m")
     for name, w in base.items():
         if name not in da and name not in db:
@@ -596,7 +609,7 @@ def test_engine_slerp_and_model_stock_pass_base_and_params(tiny, tmp_path):
         assert close(slerped[name], w + merge_deltas("slerp", ds, [1, 1], t=0.3, base=w))
         assert close(stocked[name], w + merge_deltas("model_stock", ds, [1, 1]))
     with pytest.raises(PaftError, match="unknown merge parameter 'tt'"):
-        merge_into_base(tiny["base"], [tiny["A"], tiny["B"]], [1, 1], "slerp", out_dir=tmp_path / "x", tt=0.3)
+        _merge(tiny["base"], [tiny["A"], tiny["B"]], [1, 1], "slerp", out_dir=tmp_path / "x", tt=0.3)
     with pytest.raises(PaftError, match="slerp interpolates exactly 2 models, got 3"):
-        merge_into_base(tiny["base"], [tiny["A"], tiny["B"], tiny["C"]], [1, 1, 1], "slerp", out_dir=tmp_path / "x")
+        _merge(tiny["base"], [tiny["A"], tiny["B"], tiny["C"]], [1, 1, 1], "slerp", out_dir=tmp_path / "x")
     assert not (tmp_path / "x").exists()

@@ -19,9 +19,9 @@ from paft.errors import PaftError
 from paft.merge import engine
 from paft.merge.deltas import lora_deltas, open_state
 from paft.merge.engine import ordered_map
-from paft.merge.mergekit_config import evaluate_setting, layer_position, load_mergekit_yaml
+from paft.merge.mergekit_config import evaluate_setting, layer_position, load_mergekit_yaml, plan_from_flags
 from paft.merge.methods import ChunkedRandom, merge_deltas
-from paft.merge.standalone import run_merge, spec_from_flags
+from paft.merge.standalone import run_merge
 from paft.merge.to_lora import svd_factor
 from paft.sparsity import compare_sparsity
 
@@ -197,15 +197,15 @@ def test_checks_refuse_with_a_clear_line(ck, tmp_path):
     c["num_hidden_layers"] = 4
     (arch / "config.json").write_text(json.dumps(c))
     with pytest.raises(PaftError, match="config.json num_hidden_layers is 4 but 5 in base"):
-        run_merge(spec_from_flags(str(base), [str(arch)], "ties"), tmp_path / "o")
+        run_merge(plan_from_flags(str(base), [str(arch)], "ties"), tmp_path / "o")
 
     def grow(state):
         state["model.embed_tokens.weight"] = torch.cat([state["model.embed_tokens.weight"], torch.ones(4, 32)])
 
     vocab = _full_variant(base, tmp_path / "vocab", 6, edit=grow)
     with pytest.raises(PaftError, match=r"vocabulary of 304 tokens .* has 300; pass --resize-vocab"):
-        run_merge(spec_from_flags(str(base), [str(vocab)], "task_arithmetic"), tmp_path / "o")
-    run_merge(spec_from_flags(str(base), [str(vocab)], "task_arithmetic", resize_vocab=True), tmp_path / "rv")
+        run_merge(plan_from_flags(str(base), [str(vocab)], "task_arithmetic"), tmp_path / "o")
+    run_merge(plan_from_flags(str(base), [str(vocab)], "task_arithmetic", resize_vocab=True), tmp_path / "rv")
     emb = "model.embed_tokens.weight"
     assert torch.equal(_state(tmp_path / "rv")[emb], _state(vocab)[emb][:300])
 
@@ -214,17 +214,17 @@ def test_checks_refuse_with_a_clear_line(ck, tmp_path):
 
     shape = _full_variant(base, tmp_path / "shape", 7, edit=reshape)
     with pytest.raises(PaftError, match=r"model.layers.1.mlp.up_proj.weight has shape \(64, 16\) but \(64, 32\)"):
-        run_merge(spec_from_flags(str(base), [str(shape)], "ties"), tmp_path / "o")
+        run_merge(plan_from_flags(str(base), [str(shape)], "ties"), tmp_path / "o")
 
     def nan(state):
         state[Q.format(3)][0, 0] = float("inf")
 
     bad = _full_variant(base, tmp_path / "nan", 8, edit=nan)
     with pytest.raises(PaftError, match=r"model.layers.3.self_attn.q_proj.weight: delta 1 contains NaN or inf"):
-        run_merge(spec_from_flags(str(base), [str(ck["ft1"]), str(bad)], "ties"), tmp_path / "o")
+        run_merge(plan_from_flags(str(base), [str(ck["ft1"]), str(bad)], "ties"), tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
-    run_merge(spec_from_flags(str(base), [str(ck["ft1"])], "ties"), tmp_path / "exists")
+    run_merge(plan_from_flags(str(base), [str(ck["ft1"])], "ties"), tmp_path / "exists")
     result = runner.invoke(app, ["merge", "--base", str(base), "--models", str(ck["ft1"]), "--out",
                                  str(tmp_path / "exists")])
     assert result.exit_code == 1 and "output exists; pass --force" in _err(result)
@@ -263,7 +263,7 @@ def test_svd_factor_error_is_tail_energy():
 
 
 def test_to_lora_reports_closed_form_error_and_full_rank_is_exact(ck, tmp_path):
-    spec = lambda: spec_from_flags(str(ck["base"]), [str(ck["ft1"]), str(ck["ft2"])], "task_arithmetic",  # noqa: E731
+    spec = lambda: plan_from_flags(str(ck["base"]), [str(ck["ft1"]), str(ck["ft2"])], "task_arithmetic",  # noqa: E731
                                    weights=[0.5, 0.5])
     run_merge(spec(), tmp_path / "full")
     base, merged = _state(ck["base"]), _state(tmp_path / "full")
@@ -289,9 +289,9 @@ def test_to_lora_reports_closed_form_error_and_full_rank_is_exact(ck, tmp_path):
     assert err == pytest.approx(report["per_tensor"][UP.format(2)]["relative_error"], rel=1e-3)
 
     # full rank on LoRA inputs only (no norm deltas): exact, and PEFT serves it like the merged model
-    lspec = spec_from_flags(str(ck["base"]), [str(ck["lora"])], "task_arithmetic")
+    lspec = plan_from_flags(str(ck["base"]), [str(ck["lora"])], "task_arithmetic")
     run_merge(lspec, tmp_path / "lm")
-    rep = run_merge(spec_from_flags(str(ck["base"]), [str(ck["lora"])], "task_arithmetic"), tmp_path / "lfull",
+    rep = run_merge(plan_from_flags(str(ck["base"]), [str(ck["lora"])], "task_arithmetic"), tmp_path / "lfull",
                     to_lora=64)["to_lora"]
     assert rep["relative_error"] < 1e-5 and rep["dropped_non_matrix"] == {}
     cfg = json.loads((tmp_path / "lfull" / "adapter_config.json").read_text())

@@ -8,12 +8,22 @@ from safetensors.torch import load_file, save_file
 
 from paft.errors import PaftError
 from paft.merge import methods
-from paft.merge.engine import ShardWriter, merge_into_base
+from paft.merge.engine import ShardWriter
+from paft.merge.mergekit_config import plan_from_flags
+from paft.merge.standalone import run_merge
 from paft.merge.methods import ChunkedRandom, merge_deltas, trim_magnitude
 from paft.merge.streaming import TopK, _bits, _top_bucket
 from paft.methods.merging import MERGE_METHODS
 
 SHAPES = {"emb": (37, 24), "w": (24, 24), "norm": (24,), "scalar": ()}
+
+
+def _merge(base, branches, weights, method, *, out_dir, density=None, seed=0, dtype=None, force=False, workers=None,
+           progress=None, **params):
+    """A run's merge: the plan its merge section builds, through the one entry point."""
+    plan = plan_from_flags(base, branches, method, weights=weights, density=density, params=params, seed=seed,
+                           dtype=dtype)
+    return run_merge(plan, out_dir, force=force, workers=workers, progress=progress)
 
 
 def _write(folder, state):
@@ -56,7 +66,7 @@ def test_streamed_methods_equal_whole_tensor_bitwise(models, method, chunk, monk
     density = [0.3, 0.5, 0.45]
     params = {"gamma": 0.1} if method.startswith("breadcrumbs") else {}
     out = models["root"] / f"out-{method}-{chunk}"
-    merge_into_base(models["paths"]["base"], [models["paths"][n] for n in names], weights, method,
+    _merge(models["paths"]["base"], [models["paths"][n] for n in names], weights, method,
                     density=density, seed=5, out_dir=out, workers=3, **params)
     got = load_file(out / "model.safetensors")
     want = _want(models, names, method, weights, density, 5, **params)
@@ -70,12 +80,12 @@ def test_thread_count_and_chunking_do_not_change_random_masks(models, monkeypatc
     outs = []
     for workers in (1, 2, 4):
         out = models["root"] / f"dare-{workers}"
-        merge_into_base(models["paths"]["base"], [models["paths"]["dense"], models["paths"]["tied"]], [1.0, 1.0],
+        _merge(models["paths"]["base"], [models["paths"]["dense"], models["paths"]["tied"]], [1.0, 1.0],
                         "dare_ties", density=0.4, seed=9, out_dir=out, workers=workers)
         outs.append((out / "model.safetensors").read_bytes())
     assert outs[0] == outs[1] == outs[2]
     other = models["root"] / "dare-seed"
-    merge_into_base(models["paths"]["base"], [models["paths"]["dense"], models["paths"]["tied"]], [1.0, 1.0],
+    _merge(models["paths"]["base"], [models["paths"]["dense"], models["paths"]["tied"]], [1.0, 1.0],
                     "dare_ties", density=0.4, seed=10, out_dir=other, workers=2)
     assert (other / "model.safetensors").read_bytes() != outs[0]
 
@@ -111,7 +121,7 @@ def test_ties_at_the_threshold_keep_the_lowest_indices(models, monkeypatch):
     _write(models["root"] / "tb", base)
     _write(models["root"] / "td", {"w": delta})
     out = models["root"] / "tout"
-    merge_into_base(models["root"] / "tb", [models["root"] / "td"], [1.0], "magnitude_prune", density=0.5,
+    _merge(models["root"] / "tb", [models["root"] / "td"], [1.0], "magnitude_prune", density=0.5,
                     out_dir=out, workers=2)
     got = load_file(out / "model.safetensors")["w"]
     assert torch.equal(got, trim_magnitude(delta, 0.5))
@@ -125,11 +135,11 @@ def test_nan_is_named_with_its_input(models):
     path = _write(models["root"] / "nan", bad)
     for method in ("ties", "task_arithmetic", "dare_linear"):
         with pytest.raises(PaftError, match=r"w: delta 0 contains NaN or inf \(input .*nan\)"):
-            merge_into_base(models["paths"]["base"], [path], [1.0], method, density=0.5,
+            _merge(models["paths"]["base"], [path], [1.0], method, density=0.5,
                             out_dir=models["root"] / f"o-{method}", workers=2)
         assert not (models["root"] / f"o-{method}").exists()  # nothing half-written
     with pytest.raises(PaftError, match=r"w: base tensor contains NaN or inf"):
-        merge_into_base(path, [models["paths"]["dense"]], [1.0], "task_arithmetic", out_dir=models["root"] / "o2")
+        _merge(path, [models["paths"]["dense"]], [1.0], "task_arithmetic", out_dir=models["root"] / "o2")
 
 
 def test_shard_writer_refuses_missing_and_overflowing_rows(tmp_path):

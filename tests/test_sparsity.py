@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from paft.errors import PaftError
 from paft.merge.deltas import lora_deltas, open_state
-from paft.sparsity import adapter_sparsity, delta_sparsity, module_type
+from paft.sparsity import delta_sparsity, model_sparsity, module_type
 
 Q0, UP, Q1 = ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight",
               "model.layers.1.self_attn.q_proj.weight")
@@ -73,7 +73,7 @@ def test_module_type():
     assert module_type(Q0) == "q_proj" and module_type("model.norm.weight") == "norm"
 
 
-def test_adapter_sparsity(tmp_path):
+def test_model_sparsity(tmp_path):
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=64)
@@ -81,7 +81,7 @@ def test_adapter_sparsity(tmp_path):
     model = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"),
                            LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     model.save_pretrained(tmp_path / "fresh")  # lora_B starts at zero: every delta is exactly 0
-    fresh = adapter_sparsity(tmp_path / "fresh", tmp_path / "base")
+    fresh = model_sparsity(tmp_path / "fresh", tmp_path / "base")
     assert len(fresh["modules"]) == 7 and fresh["overall"]["abs<=1e-06"] == 1.0 and fresh["overall"]["l1"] == 0.0
 
     with torch.no_grad():
@@ -89,7 +89,7 @@ def test_adapter_sparsity(tmp_path):
             if "lora_B" in name:
                 p.normal_(std=1e-3)
     model.save_pretrained(tmp_path / "trained")
-    out = adapter_sparsity(tmp_path / "trained", tmp_path / "base", absolute=(1e-5,), relative=(1e-2,))
+    out = model_sparsity(tmp_path / "trained", tmp_path / "base", absolute=(1e-5,), relative=(1e-2,))
     name = "model.layers.0.self_attn.v_proj.weight"
     delta = dict(lora_deltas(tmp_path / "trained"))[name]
     rms = open_state(tmp_path / "base").get(name).pow(2).mean().sqrt()

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from paft.errors import ConfigError
+from paft.methods.merging import MERGE_METHODS
 
 PRESETS = ("default", "tiny")
 
@@ -219,7 +220,7 @@ class PreferenceConfig(TrainConfig):
 
 
 class MergeConfig(_Section):
-    method: str = Field("ties", description="a merge method by name (paft.merge.methods.MERGE_METHODS)")
+    method: str = Field("ties", description="a merge method by name (paft.methods.merging.MERGE_METHODS)")
     weights: list[float] = Field(default_factory=lambda: [1.0, 1.0], description="[sft, preference]")
     density: float = Field(0.5, gt=0, le=1, description="share of delta entries kept (ties/dare)")
     seed: int = 0
@@ -230,8 +231,6 @@ class MergeConfig(_Section):
     @field_validator("method")
     @classmethod
     def _known(cls, v: str) -> str:
-        from paft.merge.methods import MERGE_METHODS
-
         if v not in MERGE_METHODS:
             raise ValueError(f"unknown merge method {v!r}; known: {', '.join(sorted(MERGE_METHODS))}")
         return v

@@ -24,6 +24,7 @@ import yaml
 from paft.config import PaftConfig
 from paft.errors import PaftError
 from paft.io import package_versions, sha256_file, write_json_atomic, write_text_atomic
+from paft.models.folders import is_adapter, is_model
 from paft.progress import ProgressUI
 
 # keys that change how a run executes, not what it computes
@@ -325,43 +326,44 @@ class Run:
         return self._once(self.root / "sparsity.json", self._compute_sparsity, "sparsity")
 
     def _compute_sparsity(self) -> dict[str, Any]:
-        from paft.sparsity import adapter_sparsity, model_sparsity
+        from paft.sparsity import model_sparsity
 
         s = self.cfg.sparsity
-        out = {name: (model_sparsity if self._is_full(name) else adapter_sparsity)(
-                   self.output(name), self.model_dir, s.absolute, s.relative)
+        out = {name: model_sparsity(self.output(name), self.model_dir, s.absolute, s.relative)
                for name in ("sft", "preference") if self.output(name).exists()}
         if not out:
             raise PaftError(f"{self.root}: no trained branch adapters to analyse; run `paft sft`/`paft align` first")
         return out
 
     def merge(self) -> dict[str, Any]:
-        from paft.merge.engine import merge_into_base
+        from paft.merge.mergekit_config import plan_from_flags
+        from paft.merge.standalone import run_merge
 
         summary_path = self.merged_dir / "paft_merge.json"
         if summary_path.exists():
             return json.loads(summary_path.read_text())
         for name in ("sft", "preference"):
             out = self.output(name)
-            if not (out / ("config.json" if out.name == "model" else "adapter_config.json")).exists():
+            if not (is_model(out) if out.name == "model" else is_adapter(out)):
                 raise PaftError(f"{out}: missing; train the {name} branch before merging")
         m = self.cfg.merge
         start = time.perf_counter()
         # a full fine-tuned branch's delta is W - W_base; a QLoRA adapter applies to the float base
-        summary = merge_into_base(self.model_dir, [str(self.output("sft")), str(self.output("preference"))],
-                                  m.weights, m.method, density=m.density, seed=m.seed, out_dir=self.merged_dir,
-                                  force=True, progress=lambda d, t: self.ui.update("merge", d, t), **m.params)
+        plan = plan_from_flags(self.model_dir, [self.output("sft"), self.output("preference")], m.method,
+                               weights=m.weights, density=m.density, params=m.params, seed=m.seed, source="merge")
+        summary = run_merge(plan, self.merged_dir, force=True, progress=lambda d, t: self.ui.update("merge", d, t))
         self._timed("merge", start)
         return summary
 
     def sequential_model(self) -> Path:
         """The sequential baseline as a full model: base + SFT delta + preference delta trained on top."""
-        from paft.merge.engine import merge_into_base
+        from paft.merge.mergekit_config import plan_from_flags
+        from paft.merge.standalone import run_merge
 
         # a full fine-tuned sequential branch wrote this folder itself (it started from the SFT weights)
-        if not (self.sequential_model_dir / "config.json").exists():
-            merge_into_base(self.model_dir, [str(self.output("sft")), str(self.adapter("sequential"))], [1.0, 1.0],
-                            "task_arithmetic", out_dir=self.sequential_model_dir, force=True)
+        if not is_model(self.sequential_model_dir):
+            run_merge(plan_from_flags(self.model_dir, [self.output("sft"), self.adapter("sequential")],
+                                      "task_arithmetic", source="sequential"), self.sequential_model_dir, force=True)
         return self.sequential_model_dir
 
     # ------------------------------------------------------------------ evaluation and report
@@ -376,7 +378,7 @@ class Run:
                 specs.append(ModelSpec(name, self.model_dir, self.adapter(name)))
         if self.adapter("sequential").exists() or self._is_full("sequential"):
             specs.append(ModelSpec("sequential", self.sequential_model()))
-        if (self.merged_dir / "config.json").exists():
+        if is_model(self.merged_dir):
             specs.append(ModelSpec("paft", self.merged_dir))
         return specs
 

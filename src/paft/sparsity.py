@@ -15,7 +15,9 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from paft.errors import PaftError
-from paft.merge.deltas import LoraDeltas, open_state
+from paft.io import atomic_dir, write_json_atomic
+from paft.merge.deltas import LoraDeltas, open_source, open_state
+from paft.merge.engine import default_workers, ordered_map
 
 ABSOLUTE = (1e-6, 1e-5, 1e-4)
 RELATIVE = (1e-3, 1e-2)
@@ -115,19 +117,6 @@ def _hist_dict(counts: list[int], zeros: int) -> dict:
             "zeros": zeros}
 
 
-def adapter_sparsity(adapter_dir: str | Path, base_dir: str | Path, absolute: Iterable[float] = ABSOLUTE,
-                     relative: Iterable[float] = RELATIVE) -> dict:
-    """:func:`delta_sparsity` of a LoRA adapter's dense deltas, relative to the base weights' RMS."""
-    base = open_state(base_dir)
-
-    def rms(name: str) -> float:
-        if name not in base:
-            raise KeyError(name)
-        return base.get(name).float().pow(2).mean().sqrt().item()
-
-    return delta_sparsity(LoraDeltas(adapter_dir, base), rms, absolute, relative)
-
-
 # --- standalone: `paft sparsity MODEL_OR_ADAPTER... --base BASE` ------------------------------------
 
 HIST_RANGE = (-10.0, 1.0)  # log10 |delta|; smaller non-zero entries count in the first bin, larger in the last
@@ -163,15 +152,10 @@ def model_sparsity(path: str | Path, base_dir: str | Path, absolute: Iterable[fl
     the layers), ``histogram`` (``edges`` of log10|δ|, ``counts`` per bin,
     ``zeros``) and ``kind`` (``lora`` or ``full``). Integer tensors are skipped.
     """
-    from paft.merge.deltas import ADAPTER_CONFIG, CheckpointDeltas
-    from paft.merge.engine import default_workers, ordered_map
-
     path = Path(path)
-    if not path.is_dir():
-        raise PaftError(f"{path}: not a folder (give a model folder or a LoRA adapter folder)")
     base = open_state(base_dir)
-    is_lora = (path / ADAPTER_CONFIG).is_file()
-    src = LoraDeltas(path, base) if is_lora else CheckpointDeltas(path, base)
+    src = open_source(path, base)
+    is_lora = isinstance(src, LoraDeltas)
     names = [n for n in src.names() if base.dtype(n).is_floating_point] if not is_lora else src.names()
     absolute, relative = tuple(absolute), tuple(relative)
 
@@ -220,8 +204,7 @@ def compare_sparsity(paths: list[str | Path], base_dir: str | Path, out_dir: str
             key, i = f"{'/'.join(parts[-2:])}-{i}", i + 1
         results[key] = {"path": str(p), **model_sparsity(p, base_dir, absolute, relative, workers)}
     if out_dir is not None:
-        from paft.io import atomic_dir, write_json_atomic
-        from paft.report.sparsity_plot import plot_sparsity
+        from paft.report.sparsity_plot import plot_sparsity  # upward (report is layer 4); see the issue 13 report
 
         with atomic_dir(out_dir, force=force) as tmp:
             write_json_atomic(tmp / "sparsity.json", {"base": str(base_dir), "inputs": results})

@@ -70,7 +70,8 @@ def standalone_merge(mode: str, config: Path | None, *, out: Path | None, force:
                      dtype: str | None, tokenizer_source: str | None, seed: int | None, to_lora: int | None,
                      resize_vocab: bool, workers: int | None, params: list[str] | None) -> dict:
     from paft.merge.mergekit_config import load_mergekit_yaml
-    from paft.merge.standalone import run_merge, spec_from_flags
+    from paft.merge.mergekit_config import plan_from_flags
+    from paft.merge.standalone import run_merge
     from paft.progress import console
 
     if out is None:
@@ -80,18 +81,18 @@ def standalone_merge(mode: str, config: Path | None, *, out: Path | None, force:
                             ("--param", params)):
             if value:
                 raise ConfigError(f"{flag}: set it in {config} (a mergekit config is the whole recipe)")
-        spec = load_mergekit_yaml(config)
+        plan = load_mergekit_yaml(config)
         if dtype is not None:
-            spec.out_dtype = dtype
+            plan.out_dtype = dtype
         if tokenizer_source is not None:
-            spec.tokenizer_source = tokenizer_source
+            plan.tokenizer_source = tokenizer_source
         if seed is not None:
-            spec.seed = seed
-        spec.resize_vocab = spec.resize_vocab or resize_vocab
+            plan.seed = seed
+        plan.resize_vocab = plan.resize_vocab or resize_vocab
     else:
         if base is None:
             raise ConfigError("--base: give the base model folder the models were fine-tuned from")
-        spec = spec_from_flags(str(base), _split(models), method or "ties", weights=_floats(weights, "--weights"),
+        plan = plan_from_flags(str(base), _split(models), method or "ties", weights=_floats(weights, "--weights"),
                                density=_floats(density, "--density"), params=_params(params), dtype=dtype,
                                tokenizer_source=tokenizer_source, seed=seed or 0, resize_vocab=resize_vocab)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -99,7 +100,7 @@ def standalone_merge(mode: str, config: Path | None, *, out: Path | None, force:
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("to-lora" if to_lora else "merge", total=None)
-        summary = run_merge(spec, out, force=force, to_lora=to_lora, workers=workers,
+        summary = run_merge(plan, out, force=force, to_lora=to_lora, workers=workers,
                             progress=lambda d, t: bar.update(task, completed=d, total=t))
     return summary
 

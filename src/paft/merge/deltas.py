@@ -23,9 +23,8 @@ import torch
 from safetensors import safe_open
 
 from paft.errors import ModelError, PaftError
+from paft.models.folders import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CONFIG, is_adapter
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _PEFT_PREFIX = "base_model.model."
@@ -295,7 +294,7 @@ class CheckpointDeltas:
                  label: str | None = None, resize_vocab: bool = False):
         self.path, self.base = Path(model_dir), base
         label = label or str(self.path)
-        cfg_file = self.path / "config.json"
+        cfg_file = self.path / MODEL_CONFIG
         if base_cfg and cfg_file.is_file():
             try:
                 cfg = json.loads(cfg_file.read_text())
@@ -372,6 +371,20 @@ def thread_buffer(key: str, nbytes: int) -> torch.Tensor:
     if buf is None or buf.numel() < nbytes:
         buf = pool[key] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
     return buf
+
+
+def open_source(path: str | Path, base: StateDir, base_cfg: dict | None = None, label: str | None = None,
+                resize_vocab: bool = False) -> LoraDeltas | CheckpointDeltas:
+    """The delta source of a folder against ``base``: a PEFT LoRA adapter or a full checkpoint.
+
+    ``base_cfg``, ``label`` and ``resize_vocab`` apply to full checkpoints (see :class:`CheckpointDeltas`).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise PaftError(f"{path}: not a folder (give a model folder or a LoRA adapter folder)")
+    if is_adapter(path):
+        return LoraDeltas(path, base)
+    return CheckpointDeltas(path, base, base_cfg, label, resize_vocab)
 
 
 def lora_deltas(adapter_dir: str | Path, base_dir: str | Path | None = None) -> Iterator[tuple[str, torch.Tensor]]:

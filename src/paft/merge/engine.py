@@ -27,9 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from paft.errors import PaftError
-from paft.io import atomic_dir, package_versions, write_json_atomic
-from paft.merge.deltas import (ADAPTER_CONFIG, INDEX_FILE, SINGLE_FILE, CheckpointDeltas, LoraDeltas,
-                               StateDir, open_state)
+from paft.merge.deltas import INDEX_FILE, SINGLE_FILE, StateDir
 from paft.merge.methods import ChunkedRandom, merge_deltas
 from paft.merge.streaming import TensorMerge, copy_tensor
 from paft.methods.merging import check_merge_args, get_method
@@ -217,14 +215,6 @@ class ShardWriter:
             (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def open_branch(path: str | Path, base: StateDir) -> LoraDeltas | CheckpointDeltas:
-    """A LoRA adapter folder (has adapter_config.json) or a full model folder, as a delta source."""
-    path = Path(path)
-    if not path.is_dir():
-        raise PaftError(f"{path}: branch folder does not exist")
-    return LoraDeltas(path, base) if (path / ADAPTER_CONFIG).is_file() else CheckpointDeltas(path, base)
-
-
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -247,10 +237,6 @@ def copy_model_files(config_dir: Path, tokenizer_dir: Path, out: Path, dtype: to
             if key in cfg:
                 cfg[key] = str(dtype).removeprefix("torch.")
         config.write_text(json.dumps(cfg, indent=2) + "\n")
-
-
-def _copy_configs(base_dir: Path, out: Path, dtype: torch.dtype | None) -> None:
-    copy_model_files(base_dir, base_dir, out, dtype)
 
 
 class MergeJob:
@@ -367,42 +353,3 @@ class MergeJob:
             raise
         writer.close()
         return writer.total_bytes
-
-
-def merge_into_base(base_dir: str | Path, branches: list[str | Path], weights: list[float], method: str, *,
-                    density: float = 1.0, seed: int = 0, out_dir: str | Path, force: bool = False,
-                    dtype: torch.dtype | str | None = None,
-                    progress: Callable[[int, int], None] | None = None, workers: int | None = None,
-                    **params: object) -> dict:
-    """Write ``base + merge(deltas of each branch)`` to ``out_dir`` as a Hugging Face model folder.
-
-    A tensor some branch changes is merged with one delta per branch (zero for
-    branches that leave it alone, so e.g. ``linear`` averages against them);
-    untouched tensors are copied. DARE masks come from ``ChunkedRandom(seed, name)``,
-    so the result is reproducible tensor by tensor (and the same for any ``workers``).
-    ``dtype`` casts floating tensors (default: keep the base's). ``params`` (normalize,
-    majority_sign, gamma, epsilon, lambda_, t, rescale) go to :func:`merge_deltas`,
-    which also gets each float32 base tensor (slerp needs it). ``workers``: tensors
-    merged in parallel (default: the cores, at most 4). Returns the summary also
-    written to ``paft_merge.json`` (with ``params`` when given).
-    """
-    base_dir, out_dir = Path(base_dir), Path(out_dir)
-    weights = [float(w) for w in weights]
-    check_merge_args(method, len(branches), weights, density, **params)
-    out_dtype = _resolve_dtype(dtype)
-    base = open_state(base_dir)
-    sources = [open_branch(b, base) for b in branches]
-    resolved = {"weights": weights, "density": density, **params}
-    job = MergeJob(base, sources, method, lambda name: resolved, seed=seed, out_dtype=out_dtype,
-                   labels=[str(b) for b in branches])
-    with atomic_dir(out_dir, force=force) as tmp:
-        job.write(tmp, workers=workers, progress=progress)
-        _copy_configs(base_dir, tmp, out_dtype)
-        summary = {"method": method, "weights": weights, "density": density, "seed": seed,
-                   "tensors_merged": len(job.merged_names), "tensors_total": len(job.names), "out_dir": str(out_dir)}
-        if params:
-            summary["params"] = dict(params)
-        write_json_atomic(tmp / METADATA_FILE, {**summary, "base": str(base_dir),
-                                                "branches": [str(b) for b in branches],
-                                                "versions": package_versions()})
-    return summary

@@ -1,4 +1,4 @@
-"""Read the common subset of mergekit's YAML merge configs into a :class:`MergeSpec`.
+"""A merge plan (:class:`MergePlan`), read from the common subset of mergekit's YAML or built from flags.
 
 Supported: ``merge_method``, ``base_model``, ``models`` (each ``model`` with
 optional ``parameters``), top-level ``parameters``, ``dtype``/``out_dtype``,
@@ -26,14 +26,12 @@ from typing import Any
 import yaml
 
 from paft.errors import ConfigError
-from paft.merge.methods import MERGE_METHODS
+from paft.methods.merging import MERGE_METHODS
 
 #: mergekit parameter name -> paft keyword; per-model ones may differ between models
 MODEL_PARAMS = {"weight": "weight", "density": "density", "gamma": "gamma", "epsilon": "epsilon"}
 GLOBAL_PARAMS = {"normalize": "normalize", "lambda": "lambda_", "t": "t", "rescale": "rescale",
                  "majority_sign": "majority_sign", "int8_mask": None, "filter_wise": "filter_wise"}
-#: mergekit's normalize defaults where they differ from paft's (paft normalises dare_ties)
-MERGEKIT_NORMALIZE = {"dare_ties": False}
 _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
              "tokenizer", "seed", "resize_vocab", "name"}
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
@@ -52,7 +50,9 @@ class ModelInput:
 
 
 @dataclass
-class MergeSpec:
+class MergePlan:
+    """One merge, as a mergekit YAML, ``paft merge --base/--models`` or a run's merge section describe it."""
+
     method: str
     base: Path | None
     models: list[ModelInput]
@@ -129,7 +129,7 @@ def _check_params(params: Any, where: str, allowed: dict) -> dict:
     return dict(params)
 
 
-def load_mergekit_yaml(path: str | Path) -> MergeSpec:
+def load_mergekit_yaml(path: str | Path) -> MergePlan:
     """Parse and validate a mergekit YAML; model references become local folders."""
     path = Path(path)
     try:
@@ -165,15 +165,8 @@ def load_mergekit_yaml(path: str | Path) -> MergeSpec:
             raise ConfigError(f"{key}: needs a 'model' key")
         if extra := sorted(set(entry) - {"model", "parameters"}):
             raise ConfigError(f"{key}.{extra[0]}: unknown key; known: model, parameters")
-        ref = str(entry["model"])
         params = _check_params(entry.get("parameters"), f"{key}.parameters", MODEL_PARAMS)
-        if "+" in ref and not Path(ref).exists():
-            model_ref, lora_ref = ref.split("+", 1)
-            mpath = resolve_model_ref(model_ref, rel, f"{key}.model")
-            apath = resolve_model_ref(lora_ref, rel, f"{key}.model (LoRA part)")
-            models.append(ModelInput(ref, mpath, apath, params, key))
-        else:
-            models.append(ModelInput(ref, resolve_model_ref(ref, rel, f"{key}.model"), None, params, key))
+        models.append(_model_input(str(entry["model"]), rel, key, params))
     gparams = _check_params(data.get("parameters"), f"{src}: parameters", allowed)
     tok = data.get("tokenizer_source")
     if data.get("tokenizer") is not None:
@@ -196,9 +189,59 @@ def load_mergekit_yaml(path: str | Path) -> MergeSpec:
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"{src}: seed must be an integer, got {seed!r}")
-    return MergeSpec(method=method, base=base, models=models, params=gparams,
+    return MergePlan(method=method, base=base, models=models, params=gparams,
                      out_dtype=str(dtype) if dtype is not None else None, tokenizer_source=tok, seed=seed,
                      resize_vocab=resize, source=src, mergekit_defaults=True)
+
+
+def _model_input(ref: str, rel: Path | None, key: str, params: dict) -> ModelInput:
+    """``ref`` resolved to a folder; ``BASE+ADAPTER`` (mergekit's LoRA syntax) to a model and its adapter."""
+    if "+" in ref and not Path(ref).exists():
+        model_ref, lora_ref = ref.split("+", 1)
+        return ModelInput(ref, resolve_model_ref(model_ref, rel, f"{key}.model" if rel is not None else key),
+                          resolve_model_ref(lora_ref, rel, f"{key}.model (LoRA part)" if rel is not None else key), params, key)
+    return ModelInput(ref, resolve_model_ref(ref, rel, f"{key}.model" if rel is not None else key), None, params, key)
+
+
+#: paft's keyword -> mergekit's parameter name (``lambda_`` -> ``lambda``)
+_MERGEKIT_NAME = {kw: name for name, kw in {**MODEL_PARAMS, **GLOBAL_PARAMS}.items() if kw}
+
+
+def plan_from_flags(base: str | Path, models: list[str | Path], method: str, *,
+                    weights: list[float] | None = None, density: float | list[float] | None = None,
+                    params: dict | None = None, dtype: str | None = None, tokenizer_source: str | None = None,
+                    seed: int = 0, resize_vocab: bool = False, source: str = "command line") -> MergePlan:
+    """The plan of ``--base B --models M1 M2 ...`` or of a run's merge section (weights and density default to 1).
+
+    ``params`` are method parameters under mergekit's names or paft's keywords (``lambda`` or ``lambda_``).
+    """
+    if method not in MERGE_METHODS:
+        raise ConfigError(f"--method: unknown merge method {method!r}; known: {', '.join(MERGE_METHODS)}")
+    if not models:
+        raise ConfigError("--models: give at least one model or adapter folder")
+    n = len(models)
+    density = [density] if isinstance(density, (int, float)) else density
+    for flag, values in (("--weights", weights), ("--density", density)):
+        if values is not None and len(values) not in (1, n):
+            raise ConfigError(f"{flag}: got {len(values)} values for {n} models; give one, or one per model")
+    inputs = []
+    for i, ref in enumerate(models):
+        p: dict[str, Any] = {}
+        if weights is not None:
+            p["weight"] = weights[i if len(weights) == n else 0]
+        if density is not None:
+            p["density"] = density[i if len(density) == n else 0]
+        inputs.append(_model_input(str(ref), None, f"--models[{i}]", p))
+    plan_params = {_MERGEKIT_NAME.get(k, k): v for k, v in (params or {}).items()}
+    allowed = {**MODEL_PARAMS, **GLOBAL_PARAMS}
+    if unknown := [k for k in plan_params if k not in allowed]:
+        raise ConfigError(f"{source}: unknown merge parameter {unknown[0]!r}; known: {', '.join(allowed)}")
+    tok = tokenizer_source or "base"
+    if tok != "base":
+        tok = str(resolve_model_ref(tok, None, "--tokenizer-source"))
+    return MergePlan(method=method, base=resolve_model_ref(str(base), None, "--base"), models=inputs,
+                     params=plan_params, out_dtype=dtype, tokenizer_source=tok, seed=seed,
+                     resize_vocab=resize_vocab, source=source)
 
 
 # --- per-tensor evaluation ----------------------------------------------------------------------

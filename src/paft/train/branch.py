@@ -15,6 +15,7 @@ import torch
 
 from paft.config import PaftConfig
 from paft.io import atomic_dir, write_json_atomic
+from paft.models.folders import is_adapter, is_model
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -252,16 +253,17 @@ def _start_model(cfg: PaftConfig, adapter: str, model_dir: Path, init: Path | No
     from paft.models import load_model
 
     start_dir = model_dir
-    init_is_adapter = init is not None and (Path(init) / "adapter_config.json").is_file()
+    init_is_adapter = init is not None and is_adapter(init)
     if init is not None and not init_is_adapter:
         start_dir = Path(init)  # a full fine-tuned model folder is the start model itself
     elif init_is_adapter and adapter == "qlora":
         # a 4-bit model is quantised while loading, so the adapter is merged into the float base on disk first
-        from paft.merge.engine import merge_into_base
+        from paft.merge.mergekit_config import plan_from_flags
+        from paft.merge.standalone import run_merge
 
         start_dir = out_dir / "start"
-        if not (start_dir / "config.json").is_file():
-            merge_into_base(model_dir, [str(init)], [1.0], "task_arithmetic", out_dir=start_dir, force=True)
+        if not is_model(start_dir):
+            run_merge(plan_from_flags(model_dir, [init], "task_arithmetic", source="qlora start"), start_dir, force=True)
     model = load_model(start_dir, cfg.model.dtype, device, cfg.model.trust_remote_code,
                        quantize_4bit=adapter == "qlora")
     if init_is_adapter and adapter != "qlora":
@@ -275,15 +277,14 @@ def branch_output(out_dir: Path) -> Path:
     """What a branch wrote: ``out_dir/adapter`` (LoRA, QLoRA), else ``out_dir/model`` (full fine-tuning) when
     present. The adapter wins: the pipeline writes the merged sequential baseline to ``sequential/model``."""
     adapter, full = Path(out_dir) / "adapter", Path(out_dir) / "model"
-    if (adapter / "adapter_config.json").is_file() or not (full / "config.json").is_file():
+    if is_adapter(adapter) or not is_model(full):
         return adapter
     return full
 
 
 def branch_done(out_dir: Path) -> bool:
     out = branch_output(out_dir)
-    marker = "config.json" if out.name == "model" else "adapter_config.json"
-    return (out / marker).is_file() and (out_dir / "train_summary.json").is_file()
+    return (is_model(out) if out.name == "model" else is_adapter(out)) and (out_dir / "train_summary.json").is_file()
 
 
 def read_summary(out_dir: Path) -> dict[str, Any]:
