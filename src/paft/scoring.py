@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
-import json
 import math
 import re
 import sys
@@ -28,6 +27,7 @@ import torch
 
 from paft.config import ScorerConfig
 from paft.errors import ConfigError, ModelError
+from paft.models.folders import adapter_base, adapter_config, classify, is_adapter
 
 Messages = list[dict[str, str]]
 
@@ -85,22 +85,18 @@ class RewardModelScorer:
         from paft.train.reward import load_reward_base, read_reward_summary
 
         root = Path(path)
-        adapter = root / "adapter" if (root / "adapter" / "adapter_config.json").is_file() else root
-        conf_path = adapter / "adapter_config.json"
-        if not conf_path.is_file():
+        adapter = root / "adapter" if is_adapter(root / "adapter") else root
+        conf = adapter_config(adapter)
+        if conf is None:
             raise ModelError(f"{root}: not a `paft reward` output (no adapter/adapter_config.json); "
                              "train one with `paft reward`")
-        conf = json.loads(conf_path.read_text())
-        if conf.get("task_type") != "SEQ_CLS":
+        if classify(adapter) != "reward":
             raise ModelError(f"{adapter}: a {conf.get('task_type')} adapter, not a reward model (SEQ_CLS, "
                              "as `paft reward` writes)")
-        named = conf.get("base_model_name_or_path")
-        if named and (Path(named) / "config.json").is_file():
-            base = Path(named)
-        elif base_model_dir is not None:
-            base = Path(base_model_dir)
-        else:
-            raise ModelError(f"{adapter}: its base model {named!r} is not a local folder; pass the base folder")
+        base = adapter_base(conf) or (Path(base_model_dir) if base_model_dir is not None else None)
+        if base is None:
+            raise ModelError(f"{adapter}: its base model {conf.get('base_model_name_or_path')!r} is not a local "
+                             "folder; pass the base folder")
         summary = read_reward_summary(root if adapter != root else root.parent)
         self.max_length = max_length or summary.get("max_length") or 1024
         self.max_prompt_length = min(max_prompt_length or summary.get("max_prompt_length") or self.max_length // 2,

@@ -10,7 +10,6 @@ held-out data, written to ``run.output_dir``/eval.json (``runs/eval`` unless ``-
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Callable
 from paft.config import PaftConfig
 from paft.errors import ModelError, PaftError
 from paft.eval.models import ModelSpec, evaluate_models, load_eval_tokenizer, needs_chat_template
+from paft.models.folders import adapter_base, adapter_config, classify, is_adapter
 
 DEFAULT_OUT = "runs/eval"
 
@@ -54,21 +54,18 @@ def folder_specs(inputs: list[Path], base: Path | None) -> list[ModelSpec]:
     for p in inputs:
         if not p.is_dir():
             raise ModelError(f"{p}: not a folder (paft eval takes a run config, or model / LoRA adapter folders)")
-        if (p / "adapter_config.json").is_file():
-            conf = json.loads((p / "adapter_config.json").read_text())
-            if conf.get("task_type") == "SEQ_CLS":
-                raise ModelError(f"{p}: a reward model (SEQ_CLS adapter), not a model to evaluate; "
-                                 f"use it as the scorer: --set eval.reward_model={p}")
-            named = conf.get("base_model_name_or_path")
-            if base is not None:
-                b = base
-            elif named and (Path(named) / "config.json").is_file():
-                b = Path(named)
-            else:
-                raise ModelError(f"{p}: a LoRA adapter on {named!r}, which is not a local model folder; "
-                                 "pass --base BASE (the model it was trained from)")
+        kind = classify(p)
+        if kind == "reward" and is_adapter(p):
+            raise ModelError(f"{p}: a reward model (SEQ_CLS adapter), not a model to evaluate; "
+                             f"use it as the scorer: --set eval.reward_model={p}")
+        if kind == "lora":
+            conf = adapter_config(p)
+            b = base if base is not None else adapter_base(conf)
+            if b is None:
+                raise ModelError(f"{p}: a LoRA adapter on {conf.get('base_model_name_or_path')!r}, which is not a "
+                                 "local model folder; pass --base BASE (the model it was trained from)")
             kinds.append((p, b, p, p if _has_tokenizer(p) else b))
-        elif (p / "config.json").is_file():
+        elif kind == "model":
             tok = p if _has_tokenizer(p) else base
             if tok is None:
                 raise ModelError(f"{p}: has no tokenizer files; pass --base BASE to use the base model's tokenizer")

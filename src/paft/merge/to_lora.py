@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from paft.errors import PaftError
-from paft.merge.deltas import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from paft.models.folders import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 _EMBED = re.compile(r"(embed_tokens|wte|word_embeddings|tok_embeddings)\.weight$")
 _PREFIX = "base_model.model."

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from paft.errors import ModelError
+from paft.models.folders import is_model
 
 ALIASES = ("smollm2-135m", "tiny")
 
@@ -22,7 +23,7 @@ def resolve_model_dir(name: str, revision: str | None = None, progress=None) -> 
         return ensure_tiny(cache_root())
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
+        if not is_model(path):
             raise ModelError(f"{path}: not a Hugging Face model folder (no config.json)")
         return path
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", "", 1):
