@@ -39,7 +39,7 @@ class MergeSpec:
     """Everything paft knows about a merge method, except its kernel."""
 
     name: str
-    paper: str
+    what: str  # what it does, with its paper (the README's methods table)
     normalize: bool  # default of ``normalize`` (divide by the summed weights of the entries kept)
     family: bool = True  # a task-arithmetic-family row; False: its own function in paft.merge.methods
     sparsifier: Sparsifier | None = None
@@ -72,30 +72,36 @@ def _rows(*specs: MergeSpec) -> dict[str, MergeSpec]:
     return {s.name: s for s in specs}
 
 
-_TA = "Ilharco et al. 2023, Editing Models with Task Arithmetic, arXiv 2212.04089"
-_TIES = "Yadav et al. 2023, TIES-Merging, arXiv 2306.01708"
-_DARE = "Yu et al. 2023, Language Models are Super Mario, arXiv 2311.03099"
-_CRUMBS = "Davari & Belilovsky 2023, Model Breadcrumbs, arXiv 2312.06795"
-_DELLA = "Deep et al. 2024, DELLA-Merging, arXiv 2406.11617"
-
-#: every merge method, by name; normalize defaults are mergekit's, except dare_ties (normalised, as PEFT's)
+#: every merge method, by name; ``what`` is its line in the README's table. normalize defaults are
+#: mergekit's, except dare_ties (normalised, as PEFT's dare_ties; mergekit's is not)
 MERGE_METHODS: dict[str, MergeSpec] = _rows(
-    MergeSpec("linear", "Wortsman et al. 2022, Model Soups, arXiv 2203.05482", normalize=True, reference=False),
-    MergeSpec("task_arithmetic", _TA, normalize=False, lambda_=True),
-    MergeSpec("ties", _TIES, normalize=True, sparsifier=MAGNITUDE, consensus=True, lambda_=True),
-    MergeSpec("dare_linear", _DARE, normalize=False, sparsifier=RANDOM, lambda_=True, rescale=True),
-    MergeSpec("dare_ties", _DARE, normalize=True, sparsifier=RANDOM, consensus=True, lambda_=True, rescale=True,
+    MergeSpec("linear", "Weighted average `sum_i w_i d_i / sum_i w_i` (Wortsman et al. 2022, Model Soups, "
+              "arXiv 2203.05482).", normalize=True, reference=False),
+    MergeSpec("task_arithmetic", "`sum_i w_i d_i` (Ilharco et al. 2023, Editing Models with Task Arithmetic, "
+              "arXiv 2212.04089).", normalize=False, lambda_=True),
+    MergeSpec("ties", "TIES-Merging (Yadav et al. 2023, arXiv 2306.01708): trim, elect sign, disjoint merge.",
+              normalize=True, sparsifier=MAGNITUDE, consensus=True, lambda_=True),
+    MergeSpec("dare_linear", "DARE (Yu et al. 2023, Language Models are Super Mario, arXiv 2311.03099), then "
+              "task arithmetic.", normalize=False, sparsifier=RANDOM, lambda_=True, rescale=True),
+    MergeSpec("dare_ties", "DARE drop-and-rescale (arXiv 2311.03099) followed by TIES sign election and disjoint "
+              "merge.", normalize=True, sparsifier=RANDOM, consensus=True, lambda_=True, rescale=True,
               mergekit_normalize=False),
-    MergeSpec("magnitude_prune", f"the trim of {_TIES}, then task arithmetic", normalize=False,
-              sparsifier=MAGNITUDE, lambda_=True),
-    MergeSpec("breadcrumbs", _CRUMBS, normalize=False, sparsifier=OUTLIERS, lambda_=True),
-    MergeSpec("breadcrumbs_ties", _CRUMBS, normalize=False, sparsifier=OUTLIERS, consensus=True, lambda_=True),
-    MergeSpec("della", _DELLA, normalize=True, sparsifier=DELLA, consensus=True, lambda_=True),
-    MergeSpec("della_linear", _DELLA, normalize=False, sparsifier=DELLA, lambda_=True),
-    MergeSpec("slerp", "Shoemake 1985, Animating Rotation with Quaternion Curves", normalize=False, family=False,
-              params=("t",), needs_base=True, reference=False, min_models=2, max_models=2),
-    MergeSpec("model_stock", "Jang et al. 2024, Model Stock, arXiv 2403.19522", normalize=False, family=False,
-              min_models=2),
+    MergeSpec("magnitude_prune", "TIES' magnitude trim per task, then task arithmetic, with no sign election.",
+              normalize=False, sparsifier=MAGNITUDE, lambda_=True),
+    MergeSpec("breadcrumbs", "Model Breadcrumbs (Davari & Belilovsky 2023, arXiv 2312.06795), then task "
+              "arithmetic.", normalize=False, sparsifier=OUTLIERS, lambda_=True),
+    MergeSpec("breadcrumbs_ties", "Model Breadcrumbs' mask (arXiv 2312.06795), then TIES sign election and "
+              "disjoint merge (arXiv 2306.01708).", normalize=False, sparsifier=OUTLIERS, consensus=True,
+              lambda_=True),
+    MergeSpec("della", "DELLA-Merging (Deep et al. 2024, arXiv 2406.11617): MagPrune, elect sign, disjoint "
+              "merge, scale.", normalize=True, sparsifier=DELLA, consensus=True, lambda_=True),
+    MergeSpec("della_linear", "DELLA's MagPrune (arXiv 2406.11617) without sign election: "
+              "`d = lambda_ * sum_i w_i m_i d_i / p_i`.", normalize=False, sparsifier=DELLA, lambda_=True),
+    MergeSpec("slerp", "Spherical interpolation of the two full weights (Shoemake 1985, Animating Rotation with "
+              "Quaternion Curves).", normalize=False, family=False, params=("t",), needs_base=True,
+              reference=False, min_models=2, max_models=2),
+    MergeSpec("model_stock", "Model Stock (Jang et al. 2024, arXiv 2403.19522): move the average toward the base "
+              "by the angle.", normalize=False, family=False, min_models=2),
 )
 
 SIGN_MODES = ("total", "count")
