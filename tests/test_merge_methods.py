@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +17,9 @@ from paft.merge import engine
 from paft.merge.deltas import checkpoint_deltas, lora_deltas, open_state
 from paft.merge.mergekit_config import plan_from_flags
 from paft.merge.standalone import run_merge
-from paft.merge.methods import (MERGE_METHODS, check_merge_args, dare_drop, della_drop, della_keep_probs,
-                                drop_outliers, elect_sign, merge_deltas, tensor_generator, trim_magnitude)
+from paft.merge.methods import (MERGE_METHODS, OWN_FUNCTIONS, check_merge_args, dare_drop, della_drop,
+                                della_keep_probs, drop_outliers, elect_sign, merge_deltas, tensor_generator,
+                                trim_magnitude)
 
 T = torch.tensor
 D1 = T([[1.0, -2.0, 3.0], [0.5, 0.0, -1.0]])
@@ -41,7 +43,34 @@ def close(a, b, tol=1e-6):
 
 def test_registry():
     assert set(MERGE_METHODS) == {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "magnitude_prune",
-                                  "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock"}
+                                  "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sign_consensus",
+                                  "slerp", "model_stock"}
+
+
+def test_table_rows_describe_the_methods():
+    """The row is the method: what it reads, how it combines, which path runs it, its README line."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name, spec in MERGE_METHODS.items():
+        assert spec.name == name and f"| `{name}` | {spec.what} |" in readme, name
+        assert spec.family == (name not in OWN_FUNCTIONS)
+    ties, crumbs, della, slerp = (MERGE_METHODS[n] for n in ("ties", "breadcrumbs", "della", "slerp"))
+    assert ties.sparsifier.name == "magnitude" and ties.consensus and ties.normalize and ties.streams
+    assert crumbs.uses == ("gamma", "lambda_") and della.uses == ("epsilon", "lambda_") and not della.streams
+    assert slerp.uses == ("t",) and slerp.needs_base and not slerp.reference and slerp.needs_base_model
+    assert not MERGE_METHODS["linear"].needs_base_model and MERGE_METHODS["model_stock"].reference
+    assert MERGE_METHODS["dare_ties"].mergekit_normalize is False and MERGE_METHODS["ties"].mergekit_normalize is None
+    assert [n for n, s in MERGE_METHODS.items() if s.rescale] == ["dare_linear", "dare_ties"]
+
+
+def test_sign_consensus_is_one_row_hand_computed():
+    # weighted: D1, D2, 2*D3; elected sign of their sum [[1, 0, 3], [-3, -1, 0.5]] -> [[+, +, +], [-, -, +]];
+    # each entry sums the weighted deltas of its sign (a zero never agrees), with no trim
+    out = merge_deltas("sign_consensus", [D1, D2, D3], [1, 1, 2])
+    assert torch.equal(out, T([[2.0, 2.0, 5.0], [-4.0, -3.0, 1.5]]))
+    # normalize divides by the agreeing weights: (0,0) D1 and D3 agree, 2 / (1 + 2); lambda scales the result
+    norm = merge_deltas("sign_consensus", [D1, D2, D3], [1, 1, 2], normalize=True, lambda_=0.5)
+    assert close(norm, 0.5 * T([[2 / 3, 2 / 3, 5 / 2], [-4 / 2, -3 / 1, 1.5 / 3]]))
+    assert torch.equal(out, merge_deltas("ties", [D1, D2, D3], [1, 1, 2], normalize=False))  # ties at density 1
 
 
 def test_linear_and_task_arithmetic():

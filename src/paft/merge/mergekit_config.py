@@ -196,11 +196,12 @@ def load_mergekit_yaml(path: str | Path) -> MergePlan:
 
 def _model_input(ref: str, rel: Path | None, key: str, params: dict) -> ModelInput:
     """``ref`` resolved to a folder; ``BASE+ADAPTER`` (mergekit's LoRA syntax) to a model and its adapter."""
+    where = f"{key}.model" if rel is not None else key  # a YAML entry, or a flag
     if "+" in ref and not Path(ref).exists():
         model_ref, lora_ref = ref.split("+", 1)
-        return ModelInput(ref, resolve_model_ref(model_ref, rel, f"{key}.model" if rel is not None else key),
-                          resolve_model_ref(lora_ref, rel, f"{key}.model (LoRA part)" if rel is not None else key), params, key)
-    return ModelInput(ref, resolve_model_ref(ref, rel, f"{key}.model" if rel is not None else key), None, params, key)
+        lora = resolve_model_ref(lora_ref, rel, f"{where} (LoRA part)" if rel is not None else key)
+        return ModelInput(ref, resolve_model_ref(model_ref, rel, where), lora, params, key)
+    return ModelInput(ref, resolve_model_ref(ref, rel, where), None, params, key)
 
 
 #: paft's keyword -> mergekit's parameter name (``lambda_`` -> ``lambda``)

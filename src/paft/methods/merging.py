@@ -97,6 +97,8 @@ MERGE_METHODS: dict[str, MergeSpec] = _rows(
               "merge, scale.", normalize=True, sparsifier=DELLA, consensus=True, lambda_=True),
     MergeSpec("della_linear", "DELLA's MagPrune (arXiv 2406.11617) without sign election: "
               "`d = lambda_ * sum_i w_i m_i d_i / p_i`.", normalize=False, sparsifier=DELLA, lambda_=True),
+    MergeSpec("sign_consensus", "TIES' sign election and disjoint merge (arXiv 2306.01708) on untrimmed deltas, "
+              "summed as in task arithmetic.", normalize=False, consensus=True, lambda_=True),
     MergeSpec("slerp", "Spherical interpolation of the two full weights (Shoemake 1985, Animating Rotation with "
               "Quaternion Curves).", normalize=False, family=False, params=("t",), needs_base=True,
               reference=False, min_models=2, max_models=2),

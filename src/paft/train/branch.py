@@ -263,7 +263,8 @@ def _start_model(cfg: PaftConfig, adapter: str, model_dir: Path, init: Path | No
 
         start_dir = out_dir / "start"
         if not is_model(start_dir):
-            run_merge(plan_from_flags(model_dir, [init], "task_arithmetic", source="qlora start"), start_dir, force=True)
+            run_merge(plan_from_flags(model_dir, [init], "task_arithmetic", source="qlora start"), start_dir,
+                      force=True)
     model = load_model(start_dir, cfg.model.dtype, device, cfg.model.trust_remote_code,
                        quantize_4bit=adapter == "qlora")
     if init_is_adapter and adapter != "qlora":
