@@ -135,7 +135,7 @@ def sparsity_cmd(
                                                                      "at most 4)")] = None):
     """Share of near-zero delta entries: of a run's branches (RUN/sparsity.json), or of any models vs --base."""
     if base is not None:
-        from paft.merge.cli_support import print_sparsity_table, standalone_sparsity
+        from paft.sparsity import print_sparsity_table, standalone_sparsity
 
         if set_ or preset:
             raise PaftError("--set/--preset apply to a paft run config, not to `paft sparsity ... --base`")

@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
 import torch
+from rich.table import Table
 
-from paft.errors import PaftError
+from paft.errors import ConfigError, PaftError
 from paft.io import atomic_dir, write_json_atomic
+from paft.merge.cli_support import parse_floats
 from paft.merge.deltas import LoraDeltas, open_source, open_state
 from paft.merge.engine import default_workers, ordered_map
+from paft.progress import console
 
 ABSOLUTE = (1e-6, 1e-5, 1e-4)
 RELATIVE = (1e-3, 1e-2)
@@ -210,3 +213,37 @@ def compare_sparsity(paths: list[str | Path], base_dir: str | Path, out_dir: str
             write_json_atomic(tmp / "sparsity.json", {"base": str(base_dir), "inputs": results})
             plot_sparsity(results, tmp / "sparsity.png")
     return results
+
+
+def standalone_sparsity(inputs: list[Path], base: Path, out: Path | None, force: bool, absolute: str | None,
+                        relative: str | None, workers: int | None) -> dict:
+    if not inputs:
+        raise ConfigError("give one or more model or adapter folders to measure against --base")
+    abs_t = parse_floats(absolute, "--abs") or list(ABSOLUTE)
+    rel_t = parse_floats(relative, "--rel") or list(RELATIVE)
+    return compare_sparsity(inputs, base, out, absolute=abs_t, relative=rel_t, workers=workers, force=force)
+
+
+def print_sparsity_table(results: dict, out: Path | None) -> None:
+    """Rows: overall, module types, layers; one column per input; each cell the shares at every threshold."""
+    first = next(iter(results.values()))
+    keys = [k for k in first["overall"] if "<=" in k]
+    table = Table(title=f"share of delta entries with |δ| at or under: {' / '.join(keys)}")
+    table.add_column("group")
+    for name, res in results.items():
+        table.add_column(f"{name} ({res['kind']})", justify="right")
+    rows = [("overall", lambda r: r["overall"])]
+    types = sorted({t for r in results.values() for t in r["by_type"]})
+    rows += [(t, lambda r, t=t: r["by_type"].get(t)) for t in types]
+    layers = list(dict.fromkeys(k for r in results.values() for k in r["by_layer"]))
+    rows += [(f"layer {k}" if k != "other" else "outside layers", lambda r, k=k: r["by_layer"].get(k))
+             for k in layers]
+    for label, get in rows:
+        cells = []
+        for res in results.values():
+            s = get(res)
+            cells.append("-" if s is None else " / ".join(f"{s[k]:.3f}" for k in keys))
+        table.add_row(label, *cells)
+    console.print(table)
+    if out is not None:
+        console.print(f"wrote {out / 'sparsity.json'} and {out / 'sparsity.png'}", highlight=False)

@@ -1,9 +1,8 @@
-"""The standalone modes of `paft merge` and `paft sparsity` (cli.py only dispatches to these).
+"""The standalone mode of `paft merge` (cli.py only dispatches to it).
 
 Dispatch: a positional YAML with a top-level ``merge_method`` is a mergekit
 config; ``--base``/``--models`` flags mean flag mode; anything else is a paft
-run config acting on a run folder, as before. ``paft sparsity`` with ``--base``
-measures the positional model/adapter folders.
+run config acting on a run folder, as before.
 """
 
 from __future__ import annotations
@@ -12,8 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
 from paft.errors import ConfigError
+from paft.merge.mergekit_config import GLOBAL_PARAMS, is_mergekit_yaml, load_mergekit_yaml, plan_from_flags
+from paft.merge.standalone import run_merge
+from paft.progress import console
 
 #: flags that only make sense for a standalone merge
 STANDALONE_FLAGS = ("--base", "--models", "--method", "--density", "--weights", "--dtype", "--tokenizer-source",
@@ -22,8 +25,6 @@ STANDALONE_FLAGS = ("--base", "--models", "--method", "--density", "--weights", 
 
 def merge_mode(config: Path | None, base: Path | None, models: list[str] | None) -> str:
     """``mergekit``, ``flags`` or ``run``."""
-    from paft.merge.mergekit_config import is_mergekit_yaml
-
     if config is not None and is_mergekit_yaml(config):
         if base is not None or models:
             raise ConfigError(f"{config}: a mergekit config names its models; drop --base/--models "
@@ -41,7 +42,7 @@ def _split(values: list[str] | None) -> list[str]:
     return [v.strip() for item in values or [] for v in item.split(",") if v.strip()]
 
 
-def _floats(text: str | None, flag: str) -> list[float] | None:
+def parse_floats(text: str | None, flag: str) -> list[float] | None:
     if text is None:
         return None
     try:
@@ -57,8 +58,6 @@ def _params(items: list[str] | None) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ConfigError(f"--param: expected key=value (e.g. normalize=false, lambda=0.9), got {item!r}")
         out[key.strip()] = yaml.safe_load(value)
-    from paft.merge.mergekit_config import GLOBAL_PARAMS
-
     for key in out:
         if key not in GLOBAL_PARAMS:
             raise ConfigError(f"--param {key}: unknown; known: {', '.join(GLOBAL_PARAMS)}")
@@ -69,11 +68,6 @@ def standalone_merge(mode: str, config: Path | None, *, out: Path | None, force:
                      models: list[str] | None, method: str | None, density: str | None, weights: str | None,
                      dtype: str | None, tokenizer_source: str | None, seed: int | None, to_lora: int | None,
                      resize_vocab: bool, workers: int | None, params: list[str] | None) -> dict:
-    from paft.merge.mergekit_config import load_mergekit_yaml
-    from paft.merge.mergekit_config import plan_from_flags
-    from paft.merge.standalone import run_merge
-    from paft.progress import console
-
     if out is None:
         raise ConfigError("--out: give the output folder of the merged model")
     if mode == "mergekit":
@@ -92,11 +86,10 @@ def standalone_merge(mode: str, config: Path | None, *, out: Path | None, force:
     else:
         if base is None:
             raise ConfigError("--base: give the base model folder the models were fine-tuned from")
-        plan = plan_from_flags(str(base), _split(models), method or "ties", weights=_floats(weights, "--weights"),
-                               density=_floats(density, "--density"), params=_params(params), dtype=dtype,
-                               tokenizer_source=tokenizer_source, seed=seed or 0, resize_vocab=resize_vocab)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
+        plan = plan_from_flags(str(base), _split(models), method or "ties",
+                               weights=parse_floats(weights, "--weights"), density=parse_floats(density, "--density"),
+                               params=_params(params), dtype=dtype, tokenizer_source=tokenizer_source, seed=seed or 0,
+                               resize_vocab=resize_vocab)
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("to-lora" if to_lora else "merge", total=None)
@@ -106,8 +99,6 @@ def standalone_merge(mode: str, config: Path | None, *, out: Path | None, force:
 
 
 def print_merge_summary(summary: dict) -> None:
-    from paft.progress import console
-
     lines = [f"merged {summary['tensors_merged']}/{summary['tensors_total']} tensors of "
              f"{len(summary['models'])} input(s) with {summary['method']} in {summary['seconds']:.1f} s "
              f"({summary['workers']} workers) -> {summary['out_dir']}"]
@@ -119,43 +110,3 @@ def print_merge_summary(summary: dict) -> None:
             lines.append(f"left out (not matrices): {', '.join(r['dropped_non_matrix'])}")
     for line in lines:
         console.print(line, highlight=False)
-
-
-def standalone_sparsity(inputs: list[Path], base: Path, out: Path | None, force: bool, absolute: str | None,
-                        relative: str | None, workers: int | None) -> dict:
-    from paft.sparsity import ABSOLUTE, RELATIVE, compare_sparsity
-
-    if not inputs:
-        raise ConfigError("give one or more model or adapter folders to measure against --base")
-    abs_t = _floats(absolute, "--abs") or list(ABSOLUTE)
-    rel_t = _floats(relative, "--rel") or list(RELATIVE)
-    return compare_sparsity(inputs, base, out, absolute=abs_t, relative=rel_t, workers=workers, force=force)
-
-
-def print_sparsity_table(results: dict, out: Path | None) -> None:
-    """Rows: overall, module types, layers; one column per input; each cell the shares at every threshold."""
-    from rich.table import Table
-
-    from paft.progress import console
-
-    first = next(iter(results.values()))
-    keys = [k for k in first["overall"] if "<=" in k]
-    table = Table(title=f"share of delta entries with |δ| at or under: {' / '.join(keys)}")
-    table.add_column("group")
-    for name, res in results.items():
-        table.add_column(f"{name} ({res['kind']})", justify="right")
-    rows = [("overall", lambda r: r["overall"])]
-    types = sorted({t for r in results.values() for t in r["by_type"]})
-    rows += [(t, lambda r, t=t: r["by_type"].get(t)) for t in types]
-    layers = list(dict.fromkeys(k for r in results.values() for k in r["by_layer"]))
-    rows += [(f"layer {k}" if k != "other" else "outside layers", lambda r, k=k: r["by_layer"].get(k))
-             for k in layers]
-    for label, get in rows:
-        cells = []
-        for res in results.values():
-            s = get(res)
-            cells.append("-" if s is None else " / ".join(f"{s[k]:.3f}" for k in keys))
-        table.add_row(label, *cells)
-    console.print(table)
-    if out is not None:
-        console.print(f"wrote {out / 'sparsity.json'} and {out / 'sparsity.png'}", highlight=False)
