@@ -27,6 +27,7 @@ import torch
 from paft.errors import PaftError
 from paft.methods.merging import MERGE_METHODS, PARAM_DEFAULTS, MergeSpec, check_merge_args, densities
 
+
 def tensor_generator(seed: int, name: str) -> torch.Generator:
     """A CPU generator seeded from ``seed`` and a blake2b hash of the tensor name.
 
@@ -127,7 +128,7 @@ def merge_deltas(method: str, deltas: list[torch.Tensor], weights: list[float], 
     return combine_(spec, stacked, weights, normalize=normalize, majority_sign=majority_sign, lambda_=lambda_)
 
 
-# --- building blocks ---------------------------------------------------------------------------
+# --- sparsifiers: each thins one delta ------------------------------------------------------------
 
 def _top_mask(mag: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the ``k`` largest entries of the flat ``mag``; ties go to the lowest flat index.
@@ -249,6 +250,8 @@ def sparsify(spec: MergeSpec, delta: torch.Tensor, density: float, **kw: object)
     return delta if spec.sparsifier is None else _SPARSIFY[spec.sparsifier.name](delta, density, **kw)
 
 
+# --- the family's combine: weight, consensus, normalize, lambda ------------------------------------
+
 Scratch = Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor]
 
 
@@ -318,6 +321,8 @@ def combine_(spec: MergeSpec, x: torch.Tensor, weights: Sequence[float], *, norm
         merged.mul_(lambda_)
     return merged
 
+
+# --- methods of their own -------------------------------------------------------------------------
 
 _CHUNK = 1 << 22
 

@@ -1,4 +1,9 @@
-"""`paft merge CONFIG.yaml --out DIR` / `paft merge --base B --models ...`: merge your own checkpoints.
+"""The one merge entry point, :func:`run_merge` on a :class:`~paft.merge.mergekit_config.MergePlan`.
+
+The plan comes from a mergekit YAML (`paft merge CONFIG.yaml`), from flags
+(`paft merge --base B --models ...`) or from a run's merge section (the
+pipeline, the sequential baseline and the QLoRA start model build it with
+:func:`~paft.merge.mergekit_config.plan_from_flags`).
 
 Inputs are full checkpoints (Hugging Face folders, single-file or sharded
 safetensors) and PEFT LoRA adapters on the shared base, mixed freely. Everything

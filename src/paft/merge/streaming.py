@@ -1,8 +1,10 @@
 """The task-arithmetic family merged a block of rows at a time, with the whole-tensor results of ``methods.py``.
 
-linear, task_arithmetic, ties, magnitude_prune, dare_linear, dare_ties,
-breadcrumbs and breadcrumbs_ties act entry by entry once two things are known
-per delta: a magnitude threshold (the trim methods) or a random mask (DARE).
+The methods whose row streams (``MergeSpec.streams``: no sparsifier, magnitude,
+magnitude_outliers or random) act entry by entry once two things are known
+per delta: a magnitude threshold (the trim methods) or a random mask (DARE);
+the weighting and combine are :func:`paft.merge.methods.combine_`, the same
+in-place kernel as the whole-tensor path, on per-thread scratch buffers.
 So a tensor is cut into chunks of whole rows (about ``CHUNK_NUMEL`` entries),
 the chunks run on a thread pool with per-thread buffers that are reused from
 tensor to tensor, and each chunk's result is written straight to its offset in
