@@ -234,7 +234,7 @@ def plan_from_flags(base: str | Path, models: list[str | Path], method: str, *,
             p["density"] = density[i if len(density) == n else 0]
         inputs.append(_model_input(str(ref), None, f"--models[{i}]", p))
     plan_params = {_MERGEKIT_NAME.get(k, k): v for k, v in (params or {}).items()}
-    allowed = {**MODEL_PARAMS, **GLOBAL_PARAMS}
+    allowed = [k for k in {**MODEL_PARAMS, **GLOBAL_PARAMS} if k not in ("weight", "density")]  # arguments here
     if unknown := [k for k in plan_params if k not in allowed]:
         raise ConfigError(f"{source}: unknown merge parameter {unknown[0]!r}; known: {', '.join(allowed)}")
     tok = tokenizer_source or "base"
