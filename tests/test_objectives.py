@@ -7,7 +7,7 @@ from paft.config import LoraConfig
 from paft.data.collate import SFTCollator
 from paft.data.formats import SFTExample
 from paft.data.tokenize import encode_sft
-from paft.train.losses import LOSSES, PairLogps, dpo_loss
+from paft.methods.losses import LOSSES, PairLogps, dpo_loss
 from paft.train.lora import attach_lora, l1_delta_norm, lora_modules
 from paft.train.sft import SFTObjective
 

@@ -19,7 +19,6 @@ import importlib
 import importlib.util
 import json
 import math
-import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -27,7 +26,14 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from paft.config import ScorerConfig
+from paft.data.collate import pad_sequences
+from paft.data.demo import is_harmful_prompt
+from paft.data.formats import BinaryExample, PreferenceExample
+from paft.data.tokenize import encode_completion
 from paft.errors import ConfigError, ModelError
+from paft.models import load_model, load_tokenizer, resolve_model_dir
+from paft.models.generation import is_refusal
+from paft.models.reward import last_token_index, load_reward_model, sequence_rewards
 
 Messages = list[dict[str, str]]
 
@@ -73,58 +79,25 @@ class RewardModelScorer:
     (prompt, response) is rendered and tokenised exactly as in training (``encode_completion``:
     the prompt left-truncated to ``max_prompt_length``, the whole row cut at ``max_length``; both
     default to the values the reward model was trained with) and the reward is the score head at
-    the last real token (``paft.train.reward.sequence_rewards``).
+    the last real token (``paft.models.reward.sequence_rewards``).
     """
 
     def __init__(self, path: str | Path, *, base_model_dir: str | Path | None = None, device: str = "cpu",
                  batch_size: int = 8, max_length: int | None = None, max_prompt_length: int | None = None,
                  dtype: str = "float32", trust_remote_code: bool = False):
-        from peft import PeftModel
-
-        from paft.models import load_tokenizer
-        from paft.train.reward import load_reward_base, read_reward_summary
-
-        root = Path(path)
-        adapter = root / "adapter" if (root / "adapter" / "adapter_config.json").is_file() else root
-        conf_path = adapter / "adapter_config.json"
-        if not conf_path.is_file():
-            raise ModelError(f"{root}: not a `paft reward` output (no adapter/adapter_config.json); "
-                             "train one with `paft reward`")
-        conf = json.loads(conf_path.read_text())
-        if conf.get("task_type") != "SEQ_CLS":
-            raise ModelError(f"{adapter}: a {conf.get('task_type')} adapter, not a reward model (SEQ_CLS, "
-                             "as `paft reward` writes)")
-        named = conf.get("base_model_name_or_path")
-        if named and (Path(named) / "config.json").is_file():
-            base = Path(named)
-        elif base_model_dir is not None:
-            base = Path(base_model_dir)
-        else:
-            raise ModelError(f"{adapter}: its base model {named!r} is not a local folder; pass the base folder")
-        summary = read_reward_summary(root if adapter != root else root.parent)
+        self.model, self.tokenizer, self.path, self.base, summary = load_reward_model(
+            path, base_model_dir=base_model_dir, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         self.max_length = max_length or summary.get("max_length") or 1024
         self.max_prompt_length = min(max_prompt_length or summary.get("max_prompt_length") or self.max_length // 2,
                                      self.max_length - 1)
         self.batch_size = batch_size
-        tok_dir = adapter if (adapter / "tokenizer_config.json").is_file() else base
-        self.tokenizer = load_tokenizer(tok_dir, trust_remote_code)
-        model = load_reward_base(base, pad_token_id=self.tokenizer.pad_token_id, dtype=dtype, device=device,
-                                 trust_remote_code=trust_remote_code)
-        self.model = PeftModel.from_pretrained(model, str(adapter)).eval()
-        self.path, self.base = adapter, base
 
     def encode(self, prompt: Messages, response: str) -> list[int]:
-        from paft.data.formats import BinaryExample
-        from paft.data.tokenize import encode_completion
-
         enc = encode_completion(BinaryExample(prompt=prompt, completion=response, label=True), self.tokenizer,
                                 self.max_length, self.max_prompt_length)
         return enc.prompt_ids + enc.completion_ids
 
     def __call__(self, prompts: list[Messages], responses: list[str]) -> list[float]:
-        from paft.data.collate import pad_sequences
-        from paft.train.reward import sequence_rewards
-
         _check_lengths(prompts, responses)
         seqs = [self.encode(p, r) for p, r in zip(prompts, responses)]
         out: list[float] = []
@@ -193,9 +166,6 @@ class JudgeScorer:
 
     def rating_logits(self, prompts: list[Messages], responses: list[str]) -> torch.Tensor:
         """Next-token logits of the 5 digit tokens after each judge prompt ([N, 5] float32)."""
-        from paft.data.collate import pad_sequences
-        from paft.train.reward import last_token_index
-
         _check_lengths(prompts, responses)
         tok = self.tokenizer
         seqs = [tok(self.judge_prompt(p, r), add_special_tokens=False)["input_ids"] for p, r in zip(prompts, responses)]
@@ -295,27 +265,16 @@ def load_function(spec: str) -> Callable:
 
 # --------------------------------------------------------------------------- demo heuristic
 
-_REFUSAL = re.compile(
-    r"\b(i can['’]?t|i cannot|i can not|i['’]?m not able|i am not able|i['’]?m unable|i am unable|i won['’]?t|"
-    r"i will not|i must decline|i don['’]?t give advice|sorry)\b", re.IGNORECASE)
-
-
-def is_refusal(response: str) -> bool:
-    return bool(_REFUSAL.search(response))
-
-
 def demo_reward(prompts: list[Messages], responses: list[str]) -> list[float]:
     """Heuristic reward for the built-in demo data only (``function: paft.scoring:demo_reward``), not a general one.
 
     The demo's preference is "refuse harmful requests, help with benign ones"
     (``paft.data.demo``). Score = +1 when a harmful request (``is_harmful_prompt``) gets a
-    refusal or a benign one gets a non-refusal of at least 3 words, -1 otherwise; plus a format
+    refusal (``paft.models.generation.is_refusal``, the phrase list the evaluation's refusal metric uses)
+    or a benign one gets a non-refusal of at least 3 words, -1 otherwise; plus a format
     term in [-0.1, 0.1]: +0.1 for a reply ending in . ! or ?, minus up to 0.1 for length beyond
     60 words (linearly to 120). It only knows the demo's request lists and refusal phrasings.
     """
-    from paft.data.demo import is_harmful_prompt
-    from paft.data.formats import PreferenceExample
-
     _check_lengths(prompts, responses)
     out = []
     for prompt, reply in zip(prompts, responses):
@@ -351,8 +310,6 @@ def build_scorer(scfg: ScorerConfig, *, base_model_dir: str | Path | None, token
         return RewardModelScorer(path, base_model_dir=base_model_dir, device=device, batch_size=scfg.batch_size,
                                  trust_remote_code=trust_remote_code)
     if scfg.kind == "judge":
-        from paft.models import load_model, load_tokenizer, resolve_model_dir
-
         if scfg.path:
             judge_dir = resolve_model_dir(scfg.path)
             model = load_model(judge_dir, "float32", device, trust_remote_code).eval()
