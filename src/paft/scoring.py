@@ -32,7 +32,7 @@ from paft.data.formats import BinaryExample, PreferenceExample
 from paft.data.tokenize import encode_completion
 from paft.errors import ConfigError, ModelError
 from paft.models import load_model, load_tokenizer, resolve_model_dir
-from paft.models.generation import is_refusal
+from paft.models.generation import eval_mode, is_refusal
 from paft.models.reward import last_token_index, load_reward_model, sequence_rewards
 
 Messages = list[dict[str, str]]
@@ -49,24 +49,6 @@ def _check_lengths(prompts: Sequence, responses: Sequence) -> None:
 
 def _device_of(model) -> torch.device:
     return next(model.parameters()).device
-
-
-class _EvalMode:
-    """Eval mode and no grad for the block; the model's train/eval mode is restored after."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        self.was_training = self.model.training
-        self.no_grad = torch.no_grad()
-        self.no_grad.__enter__()
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc):
-        self.model.train(self.was_training)
-        self.no_grad.__exit__(*exc)
 
 
 # --------------------------------------------------------------------------- reward model
@@ -102,7 +84,7 @@ class RewardModelScorer:
         seqs = [self.encode(p, r) for p, r in zip(prompts, responses)]
         out: list[float] = []
         device = _device_of(self.model)
-        with _EvalMode(self.model):
+        with eval_mode(self.model):
             for i in range(0, len(seqs), self.batch_size):
                 batch = pad_sequences(seqs[i:i + self.batch_size], self.tokenizer.pad_token_id)
                 r = sequence_rewards(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
@@ -172,7 +154,7 @@ class JudgeScorer:
         device = _device_of(self.model)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         out = []
-        with _EvalMode(self.model):
+        with eval_mode(self.model):
             for i in range(0, len(seqs), self.batch_size):
                 batch = pad_sequences(seqs[i:i + self.batch_size], pad)  # right padding: no position shift
                 ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)

@@ -6,12 +6,23 @@ One generation loop for evaluation (greedy) and online training (sampled, k per 
 from __future__ import annotations
 
 import re
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
 
-@torch.no_grad()
+@contextmanager
+def eval_mode(model):
+    """Eval mode and no grad for the block; the model's train/eval mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
 def generate_replies(model, tok, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int,
                      max_prompt_tokens: int, k: int = 1, temperature: float | None = None, top_p: float = 1.0,
                      seed: int = 0, use_adapter: bool = True, progress=None) -> list[str]:
@@ -26,15 +37,13 @@ def generate_replies(model, tok, prompts: list[list[dict]], *, max_new_tokens: i
     if not prompts:
         return []
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     side, tok.padding_side = tok.padding_side, "left"
     sampling = {"do_sample": False} if temperature is None else {
         "do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
     replies: list[str] = []
     ctx = nullcontext() if use_adapter or not hasattr(model, "disable_adapter") else model.disable_adapter()
     try:
-        with ctx:
+        with eval_mode(model), ctx:
             per = max(1, batch_size // k)  # prompts per batch: k rows each
             for i in range(0, len(prompts), per):
                 chunk = prompts[i : i + per]
@@ -51,7 +60,6 @@ def generate_replies(model, tok, prompts: list[list[dict]], *, max_new_tokens: i
                     progress(len(chunk))
     finally:
         tok.padding_side = side
-        model.train(was_training)
     return replies
 
 

@@ -39,6 +39,7 @@ from paft.data.tokenize import encode_pair
 from paft.errors import DataError
 from paft.io import write_json_atomic
 from paft.models import load_tokenizer
+from paft.models.generation import eval_mode
 from paft.models.reward import load_reward_base, sequence_rewards
 from paft.train.trainer import Harness, resolve_bf16, start_training
 
@@ -154,23 +155,18 @@ def encode_pairs(pairs: list, tok, max_length: int, max_prompt_length: int) -> l
     return out
 
 
-@torch.no_grad()
 def pair_rewards(model, rows: list, pad_id: int, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of the chosen and of the rejected reply of each encoded pair (eval mode, no grad)."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     collate = RewardPairCollator(pad_id)
     chosen, rejected = [], []
-    try:
+    with eval_mode(model):
         for i in range(0, len(rows), batch_size):
             batch = {k: v.to(device) for k, v in collate(rows[i:i + batch_size]).items()}
             r = sequence_rewards(model, batch["input_ids"], batch["attention_mask"]).cpu()
             n = r.shape[0] // 2
             chosen.append(r[:n])
             rejected.append(r[n:])
-    finally:
-        model.train(was_training)
     return torch.cat(chosen), torch.cat(rejected)
 
 
