@@ -28,7 +28,8 @@ class Offline:
 
     @property
     def params(self) -> dict[str, Any]:
-        return {}
+        """The schedule's hyper-parameters (``preference.params`` keys) and their values."""
+        return asdict(self)
 
     def scorer_kind(self, configured: str) -> str | None:
         """The kind of scorer the schedule rates replies with (None: it samples nothing)."""
@@ -47,10 +48,6 @@ class Staged(Offline):
 
     kind: ClassVar[str] = "staged"
     stages: int = 2
-
-    @property
-    def params(self) -> dict[str, Any]:
-        return {"stages": self.stages}
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,9 @@ def generate_replies(model, tok, prompts: list[list[dict]], *, max_new_tokens: i
     in prompt order (prompt 0's k replies, then prompt 1's...).
 
     Greedy when ``temperature`` is None; else sampled (``top_p``, no top-k), seeded per batch from ``seed``.
-    The chat template with its generation prompt is applied; prompts are left-padded so every row's reply
-    starts at the same position (as ``paft.data.tokenize.prompt_text`` renders them), and truncated to ``max_prompt_tokens``. The model runs in eval mode (its
-    mode is restored after), with its PEFT adapter disabled when ``use_adapter`` is False.
+    The chat template with its generation prompt is applied (as ``paft.data.tokenize.prompt_text``); prompts
+    are left-padded so every row's reply starts at the same position, and truncated to ``max_prompt_tokens``.
+    The model runs in eval mode (restored after), its PEFT adapter disabled when ``use_adapter`` is False.
     """
     if not prompts:
         return []

@@ -61,14 +61,13 @@ def train_online(*, cfg, model, tok, objective, prompts: list[list[dict]], score
         n_samples = schedule.candidates or o.samples_per_prompt
         report({"branch": name, "note": f"round {r + 1}/{rounds}: sampling {n_samples} replies for "
                                         f"{len(chosen_prompts)} prompts"})
-        flat_replies = generate_replies(model, tok, chosen_prompts, k=n_samples, max_new_tokens=o.max_new_tokens,
-                                        temperature=o.temperature, top_p=o.top_p, max_prompt_tokens=d.max_prompt_length,
-                                        batch_size=max(o.scorer.batch_size, n_samples), seed=cfg.run.seed + 1000 * r,
-                                        use_adapter=schedule.sample_from == "policy")
-        replies = [flat_replies[i * n_samples:(i + 1) * n_samples] for i in range(len(chosen_prompts))]
-        flat_prompts = [pp for pp in chosen_prompts for _ in range(n_samples)]
-        flat_scores = list(scorer(flat_prompts, flat_replies))
-        scores = [flat_scores[i * n_samples:(i + 1) * n_samples] for i in range(len(chosen_prompts))]
+        flat_replies = generate_replies(
+            model, tok, chosen_prompts, k=n_samples, max_new_tokens=o.max_new_tokens, temperature=o.temperature,
+            top_p=o.top_p, max_prompt_tokens=d.max_prompt_length, batch_size=max(o.scorer.batch_size, n_samples),
+            seed=cfg.run.seed + 1000 * r, use_adapter=schedule.sample_from == "policy")
+        flat_scores = list(scorer([pp for pp in chosen_prompts for _ in range(n_samples)], flat_replies))
+        replies, scores = ([xs[i * n_samples:(i + 1) * n_samples] for i in range(len(chosen_prompts))]
+                           for xs in (flat_replies, flat_scores))
         pairs, records = [], []
         for pp, rs, sc in zip(chosen_prompts, replies, scores):
             idx = schedule.selection.select(sc, rng)
