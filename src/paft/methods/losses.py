@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from paft.errors import ConfigError, DataError
-from paft.methods.schedules import Offline, Online, RejectionSampling, Staged
+from paft.methods.schedules import Online, RejectionSampling, Schedule, Staged
 
 
 @dataclass
@@ -130,14 +130,14 @@ class LossSpec:
     # (whose default, 0.1, is DPO's). None where the paper uses no beta or no single value.
     paper_beta: float | None = None
     # how training proceeds (paft.methods.schedules): offline, staged (sDPO) or online rounds
-    schedule: Offline = Offline()
+    schedule: Schedule = Schedule()
 
     @property
     def params(self) -> dict[str, Any]:
         """Every hyper-parameter ``preference.params`` can set: the loss's and the schedule's, with defaults."""
         return {**self.defaults, **self.schedule.params}
 
-    def configure(self, params: dict[str, Any]) -> tuple[dict[str, Any], Offline]:
+    def configure(self, params: dict[str, Any]) -> tuple[dict[str, Any], Schedule]:
         """(the loss's keyword arguments, the schedule) for the user's ``preference.params``."""
         schedule, rest = self.schedule.with_params(params)
         return {**self.defaults, **rest}, schedule
@@ -147,7 +147,7 @@ LOSSES: dict[str, LossSpec] = {}
 
 
 def register_loss(name: str, *, data: str, reference: bool, paper: str, paper_beta: float | None = None,
-                  schedule: Offline = Offline(), **defaults: Any):
+                  schedule: Schedule = Schedule(), **defaults: Any):
     def deco(fn):
         LOSSES[name] = LossSpec(name, fn, data, reference, paper, dict(defaults), paper_beta, schedule)
         return fn

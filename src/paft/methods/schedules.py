@@ -21,8 +21,8 @@ class ScheduleParamError(ConfigError, ValueError):
 
 
 @dataclass(frozen=True)
-class Offline:
-    """One pass over a fixed dataset."""
+class Schedule:
+    """The offline schedule, one pass over a fixed dataset; the base of the others."""
 
     kind: ClassVar[str] = "offline"
 
@@ -35,14 +35,14 @@ class Offline:
         """The kind of scorer the schedule rates replies with (None: it samples nothing)."""
         return None
 
-    def with_params(self, params: dict[str, Any]) -> tuple["Offline", dict[str, Any]]:
+    def with_params(self, params: dict[str, Any]) -> tuple["Schedule", dict[str, Any]]:
         """(this schedule with the params it owns set, the params left for the loss)."""
         own = {k: v for k, v in params.items() if k in self.params}
         return replace(self, **own) if own else self, {k: v for k, v in params.items() if k not in own}
 
 
 @dataclass(frozen=True)
-class Staged(Offline):
+class Staged(Schedule):
     """sDPO (Kim et al. 2024, arXiv 2403.19270): the data in ``stages`` consecutive chunks, trained in
     sequence; stage t's reference is the model after stage t-1 (``paft.train.phases.train_staged``)."""
 
@@ -77,7 +77,7 @@ class RejectionSampling(BestWorst):
 
 
 @dataclass(frozen=True)
-class Online(Offline):
+class Online(Schedule):
     """Rounds of sample -> score -> select -> pair -> train (``paft.train.online``).
 
     ``sample_from``: "policy" (the current adapter) or "start" (adapter disabled: the start model).

@@ -18,7 +18,7 @@ from paft.data.loading import load_examples
 from paft.errors import ConfigError, DataError
 from paft.io import atomic_dir
 from paft.methods.losses import get_loss
-from paft.methods.schedules import Offline, Online
+from paft.methods.schedules import Online, Schedule
 from paft.models import load_model, load_tokenizer
 from paft.models.loading import nf4_compute_dtype, require_bitsandbytes
 from paft.scoring import build_scorer
@@ -46,7 +46,7 @@ class Branch:
     data: str  # a key of DATA_KINDS
     examples: list
     objective: Objective
-    schedule: Offline
+    schedule: Schedule
     reference: bool  # the objective needs reference log-probs
     keeps_start: bool  # full fine-tuning needs a frozen copy of the start weights (L1's W_base, the reference)
 
@@ -54,7 +54,7 @@ class Branch:
 def _sft_branch(cfg: PaftConfig, data_path: Path) -> Branch:
     s = cfg.sft
     return Branch(s, "sft", load_examples(str(data_path), "sft").examples,
-                  SFTObjective(s.l1_lambda, full_logits=not s.completion_logits), Offline(), reference=False,
+                  SFTObjective(s.l1_lambda, full_logits=not s.completion_logits), Schedule(), reference=False,
                   keeps_start=s.l1_lambda > 0)
 
 
