@@ -104,6 +104,17 @@ DEFAULT_JUDGE_TEMPLATE = (
 RATINGS = ("1", "2", "3", "4", "5")
 
 
+def single_token_ids(tokenizer, labels: Sequence[str]) -> list[int]:
+    """The token id of each answer label ("1".."5", "A", ...): a judge's answer is read from their next-token
+    probabilities, so each label must be one token."""
+    ids = [tokenizer.encode(k, add_special_tokens=False) for k in labels]
+    for k, t in zip(labels, ids):
+        if len(t) != 1:
+            raise ModelError(f"judge tokenizer: {k!r} is {len(t)} tokens, not one; the judge's answer is read from "
+                             "the next-token probability of single-token labels")
+    return [t[0] for t in ids]
+
+
 def render_conversation(messages: Messages) -> str:
     """``Role: content`` lines of the non-system turns, for a judge prompt."""
     return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages if m["role"] != "system")
@@ -131,14 +142,7 @@ class JudgeScorer:
             raise ConfigError("preference.online.scorer.judge_template: needs a {response} placeholder "
                               "(and usually {prompt})")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        ids = []
-        for k in RATINGS:
-            tok_ids = tokenizer.encode(k, add_special_tokens=False)
-            if len(tok_ids) != 1:
-                raise ModelError(f"judge tokenizer: rating {k!r} is {len(tok_ids)} tokens, not one; "
-                                 "the expected rating needs single-token digits")
-            ids.append(tok_ids[0])
-        self.rating_ids = ids
+        self.rating_ids = single_token_ids(tokenizer, RATINGS)
         self.last_digit_mass: list[float] = []  # sum_k p(k) of the last call: how much the judge answers a digit
 
     def judge_prompt(self, prompt: Messages, response: str) -> str:

@@ -33,9 +33,8 @@ from pathlib import Path
 
 import torch
 
-from paft.errors import ModelError
 from paft.models.generation import is_refusal
-from paft.scoring import JudgeScorer, Messages, render_conversation
+from paft.scoring import JudgeScorer, Messages, render_conversation, single_token_ids
 
 DATA_DIR = Path(__file__).parent / "data"
 
@@ -73,14 +72,6 @@ def load_harm_prompts(path: Path | None = None) -> list[HarmPrompt]:
 
 # --------------------------------------------------------------------------- letter judge
 
-def _single_token(tok, text: str) -> int:
-    ids = tok.encode(text, add_special_tokens=False)
-    if len(ids) != 1:
-        raise ModelError(f"judge tokenizer: {text!r} is {len(ids)} tokens, not one; the judge's answer is read "
-                         "from the next-token probability of single-token letters")
-    return ids[0]
-
-
 class LetterJudge(JudgeScorer):
     """A causal-LM judge answering with one letter: log p(letter) of the next token after the prompt.
 
@@ -93,7 +84,7 @@ class LetterJudge(JudgeScorer):
     def __init__(self, model, tokenizer, template: str, letters: tuple[str, ...], *, batch_size: int = 8):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.template, self.letters = template, letters
-        self.rating_ids = [_single_token(tokenizer, x) for x in letters]
+        self.rating_ids = single_token_ids(tokenizer, letters)
         self.last_digit_mass: list[float] = []
 
     def judge_prompt(self, prompt: Messages, response: dict[str, str]) -> str:
