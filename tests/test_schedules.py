@@ -163,7 +163,9 @@ def _align(tmp_path, *overrides):
 
 def test_dpo_run_reuses_the_disk_cache(tmp_path, monkeypatch):
     # a cache folder of this test's own: other tests' runs on the same tiny data fill the shared one
-    monkeypatch.setattr(reference_mod, "reference_cache_path", lambda identity: tmp_path / "ref" / f"{identity}.json")
+    from paft.train import branch
+
+    monkeypatch.setattr(branch, "reference_cache_path", lambda identity: tmp_path / "ref" / f"{identity}.json")
     _, first = _align(tmp_path / "a", "preference.max_steps=4")
     _, second = _align(tmp_path / "b", "preference.max_steps=4")
     assert first["reference_cache"]["computed"] > 0
