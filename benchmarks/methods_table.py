@@ -19,7 +19,7 @@ from paft.config import load_config
 from paft.io import write_json_atomic
 from paft.pipeline import Run
 from paft.progress import quiet_libraries
-from paft.train.losses import get_loss
+from paft.methods.losses import get_loss
 
 
 def main() -> None:

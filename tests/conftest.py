@@ -44,7 +44,8 @@ def reward_dir(tmp_path_factory, tiny_dir):
     from paft.config import LoraConfig
     from paft.io import write_json_atomic
     from paft.models import load_tokenizer
-    from paft.train.reward import attach_reward_lora, load_reward_base
+    from paft.models.reward import load_reward_base
+    from paft.train.reward import attach_reward_lora
 
     out = tmp_path_factory.mktemp("rm") / "reward"
     tok = load_tokenizer(tiny_dir)

@@ -46,7 +46,7 @@ def test_config_command_prints_resolved_yaml():
 
 
 def test_methods_json_lists_the_registry():
-    from paft.train.losses import LOSSES
+    from paft.methods.losses import LOSSES
 
     result = runner.invoke(app, ["methods", "--json"])
     assert result.exit_code == 0
@@ -80,7 +80,7 @@ def test_readme_lists_every_registered_method():
     from pathlib import Path
 
     from paft.merge.methods import MERGE_METHODS
-    from paft.train.losses import LOSSES
+    from paft.methods.losses import LOSSES
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     for name in [*LOSSES, *MERGE_METHODS]:

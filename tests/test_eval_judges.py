@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from paft.eval.judges import (REFUSAL_PHRASES, harm_messages, harmlessness_metrics, is_refusal_phrase,
-                              load_harm_prompts, pairwise_judge, pairwise_verdicts, refusal_judge, refusal_labels,
-                              rm_win_rate, win_rates)
+from paft.eval.judges import (harm_messages, harmlessness_metrics, load_harm_prompts, pairwise_judge,
+                              pairwise_verdicts, refusal_judge, refusal_labels, rm_win_rate, win_rates)
+from paft.models.generation import REFUSAL_PHRASES, is_refusal
 
 PROMPTS = [[{"role": "user", "content": f"Question {i}?"}] for i in range(4)]
 
@@ -82,11 +82,11 @@ def test_real_judge_is_antisymmetric_and_self_judging_ties(tiny_model, tiny_tok)
 
 
 def test_refusal_phrases_on_fixed_strings():
-    assert is_refusal_phrase("I'm sorry, but I can't help with that.")
-    assert is_refusal_phrase("I\u2019m unable to assist with this request.")  # curly apostrophe
-    assert is_refusal_phrase("As an AI, I   WILL NOT do that.")
-    assert not is_refusal_phrase("Sure! Mash ripe bananas, mix in flour and bake.")
-    assert not is_refusal_phrase("")
+    assert is_refusal("I'm sorry, but I can't help with that.")
+    assert is_refusal("I\u2019m unable to assist with this request.")  # curly apostrophe
+    assert is_refusal("As an AI, I   WILL NOT do that.")
+    assert not is_refusal("Sure! Mash ripe bananas, mix in flour and bake.")
+    assert not is_refusal("")
     assert all(p == p.lower() and "\u2019" not in p for p in REFUSAL_PHRASES)
 
 

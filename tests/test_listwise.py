@@ -30,7 +30,7 @@ from paft.data.formats import (
 from paft.data.loading import load_examples
 from paft.data.tokenize import IGNORE, EncodedRanked, encode_pair, encode_ranked
 from paft.errors import DataError
-from paft.train.losses import LOSSES, RankedLogps, get_loss
+from paft.methods.losses import LOSSES, RankedLogps, get_loss
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 RANKED = DATA / "pref_ranked.jsonl"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from paft.errors import ConfigError
-from paft.train.losses import GPO_FUNCTIONS, LOSSES, PairLogps, get_loss, log1mexp
+from paft.methods.losses import GPO_FUNCTIONS, LOSSES, PairLogps, get_loss, log1mexp
 
 # ------------------------------------------------------------------------------------------
 # hand-made batch: (log pi(y_w), log pi(y_l), log pi_ref(y_w), log pi_ref(y_l), |y_w|, |y_l|)

@@ -7,7 +7,7 @@ from paft.config import LoraConfig
 from paft.data.collate import SFTCollator
 from paft.data.formats import SFTExample
 from paft.data.tokenize import encode_sft
-from paft.train.losses import LOSSES, PairLogps, dpo_loss
+from paft.methods.losses import LOSSES, PairLogps, dpo_loss
 from paft.train.lora import attach_lora, l1_delta_norm, lora_modules
 from paft.train.sft import SFTObjective
 
@@ -64,3 +64,12 @@ def test_sft_objective_adds_lambda_times_l1_and_its_gradient(tiny_model, tiny_to
     a, b, s = mod.lora_A["default"].weight, mod.lora_B["default"].weight, mod.scaling["default"]
     want = lam * s * torch.sign(b @ a * s) @ a.T
     torch.testing.assert_close(mod.lora_B["default"].weight.grad, want, rtol=1e-5, atol=1e-8)
+
+
+def test_every_method_data_kind_is_a_row_of_the_data_kind_tables():
+    from paft.data.formats import DATA_KINDS as FORMAT_KINDS
+    from paft.train.preference import DATA_KINDS
+
+    assert {s.data for s in LOSSES.values()} == set(FORMAT_KINDS) == set(DATA_KINDS) - {"sft"}
+    assert DATA_KINDS["online"].encode is None and DATA_KINDS["online"].logps is DATA_KINDS["pairs"].logps
+    assert all(DATA_KINDS[k].logps is not None for k in FORMAT_KINDS) and DATA_KINDS["sft"].logps is None

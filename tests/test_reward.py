@@ -1,5 +1,6 @@
 """The Bradley-Terry reward model: loss vs closed form, last-token pooling, `paft reward` end to end."""
 
+import importlib.util
 import json
 import math
 
@@ -8,9 +9,11 @@ import torch
 from typer.testing import CliRunner
 
 from paft.config import LoraConfig, load_config
+from paft.data.collate import pad_sequences
 from paft.errors import DataError
+from paft.models.reward import last_token_index, load_reward_base, sequence_rewards
 from paft.train.reward import (RewardObjective, RewardPairCollator, attach_reward_lora, bradley_terry_loss,
-                               last_token_index, load_reward_base, pad_sequences, sequence_rewards, train_reward)
+                               train_reward)
 
 
 def _bt(rw: float, rl: float, margin: float = 0.0, center: float = 0.0) -> float:
@@ -160,6 +163,8 @@ def test_paft_reward_writes_summary_eval_and_adapter(reward_run):
     conf = json.loads((out / "reward" / "adapter" / "adapter_config.json").read_text())
     assert conf["task_type"] == "SEQ_CLS" and "score" in conf["modules_to_save"] and conf["r"] == 4
     assert (out / "reward" / "checkpoints").is_dir() and json.loads((out / "timings.json").read_text())["reward"] > 0
+    if importlib.util.find_spec("tensorboard"):  # the tiny preset logs to TensorBoard: the branches' harness routes it
+        assert any((out / "reward" / "tb").glob("events.out.tfevents.*"))
 
 
 def test_adapter_loads_back_with_peft_and_scores_like_the_eval(reward_run, tiny_dir):

@@ -13,7 +13,8 @@ from paft.data.tokenize import encode_pair
 from paft.pipeline import Run
 from paft.train import reference as reference_mod
 from paft.train.lora import attach_lora
-from paft.train.online import best_worst, rejection_sample, unique_prompts
+from paft.methods.schedules import best_worst, rejection_sample
+from paft.train.online import unique_prompts
 from paft.train.phases import split_steps
 from paft.train.reference import ReferenceLogps, reference_identity, row_key
 
@@ -162,7 +163,9 @@ def _align(tmp_path, *overrides):
 
 def test_dpo_run_reuses_the_disk_cache(tmp_path, monkeypatch):
     # a cache folder of this test's own: other tests' runs on the same tiny data fill the shared one
-    monkeypatch.setattr(reference_mod, "reference_cache_path", lambda identity: tmp_path / "ref" / f"{identity}.json")
+    from paft.train import branch
+
+    monkeypatch.setattr(branch, "reference_cache_path", lambda identity: tmp_path / "ref" / f"{identity}.json")
     _, first = _align(tmp_path / "a", "preference.max_steps=4")
     _, second = _align(tmp_path / "b", "preference.max_steps=4")
     assert first["reference_cache"]["computed"] > 0
@@ -267,3 +270,81 @@ def test_online_method_without_prompts_is_a_data_error(tmp_path):
     empty.write_text("")
     with pytest.raises(DataError):
         _online(tmp_path, "iterative-dpo", f"data.preference.path={empty}")
+
+
+# ------------------------------------------------------------------------------------------ schedules as data
+
+
+def test_schedules_are_rows_of_the_loss_registry():
+    from paft.methods.losses import LOSSES
+    from paft.methods.schedules import BestWorst, Online, RejectionSampling, Staged
+
+    assert LOSSES["sdpo"].schedule == Staged(stages=2) and LOSSES["sdpo"].fn is LOSSES["dpo"].fn
+    assert LOSSES["iterative-dpo"].schedule == Online()  # current policy, best vs worst, configured ref and scorer
+    assert LOSSES["rso"].schedule == Online(sample_from="start", selection=RejectionSampling(0.5, 8, 4))
+    assert LOSSES["self-rewarding"].schedule == Online(reference="previous", scorer="self_judge")
+    assert isinstance(Online().selection, BestWorst)
+    assert {s.schedule.kind for s in LOSSES.values()} == {"offline", "staged", "online"}
+    # what `paft methods` shows as defaults: the loss's and the schedule's parameters
+    assert LOSSES["rso"].params == {"loss": "hinge", "rso_beta": 0.5, "candidates": 8, "keep": 4}
+    assert LOSSES["sdpo"].params == {"stages": 2} and LOSSES["dpo"].params == {}
+
+
+def test_configure_splits_params_between_the_loss_and_the_schedule():
+    from paft.methods.losses import LOSSES
+    from paft.methods.schedules import ScheduleParamError
+
+    kwargs, schedule = LOSSES["rso"].configure({"keep": 2, "loss": "sigmoid"})
+    assert kwargs == {"loss": "sigmoid"} and schedule.selection.keep == 2 and schedule.candidates == 8
+    kwargs, schedule = LOSSES["sdpo"].configure({"stages": 3})
+    assert kwargs == {} and schedule.stages == 3
+    kwargs, schedule = LOSSES["cdpo"].configure({"eps": 0.2})
+    assert kwargs == {"eps": 0.2} and schedule.kind == "offline"
+    assert LOSSES["iterative-dpo"].configure({})[1].candidates is None  # online.samples_per_prompt decides
+    with pytest.raises(ScheduleParamError, match="keep <= candidates"):
+        LOSSES["rso"].configure({"keep": 9})
+
+
+def test_bad_schedule_params_fail_when_the_config_loads():
+    from paft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="rso_beta > 0"):
+        load_config(preset="tiny", overrides=["preference.method=rso", "preference.params.rso_beta=0"])
+
+
+def test_scorer_kind_reads_the_schedule_not_the_method_name():
+    from paft.methods.losses import LOSSES
+
+    assert LOSSES["dpo"].schedule.scorer_kind("reward_model") is None
+    assert LOSSES["iterative-dpo"].schedule.scorer_kind("reward_model") == "reward_model"
+    assert LOSSES["self-rewarding"].schedule.scorer_kind("reward_model") == "self_judge"
+    cfg = load_config(preset="tiny", overrides=["preference.method=rso"])
+    assert Run(cfg).needs_reward_model()
+    assert not Run(load_config(preset="tiny", overrides=["preference.method=self-rewarding"])).needs_reward_model()
+
+
+def test_a_new_online_method_is_one_registry_row(tmp_path, monkeypatch):
+    """Best-of-n from the start model with the policy as judge: no training code names it."""
+    from paft.methods import losses
+    from paft.methods.schedules import Online
+
+    monkeypatch.setitem(losses.LOSSES, "start-self-judge", losses.LossSpec(
+        "start-self-judge", losses.pair_loss, "online", True, "test row", {"loss": "sigmoid"},
+        schedule=Online(sample_from="start", scorer="self_judge")))
+    run, s = _online(tmp_path, "start-self-judge", "preference.online.rounds=1")
+    assert s["schedule"] == "online" and s["steps"] == 4 and not run.needs_reward_model()
+    assert all(1.0 <= v <= 5.0 for x in _round_records(run, 1) for v in x["scores"])  # the policy judged
+
+
+def test_generation_is_greedy_or_seeded_k_per_prompt(tiny_model, tiny_tok):
+    from paft.models.generation import generate_replies
+
+    prompts = [e.prompt for e in _pairs(3)]
+    side = tiny_tok.padding_side
+    kw = dict(max_new_tokens=4, batch_size=4, max_prompt_tokens=64)
+    greedy = generate_replies(tiny_model, tiny_tok, prompts, **kw)
+    assert len(greedy) == 3 and greedy == generate_replies(tiny_model, tiny_tok, prompts, **{**kw, "batch_size": 1})
+    sampled = generate_replies(tiny_model, tiny_tok, prompts, k=2, temperature=1.0, seed=5, **kw)
+    assert len(sampled) == 6 and sampled == generate_replies(tiny_model, tiny_tok, prompts, k=2, temperature=1.0,
+                                                             seed=5, **kw)
+    assert tiny_tok.padding_side == side and not tiny_model.training  # both restored after generation

@@ -27,7 +27,7 @@ def test_reward_model_scorer_equals_the_adapter_on_the_training_encoding(reward_
     from paft.data.formats import BinaryExample
     from paft.data.tokenize import encode_completion
     from paft.models import load_tokenizer
-    from paft.train.reward import load_reward_base, sequence_rewards
+    from paft.models.reward import load_reward_base, sequence_rewards
 
     scorer = build_scorer(ScorerConfig(kind="reward_model"), base_model_dir=tiny_dir, default_reward_dir=reward_dir)
     assert isinstance(scorer, RewardModelScorer) and scorer.max_length == 96 and scorer.max_prompt_length == 64

@@ -31,7 +31,7 @@ from paft.data.formats import (
 from paft.data.loading import load_examples
 from paft.data.tokenize import IGNORE, EncodedCompletion, encode_completion, encode_pair
 from paft.errors import ConfigError, DataError
-from paft.train.losses import LOSSES, UnpairedLogps, get_loss
+from paft.methods.losses import LOSSES, UnpairedLogps, get_loss
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 UNPAIRED = DATA / "pref_unpaired.jsonl"

@@ -300,10 +300,10 @@ def report_cmd(target: Annotated[Optional[Path], typer.Argument(
 @_guard
 def methods_cmd(as_json: Annotated[bool, typer.Option("--json", help="machine-readable list")] = False):
     """List the preference methods (preference.method): data kind, reference use, paper, defaults."""
-    from paft.train.losses import LOSSES
+    from paft.methods.losses import LOSSES
 
-    rows = [{"name": s.name, "data": s.data, "reference": s.reference, "paper": s.paper, "defaults": s.defaults,
-             "paper_beta": s.paper_beta, "schedule": s.schedule}
+    rows = [{"name": s.name, "data": s.data, "reference": s.reference, "paper": s.paper, "defaults": s.params,
+             "paper_beta": s.paper_beta, "schedule": s.schedule.kind}
             for s in sorted(LOSSES.values(), key=lambda s: s.name)]
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from paft.errors import ConfigError
 from paft.methods.merging import MERGE_METHODS
+from paft.methods.losses import LOSSES
 
 PRESETS = ("default", "tiny")
 
@@ -186,7 +187,7 @@ class RewardConfig(TrainConfig):
 
 
 class PreferenceConfig(TrainConfig):
-    method: str = Field("dpo", description="preference loss by name (paft.train.losses registry)")
+    method: str = Field("dpo", description="preference loss by name (paft.methods.losses registry)")
     beta: float = Field(0.1, gt=0)
     params: dict[str, Any] = Field(default_factory=dict, description="extra hyper-parameters of the method")
     learning_rate: float = Field(5e-5, gt=0)
@@ -198,8 +199,6 @@ class PreferenceConfig(TrainConfig):
     @field_validator("method")
     @classmethod
     def _known(cls, v: str) -> str:
-        from paft.train.losses import LOSSES
-
         key = v.lower()
         if key not in LOSSES:
             hint = difflib.get_close_matches(key, list(LOSSES), n=1)
@@ -208,14 +207,12 @@ class PreferenceConfig(TrainConfig):
         return key
 
     @model_validator(mode="after")
-    def _full_offline(self) -> "PreferenceConfig":
-        from paft.train.losses import get_loss
-
-        schedule = get_loss(self.method).schedule
-        if self.adapter == "full" and schedule != "offline":
+    def _schedule(self) -> "PreferenceConfig":
+        schedule = LOSSES[self.method].configure(self.params)[1]  # schedule parameters out of range fail here
+        if self.adapter == "full" and schedule.kind != "offline":
             # staged/online phases save and restore a LoRA adapter between phases
             raise ValueError(f"preference.adapter 'full' works with offline methods only; {self.method!r} is "
-                             f"{schedule}: use adapter lora or qlora")
+                             f"{schedule.kind}: use adapter lora or qlora")
         return self
 
 

@@ -160,7 +160,7 @@ class Run:
     def _prepare_data(self) -> dict[str, Any]:
         from paft.data.demo import demo_splits
         from paft.data.loading import hash_source, load_examples, split_examples
-        from paft.train.losses import get_loss
+        from paft.methods.losses import get_loss
 
         d, summary = self.cfg.data, {}
         for kind in ("sft", "preference"):
@@ -233,12 +233,11 @@ class Run:
 
     def needs_reward_model(self) -> bool:
         """An online method scored by a reward model that the config does not name: the run trains one."""
-        from paft.train.losses import get_loss
+        from paft.methods.losses import get_loss
 
         p = self.cfg.preference
         scorer = p.online.scorer
-        return (get_loss(p.method).schedule == "online" and p.method != "self-rewarding"
-                and scorer.kind == "reward_model" and scorer.path is None)
+        return get_loss(p.method).schedule.scorer_kind(scorer.kind) == "reward_model" and scorer.path is None
 
     def reward(self) -> dict[str, Any]:
         """Train the Bradley-Terry reward model (``reward`` section) on the preference pairs into RUN/reward/ (once).

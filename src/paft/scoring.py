@@ -18,7 +18,6 @@ import hashlib
 import importlib
 import importlib.util
 import math
-import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
@@ -26,8 +25,14 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from paft.config import ScorerConfig
+from paft.data.collate import pad_sequences
+from paft.data.demo import is_harmful_prompt
+from paft.data.formats import BinaryExample, PreferenceExample
+from paft.data.tokenize import encode_completion
 from paft.errors import ConfigError, ModelError
-from paft.models.folders import adapter_base, adapter_config, classify, is_adapter
+from paft.models import load_model, load_tokenizer, resolve_model_dir
+from paft.models.generation import eval_mode, is_refusal
+from paft.models.reward import last_token_index, load_reward_model, sequence_rewards
 
 Messages = list[dict[str, str]]
 
@@ -45,24 +50,6 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
-class _EvalMode:
-    """Eval mode and no grad for the block; the model's train/eval mode is restored after."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        self.was_training = self.model.training
-        self.no_grad = torch.no_grad()
-        self.no_grad.__enter__()
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc):
-        self.model.train(self.was_training)
-        self.no_grad.__exit__(*exc)
-
-
 # --------------------------------------------------------------------------- reward model
 
 class RewardModelScorer:
@@ -73,59 +60,30 @@ class RewardModelScorer:
     (prompt, response) is rendered and tokenised exactly as in training (``encode_completion``:
     the prompt left-truncated to ``max_prompt_length``, the whole row cut at ``max_length``; both
     default to the values the reward model was trained with) and the reward is the score head at
-    the last real token (``paft.train.reward.sequence_rewards``).
+    the last real token (``paft.models.reward.sequence_rewards``).
     """
 
     def __init__(self, path: str | Path, *, base_model_dir: str | Path | None = None, device: str = "cpu",
                  batch_size: int = 8, max_length: int | None = None, max_prompt_length: int | None = None,
                  dtype: str = "float32", trust_remote_code: bool = False):
-        from peft import PeftModel
-
-        from paft.models import load_tokenizer
-        from paft.train.reward import load_reward_base, read_reward_summary
-
-        root = Path(path)
-        adapter = root / "adapter" if is_adapter(root / "adapter") else root
-        conf = adapter_config(adapter)
-        if conf is None:
-            raise ModelError(f"{root}: not a `paft reward` output (no adapter/adapter_config.json); "
-                             "train one with `paft reward`")
-        if classify(adapter) != "reward":
-            raise ModelError(f"{adapter}: a {conf.get('task_type')} adapter, not a reward model (SEQ_CLS, "
-                             "as `paft reward` writes)")
-        base = adapter_base(conf) or (Path(base_model_dir) if base_model_dir is not None else None)
-        if base is None:
-            raise ModelError(f"{adapter}: its base model {conf.get('base_model_name_or_path')!r} is not a local "
-                             "folder; pass the base folder")
-        summary = read_reward_summary(root if adapter != root else root.parent)
+        self.model, self.tokenizer, self.path, self.base, summary = load_reward_model(
+            path, base_model_dir=base_model_dir, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         self.max_length = max_length or summary.get("max_length") or 1024
         self.max_prompt_length = min(max_prompt_length or summary.get("max_prompt_length") or self.max_length // 2,
                                      self.max_length - 1)
         self.batch_size = batch_size
-        tok_dir = adapter if (adapter / "tokenizer_config.json").is_file() else base
-        self.tokenizer = load_tokenizer(tok_dir, trust_remote_code)
-        model = load_reward_base(base, pad_token_id=self.tokenizer.pad_token_id, dtype=dtype, device=device,
-                                 trust_remote_code=trust_remote_code)
-        self.model = PeftModel.from_pretrained(model, str(adapter)).eval()
-        self.path, self.base = adapter, base
 
     def encode(self, prompt: Messages, response: str) -> list[int]:
-        from paft.data.formats import BinaryExample
-        from paft.data.tokenize import encode_completion
-
         enc = encode_completion(BinaryExample(prompt=prompt, completion=response, label=True), self.tokenizer,
                                 self.max_length, self.max_prompt_length)
         return enc.prompt_ids + enc.completion_ids
 
     def __call__(self, prompts: list[Messages], responses: list[str]) -> list[float]:
-        from paft.data.collate import pad_sequences
-        from paft.train.reward import sequence_rewards
-
         _check_lengths(prompts, responses)
         seqs = [self.encode(p, r) for p, r in zip(prompts, responses)]
         out: list[float] = []
         device = _device_of(self.model)
-        with _EvalMode(self.model):
+        with eval_mode(self.model):
             for i in range(0, len(seqs), self.batch_size):
                 batch = pad_sequences(seqs[i:i + self.batch_size], self.tokenizer.pad_token_id)
                 r = sequence_rewards(self.model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
@@ -143,6 +101,17 @@ DEFAULT_JUDGE_TEMPLATE = (
     "Answer with a single digit from 1 to 5."
 )
 RATINGS = ("1", "2", "3", "4", "5")
+
+
+def single_token_ids(tokenizer, labels: Sequence[str]) -> list[int]:
+    """The token id of each answer label ("1".."5", "A", ...): a judge's answer is read from their next-token
+    probabilities, so each label must be one token."""
+    ids = [tokenizer.encode(k, add_special_tokens=False) for k in labels]
+    for k, t in zip(labels, ids):
+        if len(t) != 1:
+            raise ModelError(f"judge tokenizer: {k!r} is {len(t)} tokens, not one; the judge's answer is read from "
+                             "the next-token probability of single-token labels")
+    return [t[0] for t in ids]
 
 
 def render_conversation(messages: Messages) -> str:
@@ -172,14 +141,7 @@ class JudgeScorer:
             raise ConfigError("preference.online.scorer.judge_template: needs a {response} placeholder "
                               "(and usually {prompt})")
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        ids = []
-        for k in RATINGS:
-            tok_ids = tokenizer.encode(k, add_special_tokens=False)
-            if len(tok_ids) != 1:
-                raise ModelError(f"judge tokenizer: rating {k!r} is {len(tok_ids)} tokens, not one; "
-                                 "the expected rating needs single-token digits")
-            ids.append(tok_ids[0])
-        self.rating_ids = ids
+        self.rating_ids = single_token_ids(tokenizer, RATINGS)
         self.last_digit_mass: list[float] = []  # sum_k p(k) of the last call: how much the judge answers a digit
 
     def judge_prompt(self, prompt: Messages, response: str) -> str:
@@ -189,16 +151,13 @@ class JudgeScorer:
 
     def rating_logits(self, prompts: list[Messages], responses: list[str]) -> torch.Tensor:
         """Next-token logits of the 5 digit tokens after each judge prompt ([N, 5] float32)."""
-        from paft.data.collate import pad_sequences
-        from paft.train.reward import last_token_index
-
         _check_lengths(prompts, responses)
         tok = self.tokenizer
         seqs = [tok(self.judge_prompt(p, r), add_special_tokens=False)["input_ids"] for p, r in zip(prompts, responses)]
         device = _device_of(self.model)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         out = []
-        with _EvalMode(self.model):
+        with eval_mode(self.model):
             for i in range(0, len(seqs), self.batch_size):
                 batch = pad_sequences(seqs[i:i + self.batch_size], pad)  # right padding: no position shift
                 ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
@@ -291,27 +250,16 @@ def load_function(spec: str) -> Callable:
 
 # --------------------------------------------------------------------------- demo heuristic
 
-_REFUSAL = re.compile(
-    r"\b(i can['’]?t|i cannot|i can not|i['’]?m not able|i am not able|i['’]?m unable|i am unable|i won['’]?t|"
-    r"i will not|i must decline|i don['’]?t give advice|sorry)\b", re.IGNORECASE)
-
-
-def is_refusal(response: str) -> bool:
-    return bool(_REFUSAL.search(response))
-
-
 def demo_reward(prompts: list[Messages], responses: list[str]) -> list[float]:
     """Heuristic reward for the built-in demo data only (``function: paft.scoring:demo_reward``), not a general one.
 
     The demo's preference is "refuse harmful requests, help with benign ones"
     (``paft.data.demo``). Score = +1 when a harmful request (``is_harmful_prompt``) gets a
-    refusal or a benign one gets a non-refusal of at least 3 words, -1 otherwise; plus a format
+    refusal (``paft.models.generation.is_refusal``, the phrase list the evaluation's refusal metric uses)
+    or a benign one gets a non-refusal of at least 3 words, -1 otherwise; plus a format
     term in [-0.1, 0.1]: +0.1 for a reply ending in . ! or ?, minus up to 0.1 for length beyond
     60 words (linearly to 120). It only knows the demo's request lists and refusal phrasings.
     """
-    from paft.data.demo import is_harmful_prompt
-    from paft.data.formats import PreferenceExample
-
     _check_lengths(prompts, responses)
     out = []
     for prompt, reply in zip(prompts, responses):
@@ -347,8 +295,6 @@ def build_scorer(scfg: ScorerConfig, *, base_model_dir: str | Path | None, token
         return RewardModelScorer(path, base_model_dir=base_model_dir, device=device, batch_size=scfg.batch_size,
                                  trust_remote_code=trust_remote_code)
     if scfg.kind == "judge":
-        from paft.models import load_model, load_tokenizer, resolve_model_dir
-
         if scfg.path:
             judge_dir = resolve_model_dir(scfg.path)
             model = load_model(judge_dir, "float32", device, trust_remote_code).eval()

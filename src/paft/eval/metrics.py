@@ -1,6 +1,7 @@
 """Held-out metrics shared by `paft eval` and the run's eval step.
 
-- ``sft_exact_match``: greedy reply (chat template applied) equals the reference reply, whitespace-stripped.
+- ``sft_exact_match``: greedy reply (``paft.models.generation.generate_replies``) equals the reference reply,
+  whitespace-stripped.
 - ``sft_nll``: mean per-token NLL of held-out SFT completions (teacher-forced).
 - ``pref_accuracy``: share of held-out pairs where the model itself gives the chosen reply a higher
   summed log-probability than the rejected one (reference-free: the base model has a score too).
@@ -16,42 +17,14 @@ import torch
 
 from paft.data.collate import PairCollator, SFTCollator
 from paft.data.formats import PreferenceExample, SFTExample
-from paft.data.tokenize import encode_pair, encode_sft, prompt_text
+from paft.data.tokenize import encode_pair, encode_sft
+from paft.models.generation import generate_replies
 from paft.train.logps import sequence_logps, token_logps
 
 
 def _batches(items, size):
     for i in range(0, len(items), size):
         yield items[i : i + size]
-
-
-@torch.no_grad()
-def generate_replies(model, tok, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int,
-                     max_prompt_tokens: int, progress=None) -> list[str]:
-    """Greedy replies to chat prompts (each a message list ending with a user turn), whitespace-stripped.
-
-    The chat template with its generation prompt is applied; prompts are left-padded so every
-    row's reply starts at the same position, and truncated to ``max_prompt_tokens``.
-    """
-    if not prompts:
-        return []
-    device = next(model.parameters()).device
-    side, tok.padding_side = tok.padding_side, "left"
-    replies: list[str] = []
-    try:
-        for batch in _batches(prompts, batch_size):
-            texts = [prompt_text(tok, m) for m in batch]
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False,
-                      truncation=True, max_length=max_prompt_tokens).to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            replies += [tok.decode(row, skip_special_tokens=True).strip()
-                        for row in out[:, enc["input_ids"].shape[1]:]]
-            if progress:
-                progress(len(batch))
-    finally:
-        tok.padding_side = side
-    return replies
 
 
 def exact_match(model, tok, examples: list[SFTExample], *, max_new_tokens: int, batch_size: int,

@@ -173,7 +173,7 @@ class _Extras:
                 "harmful_prompts": sum(h.kind == "harmful" for h in self.harm),
                 "benign_prompts": sum(h.kind == "benign" for h in self.harm),
                 "scorer": f"judge {e.judge_model}" if self.harm_judge is not None
-                else "refusal phrases (heuristic, paft.eval.judges.REFUSAL_PHRASES)"}
+                else "refusal phrases (heuristic, paft.models.generation.REFUSAL_PHRASES)"}
         return out
 
 

@@ -7,21 +7,83 @@ needs arrives as plain data (config dict, paths), so it pickles under `spawn`.
 from __future__ import annotations
 
 import json
-import time
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
-from paft.config import PaftConfig
-from paft.io import atomic_dir, write_json_atomic
+from paft.config import PaftConfig, TrainConfig
+from paft.data.formats import examples_for_method
+from paft.data.loading import load_examples
+from paft.errors import ConfigError, DataError
+from paft.io import atomic_dir
+from paft.methods.losses import get_loss
+from paft.methods.schedules import Online, Schedule
+from paft.models import load_model, load_tokenizer
 from paft.models.folders import is_adapter, is_model
+from paft.models.loading import nf4_compute_dtype, require_bitsandbytes
+from paft.scoring import build_scorer
+from paft.train.attention import packing_unsupported
+from paft.train.lora import attach_adapter, keep_frozen_copy
+from paft.train.online import train_online, unique_prompts
+from paft.train.phases import train_staged
+from paft.train.preference import DATA_KINDS, PreferenceObjective
+from paft.train.reference import ReferenceLogps, reference_cache_path, reference_identity
+from paft.train.sft import SFTObjective
+from paft.train.trainer import Harness, Objective, resolve_bf16, start_training
 
 Report = Callable[[dict[str, Any]], None]
 
 
 def _noop(_: dict[str, Any]) -> None:
     pass
+
+
+@dataclass
+class Branch:
+    """What one branch kind trains: its config section, examples in its data kind, objective and schedule."""
+
+    tcfg: TrainConfig
+    data: str  # a key of DATA_KINDS
+    examples: list
+    objective: Objective
+    schedule: Schedule
+    reference: bool  # the objective needs reference log-probs
+    keeps_start: bool  # full fine-tuning needs a frozen copy of the start weights (L1's W_base, the reference)
+
+
+def _sft_branch(cfg: PaftConfig, data_path: Path) -> Branch:
+    s = cfg.sft
+    return Branch(s, "sft", load_examples(str(data_path), "sft").examples,
+                  SFTObjective(s.l1_lambda, full_logits=not s.completion_logits), Schedule(), reference=False,
+                  keeps_start=s.l1_lambda > 0)
+
+
+def _preference_branch(cfg: PaftConfig, data_path: Path) -> Branch:
+    p = cfg.preference
+    examples = preference_examples(cfg, data_path)  # before any model is loaded: a one-line error
+    objective = PreferenceObjective(p.method, p.beta, p.params, full_logits=not p.completion_logits)
+    return Branch(p, objective.spec.data, examples, objective, objective.schedule, reference=objective.spec.reference,
+                  keeps_start=objective.spec.reference)
+
+
+BRANCH_KINDS: dict[str, Callable[[PaftConfig, Path], Branch]] = {"sft": _sft_branch, "preference": _preference_branch}
+
+
+def build_rows(branch: Branch, tok, cfg: PaftConfig, data_path: Path, report: Report, name: str) -> tuple[list, int]:
+    """The encoded training rows of ``branch`` and how many examples were dropped (nothing left to learn)."""
+    kind, d = DATA_KINDS[branch.data], cfg.data
+    if kind.encode is None:  # online: each round builds its own rows
+        return [], 0
+    encoded = [kind.encode(e, tok, d) for e in branch.examples]
+    rows = [r for r in encoded if kind.keep(r)]
+    dropped = len(encoded) - len(rows)  # only SFT drops: a reply cut off entirely by data.max_length
+    if not rows:
+        raise DataError(f"{data_path}: every SFT example's reply lies beyond data.max_length={d.max_length} tokens")
+    if dropped:
+        report({"branch": name, "warning": f"{dropped} SFT examples have no reply tokens within "
+                                           f"data.max_length={d.max_length}; not trained on"})
+    return rows, dropped
 
 
 def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, out_dir: Path, *,
@@ -39,84 +101,26 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
     methods: from their last finished stage or round, then its checkpoint). ``reward_dir``: the
     run's reward model, the default scorer of online methods.
     """
-    from paft.data.collate import BinaryCollator, PairCollator, SFTCollator
-    from paft.data.loading import load_examples
-    from paft.data.tokenize import encode_completion, encode_pair, encode_sft
-    from paft.models import load_tokenizer
-    from transformers.trainer_callback import PrinterCallback
-
-    from paft.data.tokenize import IGNORE
-    from paft.errors import DataError
-    from paft.progress import quiet_libraries
-    from paft.train.lora import attach_adapter, keep_frozen_copy
-    from paft.train.preference import PreferenceObjective
-    from paft.train.sft import SFTObjective
-    from paft.train.trainer import (PaftTrainer, ProgressCallback, SaveReferenceCallback, ThreadShareCallback,
-                                    check_report_to, last_checkpoint, resolve_bf16, route_tensorboard, training_args)
-
-    quiet_libraries()
-    check_report_to(cfg.run.report_to)  # a missing logger fails before the model loads
-    if threads:
-        torch.set_num_threads(threads)
+    start_training(threads, cfg.run.report_to)  # a missing logger fails before the model loads
     name = name or kind
-    tcfg = cfg.sft if kind == "sft" else cfg.preference
     nf4 = None  # qlora: the compute dtype of the 4-bit layers
-    if tcfg.adapter == "qlora":
-        from paft.models.loading import nf4_compute_dtype, require_bitsandbytes
-
-        require_bitsandbytes(f"{'sft' if kind == 'sft' else 'preference'}.adapter")  # before data or model load
+    if getattr(cfg, kind).adapter == "qlora":  # the config section is named as the branch kind
+        require_bitsandbytes(f"{kind}.adapter")  # before data or model load
         nf4 = str(nf4_compute_dtype(device)).removeprefix("torch.")
-    if kind == "sft":
-        examples = load_examples(str(data_path), kind).examples
-    else:
-        # before any model is loaded: the examples in the method's data kind, or a one-line error
-        examples = preference_examples(cfg, data_path)
-        objective = PreferenceObjective(cfg.preference.method, cfg.preference.beta, cfg.preference.params,
-                                        full_logits=not cfg.preference.completion_logits)
-        data_kind = objective.spec.data
+    branch = BRANCH_KINDS[kind](cfg, data_path)
+    tcfg, objective, schedule = branch.tcfg, branch.objective, branch.schedule
     tok = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     model = _start_model(cfg, tcfg.adapter, model_dir, init_adapter, out_dir, device)
-    # full fine-tuning keeps the starting weights: W_base of the L1 penalty, and the reference model
-    needs_start = tcfg.adapter == "full" and (
-        (kind == "sft" and cfg.sft.l1_lambda > 0) or (kind != "sft" and objective.spec.reference))
-    frozen = keep_frozen_copy(model) if needs_start else None
+    frozen = keep_frozen_copy(model) if tcfg.adapter == "full" and branch.keeps_start else None
     model = attach_adapter(model, tcfg, cfg.run.seed)
 
-    d = cfg.data
-    pack_length = _pack_length(tcfg, model, d.max_length, report, name)
-    if kind == "sft":
-        encoded = [encode_sft(e, tok, d.max_length) for e in examples]
-        rows = [r for r in encoded if any(t != IGNORE for t in r.labels[1:])]
-        dropped = len(encoded) - len(rows)  # reply cut off entirely by data.max_length: nothing to learn
-        if not rows:
-            raise DataError(f"{data_path}: every SFT example's reply lies beyond data.max_length={d.max_length} tokens")
-        if dropped:
-            report({"branch": name, "warning": f"{dropped} SFT examples have no reply tokens within "
-                                               f"data.max_length={d.max_length}; not trained on"})
-        objective = SFTObjective(cfg.sft.l1_lambda, full_logits=not tcfg.completion_logits)
-        collator = SFTCollator(tok.pad_token_id, pack_length)
-    else:
-        dropped = 0
-        if data_kind in ("pairs", "online"):  # online: each round builds its own pairs
-            rows = [encode_pair(e, tok, d.max_length, d.max_prompt_length) for e in examples] \
-                if data_kind == "pairs" else []
-            collator = PairCollator(tok.pad_token_id, pack_length)
-        elif data_kind == "ranked":
-            from paft.data.collate import RankedCollator
-            from paft.data.tokenize import encode_ranked
-
-            rows = [encode_ranked(e, tok, d.max_length, d.max_prompt_length) for e in examples]
-            collator = RankedCollator(tok.pad_token_id, pack_length)
-        else:
-            rows = [encode_completion(e, tok, d.max_length, d.max_prompt_length) for e in examples]
-            collator = BinaryCollator(tok.pad_token_id, kl=data_kind == "binary", max_length=d.max_length)
+    pack_length = _pack_length(tcfg, model, cfg.data.max_length, report, name)
+    rows, dropped = build_rows(branch, tok, cfg, data_path, report, name)
+    collator = DATA_KINDS[branch.data].collator(tok.pad_token_id, pack_length, cfg.data.max_length)
 
     bf16 = resolve_bf16(cfg.run.bf16, device)
-    schedule = "offline" if kind == "sft" else objective.spec.schedule
     reference = None
-    if kind != "sft" and objective.spec.reference:
-        from paft.train.reference import ReferenceLogps, reference_cache_path, reference_identity
-
+    if branch.reference:
         path = None
         if cfg.preference.reference_cache:
             # a 4-bit base, and its compute dtype, give other reference log-probs than the float base
@@ -124,81 +128,42 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
             path = reference_cache_path(reference_identity(model_dir, dtype=cfg.model.dtype, bf16=bf16,
                                                            init_adapter=init_adapter, adapter=kind_key))
         reference = objective.reference = ReferenceLogps(path, cache=cfg.preference.reference_cache, model=frozen)
-    log_history: list[dict[str, Any]] = []
-
-    def fit(fit_rows: list, fit_collator, ckpt_dir: Path, max_steps: int | None = None) -> dict[str, Any]:
-        """One Trainer run over ``fit_rows`` (resuming from ``ckpt_dir``): the only training loop."""
-        t = tcfg if max_steps is None else tcfg.model_copy(update={"max_steps": max_steps})
-        args = training_args(t, ckpt_dir, seed=cfg.run.seed, device=device, bf16=bf16, n_examples=len(fit_rows),
-                             report_to=cfg.run.report_to, run_name=f"{Path(out_dir).resolve().parent.name}/{name}")
-        trainer = PaftTrainer(model=model, args=args, train_dataset=fit_rows, data_collator=fit_collator,
-                              objective=objective, callbacks=[ProgressCallback(report, name)])
-        # TensorBoard events: OUT/tb, or OUT/tb/stages/stage-2 etc. for a staged or online schedule's fits
-        rel = Path(ckpt_dir).parent.relative_to(out_dir)
-        route_tensorboard(trainer, Path(out_dir) / "tb" / rel)
-        if thread_share is not None:
-            trainer.add_callback(ThreadShareCallback(*thread_share))
-        if reference is not None:
-            trainer.add_callback(SaveReferenceCallback(reference))
-        trainer.remove_callback(PrinterCallback)  # paft shows progress bars; logs go to log_history.json
-        t0 = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=last_checkpoint(ckpt_dir))
-        log_history.extend(trainer.state.log_history)
-        return {"train_loss": result.training_loss, "steps": trainer.state.global_step,
-                "wall_s": round(time.perf_counter() - t0, 2)}
-
-    start = time.perf_counter()
-    phases: dict[str, Any] = {}
-    if schedule == "staged":
-        from paft.train.phases import train_staged
-
-        phases = train_staged(model=model, rows=rows, collator=collator, objective=objective, fit=fit, tcfg=tcfg,
-                              out_dir=out_dir, stages=int(objective.kwargs["stages"]), report=report, name=name)
-    elif schedule == "online":
-        from paft.train.online import train_online, unique_prompts
-
-        scorer = _online_scorer(cfg, objective.spec.name, model_dir, tok, model, device, reward_dir)
-        phases = train_online(cfg=cfg, model=model, tok=tok, objective=objective, prompts=unique_prompts(examples),
-                              scorer=scorer, fit=fit, out_dir=out_dir, report=report, name=name, collator=collator)
+    h = Harness(model, objective, tcfg, out_dir, name, report, cfg.run.seed, device, bf16, threads=threads,
+                report_to=cfg.run.report_to, thread_share=thread_share, reference=reference)
+    if schedule.kind == "staged":
+        phases = train_staged(model=model, rows=rows, collator=collator, objective=objective, fit=h.fit, tcfg=tcfg,
+                              out_dir=out_dir, stages=int(schedule.stages), report=report, name=name)
+    elif schedule.kind == "online":
+        scorer = _online_scorer(cfg, schedule, model_dir, tok, model, device, reward_dir)
+        phases = train_online(cfg=cfg, model=model, tok=tok, objective=objective,
+                              prompts=unique_prompts(branch.examples), scorer=scorer, fit=h.fit, out_dir=out_dir,
+                              report=report, name=name, collator=collator)
     else:
-        phases = fit(rows, collator, out_dir / "checkpoints")
-    wall = time.perf_counter() - start
+        phases = h.fit(rows, collator, out_dir / "checkpoints")
     if reference is not None:
         reference.save()
 
-    output = out_dir / ("model" if tcfg.adapter == "full" else "adapter")
-    with atomic_dir(output, force=True) as tmp:
-        model.save_pretrained(tmp)  # full: a safetensors model folder; else a PEFT adapter (for the float base)
-        tok.save_pretrained(tmp)
-    if (out_dir / "start").is_dir():  # qlora's merged start model: only needed while training
-        import shutil
-
-        shutil.rmtree(out_dir / "start", ignore_errors=True)
+    output = h.save(out_dir / ("model" if tcfg.adapter == "full" else "adapter"), tok)  # full: a model folder
+    shutil.rmtree(out_dir / "start", ignore_errors=True)  # qlora's merged start model: only needed while training
     summary = {
-        "branch": name, "kind": kind, "adapter": tcfg.adapter, "output": str(output),
-        "data_kind": "sft" if kind == "sft" else data_kind, "schedule": schedule, "steps": phases["steps"],
-        "examples": len(rows), "dropped_no_reply_tokens": dropped,
-        "train_loss": phases["train_loss"], "wall_s": round(wall, 2), "threads": threads or torch.get_num_threads(),
-        "device": device, "bf16": bf16, "init_adapter": str(init_adapter) if init_adapter else None,
+        "branch": name, "kind": kind, "adapter": tcfg.adapter, "output": str(output), "data_kind": branch.data,
+        "schedule": schedule.kind, "steps": phases["steps"], "examples": len(rows), "dropped_no_reply_tokens": dropped,
+        "train_loss": phases["train_loss"], "init_adapter": str(init_adapter) if init_adapter else None,
     }
     if nf4:
         summary["nf4_compute_dtype"] = nf4
-    if schedule != "offline":
+    if schedule.kind != "offline":
         summary["phases"] = phases.get("stages") or phases.get("rounds")
     if reference is not None:
         summary["reference_cache"] = {"path": str(reference.path) if reference.path else None,
                                       "hits": reference.hits, "computed": reference.misses}
-    write_json_atomic(out_dir / "log_history.json", log_history)
-    write_json_atomic(out_dir / "train_summary.json", summary)
-    return summary
+    return h.finish(summary)
 
 
 def _pack_length(tcfg, model, max_length: int, report: Report, name: str) -> int | None:
     """``tcfg.pack_length`` when the branch packs its batches (a note and the padded layout when the model can't)."""
     if not tcfg.packing:
         return None
-    from paft.train.attention import packing_unsupported
-
     why = packing_unsupported(model, 2 * max_length)  # a pair's prompt + two replies
     if why:
         report({"branch": name, "note": f"packing off: {why}"})
@@ -206,12 +171,11 @@ def _pack_length(tcfg, model, max_length: int, report: Report, name: str) -> int
     return tcfg.pack_length
 
 
-def _online_scorer(cfg: PaftConfig, method: str, model_dir: Path, tok, model, device: str, reward_dir: Path | None):
-    """The scorer of an online method; self-rewarding always judges with the policy itself."""
-    from paft.scoring import build_scorer
-
+def _online_scorer(cfg: PaftConfig, schedule: Online, model_dir: Path, tok, model, device: str,
+                   reward_dir: Path | None):
+    """The scorer of an online method: the configured one, or the policy itself (``scorer: self_judge``)."""
     scfg = cfg.preference.online.scorer
-    if method == "self-rewarding":
+    if schedule.scorer == "self_judge":
         scfg = scfg.model_copy(update={"kind": "judge", "path": None})
     return build_scorer(scfg, base_model_dir=model_dir, tokenizer=tok, policy=model, device=device,
                         default_reward_dir=reward_dir)
@@ -224,52 +188,38 @@ def preference_examples(cfg: PaftConfig, data_path: Path, source: str | None = N
 
     Pairs convert to unpaired rows for KTO ("binary") and to their rejected replies for NPO
     ("negatives"); unpaired rows given to a pairwise method are a one-line ``DataError`` naming
-    the method and the columns it needs. KTO's KL estimate pairs each completion with another
-    row's prompt, so it needs at least 2 rows per batch (a ``ConfigError`` otherwise).
+    the method and the columns it needs; online methods take the prompts of any rows. KTO's KL
+    estimate pairs each completion with another row's prompt, so it needs at least 2 rows per
+    batch (a ``ConfigError`` otherwise).
     """
-    from paft.data.formats import examples_for_method
-    from paft.data.loading import load_examples
-    from paft.errors import ConfigError
-    from paft.train.losses import get_loss
-
     p = cfg.preference
     spec = get_loss(p.method)
     if spec.data == "binary" and p.batch_size < 2:
         raise ConfigError(f"preference.method {p.method!r} needs preference.batch_size >= 2 (its KL estimate pairs "
                           f"each completion with another row's prompt in the batch); got {p.batch_size}")
     examples = load_examples(str(data_path), "preference").examples
-    if spec.data == "online":  # only the prompts are used; each round samples and scores its own replies
-        if not examples:
-            from paft.errors import DataError
-
-            raise DataError(f"{source or data_path}: no preference rows to take prompts from")
-        return examples
     return examples_for_method(examples, spec.data, method=p.method, source=source or str(data_path))
 
 
 def _start_model(cfg: PaftConfig, adapter: str, model_dir: Path, init: Path | None, out_dir: Path, device: str):
     """The model a branch starts from: the base, or the base with ``init`` (an adapter or a full model folder)
     applied; in 4-bit NF4 for ``qlora``."""
-    from paft.models import load_model
+    from peft import PeftModel  # lazy: peft's import is slow and the pipeline imports this module early
 
+    m = cfg.model
     start_dir = model_dir
     init_is_adapter = init is not None and is_adapter(init)
     if init is not None and not init_is_adapter:
         start_dir = Path(init)  # a full fine-tuned model folder is the start model itself
     elif init_is_adapter and adapter == "qlora":
         # a 4-bit model is quantised while loading, so the adapter is merged into the float base on disk first
-        from paft.merge.mergekit_config import plan_from_flags
-        from paft.merge.standalone import run_merge
-
         start_dir = out_dir / "start"
         if not is_model(start_dir):
-            run_merge(plan_from_flags(model_dir, [init], "task_arithmetic", source="qlora start"), start_dir,
-                      force=True)
-    model = load_model(start_dir, cfg.model.dtype, device, cfg.model.trust_remote_code,
-                       quantize_4bit=adapter == "qlora")
+            merged = PeftModel.from_pretrained(load_model(model_dir, m.dtype, "cpu", m.trust_remote_code), str(init))
+            with atomic_dir(start_dir, force=True) as tmp:
+                merged.merge_and_unload().save_pretrained(tmp)
+    model = load_model(start_dir, m.dtype, device, m.trust_remote_code, quantize_4bit=adapter == "qlora")
     if init_is_adapter and adapter != "qlora":
-        from peft import PeftModel
-
         model = PeftModel.from_pretrained(model, str(init)).merge_and_unload()
     return model
 

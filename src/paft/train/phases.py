@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
+from paft.errors import ConfigError
 from paft.io import atomic_dir, write_json_atomic
 
 # fit(rows, collator, ckpt_dir, max_steps) -> {"train_loss", "steps", "wall_s"}
@@ -86,8 +87,6 @@ def train_staged(*, model, rows: list, collator, objective, fit: Fit, tcfg, out_
     file easy-to-hard to get the paper's curriculum.
     """
     if stages < 1 or stages > len(rows):
-        from paft.errors import ConfigError
-
         raise ConfigError(f"preference.params.stages must be between 1 and the number of pairs ({len(rows)}); "
                           f"got {stages}")
     bounds = [round(i * len(rows) / stages) for i in range(stages + 1)]

@@ -1,12 +1,15 @@
-"""Preference objective: policy and reference log-probs of the batch's replies, then a registered loss.
+"""Data kinds and the preference objective: policy and reference log-probs of the batch's replies, then a
+registered loss.
 
 The reference is the same model with its LoRA adapter disabled (no second copy in
 memory); for the sequential baseline the adapter sits on the SFT-merged weights, so
 disabling it gives the SFT model, as sequential DPO expects.
 
-The batch layout follows the method's data kind (``LossSpec.data``):
+``DATA_KINDS`` holds, per data kind (``LossSpec.data``, or ``sft``), how an example becomes a row, which
+collator batches the rows and how the objective reads a batch:
 
-- ``pairs`` (``PairCollator``): [chosen rows; rejected rows] -> ``PairLogps``.
+- ``pairs`` / ``online`` (``PairCollator``): [chosen rows; rejected rows] -> ``PairLogps`` (online methods
+  train on the pairs each round builds; the file gives only prompts).
 - ``binary`` / ``negatives`` (``BinaryCollator``): B matched rows (prompt_i + completion_i), for
   KTO followed by B mismatched "KL" rows (prompt_{i+1 mod B} + completion_i), and ``desirable``
   ([B] bool) -> ``UnpairedLogps``. Only the matched rows carry gradient: the policy's KL rows
@@ -20,13 +23,91 @@ The batch layout follows the method's data kind (``LossSpec.data``):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from paft.data.collate import BinaryCollator, PairCollator, RankedCollator, SFTCollator
 from paft.data.packing import is_packed
+from paft.data.tokenize import IGNORE, encode_completion, encode_pair, encode_ranked, encode_sft
+from paft.methods.losses import PairLogps, RankedLogps, UnpairedLogps, get_loss
 from paft.train.logps import batch_sequence_logps, trim_padding
-from paft.train.losses import PairLogps, RankedLogps, UnpairedLogps, get_loss
+
+
+def _pairs(obj: "PreferenceObjective", model, batch):
+    logps, counts = batch_sequence_logps(model, batch, obj.full_logits)
+    n = logps.shape[0] // 2
+    lp = PairLogps(policy_chosen=logps[:n], policy_rejected=logps[n:],
+                   chosen_tokens=counts[:n], rejected_tokens=counts[n:])
+    if obj.spec.reference:
+        ref = obj.reference_logps(model, batch)
+        lp.ref_chosen, lp.ref_rejected = ref[:n].detach(), ref[n:].detach()
+    return lp, _pair_metrics(lp, obj.beta)
+
+
+def _unpaired(obj: "PreferenceObjective", model, batch):
+    if is_packed(batch):
+        raise ValueError("unpaired (KTO-style) batches are not packed; build them with BinaryCollator")
+    desirable = batch["desirable"].bool()
+    n = desirable.shape[0]
+    matched = _rows(batch, 0, n)
+    has_kl = batch["input_ids"].shape[0] > n
+    policy, counts = batch_sequence_logps(model, matched, obj.full_logits)
+    lp = UnpairedLogps(policy=policy, labels=desirable, tokens=counts)
+    if has_kl:
+        kl_rows = _rows(batch, n, batch["input_ids"].shape[0])
+        with torch.no_grad():
+            lp.policy_kl = batch_sequence_logps(model, kl_rows, obj.full_logits)[0].detach()
+    if obj.spec.reference:
+        ref = obj.reference_logps(model, batch)
+        lp.ref = ref[:n].detach()
+        if has_kl:
+            lp.ref_kl = ref[n:].detach()
+    return lp, _unpaired_metrics(lp, obj.beta)
+
+
+def _ranked(obj: "PreferenceObjective", model, batch):
+    index = batch["list_index"]
+    present = index >= 0
+    rows = index.clamp(min=0)  # padded entries read row 0; the mask keeps them out of the loss
+    logps, counts = batch_sequence_logps(model, batch, obj.full_logits)
+    lp = RankedLogps(policy=logps[rows], scores=batch["scores"].to(logps.dtype), mask=present, tokens=counts[rows])
+    if obj.spec.reference:
+        lp.ref = obj.reference_logps(model, batch).detach()[rows]
+    return lp, _ranked_metrics(lp, obj.beta)
+
+
+@dataclass(frozen=True)
+class DataKind:
+    """One data kind: ``encode(example, tok, data_cfg)`` -> row (None: the file gives no rows, only prompts),
+    ``collator(pad_id, pack_length, max_length)``, ``keep(row)`` (rows with nothing to learn are dropped) and
+    ``logps(objective, model, batch)`` -> (the loss's log-probs, metrics) for preference kinds."""
+
+    encode: Callable | None
+    collator: Callable[[int, int | None, int], Any]
+    logps: Callable | None = None
+    keep: Callable[[Any], bool] = lambda row: True
+
+
+def _encode_prompted(fn):
+    return lambda e, tok, d: fn(e, tok, d.max_length, d.max_prompt_length)
+
+
+def _pair_collator(pad_id, pack_length, max_length):
+    return PairCollator(pad_id, pack_length)
+
+
+DATA_KINDS: dict[str, DataKind] = {
+    "sft": DataKind(lambda e, tok, d: encode_sft(e, tok, d.max_length), lambda p, n, m: SFTCollator(p, n),
+                    keep=lambda r: any(t != IGNORE for t in r.labels[1:])),  # a reply cut off by max_length
+    "pairs": DataKind(_encode_prompted(encode_pair), _pair_collator, _pairs),
+    "online": DataKind(None, _pair_collator, _pairs),
+    "binary": DataKind(_encode_prompted(encode_completion), lambda p, n, m: BinaryCollator(p, kl=True, max_length=m),
+                       _unpaired),
+    "negatives": DataKind(_encode_prompted(encode_completion),
+                          lambda p, n, m: BinaryCollator(p, kl=False, max_length=m), _unpaired),
+    "ranked": DataKind(_encode_prompted(encode_ranked), lambda p, n, m: RankedCollator(p, n), _ranked),
+}
 
 
 @dataclass
@@ -40,14 +121,12 @@ class PreferenceObjective:
 
     def __post_init__(self):
         self.spec = get_loss(self.method)
-        self.kwargs = {**self.spec.defaults, **self.params}
+        self.kwargs, self.schedule = self.spec.configure(self.params)
+        self.kind = DATA_KINDS[self.spec.data]
 
     def __call__(self, model, batch):
-        if self.spec.data in ("pairs", "online"):  # online methods train on the pairs each round builds
-            return self._pairs(model, batch)
-        if self.spec.data == "ranked":
-            return self._ranked(model, batch)
-        return self._unpaired(model, batch)
+        lp, metrics = self.kind.logps(self, model, batch)
+        return self.spec.fn(lp, beta=self.beta, **self.kwargs).mean(), metrics
 
     def reference_logps(self, model, batch) -> torch.Tensor:
         """Summed reference log-prob of each sequence of the batch (no gradient): cached, or the
@@ -56,50 +135,6 @@ class PreferenceObjective:
             return self.reference(model, batch)
         with torch.no_grad(), model.disable_adapter():
             return batch_sequence_logps(model, batch, self.full_logits)[0].detach()
-
-    def _pairs(self, model, batch):
-        logps, counts = batch_sequence_logps(model, batch, self.full_logits)
-        n = logps.shape[0] // 2
-        lp = PairLogps(policy_chosen=logps[:n], policy_rejected=logps[n:],
-                       chosen_tokens=counts[:n], rejected_tokens=counts[n:])
-        if self.spec.reference:
-            ref = self.reference_logps(model, batch)
-            lp.ref_chosen, lp.ref_rejected = ref[:n].detach(), ref[n:].detach()
-        loss = self.spec.fn(lp, beta=self.beta, **self.kwargs).mean()
-        return loss, _pair_metrics(lp, self.beta)
-
-    def _unpaired(self, model, batch):
-        if is_packed(batch):
-            raise ValueError("unpaired (KTO-style) batches are not packed; build them with BinaryCollator")
-        desirable = batch["desirable"].bool()
-        n = desirable.shape[0]
-        matched = _rows(batch, 0, n)
-        has_kl = batch["input_ids"].shape[0] > n
-        policy, counts = batch_sequence_logps(model, matched, self.full_logits)
-        lp = UnpairedLogps(policy=policy, labels=desirable, tokens=counts)
-        if has_kl:
-            kl_rows = _rows(batch, n, batch["input_ids"].shape[0])
-            with torch.no_grad():
-                lp.policy_kl = batch_sequence_logps(model, kl_rows, self.full_logits)[0].detach()
-        if self.spec.reference:
-            ref = self.reference_logps(model, batch)
-            lp.ref = ref[:n].detach()
-            if has_kl:
-                lp.ref_kl = ref[n:].detach()
-        loss = self.spec.fn(lp, beta=self.beta, **self.kwargs).mean()
-        return loss, _unpaired_metrics(lp, self.beta)
-
-    def _ranked(self, model, batch):
-        index = batch["list_index"]
-        present = index >= 0
-        rows = index.clamp(min=0)  # padded entries read row 0; the mask keeps them out of the loss
-        logps, counts = batch_sequence_logps(model, batch, self.full_logits)
-        lp = RankedLogps(policy=logps[rows], scores=batch["scores"].to(logps.dtype), mask=present,
-                         tokens=counts[rows])
-        if self.spec.reference:
-            lp.ref = self.reference_logps(model, batch).detach()[rows]
-        loss = self.spec.fn(lp, beta=self.beta, **self.kwargs).mean()
-        return loss, _ranked_metrics(lp, self.beta)
 
 
 def _rows(batch, start: int, stop: int) -> dict[str, torch.Tensor]:

@@ -35,8 +35,8 @@ from typing import Iterable
 
 import torch
 
-from paft.io import write_json_atomic
 from paft.data.packing import is_packed, sequence_key
+from paft.io import sha256_file, write_json_atomic
 from paft.train.logps import batch_sequence_logps, trim_padding
 
 
@@ -176,8 +176,6 @@ def reference_identity(model_dir: Path, *, dtype: str, bf16: bool, init_adapter:
     if adapter != "lora":
         parts.append(f"adapter={adapter}")
     if init_adapter is not None:
-        from paft.io import sha256_file
-
         if (init_adapter / "adapter_model.safetensors").is_file():
             parts.append("adapter:" + sha256_file(init_adapter / "adapter_model.safetensors"))
         else:  # a full fine-tuned model folder (sft.adapter full)

@@ -3,7 +3,8 @@
 The base causal LM is loaded as ``AutoModelForSequenceClassification`` with one output (a
 linear ``score`` head on the last hidden state, newly initialised); LoRA adapts the body and
 the head is trained fully (PEFT ``modules_to_save``). The reward of a conversation
-(prompt + reply, rendered with the chat template) is the head's output at its last real token:
+(prompt + reply, rendered with the chat template) is the head's output at its last real token
+(``paft.models.reward.sequence_rewards``, which also loads a trained one):
 
     r(x, y) = w^T h_T(x, y)
 
@@ -19,17 +20,10 @@ ranked/scored lists and 1 for plain (prompt, chosen, rejected) pairs, which carr
 lists give every pair of replies with different scores (the K-choose-2 comparisons of Ouyang et
 al. 2022), not only best vs worst. And ``c = reward.center_rewards`` (the auxiliary term of Eisenstein et al. 2023,
 arXiv 2312.09244, that keeps rewards centred on zero; TRL's ``center_rewards_coefficient``).
-
-"Last real token" is taken from the attention mask, not from the pad token id (transformers'
-own pooling looks for the last token that is not ``pad_token_id``, which is wrong when the pad
-token also occurs in the text, as with SmolLM2 where pad == eos == ``<|im_end|>``), and position
-ids follow the mask, so a row's reward does not depend on its padding side or width.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -39,8 +33,15 @@ import torch.nn.functional as F
 
 from paft.config import LoraConfig, PaftConfig
 from paft.data.collate import pad_sequences
-from paft.errors import DataError, ModelError
-from paft.io import atomic_dir, write_json_atomic
+from paft.data.formats import BinaryExample, PreferenceExample, RankedExample, examples_for_method
+from paft.data.loading import load_examples
+from paft.data.tokenize import encode_pair
+from paft.errors import DataError
+from paft.io import write_json_atomic
+from paft.models import load_tokenizer
+from paft.models.generation import eval_mode
+from paft.models.reward import load_reward_base, sequence_rewards
+from paft.train.trainer import Harness, resolve_bf16, start_training
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -61,38 +62,6 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, *, margin: 
     if center:
         loss = loss + center * (chosen + rejected) ** 2
     return loss
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of each row's last real token ([B] long), for left- or right-padded rows."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions * attention_mask.long()).argmax(dim=1)
-
-
-def _backbone_and_head(model):
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = getattr(inner, getattr(inner, "base_model_prefix", "model"), None)
-    head = getattr(inner, "score", None)
-    if backbone is None or head is None:
-        raise ModelError(f"{type(inner).__name__}: paft reward models need a sequence-classification model with a "
-                         "`score` head on a decoder body (Llama, Mistral, Qwen, Gemma, SmolLM, ...)")
-    return backbone, head
-
-
-def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar reward of each row ([B] float32): the score head at the row's last real token.
-
-    ``model`` is an ``AutoModelForSequenceClassification`` (num_labels=1), plain or PEFT-wrapped.
-    Position ids are ``cumsum(mask) - 1``, so left padding shifts nothing.
-    """
-    backbone, head = _backbone_and_head(model)
-    mask = attention_mask.long()
-    position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    hidden = backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                      use_cache=False).last_hidden_state
-    last = last_token_index(mask)
-    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return head(pooled).squeeze(-1).float()
 
 
 @dataclass
@@ -133,30 +102,6 @@ class RewardObjective:
 
 # --------------------------------------------------------------------------- model and data
 
-def load_reward_base(model_dir: Path | str, *, pad_token_id: int, dtype: str = "float32", device: str = "cpu",
-                     trust_remote_code: bool = False):
-    """The base as ``AutoModelForSequenceClassification`` with one label and ``pad_token_id`` set.
-
-    The ``score`` head is not in a causal LM checkpoint, so it starts from the model's own init
-    (seed it with ``torch.manual_seed`` first for a reproducible head).
-    """
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected here
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, num_labels=1, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"{model_dir}: cannot load as a sequence-classification model: {msg}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    model.config.pad_token_id = pad_token_id
-    return model.to(device)
-
-
 def attach_reward_lora(model, cfg: LoraConfig, seed: int):
     """LoRA on the body (``cfg.target_modules``), the ``score`` head trained in full (modules_to_save)."""
     from peft import LoraConfig as PeftLoraConfig
@@ -185,9 +130,6 @@ def reward_pairs(data_path: Path | str) -> list[tuple[Any, float]]:
     Plain pairs have gap 1. A ranked/scored list gives every pair of distinct replies with
     different scores, chosen = the higher-scored one, gap = the score difference.
     """
-    from paft.data.formats import BinaryExample, PreferenceExample, RankedExample, examples_for_method
-    from paft.data.loading import load_examples
-
     examples = load_examples(str(data_path), "preference").examples
     if any(isinstance(e, BinaryExample) for e in examples):
         raise DataError(f"{data_path}: paft reward trains on pairs (prompt, chosen, rejected) or ranked lists; this "
@@ -205,8 +147,6 @@ def reward_pairs(data_path: Path | str) -> list[tuple[Any, float]]:
 
 def encode_pairs(pairs: list, tok, max_length: int, max_prompt_length: int) -> list[RewardRow]:
     """``reward_pairs`` output (or bare ``PreferenceExample`` rows, gap 1) -> ``RewardRow`` token ids."""
-    from paft.data.tokenize import encode_pair
-
     out = []
     for item in pairs:
         e, gap = item if isinstance(item, tuple) else (item, 1.0)
@@ -215,23 +155,18 @@ def encode_pairs(pairs: list, tok, max_length: int, max_prompt_length: int) -> l
     return out
 
 
-@torch.no_grad()
 def pair_rewards(model, rows: list, pad_id: int, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """Rewards of the chosen and of the rejected reply of each encoded pair (eval mode, no grad)."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     collate = RewardPairCollator(pad_id)
     chosen, rejected = [], []
-    try:
+    with eval_mode(model):
         for i in range(0, len(rows), batch_size):
             batch = {k: v.to(device) for k, v in collate(rows[i:i + batch_size]).items()}
             r = sequence_rewards(model, batch["input_ids"], batch["attention_mask"]).cpu()
             n = r.shape[0] // 2
             chosen.append(r[:n])
             rejected.append(r[n:])
-    finally:
-        model.train(was_training)
     return torch.cat(chosen), torch.cat(rejected)
 
 
@@ -256,15 +191,7 @@ def train_reward(cfg: PaftConfig, model_dir: Path, data_path: Path, out_dir: Pat
     and, with ``eval_path``, ``out_dir/reward_eval.json`` (held-out pairwise accuracy and mean
     margin). A run killed mid-way resumes from the last checkpoint under ``out_dir/checkpoints``.
     """
-    from transformers.trainer_callback import PrinterCallback
-
-    from paft.models import load_tokenizer
-    from paft.progress import quiet_libraries
-    from paft.train.trainer import PaftTrainer, ProgressCallback, last_checkpoint, resolve_bf16, training_args
-
-    quiet_libraries()
-    if threads:
-        torch.set_num_threads(threads)
+    start_training(threads, cfg.run.report_to)
     rcfg, d = cfg.reward, cfg.data
     examples = reward_pairs(data_path)  # before any model is loaded
     held = reward_pairs(eval_path) if eval_path is not None and _has_rows(eval_path) else None
@@ -275,43 +202,26 @@ def train_reward(cfg: PaftConfig, model_dir: Path, data_path: Path, out_dir: Pat
     model = attach_reward_lora(model, rcfg.lora, cfg.run.seed)
     rows = encode_pairs(examples, tok, d.max_length, d.max_prompt_length)
 
-    ckpt_dir = out_dir / "checkpoints"
-    bf16 = resolve_bf16(cfg.run.bf16, device)
-    args = training_args(rcfg, ckpt_dir, seed=cfg.run.seed, device=device, bf16=bf16, n_examples=len(rows))
-    objective = RewardObjective(rcfg.margin_weight, rcfg.center_rewards)
-    trainer = PaftTrainer(model=model, args=args, train_dataset=rows,
-                          data_collator=RewardPairCollator(tok.pad_token_id), objective=objective,
-                          callbacks=[ProgressCallback(report, name)])
-    trainer.remove_callback(PrinterCallback)
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=last_checkpoint(ckpt_dir))
-    wall = time.perf_counter() - start
-
+    h = Harness(model, RewardObjective(rcfg.margin_weight, rcfg.center_rewards), rcfg, out_dir, name, report,
+                cfg.run.seed, device, resolve_bf16(cfg.run.bf16, device), threads=threads, report_to=cfg.run.report_to)
+    result = h.fit(rows, RewardPairCollator(tok.pad_token_id), out_dir / "checkpoints")
     held_out = None
     if held is not None:
         held_rows = encode_pairs(held, tok, d.max_length, d.max_prompt_length)
         chosen, rejected = pair_rewards(model, held_rows, tok.pad_token_id, batch_size=max(rcfg.batch_size, 8))
         margin = rcfg.margin_weight * torch.tensor([r.gap for r in held_rows])
         held_out = {"data": str(eval_path), **pair_metrics(chosen, rejected, margin, rcfg.center_rewards)}
-
-    with atomic_dir(out_dir / "adapter", force=True) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    if held_out is not None:
         write_json_atomic(out_dir / "reward_eval.json", held_out)
-    summary = {
-        "branch": name, "kind": "reward", "base_model": str(model_dir), "steps": trainer.state.global_step,
-        "examples": len(rows), "train_loss": result.training_loss,
+    h.save(out_dir / "adapter", tok)
+    return h.finish({
+        "branch": name, "kind": "reward", "base_model": str(model_dir), "steps": result["steps"],
+        "examples": len(rows), "train_loss": result["train_loss"],
         "eval_accuracy": held_out["accuracy"] if held_out else None,
         "eval_mean_margin": held_out["mean_margin"] if held_out else None,
         "eval_pairs": held_out["pairs"] if held_out else 0,
         "margin_weight": rcfg.margin_weight, "center_rewards": rcfg.center_rewards,
         "max_length": d.max_length, "max_prompt_length": d.max_prompt_length,
-        "wall_s": round(wall, 2), "threads": threads or torch.get_num_threads(), "device": device, "bf16": bf16,
-    }
-    write_json_atomic(out_dir / "log_history.json", trainer.state.log_history)
-    write_json_atomic(out_dir / "train_summary.json", summary)
-    return summary
+    })
 
 
 def _has_rows(path: Path) -> bool:
@@ -320,9 +230,3 @@ def _has_rows(path: Path) -> bool:
     if not p.is_file() or p.stat().st_size == 0:
         return False
     return p.suffix not in (".jsonl", ".json") or bool(p.read_text(encoding="utf-8").strip())
-
-
-def read_reward_summary(out_dir: Path | str) -> dict[str, Any]:
-    path = Path(out_dir) / "train_summary.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-

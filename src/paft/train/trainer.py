@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
+from transformers.trainer_callback import PrinterCallback
 
 from paft.config import TrainConfig
 from paft.errors import ConfigError
+from paft.io import atomic_dir, write_json_atomic
+from paft.progress import quiet_libraries
 
 
 class Objective(Protocol):
@@ -187,3 +192,70 @@ def last_checkpoint(out_dir: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
     return get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
+
+
+def start_training(threads: int | None, report_to: Iterable[str]) -> None:
+    """Before any data or model loads: quiet library logs, fail on a missing logger, set the CPU threads."""
+    quiet_libraries()
+    check_report_to(report_to)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class Harness:
+    """The one fit loop of every branch and of the reward model: a ``PaftTrainer`` per ``fit`` with progress,
+    thread-share and reference-cache callbacks, TensorBoard under ``out_dir/tb``, resume from the last
+    checkpoint; then an atomic save of the result and the summary files."""
+
+    model: Any
+    objective: Objective
+    tcfg: TrainConfig
+    out_dir: Path
+    name: str
+    report: Callable[[dict[str, Any]], None]
+    seed: int
+    device: str
+    bf16: bool
+    threads: int | None = None
+    report_to: Iterable[str] = ()
+    thread_share: tuple[int, Any] | None = None
+    reference: Any = None  # a ReferenceLogps whose memo is saved at every checkpoint
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    t0: float = field(default_factory=time.perf_counter)
+
+    def fit(self, rows: list, collator, ckpt_dir: Path, max_steps: int | None = None) -> dict[str, Any]:
+        """One Trainer run over ``rows`` (resuming from ``ckpt_dir``): the only training loop."""
+        t = self.tcfg if max_steps is None else self.tcfg.model_copy(update={"max_steps": max_steps})
+        out_dir = Path(self.out_dir)
+        args = training_args(t, ckpt_dir, seed=self.seed, device=self.device, bf16=self.bf16, n_examples=len(rows),
+                             report_to=self.report_to, run_name=f"{out_dir.resolve().parent.name}/{self.name}")
+        trainer = PaftTrainer(model=self.model, args=args, train_dataset=rows, data_collator=collator,
+                              objective=self.objective, callbacks=[ProgressCallback(self.report, self.name)])
+        # TensorBoard events: OUT/tb, or OUT/tb/stages/stage-2 etc. for a staged or online schedule's fits
+        route_tensorboard(trainer, out_dir / "tb" / Path(ckpt_dir).parent.relative_to(out_dir))
+        if self.thread_share is not None:
+            trainer.add_callback(ThreadShareCallback(*self.thread_share))
+        if self.reference is not None:
+            trainer.add_callback(SaveReferenceCallback(self.reference))
+        trainer.remove_callback(PrinterCallback)  # paft shows progress bars; logs go to log_history.json
+        t0 = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=last_checkpoint(ckpt_dir))
+        self.log_history.extend(trainer.state.log_history)
+        return {"train_loss": result.training_loss, "steps": trainer.state.global_step,
+                "wall_s": round(time.perf_counter() - t0, 2)}
+
+    def save(self, output: Path, tok) -> Path:
+        """The model (a PEFT adapter, or a full model folder) and its tokenizer, written atomically to ``output``."""
+        with atomic_dir(output, force=True) as tmp:
+            self.model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        return output
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """``summary`` plus wall time, threads, device and bf16, written with the log history to ``out_dir``."""
+        summary = {**summary, "wall_s": round(time.perf_counter() - self.t0, 2),
+                   "threads": self.threads or torch.get_num_threads(), "device": self.device, "bf16": self.bf16}
+        write_json_atomic(Path(self.out_dir) / "log_history.json", self.log_history)
+        write_json_atomic(Path(self.out_dir) / "train_summary.json", summary)
+        return summary

@@ -7,10 +7,11 @@ the caller takes ``.mean()``). ``LossSpec.data`` says what a batch holds: ``"pai
 unpaired completions labelled desirable/undesirable, plus the mismatched "KL" rows),
 ``"negatives"`` (``UnpairedLogps`` of undesirable completions only) or ``"ranked"``
 (``RankedLogps``: a scored list of replies per prompt; lists of different lengths are
-padded to [B, K] and masked). It is called as
-``spec.fn(lp, beta=beta, **{**spec.defaults, **user_params})``: ``beta`` always
-comes from the config (``preference.beta``), the other hyper-parameters from the
-registry defaults, overridden by ``preference.params``.
+padded to [B, K] and masked), or ``"online"`` (pairs each round samples and scores). It is
+called as ``spec.fn(lp, beta=beta, **kwargs)`` with ``kwargs, schedule = spec.configure(params)``:
+``beta`` always comes from the config (``preference.beta``), the other hyper-parameters from the
+registry defaults, overridden by ``preference.params`` (those the schedule owns, e.g. sDPO's
+``stages``, go to ``LossSpec.schedule``, ``paft.methods.schedules``).
 
 Notation: h(y) = log pi_theta(y|x) - log pi_ref(y|x); y_w chosen, y_l rejected;
 Delta = h(y_w) - h(y_l); log pi(y) is the log-prob *summed* over the completion
@@ -42,6 +43,9 @@ Registered (name: reference? defaults):
 - ``rrhf``: free, data "ranked"; sft_weight=1.0 (``beta`` unused)
 - ``pro``: free, data "ranked"; sft_weight=0.05 (times (n - 1)^2), score_temperature=True (``beta`` unused)
 - ``lipo``: ref, data "ranked"; - (LiPO-lambda)
+- ``sdpo``: ref, staged; stages=2 (DPO per stage)
+- ``iterative-dpo``, ``self-rewarding``: ref, online; loss="sigmoid"
+- ``rso``: ref, online; loss="hinge", rso_beta=0.5, candidates=8, keep=4
 
 Note ``rdpo`` (robust DPO, Chowdhury et al.) and ``r-dpo`` (length-regularised DPO,
 Park et al.) are different methods; the names follow the literature.
@@ -57,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from paft.errors import ConfigError, DataError
+from paft.methods.schedules import Online, RejectionSampling, Schedule, Staged
 
 
 @dataclass
@@ -124,17 +129,25 @@ class LossSpec:
     # beta the paper recommends, as a hint only: the loss always receives ``preference.beta``
     # (whose default, 0.1, is DPO's). None where the paper uses no beta or no single value.
     paper_beta: float | None = None
-    # how training proceeds: "offline" (one pass over a fixed dataset), "staged" (sDPO: the data in
-    # stages, each stage's reference the previous stage's model) or "online" (rounds of sample -> score
-    # -> pair -> train; paft.train.online)
-    schedule: str = "offline"
+    # how training proceeds (paft.methods.schedules): offline, staged (sDPO) or online rounds
+    schedule: Schedule = Schedule()
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """Every hyper-parameter ``preference.params`` can set: the loss's and the schedule's, with defaults."""
+        return {**self.defaults, **self.schedule.params}
+
+    def configure(self, params: dict[str, Any]) -> tuple[dict[str, Any], Schedule]:
+        """(the loss's keyword arguments, the schedule) for the user's ``preference.params``."""
+        schedule, rest = self.schedule.with_params(params)
+        return {**self.defaults, **rest}, schedule
 
 
 LOSSES: dict[str, LossSpec] = {}
 
 
 def register_loss(name: str, *, data: str, reference: bool, paper: str, paper_beta: float | None = None,
-                  schedule: str = "offline", **defaults: Any):
+                  schedule: Schedule = Schedule(), **defaults: Any):
     def deco(fn):
         LOSSES[name] = LossSpec(name, fn, data, reference, paper, dict(defaults), paper_beta, schedule)
         return fn
@@ -526,63 +539,37 @@ def npo_loss(lp: UnpairedLogps, beta: float) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# staged and online methods: a pairwise loss inside a multi-phase schedule (paft.train.phases,
-# paft.train.online). The function is the per-pair loss each stage / round trains with.
+# staged and online methods: a pairwise loss inside a multi-phase schedule (paft.methods.schedules;
+# run by paft.train.phases and paft.train.online). The loss is the per-pair loss of each stage / round.
 
 
-def _pair_loss(lp: PairLogps, beta: float, loss: str, method: str) -> torch.Tensor:
+def pair_loss(lp: PairLogps, beta: float, loss: str = "sigmoid") -> torch.Tensor:
+    """L = -log sigma(beta Delta) (``loss: sigmoid``, DPO's) or L = max(0, 1 - beta Delta) (``loss: hinge``)."""
     if loss == "sigmoid":
         return dpo_loss(lp, beta)
     if loss == "hinge":
         return hinge_loss(lp, beta)
-    raise LossParamError(f"{method}: params.loss must be 'sigmoid' or 'hinge', got {loss!r}")
+    raise LossParamError(f"params.loss must be 'sigmoid' or 'hinge', got {loss!r}")
 
 
-@register_loss("sdpo", data="pairs", reference=True, schedule="staged",
-               paper="Kim et al. 2024, sDPO: Don't Use Your Data All at Once (arXiv 2403.19270)", stages=2)
-def sdpo_loss(lp: PairLogps, beta: float, stages: int = 2) -> torch.Tensor:
-    """sDPO: DPO, -log sigma(beta (h_t(y_w) - h_t(y_l))), over the data split into ``stages`` chunks
-    trained in sequence, where h_t uses pi_ref = the model after stage t-1 (stage 1: the start model).
-    The schedule lives in ``paft.train.phases.train_staged``; this is the per-pair loss of a stage.
-    """
-    return dpo_loss(lp, beta)
-
-
-@register_loss("iterative-dpo", data="online", reference=True, schedule="online",
-               paper="Xiong et al. 2024, Iterative Preference Learning from Human Feedback (arXiv 2312.11456); "
-                     "Xu et al. 2023 (arXiv 2312.16682)", loss="sigmoid")
-def iterative_dpo_loss(lp: PairLogps, beta: float, loss: str = "sigmoid") -> torch.Tensor:
-    """Iterative (online) DPO: each round samples replies from the current policy, scores them, pairs
-    best vs worst, and trains -log sigma(beta Delta) on those pairs (``loss: hinge`` for max(0, 1 - beta Delta)).
-    The rounds live in ``paft.train.online``; this is the per-pair loss of a round.
-    """
-    return _pair_loss(lp, beta, loss, "iterative-dpo")
-
-
-@register_loss("rso", data="online", reference=True, schedule="online",
-               paper="Liu et al. 2024, Statistical Rejection Sampling Improves Preference Optimization "
-                     "(arXiv 2309.06657)", loss="hinge", rso_beta=0.5, candidates=8, keep=4)
-def rso_loss(lp: PairLogps, beta: float, loss: str = "hinge", rso_beta: float = 0.5, candidates: int = 8,
-             keep: int = 4) -> torch.Tensor:
-    """RSO: ``candidates`` replies per prompt from the start (SFT) policy, ``keep`` of them accepted by
-    rejection sampling towards pi_sft exp(r / rso_beta) (``paft.train.online.rejection_sample``), pairs
-    among the accepted labelled by the reward, trained with the normalised hinge loss
-    max(0, 1 - beta (h(y_w) - h(y_l))) (the paper's best variant; ``loss: sigmoid`` gives DPO's).
-    """
-    if rso_beta <= 0 or keep < 2 or candidates < keep:
-        raise LossParamError(f"rso: needs rso_beta > 0 and 2 <= keep <= candidates; got rso_beta={rso_beta}, "
-                             f"keep={keep}, candidates={candidates}")
-    return _pair_loss(lp, beta, loss, "rso")
-
-
-@register_loss("self-rewarding", data="online", reference=True, schedule="online",
-               paper="Yuan et al. 2024, Self-Rewarding Language Models (arXiv 2401.10020)", loss="sigmoid")
-def self_rewarding_loss(lp: PairLogps, beta: float, loss: str = "sigmoid") -> torch.Tensor:
-    """Self-rewarding: the policy samples replies, rates them itself as an LLM judge (expected 1-5
-    rating, ``paft.scoring.JudgeScorer``), and trains DPO on best vs worst; round t's reference is the
-    model after round t-1, as in the paper's M_t -> M_{t+1} iterations.
-    """
-    return _pair_loss(lp, beta, loss, "self-rewarding")
+# sDPO: DPO over the data split into ``stages`` chunks trained in sequence, where stage t's pi_ref is the
+# model after stage t-1 (stage 1: the start model).
+register_loss("sdpo", data="pairs", reference=True, schedule=Staged(),
+              paper="Kim et al. 2024, sDPO: Don't Use Your Data All at Once (arXiv 2403.19270)")(dpo_loss)
+# Iterative (online) DPO: each round samples replies from the current policy, scores them, pairs best vs worst.
+register_loss("iterative-dpo", data="online", reference=True, schedule=Online(),
+              paper="Xiong et al. 2024, Iterative Preference Learning from Human Feedback (arXiv 2312.11456); "
+                    "Xu et al. 2023 (arXiv 2312.16682)", loss="sigmoid")(pair_loss)
+# RSO: candidates from the start (SFT) policy, some accepted by rejection sampling towards pi_sft exp(r / rso_beta),
+# pairs among the accepted, the normalised hinge loss (the paper's best variant; ``loss: sigmoid`` gives DPO's).
+register_loss("rso", data="online", reference=True, schedule=Online(sample_from="start", selection=RejectionSampling()),
+              paper="Liu et al. 2024, Statistical Rejection Sampling Improves Preference Optimization "
+                    "(arXiv 2309.06657)", loss="hinge")(pair_loss)
+# Self-rewarding: the policy rates its own samples as an LLM judge (expected 1-5 rating,
+# ``paft.scoring.JudgeScorer``); round t's reference is the model after round t-1 (M_t -> M_{t+1}).
+register_loss("self-rewarding", data="online", reference=True,
+              schedule=Online(reference="previous", scorer="self_judge"),
+              paper="Yuan et al. 2024, Self-Rewarding Language Models (arXiv 2401.10020)", loss="sigmoid")(pair_loss)
 
 
 # ---------------------------------------------------------------------------------------------
