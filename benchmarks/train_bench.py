@@ -209,7 +209,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     work = Path(spec["work"])
     if spec["tool"] == "paft":
         # a cold reference cache (no head start from an earlier run), the usual converted model
-        from paft.models.smollm2 import cache_root
+        from paft.io import cache_root
 
         models = cache_root() / "models"
         cache = work / "paft-cache"

@@ -17,6 +17,11 @@ from typing import Any, Iterator
 from paft.errors import PaftError
 
 
+def cache_root() -> Path:
+    """Converted models and reference log-prob caches live here (``$PAFT_CACHE``, else ``~/.cache/paft``)."""
+    return Path(os.environ.get("PAFT_CACHE", Path.home() / ".cache" / "paft"))
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
     path = Path(path)

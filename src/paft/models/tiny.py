@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from paft.data.demo import corpus_sample
 from paft.io import atomic_dir
 
 CHAT_TEMPLATE = (
@@ -21,8 +22,6 @@ SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def _corpus() -> list[str]:
-    from paft.data.demo import corpus_sample
-
     words = ("the a of to and in is you that it for on with as are this be at or have from by not but what all "
              "can your how do help sure sorry answer question please here steps first then").split()
     return corpus_sample() + [" ".join(words)] * 4

@@ -15,6 +15,7 @@ from typing import Any, Callable
 from paft.config import PaftConfig, TrainConfig
 from paft.data.formats import examples_for_method
 from paft.data.loading import load_examples
+from paft.device import resolve_bf16
 from paft.errors import ConfigError, DataError
 from paft.io import atomic_dir
 from paft.methods.losses import get_loss
@@ -30,7 +31,7 @@ from paft.train.phases import train_staged
 from paft.train.preference import DATA_KINDS, PreferenceObjective
 from paft.train.reference import ReferenceLogps, reference_cache_path, reference_identity
 from paft.train.sft import SFTObjective
-from paft.train.trainer import Harness, Objective, resolve_bf16, start_training
+from paft.train.trainer import Harness, Objective, start_training
 
 Report = Callable[[dict[str, Any]], None]
 

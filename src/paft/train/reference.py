@@ -36,7 +36,7 @@ from typing import Iterable
 import torch
 
 from paft.data.packing import is_packed, sequence_key
-from paft.io import sha256_file, write_json_atomic
+from paft.io import cache_root, sha256_file, write_json_atomic
 from paft.train.logps import batch_sequence_logps, trim_padding
 
 
@@ -184,6 +184,4 @@ def reference_identity(model_dir: Path, *, dtype: str, bf16: bool, init_adapter:
 
 
 def reference_cache_path(identity: str) -> Path:
-    from paft.models.smollm2 import cache_root
-
     return cache_root() / "reference" / f"{identity}.json"

@@ -36,12 +36,13 @@ from paft.data.collate import pad_sequences
 from paft.data.formats import BinaryExample, PreferenceExample, RankedExample, examples_for_method
 from paft.data.loading import load_examples
 from paft.data.tokenize import encode_pair
+from paft.device import resolve_bf16
 from paft.errors import DataError
 from paft.io import write_json_atomic
 from paft.models import load_tokenizer
 from paft.models.generation import eval_mode
 from paft.models.reward import load_reward_base, sequence_rewards
-from paft.train.trainer import Harness, resolve_bf16, start_training
+from paft.train.trainer import Harness, start_training
 
 Report = Callable[[dict[str, Any]], None]
 

@@ -97,23 +97,6 @@ class SaveReferenceCallback(TrainerCallback):
         self.reference.save()
 
 
-def resolve_bf16(setting, device: str) -> bool:
-    """bf16 autocast where the hardware supports it (CPU: AVX512-BF16/AMX; CUDA: Ampere+)."""
-    if setting is not True and setting is not False:
-        if device.startswith("cuda"):
-            return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return _cpu_has_bf16()
-    return bool(setting)
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 # run.report_to integration -> the modules it can use (any one of them)
 _INTEGRATION_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
                         "comet_ml": ("comet_ml",), "clearml": ("clearml",), "dvclive": ("dvclive",),
