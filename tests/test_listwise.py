@@ -429,7 +429,7 @@ def _tiny_batch(tok):
 @pytest.mark.parametrize("name", ["rrhf", "pro", "lipo"])
 def test_objective_on_the_tiny_model(name, tiny_model, tiny_tok):
     from paft.config import LoraConfig
-    from paft.train.logps import sequence_logps
+    from paft.models.logps import sequence_logps
     from paft.train.lora import attach_lora
     from paft.train.preference import PreferenceObjective
 

@@ -9,8 +9,8 @@ from paft.data.collate import PairCollator, RankedCollator, SFTCollator
 from paft.data.formats import PreferenceExample, RankedExample, SFTExample
 from paft.data.packing import Doc, pack
 from paft.data.tokenize import IGNORE, encode_pair, encode_ranked, encode_sft
-from paft.train.attention import packing_unsupported
-from paft.train.logps import batch_sequence_logps, batch_token_logps
+from paft.models.attention import packing_unsupported
+from paft.models.logps import batch_sequence_logps, batch_token_logps
 from paft.train.lora import attach_lora
 from paft.train.preference import PreferenceObjective
 from paft.train.reference import ReferenceLogps, batch_keys
@@ -190,7 +190,7 @@ def test_packing_unsupported_names_the_reason(tiny_model):
 
 
 def test_sdpa_runs_attention_per_document(lora_model, tiny_tok, monkeypatch):
-    from paft.train import attention
+    from paft.models import attention
 
     assert lora_model.get_base_model().config._attn_implementation == "sdpa"
     calls = []

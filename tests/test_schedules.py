@@ -39,7 +39,7 @@ def _batch(tok, n=4):
 
 
 def _disabled(model, b):
-    from paft.train.logps import sequence_logps
+    from paft.models.logps import sequence_logps
 
     with torch.no_grad(), model.disable_adapter():
         return sequence_logps(model, b["input_ids"], b["attention_mask"], b["labels"])[0]
@@ -102,7 +102,7 @@ def test_reference_identity_changes_with_merged_adapter_and_precision(tiny_dir, 
 
 
 def test_snapshot_freezes_the_current_policy(lora_model, tiny_tok):
-    from paft.train.logps import sequence_logps
+    from paft.models.logps import sequence_logps
 
     b = _batch(tiny_tok)
     ref = ReferenceLogps(None)

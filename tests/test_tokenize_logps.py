@@ -3,7 +3,7 @@ import torch
 from paft.data.collate import PairCollator, SFTCollator
 from paft.data.formats import PreferenceExample, SFTExample
 from paft.data.tokenize import IGNORE, encode_pair, encode_sft
-from paft.train.logps import sequence_logps, token_logps
+from paft.models.logps import sequence_logps, token_logps
 
 SYS = {"role": "system", "content": "You are a helpful assistant."}
 

@@ -431,7 +431,7 @@ def _binary_batch(tok, kl):
 
 @pytest.mark.parametrize("name", ["kto", "npo"])
 def test_objective_matches_the_loss_on_the_tiny_model(name, tiny_model, tiny_tok):
-    from paft.train.logps import sequence_logps
+    from paft.models.logps import sequence_logps
     from paft.train.preference import PreferenceObjective
 
     model = _lora_model(tiny_model)

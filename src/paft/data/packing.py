@@ -28,7 +28,7 @@ Keys of a packed batch:
 - ``sequence_keys``: list of S reference-cache keys, equal to ``paft.train.reference.row_key`` of
   the plain layout's row, so cached reference log-probs are shared by both layouts;
 - ``doc_spans`` [D, 4]: (row, start, end, 1 if the document has no branches) of each document, so
-  attention can run per document (``paft.train.attention``) instead of over whole rows.
+  attention can run per document (``paft.models.attention``) instead of over whole rows.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from paft.data.collate import PairCollator, SFTCollator
 from paft.data.formats import PreferenceExample, SFTExample
 from paft.data.tokenize import encode_pair, encode_sft
 from paft.models.generation import generate_replies
-from paft.train.logps import sequence_logps, token_logps
+from paft.models.logps import sequence_logps, token_logps
 
 
 def _batches(items, size):

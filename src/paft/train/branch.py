@@ -24,7 +24,7 @@ from paft.models import load_model, load_tokenizer
 from paft.models.folders import is_adapter, is_model
 from paft.models.loading import nf4_compute_dtype, require_bitsandbytes
 from paft.scoring import build_scorer
-from paft.train.attention import packing_unsupported
+from paft.models.attention import packing_unsupported
 from paft.train.lora import attach_adapter, keep_frozen_copy
 from paft.train.online import train_online, unique_prompts
 from paft.train.phases import train_staged

@@ -31,7 +31,7 @@ from paft.data.collate import BinaryCollator, PairCollator, RankedCollator, SFTC
 from paft.data.packing import is_packed
 from paft.data.tokenize import IGNORE, encode_completion, encode_pair, encode_ranked, encode_sft
 from paft.methods.losses import PairLogps, RankedLogps, UnpairedLogps, get_loss
-from paft.train.logps import batch_sequence_logps, trim_padding
+from paft.models.logps import batch_sequence_logps, trim_padding
 
 
 def _pairs(obj: "PreferenceObjective", model, batch):

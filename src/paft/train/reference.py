@@ -37,7 +37,7 @@ import torch
 
 from paft.data.packing import is_packed, sequence_key
 from paft.io import cache_root, sha256_file, write_json_atomic
-from paft.train.logps import batch_sequence_logps, trim_padding
+from paft.models.logps import batch_sequence_logps, trim_padding
 
 
 def row_key(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> str:
@@ -69,7 +69,7 @@ class ReferenceLogps:
                 self.values = {}  # unreadable cache: recompute (it is only a cache)
 
     def __call__(self, model, batch: dict) -> torch.Tensor:
-        """Summed reference log-prob of each sequence of ``batch`` (either layout of ``paft.train.logps``)."""
+        """Summed reference log-prob of each sequence of ``batch`` (either layout of ``paft.models.logps``)."""
         device = batch["input_ids"].device
         if self.snapshot_values is not None:
             return self._lookup(self.snapshot_values, batch_keys(batch), device, "stage snapshot")

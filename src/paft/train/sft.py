@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from paft.train.logps import batch_token_logps
+from paft.models.logps import batch_token_logps
 from paft.train.lora import l1_delta_norm
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from paft.data.packing import is_packed
 from paft.data.tokenize import IGNORE
-from paft.train.attention import attn_implementation, packed_attention
+from paft.models.attention import attn_implementation, packed_attention
 
 
 def _split(model):
