@@ -135,11 +135,12 @@ def sparsity_cmd(
                                                                      "at most 4)")] = None):
     """Share of near-zero delta entries: of a run's branches (RUN/sparsity.json), or of any models vs --base."""
     if base is not None:
+        from paft.report.sparsity_plot import plot_sparsity
         from paft.sparsity import print_sparsity_table, standalone_sparsity
 
         if set_ or preset:
             raise PaftError("--set/--preset apply to a paft run config, not to `paft sparsity ... --base`")
-        results = standalone_sparsity(list(inputs or []), base, out, force, abs_, rel, workers)
+        results = standalone_sparsity(list(inputs or []), base, out, force, abs_, rel, workers, plot=plot_sparsity)
         print_sparsity_table(results, out)
         return
     inputs = list(inputs or [])

@@ -193,9 +193,11 @@ def model_sparsity(path: str | Path, base_dir: str | Path, absolute: Iterable[fl
 
 def compare_sparsity(paths: list[str | Path], base_dir: str | Path, out_dir: str | Path | None = None, *,
                      absolute: Iterable[float] = ABSOLUTE, relative: Iterable[float] = RELATIVE,
-                     workers: int | None = None, force: bool = False) -> dict:
+                     workers: int | None = None, force: bool = False,
+                     plot: Callable[[dict, Path], None] | None = None) -> dict:
     """:func:`model_sparsity` of several inputs against one base; with ``out_dir``, also
-    ``sparsity.json`` and ``sparsity.png`` (histograms and per-layer shares side by side), written atomically.
+    ``sparsity.json`` and, given ``plot`` (the report layer's, passed down by the caller), ``sparsity.png``,
+    written atomically.
     Inputs are keyed by folder name (made unique with a suffix)."""
     results: dict[str, dict] = {}
     for p in paths:
@@ -207,21 +209,21 @@ def compare_sparsity(paths: list[str | Path], base_dir: str | Path, out_dir: str
             key, i = f"{'/'.join(parts[-2:])}-{i}", i + 1
         results[key] = {"path": str(p), **model_sparsity(p, base_dir, absolute, relative, workers)}
     if out_dir is not None:
-        from paft.report.sparsity_plot import plot_sparsity  # upward (report is layer 4); see the issue 13 report
-
         with atomic_dir(out_dir, force=force) as tmp:
             write_json_atomic(tmp / "sparsity.json", {"base": str(base_dir), "inputs": results})
-            plot_sparsity(results, tmp / "sparsity.png")
+            if plot is not None:
+                plot(results, tmp / "sparsity.png")
     return results
 
 
 def standalone_sparsity(inputs: list[Path], base: Path, out: Path | None, force: bool, absolute: str | None,
-                        relative: str | None, workers: int | None) -> dict:
+                        relative: str | None, workers: int | None,
+                        plot: Callable[[dict, Path], None] | None = None) -> dict:
     if not inputs:
         raise ConfigError("give one or more model or adapter folders to measure against --base")
     abs_t = parse_floats(absolute, "--abs") or list(ABSOLUTE)
     rel_t = parse_floats(relative, "--rel") or list(RELATIVE)
-    return compare_sparsity(inputs, base, out, absolute=abs_t, relative=rel_t, workers=workers, force=force)
+    return compare_sparsity(inputs, base, out, absolute=abs_t, relative=rel_t, workers=workers, force=force, plot=plot)
 
 
 def print_sparsity_table(results: dict, out: Path | None) -> None:
