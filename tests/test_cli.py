@@ -82,6 +82,7 @@ def test_readme_lists_every_registered_method():
     from paft.merge.methods import MERGE_METHODS
     from paft.methods.losses import LOSSES
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    docs = Path(__file__).parent.parent / "docs"  # the README links these method tables
+    readme = (docs / "methods.md").read_text() + (docs / "merge.md").read_text()
     for name in [*LOSSES, *MERGE_METHODS]:
         assert f"| `{name}` |" in readme, name

@@ -48,8 +48,8 @@ def test_registry():
 
 
 def test_table_rows_describe_the_methods():
-    """The row is the method: what it reads, how it combines, which path runs it, its README line."""
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    """The row is the method: what it reads, how it combines, which path runs it, its line in docs/merge.md."""
+    readme = (Path(__file__).parent.parent / "docs" / "merge.md").read_text()
     for name, spec in MERGE_METHODS.items():
         assert spec.name == name and f"| `{name}` | {spec.what} |" in readme, name
         assert spec.family == (name not in OWN_FUNCTIONS)

@@ -11,6 +11,7 @@ import shutil
 import struct
 import subprocess
 import sys
+from html import unescape
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,10 @@ from paft.cli import app
 from paft.config import load_config
 from paft.errors import ConfigError
 from paft.io import write_json_atomic, write_text_atomic
-from paft.report import write_report
+from paft.report import Cell, Column, Table, table, to_html, to_markdown, write_report
+from paft.report.html import page
 from paft.report.metrics import alignment_tax, metric_info
+from paft.report.model import Code, Figure, Section, Text
 from paft.sparsity import delta_sparsity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,6 +233,47 @@ def test_training_curves_follow_a_staged_branch_across_its_fits():
     hist = [{"loss": 1.0, "step": 1}, {"loss": 0.8, "step": 4}, {"train_loss": 0.9, "step": 4},
             {"loss": 0.7, "step": 1}, {"loss": 0.5, "step": 4}]
     assert _series(hist, "loss") == ([1, 4, 5, 8], [1.0, 0.8, 0.7, 0.5])
+
+
+# --------------------------------------------------------------------------- the report model
+
+def test_one_table_model_two_serializers():
+    t = Table([Column("name"), Column(Cell("Δ", swatch="paft"), num=True, cls="tax")],
+              [["a|b", Cell("-0.125", tone="bad", title="x <y>", delta=-0.125, note="± 0.010")], ["`c`", 2]])
+    assert to_markdown(t) == "| name | Δ |\n|---|---:|\n| a\\|b | -0.125 |\n| `c` | 2 |"
+    html = to_html(t)
+    assert '<td class="num bad tax" data-delta="-0.125" title="x &lt;y&gt;">−0.125 ± 0.010</td>' in html
+    assert '<td class="text"><code>c</code></td>' in html and '<td class="text">a|b</td>' in html
+    assert '<th class="num tax"><span class="sw" style="background:#55a868"></span>Δ</th>' in html
+    # the plain form the sweep report uses: numbers from num_from on, any iterable of rows
+    plain = table(["stage", "seconds"], {"data": 0.1, "eval": 25}.items())
+    assert to_markdown(plain) == "| stage | seconds |\n|---|---:|\n| data | 0.1 |\n| eval | 25 |"
+    assert to_markdown(table(["a", "b"], [[1, 2]], num_from=2)).splitlines()[1] == "|---|---|"
+
+
+def test_sections_nest_and_blocks_keep_to_their_format():
+    rep = Section("R", [Text("intro `x`"), Text("md only", only="md"), Section("A", [
+        Text("html only", only="html"), Section("B", [Figure("f.png", "f", "cap")], id="b", nav="Bee"),
+        Code("cfg", "a: <1>")], id="a", nav="A")])
+    assert to_markdown(rep) == "# R\n\nintro `x`\n\nmd only\n\n## A\n\n### B\n\n![f](f.png)"
+    html = page(rep, "sub", {"f.png": b"\x89PNG"})
+    assert "md only" not in html and "html only" in html and "<p>intro <code>x</code></p>" in html
+    assert '<section id="a"><h2>A</h2>' in html and '<h3 id="b">B</h3>' in html
+    assert '<nav><a href="#a">A</a><a href="#b">Bee</a></nav>' in html
+    assert "<pre>a: &lt;1&gt;</pre>" in html and "<figcaption>cap</figcaption>" in html
+    assert "data:image/png;base64,iVBORw==" in html
+    assert to_html(Figure("missing.png", "m")) == ""  # a figure without data is left out of the page
+
+
+def test_markdown_and_html_show_the_same_sections(run_dir):
+    md, html = (run_dir / "report.md").read_text(), (run_dir / "report.html").read_text()
+    heads = re.findall(r"^#{2,3} (.+)$", md, re.M)
+    assert heads[:3] == ["Held-out metrics (16 SFT rows, 16 preference pairs)", "Alignment tax",
+                         "Differences from the single-objective models"]
+    assert heads == [unescape(t) for _, t in re.findall(r'<h([23])(?: id="[^"]*")?>([^<]*)</h\1>', html)]
+    # the headline: a table in Markdown, a card per two-objective model in HTML, the same numbers
+    assert "| model | Δ SFT exact match vs SFT only | Δ preference accuracy vs preference only |" in md
+    assert html.count('<div class="card">') == 2 and '<span class="v bad">−0.125</span>' in html
 
 
 # --------------------------------------------------------------------------- the command

@@ -481,7 +481,8 @@ def test_objective_matches_the_loss_on_the_tiny_model(name, tiny_model, tiny_tok
 def test_evaluation_on_unpaired_held_out_data_reports_none(tiny_dir, tiny_tok):
     from paft.data.formats import SFTExample
     from paft.eval.models import ModelSpec, evaluate_models
-    from paft.report.render import _markdown
+    from paft.report.markdown import to_markdown
+    from paft.report.render import build_report
 
     cfg = load_config(preset="tiny")
     sft = [SFTExample(messages=[m("user", "hi"), m("assistant", "hello")])]
@@ -494,7 +495,7 @@ def test_evaluation_on_unpaired_held_out_data_reports_none(tiny_dir, tiny_tok):
     evals = {k: dict(base) for k in ("base", "sft", "preference", "paft")}
     rep = {"config": cfg.model_dump(mode="json"), "eval": {**res, "models": evals}, "sparsity": {}, "training": {},
            "timings_s": None, "versions": {}}
-    text = _markdown(rep)
+    text = to_markdown(build_report(rep))
     assert "Preference metrics not computed: held-out preference data is unpaired" in text
     assert "| PAFT merge | +0.000 | – |" in text
 

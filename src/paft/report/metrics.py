@@ -12,10 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-MODELS = ("base", "sft", "preference", "sequential", "paft")
-LABELS = {"base": "base", "sft": "SFT only", "preference": "preference only",
-          "sequential": "sequential SFT->pref", "paft": "PAFT merge"}
-SHORT = {"base": "base", "sft": "SFT", "preference": "pref.", "sequential": "seq.", "paft": "PAFT"}
+from paft.report.style import MODELS
+
 # the single-objective branches every other model is compared with
 REFERENCES = ("sft", "preference")
 
@@ -54,10 +52,6 @@ class Metric:
     key: str
     label: str
     higher: bool | None  # True: higher is better; False: lower; None: neither
-
-    @property
-    def arrow(self) -> str:
-        return {True: "↑", False: "↓", None: ""}[self.higher]
 
 
 def _name_direction(name: str) -> bool | None:
@@ -158,18 +152,3 @@ def alignment_tax(evals: dict[str, dict]) -> dict[str, Any]:
             "metrics": [{"key": x.key, "label": x.label, "higher_is_better": x.higher} for x in metrics],
             "values": values, "deltas": deltas, "better": better}
 
-
-def fmt_value(v: float | None) -> str:
-    if v is None:
-        return "–"
-    if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-3):
-        return f"{v:.2e}"
-    return f"{v:.3f}"
-
-
-def fmt_delta(d: float | None, minus: str = "-") -> str:
-    """``+0.021`` / ``-0.150``; ``minus="−"`` gives the typographic minus (as wide as the plus in HTML)."""
-    if d is None:
-        return "–"
-    text = f"{d:+.1e}" if d != 0 and (abs(d) >= 1e4 or abs(d) < 1e-3) else f"{d:+.3f}"
-    return text.replace("-", minus, 1) if text.startswith("-") else text

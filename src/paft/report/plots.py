@@ -6,17 +6,15 @@ import io
 import math
 from typing import Any
 
-from paft.report.metrics import SHORT, Metric
+from paft.report.metrics import Metric
+from paft.report.sparsity_plot import plot_sparsity
+from paft.report.style import BRANCH_LABELS, COLORS, DEFAULT_COLOR, DIRECTIONS, SHORT
 
-COLORS = {"base": "#9e9e9e", "sft": "#4c72b0", "preference": "#dd8452", "sequential": "#8172b3",
-          "paft": "#55a868", "reward": "#c44e52"}
-BRANCH_LABELS = {"sft": "SFT branch", "preference": "preference branch", "sequential": "sequential (pref. on SFT)",
-                 "reward": "reward model"}
 WIDTH_IN, DPI = 11.5, 100  # 1150 px: the HTML page's content width, so images show at 1:1
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # lazily: a second of start-up, needed only when figures are drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -49,10 +47,9 @@ def metric_bars(tax: dict[str, Any]) -> bytes | None:
     for ax, x in zip(axes.flat, metrics):
         vals = [values[n][x.key] for n in models]
         ys = [float("nan") if v is None else v for v in vals]
-        ax.bar(range(len(models)), ys, color=[COLORS.get(n, "#333333") for n in models], width=0.7)
+        ax.bar(range(len(models)), ys, color=[COLORS.get(n, DEFAULT_COLOR) for n in models], width=0.7)
         ax.set_xticks(range(len(models)), [SHORT.get(n, n) for n in models])
-        hint = {True: "higher is better", False: "lower is better", None: ""}[x.higher]
-        ax.set_title(x.label + (f"\n({hint})" if hint else "\n"), fontsize=9)
+        ax.set_title(x.label + (f"\n({DIRECTIONS[x.higher]})" if x.higher is not None else "\n"), fontsize=9)
         ax.grid(axis="x", visible=False)
         for i, v in enumerate(vals):
             if v is None:  # a model without this metric: say so instead of a silent gap
@@ -127,11 +124,7 @@ def training_curves(training: dict[str, dict]) -> bytes | None:
     return _png(fig)
 
 
-def sparsity_figure(sparsity: dict[str, dict]) -> bytes | None:
-    if not sparsity:
-        return None
-    from paft.report.sparsity_plot import plot_sparsity
-
+def sparsity_figure(sparsity: dict[str, dict]) -> bytes:
     _plt()
     buf = io.BytesIO()
     plot_sparsity(sparsity, buf, by_type=True, width=WIDTH_IN, dpi=DPI)

@@ -9,32 +9,27 @@ import json
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from paft.config import PaftConfig
 from paft.io import package_versions, write_bytes_atomic, write_json_atomic, write_text_atomic
-from paft.report.metrics import LABELS, MODELS, SHORT, alignment_tax, fmt_delta, fmt_value
+from paft.report.html import page
+from paft.report.markdown import to_markdown
+from paft.report.metrics import alignment_tax, stderr_of
+from paft.report.model import Cell, Code, Column, Figure, Section, Table, Text, table
+from paft.report.plots import metric_bars, sparsity_figure, training_curves
+from paft.report.style import ARROWS, DIRECTIONS, LABELS, MODELS, SHORT, TONES, fmt as _fmt, fmt_delta, fmt_value
 
-# the five headline metrics (the `paft run` summary table prints these)
-METRICS = [  # key, header, higher is better
-    ("sft_exact_match", "SFT exact match", True),
-    ("sft_nll", "SFT NLL", False),
-    ("pref_accuracy", "pref. accuracy", True),
-    ("reward_margin", "reward margin", True),
-    ("reward_accuracy", "reward accuracy", True),
-]
+# the five headline metrics the `paft run` summary table prints: key, header, higher is better
+METRICS = [("sft_exact_match", "SFT exact match", True), ("sft_nll", "SFT NLL", False),
+           ("pref_accuracy", "pref. accuracy", True), ("reward_margin", "reward margin", True),
+           ("reward_accuracy", "reward accuracy", True)]
 BRANCHES = ("sft", "preference", "sequential", "reward")
-IMAGES = {"metrics": "metrics.png", "training": "training.png", "sparsity": "sparsity.png"}
+TAX_MODELS = ("sequential", "paft")  # trained on both objectives: their differences are the alignment tax
 
 
 def _read(path: Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    return str(v)
 
 
 def collect(root: Path, cfg: PaftConfig | dict[str, Any]) -> dict[str, Any]:
@@ -64,133 +59,160 @@ def collect(root: Path, cfg: PaftConfig | dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _setup_line(cfg: dict[str, Any]) -> str:
-    m, p = cfg["merge"], cfg["preference"]
-    return (f"Model `{cfg['model']['name']}`; SFT data `{cfg['data']['sft']['path']}`, preference data "
-            f"`{cfg['data']['preference']['path']}`; preference method `{p['method']}` (beta {p['beta']}); merge "
-            f"`{m['method']}` (weights {m['weights']}, density {m['density']}); SFT L1 lambda {cfg['sft']['l1_lambda']}.")
+def _metric_cell(x: dict[str, Any]) -> Cell:
+    higher = x["higher_is_better"]
+    return Cell(x["label"] + ARROWS[higher], title=f"{x['key']}: {DIRECTIONS[higher]}")
 
 
-def _eval_note(ev: dict[str, Any]) -> str:
-    return (f"Reward margin and accuracy: DPO implicit reward with `{ev.get('reference')}` as reference, beta "
-            f"{ev.get('beta')}. Preference accuracy: the model's own log p(chosen) > log p(rejected).")
+def _values_table(tax: dict[str, Any], evals: dict[str, Any]) -> Table:
+    """Every metric per model; HTML bolds the best model (unless all tie) and shows saved standard errors."""
+    models, values = tax["models"], tax["values"]
+    rows = []
+    for x in tax["metrics"]:
+        key, higher = x["key"], x["higher_is_better"]
+        present = [values[m][key] for m in models if values[m][key] is not None]
+        best = (max(present) if higher else min(present)) if higher is not None and len(set(present)) > 1 else None
+        cells = [_metric_cell(x)]
+        for m in models:
+            v, se = values[m][key], stderr_of(evals.get(m, {}), key)
+            cells.append(Cell(fmt_value(v), note=f"± {fmt_value(se)}" if se is not None and v is not None else "",
+                              tone="best" if best is not None and v == best else ""))
+        rows.append(cells)
+    columns = [Column("metric", cls="metric")] + [Column(Cell(LABELS.get(m, m), swatch=m), num=True) for m in models]
+    return Table(columns, rows, cls="values")
 
 
-def _tax_markdown(tax: dict[str, Any]) -> list[str]:
-    models, metrics, values = tax["models"], tax["metrics"], tax["values"]
-    lines = ["| metric | " + " | ".join(LABELS.get(m, m) for m in models) + " |", "|---|" + "---:|" * len(models)]
-    for x in metrics:
-        arrow = {True: " ↑", False: " ↓", None: ""}[x["higher_is_better"]]
-        lines.append(f"| {x['label']}{arrow} | " + " | ".join(fmt_value(values[m][x["key"]]) for m in models) + " |")
-    lines.append("")
-    deltas = tax["deltas"]
-    if "sft" in deltas and "preference" in deltas:
-        # the headline: what each two-objective model gave up on each branch's own task
-        head = [(k, ref) for k, ref in (("sft_exact_match", "sft"), ("pref_accuracy", "preference"))
-                if any(x["key"] == k for x in metrics)]
-        if head:
-            lines += ["### Alignment tax", "",
-                      "| model | " + " | ".join(f"Δ {_label(metrics, k)} vs {LABELS[ref]}" for k, ref in head) + " |",
-                      "|---|" + "---:|" * len(head)]
-            for m in ("sequential", "paft"):
-                if m in values:
-                    lines.append(f"| {LABELS[m]} | " + " | ".join(fmt_delta(deltas[ref][m][k]) for k, ref in head)
-                                 + " |")
-            lines.append("")
-    cols = [(ref, m) for ref in deltas for m in models if m in deltas[ref]]
-    if cols:
-        lines += ["### Differences from the single-objective models", "",
-                  "Each column is one model minus the SFT-only or the preference-only model; the sequential and "
-                  "PAFT columns are the alignment tax (↑/↓: the better direction).", "",
-                  "| metric | " + " | ".join(f"{SHORT.get(m, m)} − {SHORT[ref]}" for ref, m in cols) + " |",
-                  "|---|" + "---:|" * len(cols)]
-        for x in metrics:
-            arrow = {True: " ↑", False: " ↓", None: ""}[x["higher_is_better"]]
-            lines.append(f"| {x['label']}{arrow} | " + " | ".join(fmt_delta(deltas[ref][m][x["key"]]) for ref, m in cols)
-                         + " |")
-        lines.append("")
-    return lines
+def _headline(tax: dict[str, Any]) -> Table | None:
+    """What each two-objective model gave up on each branch's own task."""
+    deltas, better, values = tax["deltas"], tax["better"], tax["values"]
+    labels = {x["key"]: x["label"] for x in tax["metrics"]}
+    head = [(k, ref) for k, ref in (("sft_exact_match", "sft"), ("pref_accuracy", "preference")) if k in labels]
+    rows = [[Cell(LABELS[m], swatch=m)] + [Cell(fmt_delta(deltas[ref][m][k]), note=fmt_value(values[m][k]),
+                                                 tone=TONES[better[ref][m][k]]) for k, ref in head]
+            for m in TAX_MODELS if m in values]
+    columns = [Column("model")] + [Column(f"Δ {labels[k]} vs {LABELS[ref]}", num=True) for k, ref in head]
+    return Table(columns, rows, cls="cards") if head and rows and "sft" in deltas and "preference" in deltas else None
 
 
-def _label(metrics: list[dict], key: str) -> str:
-    return next(x["label"] for x in metrics if x["key"] == key)
+def _deltas_table(tax: dict[str, Any]) -> Table | None:
+    deltas, better = tax["deltas"], tax["better"]
+    cols = [(ref, m) for ref in deltas for m in tax["models"] if m in deltas[ref]]
+    if not cols:
+        return None
+    columns = [Column("metric", cls="metric")] + [
+        Column(Cell(f"{SHORT.get(m, m)} − {SHORT[ref]}", swatch=m), num=True,
+               cls=("tax" if m in TAX_MODELS else "ctx") + (" sep" if i and cols[i - 1][0] != ref else ""))
+        for i, (ref, m) in enumerate(cols)]
+    rows = [[_metric_cell(x)] + [Cell(fmt_delta(deltas[ref][m][x["key"]]), tone=TONES[better[ref][m][x["key"]]],
+                                      title=f"{LABELS.get(m, m)} − {LABELS[ref]}, {x['label']}",
+                                      delta=deltas[ref][m][x["key"]]) for ref, m in cols]
+            for x in tax["metrics"]]
+    return Table(columns, rows, cls="deltas")
 
 
-def sparsity_columns(sparsity: dict[str, dict]) -> list[str]:
-    keys = list(next(iter(sparsity.values()))["overall"])
-    return [k for k in keys if k.startswith(("abs<=", "rel<="))]
+def _metrics_section(ev: dict[str, Any], tax: dict[str, Any]) -> Section:
+    blocks = [_values_table(tax, ev.get("models", {}))]
+    cards, deltas = _headline(tax), _deltas_table(tax)
+    if cards:
+        blocks.append(Section("Alignment tax", [cards], id="tax", nav="Alignment tax"))
+    if deltas:
+        blocks.append(Section("Differences from the single-objective models", [
+            Text("Each column is one model minus the SFT-only or the preference-only model; the sequential and PAFT "
+                 "columns are the alignment tax (↑/↓: the better direction)."),
+            deltas,
+            Text("Green: better, red: worse (given the metric's direction), grey: equal or no better direction; "
+                 "bold: the best model on a metric.", only="html")
+        ]))
+    blocks.append(Text(f"Reward margin and accuracy: DPO implicit reward with `{ev.get('reference')}` as reference, "
+                       f"beta {ev.get('beta')}. Preference accuracy: the model's own log p(chosen) > log p(rejected)."))
+    if ev.get("pref_metrics"):
+        blocks.append(Text(f"Preference metrics not computed: {ev['pref_metrics']}."))
+    blocks.append(Figure("metrics.png", "metrics", "Every metric, one panel each; colours as in the tables."))
+    return Section(f"Held-out metrics ({ev.get('n_sft_eval')} SFT rows, {ev.get('n_pref_eval')} preference pairs)",
+                   blocks, id="metrics", nav="Metrics")
 
 
-def _markdown(rep: dict[str, Any]) -> str:
+def _sparsity_section(sparsity: dict[str, dict]) -> Section:
+    share = [k for k in next(iter(sparsity.values()))["overall"] if k.startswith(("abs<=", "rel<="))]
+    rows = [[name, *(f"{s['overall'][k]:.3f}" for k in share), f"{s['overall']['mean_abs']:.2e}"]
+            for name, s in sparsity.items()]
+    caption = ("Left: distribution of log10 |δ| over all entries (exact zeros in the legend); then the near-zero "
+               "share per layer and per module type." if all("histogram" in s for s in sparsity.values()) else
+               "Left: share of entries under each saved threshold (this run's sparsity.json predates the "
+               "histogram); right: the near-zero share per module type.")
+    return Section("Delta sparsity (share of near-zero entries of B·A·scale)", [
+        table(["branch", *(f"`{k}`" for k in share), "mean abs"], rows),
+        Text("`rel<=r`: |delta| <= r × RMS of the base weight of its module."),
+        Figure("sparsity.png", "sparsity", caption)], id="sparsity", nav="Sparsity")
+
+
+def _training_section(training: dict[str, dict], run_name: str) -> Section:
+    rows = [[name, s.get("steps"), s.get("examples", "–"), _fmt(s.get("train_loss")), s.get("wall_s"),
+             s.get("threads", "–"), s.get("device", "–")] for name, s in training.items()]
+    nums = ("steps", "examples", "mean train loss", "wall (s)", "threads at start")
+    blocks = [Table([Column("branch"), *(Column(h, num=True) for h in nums), Column("device")], rows)]
+    tb = [n for n, s in training.items() if s.get("tensorboard")]
+    if tb:
+        blocks.append(Text(f"TensorBoard logs: {', '.join(f'`{n}/tb`' for n in tb)} "
+                           f"(`tensorboard --logdir {run_name}`).", only="html"))
+    blocks.append(Figure("training.png", "training", "Loss, SFT NLL, reward margin and reward accuracy as logged by "
+                         "each branch's Trainer (log_history.json)."))
+    return Section("Training", blocks, id="training", nav="Training")
+
+
+def build_report(rep: dict[str, Any]) -> Section:
+    """The report as one level-1 section, from report.json's content (``collect``)."""
     cfg, ev = rep["config"], rep.get("eval") or {}
-    evals = ev.get("models", {})
-    lines = ["# PAFT run report", "", _setup_line(cfg), "",
-             "The same report with its plots in one file: `report.html`.", ""]
-    if evals:
-        tax = rep.get("alignment_tax") or alignment_tax(evals)
-        lines += [f"## Held-out metrics ({ev.get('n_sft_eval')} SFT rows, {ev.get('n_pref_eval')} preference pairs)", ""]
-        lines += _tax_markdown(tax)
-        lines += [_eval_note(ev), ""]
-        if ev.get("pref_metrics"):
-            lines += [f"Preference metrics not computed: {ev['pref_metrics']}.", ""]
-        lines += ["![metrics](metrics.png)", ""]
+    run_name = str(rep.get("run_dir") or cfg["run"]["output_dir"])
+    sections = []
+    if ev.get("models"):
+        sections.append(_metrics_section(ev, rep.get("alignment_tax") or alignment_tax(ev["models"])))
     if rep.get("sparsity"):
-        share = sparsity_columns(rep["sparsity"])
-        lines += ["## Delta sparsity (share of near-zero entries of B·A·scale)", "",
-                  "| branch | " + " | ".join(f"`{k}`" for k in share) + " | mean abs |", "|---|" + "---:|" * (len(share) + 1)]
-        for name, s in rep["sparsity"].items():
-            o = s["overall"]
-            lines.append(f"| {name} | " + " | ".join(f"{o[k]:.3f}" for k in share) + f" | {o['mean_abs']:.2e} |")
-        lines += ["", "`rel<=r`: |delta| <= r × RMS of the base weight of its module.", "", "![sparsity](sparsity.png)",
-                  ""]
+        sections.append(_sparsity_section(rep["sparsity"]))
     if rep.get("training"):
-        lines += ["## Training", "", "| branch | steps | examples | mean train loss | wall (s) | threads at start | device |",
-                  "|---|---:|---:|---:|---:|---:|---|"]
-        for name, s in rep["training"].items():
-            lines.append(f"| {name} | {s.get('steps')} | {s.get('examples', '–')} | {_fmt(s.get('train_loss'))} | "
-                         f"{s.get('wall_s')} | {s.get('threads', '–')} | {s.get('device', '–')} |")
-        lines += ["", "![training](training.png)", ""]
+        sections.append(_training_section(rep["training"], run_name))
     if rep.get("timings_s"):
-        lines += ["## Wall time per stage (s)", "", "| stage | seconds |", "|---|---:|"]
-        lines += [f"| {k} | {v} |" for k, v in rep["timings_s"].items()]
-        lines.append("")
-    samples = ev.get("samples", {})
-    if samples:
-        lines += ["## Sample replies (held-out SFT prompts)", "", "| model | prompt | reply |", "|---|---|---|"]
-        for m in MODELS:
-            for s in samples.get(m, [])[:2]:
-                lines.append(f"| {m} | {s['prompt']} | {s['reply'].replace('|', '/').replace(chr(10), ' ')} |")
-        lines.append("")
+        sections.append(Section("Wall time per stage (s)", [table(["stage", "seconds"], rep["timings_s"].items())],
+                                id="timings", nav="Timings"))
+    if ev.get("samples"):
+        rows = [[m, s["prompt"], s["reply"]] for m in MODELS for s in ev["samples"].get(m, [])[:2]]
+        sections.append(Section("Sample replies (held-out SFT prompts)", [table(["model", "prompt", "reply"], rows, 3)],
+                                id="samples", nav="Samples"))
     v = rep.get("versions") or {}
-    lines += ["## Versions", "", ", ".join(f"{k} {v[k]}" for k in v), "",
-              "The resolved config is `config.yaml`; seeds and input hashes are in `provenance.json`.", ""]
-    return "\n".join(lines)
+    sections.append(Section("Versions", [
+        Text(", ".join(f"{k} {v[k]}" for k in v)),
+        Text("The resolved config is `config.yaml`; seeds and input hashes are in `provenance.json`."),
+        Code("Resolved config", yaml.safe_dump(cfg, sort_keys=False))], id="versions", nav="Versions"))
+    m, p = cfg["merge"], cfg["preference"]
+    setup = (f"Model `{cfg['model']['name']}`; SFT data `{cfg['data']['sft']['path']}`, preference data "
+             f"`{cfg['data']['preference']['path']}`; preference method `{p['method']}` (beta {p['beta']}); merge "
+             f"`{m['method']}` (weights {m['weights']}, density {m['density']}); SFT L1 lambda "
+             f"{cfg['sft']['l1_lambda']}.")
+    return Section("PAFT run report", [
+        Text(setup), Text("The same report with its plots in one file: `report.html`.", only="md"), *sections])
 
 
 def render_images(rep: dict[str, Any]) -> dict[str, bytes]:
-    """The report's figures as PNG bytes, by IMAGES key; a figure without data is left out."""
-    from paft.report import plots
-
+    """The report's figures as PNG bytes, by file name; a figure without data is left out."""
     out = {}
     if rep.get("alignment_tax"):
-        out["metrics"] = plots.metric_bars(rep["alignment_tax"])
+        out["metrics.png"] = metric_bars(rep["alignment_tax"])
     if rep.get("training"):
-        out["training"] = plots.training_curves(rep["training"])
+        out["training.png"] = training_curves(rep["training"])
     if rep.get("sparsity"):
-        out["sparsity"] = plots.sparsity_figure(rep["sparsity"])
+        out["sparsity.png"] = sparsity_figure(rep["sparsity"])
     return {k: v for k, v in out.items() if v}
 
 
 def write_report(root: Path, cfg: PaftConfig | dict[str, Any]) -> Path:
     """Write report.json, report.md, report.html and the PNGs into ``root``; returns report.md's path."""
-    from paft.report.html import render_html
-
     root = Path(root)
     rep = collect(root, cfg)
     images = render_images(rep)
-    for key, png in images.items():
-        write_bytes_atomic(root / IMAGES[key], png)
+    for name, png in images.items():
+        write_bytes_atomic(root / name, png)
     write_json_atomic(root / "report.json", rep)
-    write_text_atomic(root / "report.md", _markdown(rep))
-    write_text_atomic(root / "report.html", render_html(rep, images))
+    report = build_report(rep)
+    write_text_atomic(root / "report.md", to_markdown(report) + "\n")
+    write_text_atomic(root / "report.html", page(report, rep["run_dir"], images))
     return root / "report.md"

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import IO
 
+from paft.report.style import BRANCH_LABELS, COLORS
+
 
 def _layer_metric(results: dict) -> str:
     first = next(iter(results.values()))["overall"]
@@ -26,12 +28,10 @@ def plot_sparsity(results: dict, out: str | Path | IO[bytes], *, by_type: bool =
     Results saved before histograms and per-layer shares were recorded (a run's older sparsity.json) get the
     share of entries under each saved threshold instead of the histogram, and no per-layer panel.
     """
-    import matplotlib
+    import matplotlib  # lazily: a second of start-up, needed only when figures are drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from paft.report.plots import BRANCH_LABELS, COLORS
 
     out = Path(out) if isinstance(out, str) else out
     metric = _layer_metric(results)
