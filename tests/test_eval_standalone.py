@@ -53,3 +53,18 @@ def test_folder_errors_are_one_line(tmp_path):
         folder_specs([tmp_path / "missing"], None)
     with pytest.raises(PaftError, match="given twice"):
         folder_specs([base, base], None)
+
+
+@pytest.mark.parametrize("method", ["dpo", "lipo"])
+def test_heldout_rows_are_the_ones_a_run_writes(tmp_path, method):
+    """`paft eval` splits the data in memory as the run's data stage does (no run folder, no pipeline)."""
+    from paft.config import load_config
+    from paft.data.loading import load_examples
+    from paft.data.prepare import prepare_data
+    from paft.eval.standalone import _heldout_data
+
+    cfg = load_config(preset="tiny", overrides=[f"preference.method={method}"])
+    summary = prepare_data(cfg.data, tmp_path, seed=cfg.run.seed, ranked=method == "lipo")
+    assert summary["preference"]["format"] == ("demo_ranked" if method == "lipo" else "demo")
+    written = [load_examples(str(tmp_path / f"{kind}_eval.jsonl"), kind).examples for kind in ("sft", "preference")]
+    assert list(_heldout_data(cfg)) == written and len(written[1]) == cfg.data.demo.preference_eval

@@ -371,7 +371,7 @@ def test_ranked_to_pairs_and_binary():
 
 
 def test_canonical_jsonl_round_trips_ranked_lists(tmp_path):
-    from paft.pipeline import _write_examples
+    from paft.data.prepare import write_examples as _write_examples
 
     _write_examples(tmp_path / "p.jsonl", FIXTURE)
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]

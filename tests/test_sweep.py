@@ -9,10 +9,11 @@ import yaml
 from typer.testing import CliRunner
 
 from paft.cli import app
-from paft.config import load_config
+from paft.config import config_digest, load_config
 from paft.errors import ConfigError
-from paft.sweep import (ExecutionSettings, SweepResult, config_digest, load_sweep, pick_metrics, results_table,
-                        run_sweep, write_results, write_sweep_report)
+from paft.sweep import load_sweep, run_sweep
+from paft.sweep.results import SweepResult, pick_metrics, results_table, write_results, write_sweep_report
+from paft.sweep.spec import ExecutionSettings
 
 # the cheapest real cell: the SFT branch of the tiny model for one step on a few rows
 BASE = {"sft": {"max_steps": 1, "save_steps": 1, "logging_steps": 1, "batch_size": 2},
@@ -63,7 +64,7 @@ def test_bad_sweep_files_fail_in_one_line_naming_the_key(tmp_path):
     cases = [({"preset": "tiny", "axes": {"sft.lora.rr": [2, 4]}}, "'sft.lora.rr': unknown config key (did you mean 'sft.lora.r'?)"),
              ({"preset": "tiny", "axes": {"sft.lora.r": [4, 0]}}, "cell 2 (sft.lora.r=0): config key 'sft.lora.r'"),
              ({"preset": "tiny", "axes": {"run.seed.x": [1]}}, "'run.seed' is a value, not a section"),
-             ({"preset": "tiny", "axis": {"sft.lora.r": [4]}}, "axis: unknown key (did you mean 'axes'?)"),
+             ({"preset": "tiny", "axis": {"sft.lora.r": [4]}}, "sweep key 'axis': unknown key (did you mean 'axes'?)"),
              ({"preset": "tiny"}, "give either `axes`"),
              ({"preset": "tiny", "base": {"sft": {"lr": 1}}, "axes": {"sft.lora.r": [4]}}, "base: config key 'sft.lr'")]
     for i, (doc, want) in enumerate(cases):

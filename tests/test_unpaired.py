@@ -164,7 +164,8 @@ def test_train_branch_refuses_unpaired_data_for_a_pairwise_method(tmp_path, paft
 
 
 def test_canonical_jsonl_round_trips_unpaired_rows(tmp_path):
-    from paft.pipeline import Run, _write_examples
+    from paft.data.prepare import write_examples as _write_examples
+    from paft.pipeline import Run
 
     unpaired = load_examples(str(UNPAIRED), "preference").examples
     _write_examples(tmp_path / "p.jsonl", unpaired)

@@ -12,9 +12,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.table import Table
 
+from paft.config import load_config
 from paft.errors import PaftError
 from paft.progress import ProgressUI, console, quiet_libraries
+
+# the commands import the pipeline, sweep, merge, eval and report modules when they run: those load torch and
+# transformers, which `paft --help` and a config error need not wait for
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="PAFT: parallel SFT + preference training, sparse deltas, merging; and the sequential baseline.")
@@ -29,8 +34,6 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="redo what a changed con
 
 
 def _config(config, sets, preset, out, force):
-    from paft.config import load_config
-
     overrides = list(sets or [])
     if out is not None:
         overrides.append(f"run.output_dir={out}")
@@ -257,13 +260,9 @@ def _eval_folders(inputs, overrides, preset, out, force, base) -> None:
 
     if base is not None:
         overrides.append(f"model.name={base}")
-    if out is not None:
-        overrides.append(f"run.output_dir={out}")
-    elif not any(o.split("=", 1)[0].strip() == "run.output_dir" for o in overrides):
-        overrides.append(f"run.output_dir={DEFAULT_OUT}")  # never the default run's folder
-    if force:
-        overrides.append("run.force=true")
-    cfg = _config(None, overrides, preset, None, False)
+    if out is None and not any(o.split("=", 1)[0].strip() == "run.output_dir" for o in overrides):
+        out = DEFAULT_OUT  # never the default run's folder
+    cfg = _config(None, overrides, preset, out, force)
 
     def progress(name, i, n):
         console.print(f"evaluating {name} ({i + 1}/{n})", highlight=False)
@@ -281,7 +280,6 @@ def report_cmd(target: Annotated[Optional[Path], typer.Argument(
                set_: SetOpt = None, preset: PresetOpt = None, out: OutOpt = None):
     """Re-render report.md, report.html, report.json and the plots from a run folder's saved JSON (no model needed)."""
     if target is not None and target.is_dir():
-        from paft.config import load_config
         from paft.report import write_report
 
         if set_ or preset or out is not None:
@@ -309,8 +307,6 @@ def methods_cmd(as_json: Annotated[bool, typer.Option("--json", help="machine-re
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    from rich.table import Table
-
     table = Table(title="preference methods")
     for col in ("name", "data", "schedule", "reference", "defaults", "paper"):
         table.add_column(col, overflow="fold")
@@ -338,11 +334,10 @@ def sweep_cmd(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the cells and their keys; run nothing")] = False):
     """Run a grid of paft runs (resumable: finished cells are skipped); results.csv/parquet and report.md."""
     quiet_libraries()
-    from rich.table import Table
+    from paft.sweep import load_sweep, run_sweep
+    from paft.sweep.results import fmt
 
-    from paft import sweep as sw
-
-    s = sw.load_sweep(sweep_file, set_)  # every cell's config is validated before the progress display starts
+    s = load_sweep(sweep_file, set_)  # every cell's config is validated before the progress display starts
     if dry_run:
         table = Table(title=f"{len(s.cells)} cells")
         for col in ("cell", *s.columns):
@@ -353,7 +348,7 @@ def sweep_cmd(
         return
     ui = ProgressUI(enabled=True)
     with ui:
-        res = sw.run_sweep(s, out, backend=backend, workers=workers, ui=ui)
+        res = run_sweep(s, out, backend=backend, workers=workers, ui=ui)
     df = res.table
     table = Table(title=f"sweep results ({len(res.ran)} ran, {len(res.skipped)} skipped)")
     axes = res.sweep.columns
@@ -370,7 +365,7 @@ def sweep_cmd(
     for _, row in df.iterrows():
         status = row["status"] if row["status"] == "ok" else f"[red]{row['status']}"
         wall = "–" if row["wall_s"] != row["wall_s"] else f"{row['wall_s']:.0f}"
-        table.add_row(row["cell"], *[sw._fmt(row[a]) for a in axes], status, wall, *[sw._fmt(row[m]) for m in res.metrics])
+        table.add_row(row["cell"], *[fmt(row[a]) for a in axes], status, wall, *[fmt(row[m]) for m in res.metrics])
     console.print(table)
     console.print(f"results: {res.out / 'results.csv'} (.parquet); report: {res.report} (.html)", highlight=False,
                   soft_wrap=True)
@@ -381,8 +376,6 @@ def sweep_cmd(
 
 
 def _print_summary(run) -> None:
-    from rich.table import Table
-
     from paft.report.render import LABELS, METRICS, MODELS, _fmt
 
     path = run.root / "eval.json"

@@ -6,10 +6,13 @@ Every CLI flag maps to a key here (``--set section.key=value`` reaches any of th
 
 from __future__ import annotations
 
+import copy
 import difflib
+import hashlib
+import json
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -338,26 +341,50 @@ class PaftConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-# --------------------------------------------------------------------------- loading
+# --------------------------------------------------------------------------- identity
 
-def _preset_dict(name: str) -> dict[str, Any]:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-    text = resources.files("paft").joinpath("presets", f"{name}.yaml").read_text()
-    return yaml.safe_load(text) or {}
+# run keys that change how a run executes, not what it computes (the output folder may move)
+EXECUTION_KEYS = ("output_dir", "force", "parallel", "threads", "device", "report_to")
 
 
-def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+def config_identity(config: PaftConfig | dict[str, Any]) -> dict[str, Any]:
+    """The resolved config as JSON without execution-only keys: what a run folder's results depend on."""
+    d = json.loads(json.dumps(config.model_dump(mode="json") if isinstance(config, PaftConfig) else config))
+    for k in EXECUTION_KEYS:
+        d.get("run", {}).pop(k, None)
+    return d
+
+
+def config_digest(config: PaftConfig | dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of ``config_identity``: a sweep cell's key."""
+    return hashlib.sha256(json.dumps(config_identity(config), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- YAML and dotted keys
+
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's content; a missing file or a syntax error is one line naming the file (and line)."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+
+
+def deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     for k, v in new.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _deep_update(base[k], v)
+            deep_update(base[k], v)
         else:
             base[k] = v
     return base
 
 
-def parse_override(item: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a","b","c"], value parsed as a YAML scalar/list)."""
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b.c=value`` -> ("a.b.c", value parsed as a YAML scalar/list)."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value with a dotted key, e.g. sft.learning_rate=1e-4")
     key, raw = item.split("=", 1)
@@ -368,44 +395,92 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return key.split("."), value
+    return key, value
 
 
-def _apply_override(cfg: dict[str, Any], parts: list[str], value: Any) -> None:
-    node = cfg
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted key; a mapping is merged into the section there, so its other keys keep their values."""
+    parts = key.split(".")
+    node = data
     for p in parts[:-1]:
-        nxt = node.setdefault(p, {})
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"config key {'.'.join(parts)!r}: {p!r} is not a section")
-        node = nxt
-    node[parts[-1]] = value
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {key!r}: {p!r} is not a section")
+    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        deep_update(node[parts[-1]], copy.deepcopy(value))
+    else:
+        node[parts[-1]] = copy.deepcopy(value)
 
 
-def _field_names(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """Known keys at ``loc`` (to suggest a correction for a misspelt key)."""
-    cur: Any = model
-    for part in loc[:-1]:
-        field = getattr(cur, "model_fields", {}).get(part)
-        if field is None:
-            return []
-        cur = field.annotation
-    return list(getattr(cur, "model_fields", {}))
+def get_dotted(data: dict[str, Any], key: str) -> Any:
+    for p in key.split("."):
+        if not isinstance(data, dict) or p not in data:
+            return None
+        data = data[p]
+    return data
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+def _model_of(annotation: Any) -> Any:
+    """The pydantic section class behind a field annotation; dict for free-form mappings; None for a value."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) is dict or annotation is dict or annotation is Any:
+        return dict
+    for arg in get_args(annotation):  # Optional[Section], Section | None
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def check_key(key: str, source: str) -> None:
+    """A dotted key must name a config field (or lie under a free-form mapping like preference.params)."""
+    parts = key.split(".")
+    if not key or any(not p for p in parts):
+        raise ConfigError(f"{source}: {key!r}: empty part in a dotted config key")
+    cur: Any = PaftConfig
+    for i, part in enumerate(parts):
+        if cur is dict:
+            return
+        prefix = ".".join(parts[:i])
+        if cur is None:
+            raise ConfigError(f"{source}: {key!r}: {prefix!r} is a value, not a section")
+        fields = cur.model_fields
+        if part not in fields:
+            hint = difflib.get_close_matches(part, list(fields), n=1)
+            where = f"{prefix}.{hint[0]}" if prefix and hint else (hint[0] if hint else "")
+            raise ConfigError(f"{source}: {key!r}: unknown config key" + (f" (did you mean {where!r}?)" if hint else ""))
+        cur = _model_of(fields[part].annotation)
+
+
+def format_validation_error(err: ValidationError, source: str, model: type[BaseModel] | None = None,
+                            what: str = "config key") -> str:
+    """Every error of a pydantic validation in one line: ``SOURCE: config key 'a.b': problem; ...``."""
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            known = _field_names(PaftConfig, e["loc"])
-            hint = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
+            cur: Any = model or PaftConfig
+            for part in e["loc"][:-1]:  # the section where the unknown key sits, for a close known one
+                fields = getattr(cur, "model_fields", {})
+                cur = _model_of(fields[part].annotation) if part in fields else None
+            hint = difflib.get_close_matches(str(e["loc"][-1]), list(getattr(cur, "model_fields", {})), n=1)
             msg = "unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else "")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             if "input" in e and not isinstance(e["input"], dict):
                 msg += f" (got {e['input']!r})"
-        lines.append(f"{source}: config key {key!r}: {msg}")
+        lines.append(f"{source}: {what} {key!r}: {msg}" if key else f"{source}: {msg}")
     return "; ".join(lines)
+
+
+# --------------------------------------------------------------------------- loading
+
+def _preset_dict(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    text = resources.files("paft").joinpath("presets", f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -422,21 +497,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     source = f"preset {preset}" if preset else "defaults"
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            user = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{p}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        user = read_yaml(p, "config file") or {}
         if not isinstance(user, dict):
             raise ConfigError(f"{p}: expected a mapping of sections (model, data, sft, ...), got {type(user).__name__}")
-        _deep_update(data, user)
+        deep_update(data, user)
         source = str(p)
     for item in overrides or []:
-        parts, value = parse_override(item)
-        _apply_override(data, parts, value)
+        set_dotted(data, *parse_override(item))
+    return validate_config(data, source)
+
+
+def validate_config(data: dict[str, Any], source: str) -> PaftConfig:
     try:
         return PaftConfig.model_validate(data)
     except ValidationError as err:

@@ -10,32 +10,34 @@ different config into the same folder is refused unless ``--force``.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import shutil
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
+import torch
 
-from paft.config import PaftConfig
+from paft.config import PaftConfig, config_identity, read_yaml
+from paft.data.loading import load_examples
+from paft.data.prepare import prepare_data
 from paft.errors import PaftError
+from paft.eval.models import ModelSpec, evaluate_models
 from paft.io import package_versions, sha256_file, write_json_atomic, write_text_atomic
+from paft.merge.mergekit_config import plan_from_flags
+from paft.merge.standalone import run_merge
+from paft.methods.losses import get_loss
+from paft.models import load_tokenizer, resolve_model_dir
 from paft.models.folders import is_adapter, is_model
 from paft.progress import ProgressUI
+from paft.report import write_report
+from paft.sparsity import model_sparsity
+from paft.train.branch import branch_done, branch_output, preference_examples, read_summary, train_branch
+from paft.train.reward import reward_pairs, train_reward
+from paft.workers import Job, WorkerPool
 
-# keys that change how a run executes, not what it computes
-_EXECUTION_KEYS = {"force", "parallel", "threads", "device", "report_to"}
-
-
-@dataclass(frozen=True)
-class Job:
-    name: str  # "sft", "preference", "sequential"
-    kind: str  # "sft" or "preference"
-    after: str | None = None  # a job whose adapter this one starts from
+# branch -> (data kind, the branch whose output it starts from)
+BRANCHES = {"sft": ("sft", None), "preference": ("preference", None), "sequential": ("preference", "sft")}
 
 
 class Run:
@@ -55,8 +57,6 @@ class Run:
 
     def output(self, name: str) -> Path:
         """A trained branch's output: its LoRA/QLoRA adapter folder, or its model folder (``adapter: full``)."""
-        from paft.train.branch import branch_output
-
         return branch_output(self.branch_dir(name))
 
     def _is_full(self, name: str) -> bool:
@@ -78,9 +78,9 @@ class Run:
     def prepare(self) -> None:
         """Create or reopen the output folder; refuse a different config unless forced."""
         cfg_path = self.root / "config.yaml"
-        mine = self._identity(self.cfg.model_dump(mode="json"))
+        mine = config_identity(self.cfg)
         if cfg_path.exists():
-            theirs = self._identity(yaml.safe_load(cfg_path.read_text()) or {})
+            theirs = config_identity(read_yaml(cfg_path, "run config") or {})
             if theirs != mine:
                 diff = sorted(_diff_keys(theirs, mine))
                 stale = _stale_outputs({k.split(".")[0] for k in diff})
@@ -103,35 +103,22 @@ class Run:
         self.root.mkdir(parents=True, exist_ok=True)
         write_text_atomic(cfg_path, self.cfg.to_yaml())
 
-    @staticmethod
-    def _identity(d: dict[str, Any]) -> dict[str, Any]:
-        d = json.loads(json.dumps(d))
-        for k in _EXECUTION_KEYS:
-            d.get("run", {}).pop(k, None)
-        return d
-
     @property
     def device(self) -> str:
         dev = self.cfg.run.device
         if dev == "auto":
-            import torch
-
             return "cuda" if torch.cuda.is_available() else "cpu"
         return dev
 
     @property
     def model_dir(self) -> Path:
         if self._model_dir is None:
-            from paft.models import resolve_model_dir
-
             self._model_dir = resolve_model_dir(self.cfg.model.name, self.cfg.model.revision, progress=self.ui.log)
         return self._model_dir
 
     @property
     def tokenizer(self):
         if self._tok is None:
-            from paft.models import load_tokenizer
-
             self._tok = load_tokenizer(self.model_dir, self.cfg.model.trust_remote_code)
         return self._tok
 
@@ -158,83 +145,43 @@ class Run:
         return self._once(self.data_dir / "summary.json", self._prepare_data, "data")
 
     def _prepare_data(self) -> dict[str, Any]:
-        from paft.data.demo import demo_splits
-        from paft.data.loading import hash_source, load_examples, split_examples
-        from paft.methods.losses import get_loss
-
-        d, summary = self.cfg.data, {}
-        for kind in ("sft", "preference"):
-            src = getattr(d, kind)
-            info: dict[str, Any] = {"path": src.path}
-            if src.path == "demo":
-                n_train = d.demo.sft_train if kind == "sft" else d.demo.preference_train
-                n_eval = d.demo.sft_eval if kind == "sft" else d.demo.preference_eval
-                # listwise methods (data kind "ranked") get graded reply lists for the same prompts
-                ranked = kind == "preference" and get_loss(self.cfg.preference.method).data == "ranked"
-                train, held = demo_splits(kind, n_train, n_eval, d.demo.seed, ranked=ranked)
-                info.update(format="demo_ranked" if ranked else "demo", sha256=f"demo:seed={d.demo.seed}", skipped=0)
-            else:
-                res = load_examples(src.path, kind, fmt=src.format, split=src.split, subset=src.subset,
-                                    skip_invalid=d.skip_invalid, beavertails_preference=src.beavertails_preference,
-                                    max_rows=src.max_rows, local=src.local)
-                info.update(format=res.fmt, sha256=hash_source(src.local or src.path), skipped=res.skipped,
-                            skipped_errors=res.errors)
-                if res.skipped:
-                    self.ui.log(f"[yellow]{src.path}: skipped {res.skipped} invalid rows (data.skip_invalid)")
-                if src.eval_path:
-                    held_res = load_examples(src.eval_path, kind, fmt=src.format, split=src.eval_split or src.split,
-                                             subset=src.subset, skip_invalid=d.skip_invalid,
-                                             beavertails_preference=src.beavertails_preference)
-                    train, held = res.examples, held_res.examples
-                    info.update(eval_sha256=hash_source(src.eval_path), eval_skipped=held_res.skipped)
-                else:
-                    train, held = split_examples(res.examples, src.eval_size, self.cfg.run.seed)
-            _write_examples(self.data_dir / f"{kind}_train.jsonl", train)
-            _write_examples(self.data_dir / f"{kind}_eval.jsonl", held)
-            info.update(train=len(train), eval=len(held))
-            summary[kind] = info
-        return summary
+        # listwise methods (data kind "ranked") get graded reply lists for the same prompts
+        return prepare_data(self.cfg.data, self.data_dir, seed=self.cfg.run.seed, log=self.ui.log,
+                            ranked=get_loss(self.cfg.preference.method).data == "ranked")
 
     def eval_examples(self, kind: str) -> list:
-        from paft.data.loading import load_examples
-
         return load_examples(str(self.data_dir / f"{kind}_eval.jsonl"), kind).examples
 
     # ------------------------------------------------------------------ training
     def train(self, names: list[str]) -> dict[str, Any]:
         """Train the named branches ("sft", "preference", "sequential"), in parallel where allowed."""
-        from paft.train.branch import branch_done, read_summary
-
-        all_jobs = {"sft": Job("sft", "sft"), "preference": Job("preference", "preference"),
-                    "sequential": Job("sequential", "preference", after="sft")}
-        jobs = [all_jobs[n] for n in names if not branch_done(self.branch_dir(n))]
-        for job in jobs:
-            if job.after and job.after not in names and not branch_done(self.branch_dir(job.after)):
-                raise PaftError(f"branch {job.name!r} starts from {job.after!r}, which has not been trained")
+        todo = [n for n in names if not branch_done(self.branch_dir(n))]
+        for name in todo:
+            after = BRANCHES[name][1]
+            if after and after not in names and not branch_done(self.branch_dir(after)):
+                raise PaftError(f"branch {name!r} starts from {after!r}, which has not been trained")
         self.data()
-        if any(job.kind == "preference" for job in jobs):
-            from paft.train.branch import preference_examples
-
+        preference = any(BRANCHES[n][0] == "preference" for n in todo)
+        if preference:
             # data the preference method cannot use fails now, not after the SFT branch has trained
             preference_examples(self.cfg, self.data_dir / "preference_train.jsonl",
                                 source=self.cfg.data.preference.path)
         _ = self.model_dir  # resolve (and convert) the base once, before any child starts
-        if any(job.kind == "preference" for job in jobs) and self.needs_reward_model():
+        if preference and self.needs_reward_model():
             self.reward()  # the online method's scorer: a reward model trained on the run's preference pairs
         start = time.perf_counter()
-        if jobs:
-            if self.cfg.run.parallel and len(jobs) > 1:
-                self._train_parallel(jobs)
+        if todo:
+            if self.cfg.run.parallel and len(todo) > 1:
+                self._train_parallel(todo)
             else:
-                for job in jobs:
-                    self._train_one(job, threads=self.cfg.run.threads, device=self.device, report=self.ui.branch_report)
-            self._timed("train:" + "+".join(j.name for j in jobs), start)
+                for name in todo:
+                    train_branch(**self._branch_args(name), threads=self.cfg.run.threads, device=self.device,
+                                 report=self.ui.branch_report)
+            self._timed("train:" + "+".join(todo), start)
         return {n: read_summary(self.branch_dir(n)) for n in names}
 
     def needs_reward_model(self) -> bool:
         """An online method scored by a reward model that the config does not name: the run trains one."""
-        from paft.methods.losses import get_loss
-
         p = self.cfg.preference
         scorer = p.online.scorer
         return get_loss(p.method).schedule.scorer_kind(scorer.kind) == "reward_model" and scorer.path is None
@@ -245,9 +192,6 @@ class Run:
         Trains on data/preference_train.jsonl and measures pairwise accuracy on
         data/preference_eval.jsonl (RUN/reward/reward_eval.json); a finished one is reused.
         """
-        from paft.train.branch import branch_done, read_summary
-        from paft.train.reward import reward_pairs, train_reward
-
         out = self.branch_dir("reward")
         if branch_done(out):
             return read_summary(out)
@@ -261,72 +205,34 @@ class Run:
         self._timed("reward", start)
         return summary
 
-    def _job_args(self, job: Job) -> dict[str, Any]:
-        return {"kind": job.kind, "cfg": self.cfg, "model_dir": self.model_dir,
-                "data_path": self.data_dir / f"{job.kind}_train.jsonl", "out_dir": self.branch_dir(job.name),
-                "init_adapter": self.output(job.after) if job.after else None, "name": job.name,
+    def _branch_args(self, name: str) -> dict[str, Any]:
+        kind, after = BRANCHES[name]
+        return {"kind": kind, "cfg": self.cfg, "model_dir": self.model_dir,
+                "data_path": self.data_dir / f"{kind}_train.jsonl", "out_dir": self.branch_dir(name),
+                "init_adapter": self.output(after) if after else None, "name": name,
                 "reward_dir": self.root / "reward" if self.needs_reward_model() else None}
 
-    def _train_one(self, job: Job, *, threads, device, report) -> dict[str, Any]:
-        from paft.train.branch import train_branch
+    def _train_parallel(self, names: list[str]) -> None:
+        """Two worker processes from the same base, each with half the CPU threads (or its own GPU); a branch
+        that ends hands its threads to the one still running, its process to the next (sequential after SFT)."""
+        gpus = [str(i) for i in range(torch.cuda.device_count())] if self.device.startswith("cuda") else []
+        with WorkerPool(2, self.cfg.run.threads or torch.get_num_threads(), gpus if len(gpus) >= 2 else [],
+                        fresh=False) as pool:
+            queue = pool.manager.Queue()  # progress messages from the workers
 
-        return train_branch(**self._job_args(job), threads=threads, device=device, report=report)
+            def place(name):  # arguments taken when the branch starts: the sequential one's start is SFT's output
+                return lambda slot: {**self._branch_args(name), "threads": slot.threads, "report": queue.put,
+                                     "device": f"cuda:{slot.gpus[0]}" if slot.gpus else self.device,
+                                     "thread_share": (pool.threads, pool.active)}
 
-    def _train_parallel(self, jobs: list[Job]) -> None:
-        """Two worker processes from the same base; each gets half the CPU threads (or its own GPU)."""
-        import torch
-
-        from paft.train.branch import branch_done, train_branch
-
-        workers = 2
-        total_threads = self.cfg.run.threads or torch.get_num_threads()
-        threads = max(1, total_threads // workers)
-        n_gpu = torch.cuda.device_count() if self.device.startswith("cuda") else 0
-        ctx = mp.get_context("spawn")
-        manager = ctx.Manager()
-        queue = manager.Queue()
-        active = manager.Value("i", 0)
-        pending = list(jobs)
-        running: dict[Future, tuple[Job, str]] = {}
-        free_devices = [f"cuda:{i}" for i in range(n_gpu)] if n_gpu >= 2 else []
-
-        pool = ProcessPoolExecutor(workers, mp_context=ctx)
-        try:
             with self.ui.queue_listener(queue):
-                while pending or running:
-                    for job in list(pending):
-                        ready = job.after is None or branch_done(self.branch_dir(job.after))
-                        if ready and len(running) < workers:
-                            device = free_devices.pop(0) if free_devices else self.device
-                            active.value = len(running) + 1
-                            fut = pool.submit(train_branch, **self._job_args(job), threads=threads, device=device,
-                                              report=queue.put, thread_share=(total_threads, active))
-                            running[fut] = (job, device)
-                            pending.remove(job)
-                    if not running:
-                        raise PaftError(f"branches {[j.name for j in pending]} wait on branches that were not trained")
-                    done, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        job, device = running.pop(fut)
-                        active.value = len(running)
-                        if device.startswith("cuda:") and n_gpu >= 2:
-                            free_devices.append(device)
-                        fut.result()  # re-raise a branch's error here
-        except BaseException:
-            # fail fast: a sibling branch may have minutes of training left; its checkpoints stay for resume
-            terminate_workers(pool)
-            raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            manager.shutdown()
+                pool.run([Job(n, train_branch, place=place(n), after=BRANCHES[n][1]) for n in names])
 
     # ------------------------------------------------------------------ analysis and merge
     def sparsity(self) -> dict[str, Any]:
         return self._once(self.root / "sparsity.json", self._compute_sparsity, "sparsity")
 
     def _compute_sparsity(self) -> dict[str, Any]:
-        from paft.sparsity import model_sparsity
-
         s = self.cfg.sparsity
         out = {name: model_sparsity(self.output(name), self.model_dir, s.absolute, s.relative)
                for name in ("sft", "preference") if self.output(name).exists()}
@@ -335,9 +241,6 @@ class Run:
         return out
 
     def merge(self) -> dict[str, Any]:
-        from paft.merge.mergekit_config import plan_from_flags
-        from paft.merge.standalone import run_merge
-
         summary_path = self.merged_dir / "paft_merge.json"
         if summary_path.exists():
             return json.loads(summary_path.read_text())
@@ -356,9 +259,6 @@ class Run:
 
     def sequential_model(self) -> Path:
         """The sequential baseline as a full model: base + SFT delta + preference delta trained on top."""
-        from paft.merge.mergekit_config import plan_from_flags
-        from paft.merge.standalone import run_merge
-
         # a full fine-tuned sequential branch wrote this folder itself (it started from the SFT weights)
         if not is_model(self.sequential_model_dir):
             run_merge(plan_from_flags(self.model_dir, [self.output("sft"), self.adapter("sequential")],
@@ -367,8 +267,6 @@ class Run:
 
     # ------------------------------------------------------------------ evaluation and report
     def model_specs(self) -> list:
-        from paft.eval.models import ModelSpec
-
         specs = [ModelSpec("base", self.model_dir)]
         for name in ("sft", "preference"):
             if self._is_full(name):
@@ -385,8 +283,6 @@ class Run:
         return self._once(self.root / "eval.json", self._compute_eval, "eval")
 
     def _compute_eval(self) -> dict[str, Any]:
-        from paft.eval.models import evaluate_models
-
         self.data()
         specs = self.model_specs()
 
@@ -416,8 +312,6 @@ class Run:
         }
 
     def report(self) -> Path:
-        from paft.report import write_report
-
         return write_report(self.root, self.cfg)
 
     def all(self) -> Path:
@@ -431,22 +325,6 @@ class Run:
         self.merge()
         self.evaluate()
         return self.report()
-
-
-def terminate_workers(pool: ProcessPoolExecutor) -> None:
-    """Stop a process pool's workers now (``shutdown`` would wait for their running tasks to finish)."""
-    for proc in list((getattr(pool, "_processes", None) or {}).values()):
-        proc.terminate()
-
-
-def _write_examples(path: Path, examples: list) -> None:
-    from dataclasses import asdict
-
-    lines = []
-    for e in examples:
-        row = {k: v for k, v in asdict(e).items() if v is not None}
-        lines.append(json.dumps(row, ensure_ascii=False))
-    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 # outputs made stale by a change in a config section that only later stages read

@@ -8,10 +8,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from paft.config import PaftConfig
+from paft.config import PaftConfig, ScorerConfig
+from paft.data.demo import SYSTEM
 from paft.data.formats import PreferenceExample, RankedExample, ranked_to_pairs
-from paft.errors import ConfigError, PaftError
-from paft.eval.metrics import completion_nll, exact_match, pair_logps, preference_scores
+from paft.errors import ConfigError, ModelError, PaftError
+from paft.eval.harness import HarnessSuite
+from paft.eval.judges import (harm_messages, harmlessness_metrics, load_harm_prompts, pairwise_judge,
+                              pairwise_verdicts, refusal_judge, refusal_labels, rm_win_rate, win_rates)
+from paft.eval.metrics import completion_nll, exact_match, generate_replies, pair_logps, preference_scores
+from paft.models import load_model, load_tokenizer, resolve_model_dir
+from paft.scoring import build_scorer
 
 
 @dataclass
@@ -23,11 +29,9 @@ class ModelSpec:
 
 
 def load_spec(spec: ModelSpec, cfg: PaftConfig, device: str):
-    from paft.models import load_model
-
     model = load_model(spec.path, cfg.model.dtype, device, cfg.model.trust_remote_code)
     if spec.adapter is not None:
-        from peft import PeftModel
+        from peft import PeftModel  # heavy: only when an adapter is evaluated
 
         model = PeftModel.from_pretrained(model, str(spec.adapter)).merge_and_unload()
     return model.eval()
@@ -41,10 +45,7 @@ def needs_chat_template(cfg: PaftConfig) -> bool:
 
 def load_eval_tokenizer(path: Path, cfg: PaftConfig):
     """The tokenizer at ``path``; a chat template is required only when a configured metric uses one."""
-    from transformers import AutoTokenizer
-
-    from paft.errors import ModelError
-    from paft.models import load_tokenizer
+    from transformers import AutoTokenizer  # heavy: paft's CLI starts without it
 
     try:
         if needs_chat_template(cfg):
@@ -81,9 +82,6 @@ class _Extras:
 
     def __init__(self, cfg: PaftConfig, names: list[str], pref_eval: list, sft_eval: list, device: str,
                  base_dir: Path | None):
-        from paft.config import ScorerConfig
-        from paft.scoring import build_scorer
-
         e = cfg.eval
         self.rm = self.pair_judge = self.harm_judge = None
         wants_replies = bool(e.reward_model or e.judge_model)
@@ -101,9 +99,6 @@ class _Extras:
             except PaftError as exc:
                 raise _prefixed("eval.reward_model", exc) from None
         if e.judge_model:
-            from paft.eval.judges import pairwise_judge, refusal_judge
-            from paft.models import load_model, load_tokenizer, resolve_model_dir
-
             try:
                 judge_dir = resolve_model_dir(e.judge_model)
                 model = load_model(judge_dir, cfg.model.dtype, device, cfg.model.trust_remote_code).eval()
@@ -114,19 +109,12 @@ class _Extras:
                 raise _prefixed("eval.judge_model", exc) from None
         self.harm = []
         if e.harmlessness:
-            from paft.data.demo import SYSTEM
-            from paft.eval.judges import harm_messages, load_harm_prompts
-
             self.harm = load_harm_prompts()
             self.harm_prompts = harm_messages(self.harm, SYSTEM)
         self.ref_replies: list[str] | None = None
         self.ref_rewards: list[float] | None = None
 
     def metrics(self, spec_name: str, is_ref: bool, model, tok, cfg: PaftConfig) -> tuple[dict, dict]:
-        from paft.eval.judges import (harmlessness_metrics, pairwise_verdicts, refusal_labels, rm_win_rate,
-                                      win_rates)
-        from paft.eval.metrics import generate_replies
-
         e, d = cfg.eval, cfg.data
         gen = dict(max_new_tokens=e.reply_max_new_tokens or e.max_new_tokens, batch_size=e.batch_size,
                    max_prompt_tokens=d.max_prompt_length)
@@ -202,8 +190,6 @@ def evaluate_models(specs: list[ModelSpec], cfg: PaftConfig, tok, sft_eval: list
     reference = reference or specs[0].name
     suite = None
     if e.harness_tasks:
-        from paft.eval.harness import HarnessSuite
-
         suite = HarnessSuite.build(e.harness_tasks, limit=e.harness_limit,
                                    batch_size=e.harness_batch_size or e.batch_size,
                                    chat_template=e.harness_chat_template)

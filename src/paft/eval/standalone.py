@@ -11,13 +11,18 @@ held-out data, written to ``run.output_dir``/eval.json (``runs/eval`` unless ``-
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from paft.config import PaftConfig
+from paft.data.prepare import split_source
 from paft.errors import ModelError, PaftError
 from paft.eval.models import ModelSpec, evaluate_models, load_eval_tokenizer, needs_chat_template
+from paft.io import write_json_atomic
+from paft.methods.losses import get_loss
+from paft.models import resolve_model_dir
 from paft.models.folders import adapter_base, adapter_config, classify, is_adapter
 
 DEFAULT_OUT = "runs/eval"
@@ -91,24 +96,17 @@ def _same(a: Path, b: Path) -> bool:
 
 
 def _heldout_data(cfg: PaftConfig) -> tuple[list, list]:
-    """The config's held-out SFT and preference rows, prepared in a scratch folder as a run would."""
+    """The config's held-out SFT and preference rows, split as a run's data stage splits them."""
     e = cfg.eval
     if not (e.heldout or e.reward_model or e.judge_model):
         return [], []
-    from paft.pipeline import Run
-
-    with tempfile.TemporaryDirectory(prefix="paft-eval-data-") as tmp:
-        run = Run(cfg.model_copy(update={"run": cfg.run.model_copy(update={"output_dir": tmp})}))
-        run.data()
-        return run.eval_examples("sft"), run.eval_examples("preference")
+    ranked = get_loss(cfg.preference.method).data == "ranked"
+    return tuple(split_source(cfg.data, kind, seed=cfg.run.seed, ranked=ranked)[1] for kind in ("sft", "preference"))
 
 
 def evaluate_folders(inputs: list[Path], cfg: PaftConfig, *, base: str | None, force: bool = False,
                      progress: Callable[[str, int, int], None] | None = None) -> tuple[Path, dict[str, Any]]:
     """Evaluate ``inputs`` (and ``base``) with ``cfg``; write ``run.output_dir``/eval.json atomically."""
-    from paft.io import write_json_atomic
-    from paft.models import resolve_model_dir
-
     out_dir = Path(cfg.run.output_dir)
     if (out_dir / "config.yaml").is_file() and not force:
         raise PaftError(f"{out_dir}: a paft run folder, whose eval.json belongs to the run (paft eval "
@@ -125,8 +123,6 @@ def evaluate_folders(inputs: list[Path], cfg: PaftConfig, *, base: str | None, f
     sft_eval, pref_eval = _heldout_data(cfg)
     device = cfg.run.device
     if device == "auto":
-        import torch
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
     res = evaluate_models(specs, cfg, None, sft_eval, pref_eval, device=device, base_dir=base_dir, progress=progress)
     res["inputs"] = {s.name: {"path": str(s.path), "adapter": str(s.adapter) if s.adapter else None} for s in specs}
