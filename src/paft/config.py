@@ -357,7 +357,8 @@ def config_identity(config: PaftConfig | dict[str, Any]) -> dict[str, Any]:
 
 def config_digest(config: PaftConfig | dict[str, Any]) -> str:
     """sha256 of the canonical JSON of ``config_identity``: a sweep cell's key."""
-    return hashlib.sha256(json.dumps(config_identity(config), sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    text = json.dumps(config_identity(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- YAML and dotted keys

@@ -1,13 +1,10 @@
-"""One worker pool for everything that runs in parallel: a run's branches and a sweep's local cells.
+"""One worker pool for what runs in parallel: a run's branches, a sweep's local cells.
 
-A *slot* is a place where one job runs at a time: its share of the CPU threads and of the GPUs.
-A *job* is a module-level function with its arguments (they pickle: the workers are spawned), the
-arguments it takes when it starts, from its slot (``place``), and optionally a job of the same batch
-that must end first (``after``). When a job ends, its slot goes to the next job that is ready: in a
-fresh process (``fresh``, so memory and global state start clean), or in the slot's process, which
-has its libraries loaded already. The first failure, Ctrl-C or SIGTERM stops every worker at once
-(their checkpoints stay for a resume), and nothing outlives the pool: each worker is terminated,
-killed if it must be, and joined.
+A slot runs one job at a time, with its share of the CPU threads and GPUs. A job is a module-level
+function and its arguments (they pickle: workers are spawned), plus those it takes from its slot
+when it starts (``place``). A finished job's slot goes to the next ready job, in a fresh process
+(``fresh``) or in the slot's warm one. The first failure, Ctrl-C or SIGTERM stops every worker
+(checkpoints stay for a resume); every worker is terminated, killed if it must be, and joined.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from paft.config import (EXECUTION_KEYS, PRESETS, PaftConfig, check_key, config_digest, deep_update,
                          format_validation_error, get_dotted, load_config, parse_override, read_yaml, set_dotted,
@@ -43,36 +43,19 @@ class ReportSettings(_Strict):
 
 class SweepSpec(_Strict):
     name: str | None = None
-    preset: str | None = None
+    preset: Literal[PRESETS] | None = None
     base_config: str | None = Field(None, description="a paft config file, relative to the sweep file")
     base: dict[str, Any] = Field(default_factory=dict, description="config applied over preset / base_config")
-    axes: dict[str, list[Any]] | None = None
-    cells: list[dict[str, Any]] | None = None
+    axes: dict[str, Annotated[list[Any], Field(min_length=1)]] | None = None
+    cells: list[dict[str, Any]] | None = Field(None, min_length=1)
     mode: Literal["run", "sft", "preference"] = "run"
     sweep: ExecutionSettings = ExecutionSettings()
     report: ReportSettings = ReportSettings()
-
-    @field_validator("preset")
-    @classmethod
-    def _preset(cls, v: str | None) -> str | None:
-        if v is not None and v not in PRESETS:
-            raise ValueError(f"unknown preset {v!r}; known: {', '.join(PRESETS)}")
-        return v
-
-    @field_validator("axes")
-    @classmethod
-    def _non_empty(cls, v: dict[str, list[Any]] | None) -> dict[str, list[Any]] | None:
-        for key, values in (v or {}).items():
-            if not values:
-                raise ValueError(f"axis {key!r} has no values")
-        return v
 
     @model_validator(mode="after")
     def _one_kind(self) -> "SweepSpec":
         if (self.axes is None) == (self.cells is None):
             raise ValueError("give either `axes` (a grid) or `cells` (a list), not both and not neither")
-        if self.cells is not None and not self.cells:
-            raise ValueError("`cells` is empty")
         return self
 
 
