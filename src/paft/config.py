@@ -10,6 +10,7 @@ import copy
 import difflib
 import hashlib
 import json
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -17,7 +18,8 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from paft.errors import ConfigError
+from paft.data.loading import dataset_preset
+from paft.errors import ConfigError, DataError
 from paft.methods.merging import MERGE_METHODS
 from paft.methods.losses import LOSSES
 
@@ -55,9 +57,6 @@ class DataSource(_Section):
     @field_validator("path", "eval_path")
     @classmethod
     def _preset_known(cls, v: str | None) -> str | None:
-        from paft.data.loading import dataset_preset
-        from paft.errors import DataError
-
         try:
             if v is not None:
                 dataset_preset(v)  # a known preset name with an unknown selector fails here, naming the key
@@ -285,8 +284,6 @@ class EvalConfig(_Section):
     @field_validator("harness_tasks", mode="before")
     @classmethod
     def _task_syntax(cls, v: Any) -> Any:
-        import re
-
         if isinstance(v, str):  # --set eval.harness_tasks=a,b:5 and --tasks a,b give one string
             v = [x for x in v.split(",") if x.strip()]
         if not isinstance(v, list):

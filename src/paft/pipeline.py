@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,8 +46,8 @@ class Run:
         self.cfg = cfg
         self.root = Path(cfg.run.output_dir)
         self.ui = ui or ProgressUI(enabled=False)
-        self._model_dir: Path | None = None
-        self._tok = None
+        self.data_dir, self.merged_dir = self.root / "data", self.root / "merged"
+        self.sequential_model_dir = self.root / "sequential" / "model"
 
     # ------------------------------------------------------------------ paths
     def branch_dir(self, name: str) -> Path:
@@ -61,18 +62,6 @@ class Run:
 
     def _is_full(self, name: str) -> bool:
         return self.output(name).name == "model"
-
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def merged_dir(self) -> Path:
-        return self.root / "merged"
-
-    @property
-    def sequential_model_dir(self) -> Path:
-        return self.root / "sequential" / "model"
 
     # ------------------------------------------------------------------ setup
     def prepare(self) -> None:
@@ -106,21 +95,15 @@ class Run:
     @property
     def device(self) -> str:
         dev = self.cfg.run.device
-        if dev == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return dev
+        return ("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev
 
-    @property
+    @cached_property
     def model_dir(self) -> Path:
-        if self._model_dir is None:
-            self._model_dir = resolve_model_dir(self.cfg.model.name, self.cfg.model.revision, progress=self.ui.log)
-        return self._model_dir
+        return resolve_model_dir(self.cfg.model.name, self.cfg.model.revision, progress=self.ui.log)
 
-    @property
+    @cached_property
     def tokenizer(self):
-        if self._tok is None:
-            self._tok = load_tokenizer(self.model_dir, self.cfg.model.trust_remote_code)
-        return self._tok
+        return load_tokenizer(self.model_dir, self.cfg.model.trust_remote_code)
 
     def _timed(self, stage: str, start: float) -> None:
         state_path = self.root / "timings.json"
@@ -142,12 +125,10 @@ class Run:
     # ------------------------------------------------------------------ data
     def data(self) -> dict[str, Any]:
         """Load, validate and split both datasets into canonical JSONL under data/ (once)."""
-        return self._once(self.data_dir / "summary.json", self._prepare_data, "data")
-
-    def _prepare_data(self) -> dict[str, Any]:
         # listwise methods (data kind "ranked") get graded reply lists for the same prompts
-        return prepare_data(self.cfg.data, self.data_dir, seed=self.cfg.run.seed, log=self.ui.log,
-                            ranked=get_loss(self.cfg.preference.method).data == "ranked")
+        ranked = get_loss(self.cfg.preference.method).data == "ranked"
+        return self._once(self.data_dir / "summary.json", lambda: prepare_data(
+            self.cfg.data, self.data_dir, seed=self.cfg.run.seed, ranked=ranked, log=self.ui.log), "data")
 
     def eval_examples(self, kind: str) -> list:
         return load_examples(str(self.data_dir / f"{kind}_eval.jsonl"), kind).examples

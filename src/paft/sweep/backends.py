@@ -42,10 +42,9 @@ def run_local(payloads: list[dict[str, Any]], workers: int, done: Record, starte
     gpus = _visible_gpus() if any(p["config"]["run"]["device"] in ("auto", "cuda") for p in payloads) else []
     jobs = [Job(p["key"], run_cell, (p,), place=lambda slot: {"gpu": ",".join(slot.gpus) or None})
             for p in payloads]
-    by_key = {p["key"]: p for p in payloads}
     with WorkerPool(workers, cores(), gpus) as pool:
-        pool.run(jobs, on_start=lambda job: started(by_key[job.name]), on_done=lambda job, rec: done(rec),
-                 on_error=lambda job, exc: done(crash_record(by_key[job.name], one_line(exc))))
+        pool.run(jobs, on_start=lambda job: started(job.args[0]), on_done=lambda job, rec: done(rec),
+                 on_error=lambda job, exc: done(crash_record(job.args[0], one_line(exc))))
 
 
 def import_ray():

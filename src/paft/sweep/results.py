@@ -123,8 +123,7 @@ def plot_vs_numeric(df, metric: str, axis: str, groups: list[str]) -> bytes:
     if xs and min(xs) > 0 and max(xs) / min(xs) >= 8:  # ranks, learning rates, data sizes: a log axis
         ax.set_xscale("log", base=2 if all(float(x).is_integer() for x in xs) else 10)
         ax.set_xticks(sorted(set(xs)), [fmt(x) for x in sorted(set(xs))])
-    ax.set_xlabel(axis)
-    ax.set_ylabel(metric)
+    ax.set(xlabel=axis, ylabel=metric)
     seeds = SEED_AXIS in df.columns and df[SEED_AXIS].nunique() > 1
     ax.set_title(f"{metric} vs {axis}" + (" (mean ± std over seeds)" if seeds else ""), fontsize=10)
     if groups:
@@ -142,8 +141,7 @@ def plot_bars(df, metric: str, axis: str) -> bytes:
     fig = Figure(figsize=(1.5 + 0.9 * len(stats), 3.4))
     ax = fig.subplots()
     ax.bar([str(i) for i in stats.index], stats["mean"], yerr=stats["std"].fillna(0), capsize=3, color="#4c72b0")
-    ax.set_xlabel(axis)
-    ax.set_ylabel(metric)
+    ax.set(xlabel=axis, ylabel=metric)
     ax.tick_params(axis="x", labelrotation=30)
     ax.set_title(metric, fontsize=10)
     ax.grid(alpha=0.3, axis="y")
@@ -161,8 +159,7 @@ def plot_heatmap(df, metric: str, rows: str, cols: str) -> bytes:
     im = ax.imshow(pivot.to_numpy(dtype=float), cmap="viridis", aspect="auto")
     ax.set_xticks(range(pivot.shape[1]), [str(c) for c in pivot.columns], rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(pivot.shape[0]), [str(r) for r in pivot.index], fontsize=8)
-    ax.set_xlabel(cols)
-    ax.set_ylabel(rows)
+    ax.set(xlabel=cols, ylabel=rows)
     for (i, j), v in zip(itertools.product(range(pivot.shape[0]), range(pivot.shape[1])), pivot.to_numpy().ravel()):
         if v == v:  # not NaN
             ax.text(j, i, f"{v:.3f}", ha="center", va="center", color="w", fontsize=8)
@@ -241,10 +238,10 @@ def write_sweep_report(out: Path, res: SweepResult, ex: ExecutionSettings) -> Pa
     summary = summary_rows(df, sweep.columns, metrics)
     failed = [(row["cell"], row["error"]) for _, row in df.iterrows() if row["status"] != "ok"]
 
+    tables = ([("Mean ± std over seeds", summary)] if summary else []) + [("Cells", (cell_header, cell_rows))]
     md = [f"# Sweep: {name}", "", intro, ""]
-    if summary:
-        md += ["## Mean ± std over seeds", "", render_table(*summary), ""]
-    md += ["## Cells", "", render_table(cell_header, cell_rows), ""]
+    for title, table in tables:
+        md += [f"## {title}", "", render_table(*table), ""]
     if failed:
         md += ["## Failed cells", "", *(f"- `{k}`: {e} (traceback: `cells/{k}/error.txt`)" for k, e in failed),
                "", "The same `paft sweep` command retries them.", ""]
@@ -253,9 +250,8 @@ def write_sweep_report(out: Path, res: SweepResult, ex: ExecutionSettings) -> Pa
     write_text_atomic(out / "report.md", "\n".join(md) + "\n")
 
     parts = [f"<h1>Sweep: {html.escape(name)}</h1>", f"<p>{html.escape(intro)}</p>"]
-    if summary:
-        parts += ["<h2>Mean ± std over seeds</h2>", render_table(*summary, as_html=True)]
-    parts += ["<h2>Cells</h2>", render_table(cell_header, cell_rows, as_html=True)]
+    for title, table in tables:
+        parts += [f"<h2>{title}</h2>", render_table(*table, as_html=True)]
     if failed:
         parts += ["<h2>Failed cells</h2><ul>",
                   *(f"<li><code>{html.escape(k)}</code>: {html.escape(str(e))}</li>" for k, e in failed), "</ul>"]
