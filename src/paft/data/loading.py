@@ -224,10 +224,16 @@ def _read_preset(rp: ResolvedPreset, path: str, kind: str, split: str, subset: s
             f"{rp.preset.local_file.format(sel=sel, split=split)}") from None
 
 
+def read_rows(path: str, split: str = "train", subset: str | None = None) -> list[dict]:
+    """Raw rows of a local .jsonl/.json/.parquet/.csv file, or of a `datasets` hub dataset split."""
+    return _read(path, split, subset)[0]
+
+
 @dataclass
 class LoadResult:
     examples: list
     skipped: int
+    source: str  # the path as given, or "name[subset]:split" for a hub dataset
     errors: list[str]  # messages of skipped rows, the first MAX_KEPT_ERRORS
     fmt: str  # the format used: the detected one when fmt was "auto"
 
@@ -298,7 +304,9 @@ def load_examples(
                 errors.append(message)
     if not examples:
         raise DataError(f"{path}: none of the {skipped} rows is valid ({fmt} format); first error: {errors[0]}")
-    return LoadResult(examples=examples, skipped=skipped, errors=errors, fmt=fmt)
+
+    source = path if Path(path).exists() else f"{path}{f'[{subset}]' if subset else ''}:{split}"
+    return LoadResult(examples=examples, skipped=skipped, source=source, errors=errors, fmt=fmt)
 
 
 def split_examples(examples: list, eval_size: float, seed: int) -> tuple[list, list]:
