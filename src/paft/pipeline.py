@@ -22,6 +22,7 @@ import torch
 from paft.config import PaftConfig, config_identity, read_yaml
 from paft.data.loading import load_examples
 from paft.data.prepare import prepare_data
+from paft.device import resolve_device
 from paft.errors import PaftError
 from paft.eval.models import ModelSpec, evaluate_models
 from paft.io import package_versions, sha256_file, write_json_atomic, write_text_atomic
@@ -94,8 +95,7 @@ class Run:
 
     @property
     def device(self) -> str:
-        dev = self.cfg.run.device
-        return ("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev
+        return resolve_device(self.cfg.run.device)
 
     @cached_property
     def model_dir(self) -> Path:

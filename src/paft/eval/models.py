@@ -15,8 +15,9 @@ from paft.errors import ConfigError, ModelError, PaftError
 from paft.eval.harness import HarnessSuite
 from paft.eval.judges import (harm_messages, harmlessness_metrics, load_harm_prompts, pairwise_judge,
                               pairwise_verdicts, refusal_judge, refusal_labels, rm_win_rate, win_rates)
-from paft.eval.metrics import completion_nll, exact_match, generate_replies, pair_logps, preference_scores
+from paft.eval.metrics import completion_nll, exact_match, pair_logps, preference_scores
 from paft.models import load_model, load_tokenizer, resolve_model_dir
+from paft.models.generation import generate_replies
 from paft.scoring import build_scorer
 
 

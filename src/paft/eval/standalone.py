@@ -14,10 +14,9 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from paft.config import PaftConfig
 from paft.data.prepare import split_source
+from paft.device import resolve_device
 from paft.errors import ModelError, PaftError
 from paft.eval.models import ModelSpec, evaluate_models, load_eval_tokenizer, needs_chat_template
 from paft.io import write_json_atomic
@@ -121,10 +120,8 @@ def evaluate_folders(inputs: list[Path], cfg: PaftConfig, *, base: str | None, f
                     if needs_chat_template(cfg) else "")
             raise ModelError(f"{s.name}: {exc}{hint}") from None
     sft_eval, pref_eval = _heldout_data(cfg)
-    device = cfg.run.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    res = evaluate_models(specs, cfg, None, sft_eval, pref_eval, device=device, base_dir=base_dir, progress=progress)
+    res = evaluate_models(specs, cfg, None, sft_eval, pref_eval, device=resolve_device(cfg.run.device),
+                          base_dir=base_dir, progress=progress)
     res["inputs"] = {s.name: {"path": str(s.path), "adapter": str(s.adapter) if s.adapter else None} for s in specs}
     path = out_dir / "eval.json"
     write_json_atomic(path, res)
