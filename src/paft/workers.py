@@ -173,15 +173,14 @@ def _stop(procs: list) -> None:
 @contextlib.contextmanager
 def _sigterm_raises():
     """SIGTERM ends the parent through the pool's cleanup (the default would leave its workers running)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise SystemExit(128 + signum)
-
-    old = signal.signal(signal.SIGTERM, handler)
+    main = threading.current_thread() is threading.main_thread()  # the only thread that may set a handler
+    old = signal.signal(signal.SIGTERM, _exit) if main else None
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old if old is not None else signal.SIG_DFL)
+        if main:
+            signal.signal(signal.SIGTERM, old if old is not None else signal.SIG_DFL)
+
+
+def _exit(signum, frame):
+    raise SystemExit(128 + signum)

@@ -1,5 +1,4 @@
-"""A sweep's results: one row per cell (results.csv / results.parquet), plots of the headline metrics,
-and the report (report.md, report.html) that tables and shows them."""
+"""A sweep's results: the table of cells (results.csv|parquet), plots, and the report (report.md|html)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""The sweep file: its schema, and its expansion into cells, each with a validated, resolved config.
-
-A cell is keyed by the sha256 of its resolved config (``config_digest``: execution-only keys left out),
-so the same config from `paft config` gives the same key.
-"""
+"""The sweep file: its schema, and its expansion into cells, each with a validated config and its key."""
 
 from __future__ import annotations
 
