@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import difflib
-import html
 import io
 import itertools
 import json
@@ -16,6 +14,9 @@ from typing import Any
 
 from paft.errors import ConfigError
 from paft.io import write_bytes_atomic, write_text_atomic
+from paft.report import table, to_markdown
+from paft.report.html import page
+from paft.report.model import Figure, Section, Text
 from paft.sweep.spec import ExecutionSettings, Sweep
 
 SEED_AXIS = "run.seed"
@@ -193,17 +194,6 @@ def summary_rows(df, columns: list[str], metrics: list[str]) -> tuple[list[str],
     return header, rows
 
 
-def render_table(header: list[str], rows: list[list[str]], as_html: bool = False) -> str:
-    """A report table as Markdown (``|`` escaped) or as an HTML ``<table>``."""
-    if as_html:
-        head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-    esc = [[str(c).replace("|", "\\|") for c in r] for r in [header, *rows]]
-    return "\n".join(["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(header),
-                      *("| " + " | ".join(r) + " |" for r in esc[1:])])
-
-
 def write_sweep_report(out: Path, res: SweepResult, ex: ExecutionSettings) -> Path:
     df, sweep, metrics = res.table, res.sweep, res.metrics
     numeric, categorical = _axis_kinds(df, sweep.columns)
@@ -237,33 +227,16 @@ def write_sweep_report(out: Path, res: SweepResult, ex: ExecutionSettings) -> Pa
     summary = summary_rows(df, sweep.columns, metrics)
     failed = [(row["cell"], row["error"]) for _, row in df.iterrows() if row["status"] != "ok"]
 
-    tables = ([("Mean ± std over seeds", summary)] if summary else []) + [("Cells", (cell_header, cell_rows))]
-    md = [f"# Sweep: {name}", "", intro, ""]
-    for title, table in tables:
-        md += [f"## {title}", "", render_table(*table), ""]
-    if failed:
-        md += ["## Failed cells", "", *(f"- `{k}`: {e} (traceback: `cells/{k}/error.txt`)" for k, e in failed),
-               "", "The same `paft sweep` command retries them.", ""]
-    if plots:
-        md += ["## Plots", "", *(f"![{cap}]({rel})\n" for cap, rel in plots)]
-    write_text_atomic(out / "report.md", "\n".join(md) + "\n")
-
-    parts = [f"<h1>Sweep: {html.escape(name)}</h1>", f"<p>{html.escape(intro)}</p>"]
-    for title, table in tables:
-        parts += [f"<h2>{title}</h2>", render_table(*table, as_html=True)]
-    if failed:
-        parts += ["<h2>Failed cells</h2><ul>",
-                  *(f"<li><code>{html.escape(k)}</code>: {html.escape(str(e))}</li>" for k, e in failed), "</ul>"]
-    if plots:  # embedded, so the one file can be mailed or attached
-        parts.append("<h2>Plots</h2>")
-        for cap, rel in plots:
-            data = base64.b64encode((out / rel).read_bytes()).decode()
-            parts.append(f"<figure><img alt='{html.escape(cap)}' src='data:image/png;base64,{data}'>"
-                         f"<figcaption>{html.escape(cap)}</figcaption></figure>")
-    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;"
-             "font-size:0.9em}td,th{border:1px solid #ccc;padding:0.25em 0.6em;text-align:right}"
-             "th{background:#f3f3f3}img{max-width:100%}")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>Sweep: {html.escape(name)}</title>"
-            f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
-    write_text_atomic(out / "report.html", page)
+    seeds = len(summary[0]) - len(metrics) - 1 if summary else 0  # the seed-count column: numbers from there on
+    report = Section(f"Sweep: {name}", [
+        Text(intro),
+        *([Section("Mean ± std over seeds", [table(*summary, num_from=seeds)])] if summary else []),
+        Section("Cells", [table(cell_header, cell_rows, num_from=len(sweep.columns) + 2)]),
+        *([Section("Failed cells", [*(Text(f"- `{k}`: {e} (traceback: `cells/{k}/error.txt`)") for k, e in failed),
+                                    Text("The same `paft sweep` command retries them.")])] if failed else []),
+        *([Section("Plots", [Figure(rel, cap, cap) for cap, rel in plots])] if plots else [])])
+    write_text_atomic(out / "report.md", to_markdown(report) + "\n")
+    # figures embedded, so the one file can be mailed or attached
+    images = {rel: (out / rel).read_bytes() for _, rel in plots}
+    write_text_atomic(out / "report.html", page(report, f"{len(df)} cells, mode {sweep.spec.mode}", images))
     return out / "report.md"
