@@ -71,3 +71,14 @@ def test_example_configs_validate():
         if not is_mergekit_yaml(path) and not path.name.startswith("sweep-"):
             load_config(path)
     assert load_config(root / "tiny.yaml") == load_config(preset="tiny")
+
+
+def test_set_merges_a_mapping_and_identity_leaves_out_execution_keys():
+    from paft.config import config_digest, config_identity
+
+    cfg = load_config(preset="tiny", overrides=["data.demo={sft_train: 8}"])
+    assert cfg.data.demo.sft_train == 8 and cfg.data.demo.sft_eval == 16  # the preset's other sizes stay
+    moved = load_config(preset="tiny", overrides=["data.demo.sft_train=8", "run.output_dir=elsewhere",
+                                                  "run.threads=3", "run.parallel=false"])
+    assert config_identity(moved) == config_identity(cfg) and "output_dir" not in config_identity(cfg)["run"]
+    assert config_digest(moved) == config_digest(cfg) != config_digest(load_config(preset="tiny"))

@@ -153,3 +153,11 @@ def test_sft_rows_without_reply_tokens_are_reported_not_silently_dropped(tmp_pat
     data.write_text(json.dumps({"prompt": long_prompt, "completion": "cut"}) + "\n")
     with pytest.raises(PaftError, match="beyond data.max_length"):
         train_branch("sft", cfg, run.model_dir, data, tmp_path / "sft2")
+
+
+def test_a_moved_run_folder_is_the_same_run(tmp_path):
+    cfg = load_config(preset="tiny", overrides=[f"run.output_dir={tmp_path / 'a'}"])
+    Run(cfg).prepare()
+    (tmp_path / "a").rename(tmp_path / "b")
+    Run(load_config(preset="tiny", overrides=[f"run.output_dir={tmp_path / 'b'}"])).prepare()  # no --force needed
+    assert yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["run"]["output_dir"] == str(tmp_path / "b")
