@@ -376,7 +376,8 @@ def sweep_cmd(
 
 
 def _print_summary(run) -> None:
-    from paft.report.render import LABELS, METRICS, MODELS, _fmt
+    from paft.report.render import METRICS
+    from paft.report.style import LABELS, MODELS, fmt
 
     path = run.root / "eval.json"
     if not path.exists():
@@ -394,7 +395,7 @@ def _print_summary(run) -> None:
         table.add_column(header + (" ↑" if up else " ↓"), justify="right")
     for m in MODELS:
         if m in evals:
-            table.add_row(LABELS[m], *[_fmt(evals[m].get(k)) for k, _, _ in columns])
+            table.add_row(LABELS[m], *[fmt(evals[m].get(k)) for k, _, _ in columns])
     console.print(table)
 
 

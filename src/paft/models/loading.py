@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from paft.device import resolve_bf16
-from paft.errors import ModelError
+from paft.errors import ConfigError, ModelError
 from paft.io import cache_root
 from paft.models.folders import is_model
 from paft.models.smollm2 import ensure_smollm2
@@ -55,8 +55,6 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
 def require_bitsandbytes(key: str) -> None:
     """One line telling how to install bitsandbytes, before any model is loaded."""
     import importlib.util
-
-    from paft.errors import ConfigError
 
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(f"{key} 'qlora' needs bitsandbytes: pip install 'paft[qlora]' (or pip install bitsandbytes)")

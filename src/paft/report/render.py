@@ -18,7 +18,7 @@ from paft.report.markdown import to_markdown
 from paft.report.metrics import alignment_tax, stderr_of
 from paft.report.model import Cell, Code, Column, Figure, Section, Table, Text, table
 from paft.report.plots import metric_bars, sparsity_figure, training_curves
-from paft.report.style import ARROWS, DIRECTIONS, LABELS, MODELS, SHORT, TONES, fmt as _fmt, fmt_delta, fmt_value
+from paft.report.style import ARROWS, DIRECTIONS, LABELS, MODELS, SHORT, TONES, fmt, fmt_delta, fmt_value
 
 # the five headline metrics the `paft run` summary table prints: key, header, higher is better
 METRICS = [("sft_exact_match", "SFT exact match", True), ("sft_nll", "SFT NLL", False),
@@ -147,7 +147,7 @@ def _sparsity_section(sparsity: dict[str, dict]) -> Section:
 
 
 def _training_section(training: dict[str, dict], run_name: str) -> Section:
-    rows = [[name, s.get("steps"), s.get("examples", "–"), _fmt(s.get("train_loss")), s.get("wall_s"),
+    rows = [[name, s.get("steps"), s.get("examples", "–"), fmt(s.get("train_loss")), s.get("wall_s"),
              s.get("threads", "–"), s.get("device", "–")] for name, s in training.items()]
     nums = ("steps", "examples", "mean train loss", "wall (s)", "threads at start")
     blocks = [Table([Column("branch"), *(Column(h, num=True) for h in nums), Column("device")], rows)]

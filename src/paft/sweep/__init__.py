@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from paft.config import format_validation_error
 from paft.errors import ConfigError, PaftError
 from paft.io import write_text_atomic
+from paft.models import resolve_model_dir
 from paft.progress import ProgressUI
 from paft.sweep.backends import cores, import_ray, run_local, run_ray
 from paft.sweep.cell import read_json
@@ -116,9 +117,6 @@ def run_sweep(path: str | Path | Sweep, out: str | Path | None = None, *, overri
 
 def _resolve_models(payloads: list[dict[str, Any]], ui) -> None:
     """Resolve (convert, build) each base model once here, not in several cells at the same time."""
-    # lazy: a cell's process imports this package to find run_cell, and must not load torch before its setup
-    from paft.models import resolve_model_dir
-
     for name, rev in dict.fromkeys((p["config"]["model"]["name"], p["config"]["model"]["revision"]) for p in payloads):
         with contextlib.suppress(PaftError):  # a model that cannot be resolved fails its cells, with the reason
             resolve_model_dir(name, rev, progress=ui.log)

@@ -46,7 +46,7 @@ def run_cell(payload: dict[str, Any], gpu: str | None = None) -> dict[str, Any]:
 
         if threads:
             torch.set_num_threads(threads)  # evaluation too, not only the branches
-        from paft.pipeline import Run  # imports torch and transformers: after the environment above
+        from paft.pipeline import Run  # lazy: bitsandbytes (via transformers) queries CUDA on import; after the environment above
 
         run = Run(cfg)
         if payload["mode"] == "run":
