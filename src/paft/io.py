@@ -90,10 +90,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 _PACKAGES = ("paft", "torch", "transformers", "peft", "accelerate", "datasets", "safetensors",
              "bitsandbytes", "trl", "pydantic", "numpy")
 

@@ -18,10 +18,6 @@ from paft.merge.mergekit_config import GLOBAL_PARAMS, is_mergekit_yaml, load_mer
 from paft.merge.standalone import run_merge
 from paft.progress import console
 
-#: flags that only make sense for a standalone merge
-STANDALONE_FLAGS = ("--base", "--models", "--method", "--density", "--weights", "--dtype", "--tokenizer-source",
-                    "--seed", "--to-lora", "--resize-vocab", "--workers", "--param")
-
 
 def merge_mode(config: Path | None, base: Path | None, models: list[str] | None) -> str:
     """``mergekit``, ``flags`` or ``run``."""

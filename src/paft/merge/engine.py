@@ -195,7 +195,7 @@ class ShardWriter:
             self._written[name] += data.numel()
 
     def abort(self) -> None:
-        """Close the files after a failure (the atomic folder is discarded by the caller)."""
+        """Close the files (after a failure the caller discards the atomic folder)."""
         for fd in self._fds:
             os.close(fd)
         self._fds = []
@@ -206,9 +206,7 @@ class ShardWriter:
                 if self._written[name] != nbytes:
                     raise PaftError(f"writer got {self._written[name]} of {nbytes} bytes of {name}")
         finally:
-            for fd in self._fds:
-                os.close(fd)
-            self._fds = []
+            self.abort()
         if len(self.files) > 1:
             weight_map = {e[0]: self.files[i] for i, shard in enumerate(self.shards) for e in shard}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
