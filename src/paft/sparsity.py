@@ -8,7 +8,6 @@ absolute terms and relative to the scale (RMS) of the base weight it modifies.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -20,6 +19,7 @@ from paft.io import atomic_dir, write_json_atomic
 from paft.merge.cli_support import parse_floats
 from paft.merge.deltas import LoraDeltas, open_source, open_state
 from paft.merge.engine import default_workers, ordered_map
+from paft.merge.mergekit_config import layer_index
 from paft.progress import console
 
 ABSOLUTE = (1e-6, 1e-5, 1e-4)
@@ -120,13 +120,6 @@ def _combine(per_tensor: Iterable[tuple[str, dict, list[int], int] | None], empt
 
 HIST_RANGE = (-10.0, 1.0)  # log10 |delta|; smaller non-zero entries count in the first bin, larger in the last
 HIST_BINS = 44
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
-
-
-def layer_index(name: str) -> int | None:
-    """``model.layers.3.mlp.up_proj.weight`` -> 3; None outside the layer stack."""
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
 
 
 def _histogram(delta: torch.Tensor, bins: int = HIST_BINS, lo: float = HIST_RANGE[0],

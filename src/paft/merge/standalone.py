@@ -121,10 +121,10 @@ class PreparedMerge:
         if not inputs:
             raise ConfigError(f"{plan.source}: nothing to merge: every model is the base model")
         self.inputs = inputs
+        self.labels = [f"{m.key} ({m.ref})" if m.key else m.ref for m in inputs]
         self.sources: list[Any] = []
         self.kinds: list[str] = []
-        for m, b in zip(inputs, is_base):
-            label = f"{m.key} ({m.ref})" if m.key else m.ref
+        for m, b, label in zip(inputs, is_base, self.labels):
             if b:
                 self.sources.append(ZeroDeltas(m.path))
                 self.kinds.append("base")
@@ -142,7 +142,6 @@ class PreparedMerge:
                 else:
                     check_vocab_match(self.base_dir, m.path, label)
                     self.kinds.append("full")
-        self.labels = [f"{m.key} ({m.ref})" if m.key else m.ref for m in inputs]
         self.tokenizer_dir = self.base_dir if plan.tokenizer_source == "base" else Path(plan.tokenizer_source)
         if not _same(self.tokenizer_dir, self.base_dir):
             tok_cfg = read_model_config(self.tokenizer_dir)
