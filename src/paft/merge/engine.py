@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from paft.errors import PaftError
+from paft.io import usable_cores
 from paft.merge.deltas import INDEX_FILE, SINGLE_FILE, StateDir
 from paft.merge.methods import ChunkedRandom, merge_deltas
 from paft.merge.streaming import TensorMerge, copy_tensor
@@ -46,11 +47,7 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
 
 def default_workers() -> int:
     """Threads for the tensor pool: the usable cores, at most 4 (each in-flight tensor costs memory)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(4, cores))
+    return max(1, min(4, usable_cores()))
 
 
 @contextmanager
