@@ -253,8 +253,7 @@ class MergeJob:
         self.labels = [str(x) for x in labels] if labels is not None else [str(s.path) for s in self.sources]
         self.own = [set(s.names()) for s in self.sources]
         for label, own in zip(self.labels, self.own):
-            extra = sorted(n for n in own if n not in base)
-            if extra:
+            if extra := sorted(n for n in own if n not in base):
                 raise PaftError(f"{label}: has a delta for {extra[0]}, which base {base.path} does not have "
                                 "(tied embeddings or another architecture?)")
         touched = set().union(*self.own) if self.own else set()
@@ -326,6 +325,7 @@ class MergeJob:
         """
         writer = ShardWriter(folder, self.plan(), SHARD_BYTES)
         total = len(self.names)
+        progress = progress or (lambda done, n: None)
         workers = default_workers() if workers is None else max(1, int(workers))
         try:
             if get_method(self.method).streams:
@@ -336,13 +336,11 @@ class MergeJob:
                             TensorMerge(self, name, pool).write(writer)
                         else:
                             copy_tensor(self, name, writer, pool)
-                        if progress is not None:
-                            progress(done, total)
+                        progress(done, total)
             else:
                 for done, (name, tensor, _) in enumerate(self.run(workers=workers), start=1):
                     writer.write(name, tensor)
-                    if progress is not None:
-                        progress(done, total)
+                    progress(done, total)
         except BaseException:
             writer.abort()
             raise
