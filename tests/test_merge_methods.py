@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Llam
 
 from paft.errors import PaftError
 from paft.merge import engine
-from paft.merge.deltas import checkpoint_deltas, lora_deltas, open_state
+from paft.merge.deltas import CheckpointDeltas, LoraDeltas, open_state
 from paft.merge.mergekit_config import plan_from_flags
 from paft.merge.standalone import run_merge
 from paft.merge.methods import (MERGE_METHODS, OWN_FUNCTIONS, check_merge_args, dare_drop, della_drop,
@@ -266,7 +266,7 @@ def _base_state(base_dir):
 def test_lora_deltas_match_peft_merge(tiny, which):
     base = _base_state(tiny["base"])
     merged = _peft_merged(tiny["base"], tiny[which]).state_dict()
-    ours = dict(lora_deltas(tiny[which], tiny["base"]))
+    ours = dict(LoraDeltas(tiny[which], open_state(tiny["base"])))
     changed = {k for k in base if not torch.equal(merged[k], base[k])}
     assert changed == set(ours)
     for k, d in ours.items():
@@ -287,7 +287,7 @@ def test_lora_deltas_fan_in_fan_out_and_embedding(tmp_path):
     model.save_pretrained(tmp_path / "ad")
     base = _base_state(tmp_path / "base")
     merged = model.merge_and_unload().state_dict()
-    ours = dict(lora_deltas(tmp_path / "ad"))
+    ours = dict(LoraDeltas(tmp_path / "ad"))
     assert set(ours) == {"transformer.h.0.attn.c_attn.weight", "transformer.wte.weight"}
     for k, d in ours.items():
         assert close(d, merged[k] - base[k])
@@ -295,9 +295,9 @@ def test_lora_deltas_fan_in_fan_out_and_embedding(tmp_path):
 
 def test_lora_deltas_refusals(tiny, tmp_path):
     with pytest.raises(PaftError, match="modules_to_save"):
-        lora_deltas(tiny["B"])
+        LoraDeltas(tiny["B"])
     with pytest.raises(PaftError, match="adapter_config.json is missing"):
-        lora_deltas(tmp_path)
+        LoraDeltas(tmp_path)
     for patch, msg in (({"peft_type": "IA3"}, "only LoRA adapters"),
                        ({"use_dora": True}, "DoRA adapters are not supported")):
         bad = tmp_path / msg.split()[0]
@@ -306,14 +306,14 @@ def test_lora_deltas_refusals(tiny, tmp_path):
         (bad / "adapter_config.json").write_text(json.dumps(cfg))
         (bad / "adapter_model.safetensors").write_bytes((tiny["A"] / "adapter_model.safetensors").read_bytes())
         with pytest.raises(PaftError, match=msg):
-            lora_deltas(bad)
+            LoraDeltas(bad)
 
 
 def test_checkpoint_deltas_and_refusals(tiny, tmp_path):
     full = tmp_path / "fullA"
     _peft_merged(tiny["base"], tiny["A"]).save_pretrained(full)
-    lora = dict(lora_deltas(tiny["A"]))
-    ckpt = dict(checkpoint_deltas(full, tiny["base"]))
+    lora = dict(LoraDeltas(tiny["A"]))
+    ckpt = dict(CheckpointDeltas(full, open_state(tiny["base"])))
     assert len(ckpt) == len(open_state(tiny["base"]).keys())
     for k, d in ckpt.items():
         assert close(d, lora.get(k, torch.zeros_like(d)))
@@ -322,11 +322,11 @@ def test_checkpoint_deltas_and_refusals(tiny, tmp_path):
         (tmp_path / name).mkdir()
         save_file(tensors, tmp_path / name / "model.safetensors")
     with pytest.raises(PaftError, match=r"w has shape \(2, 3\) but \(3, 2\) in base"):
-        checkpoint_deltas(tmp_path / "x", tmp_path / "y")
+        CheckpointDeltas(tmp_path / "x", open_state(tmp_path / "y"))
     with pytest.raises(PaftError, match="tensor v of base .* is missing"):
-        checkpoint_deltas(tmp_path / "z", tmp_path / "x")
+        CheckpointDeltas(tmp_path / "z", open_state(tmp_path / "x"))
     with pytest.raises(PaftError, match="tensor v is not in base"):
-        checkpoint_deltas(tmp_path / "x", tmp_path / "z")
+        CheckpointDeltas(tmp_path / "x", open_state(tmp_path / "z"))
 
 
 def test_engine_task_arithmetic_matches_sequential_peft(tiny, tmp_path):
@@ -336,7 +336,7 @@ def test_engine_task_arithmetic_matches_sequential_peft(tiny, tmp_path):
                               progress=lambda done, total: calls.append((done, total)))
     base = _base_state(tiny["base"])
     merged = _base_state(out)
-    da, db = dict(lora_deltas(tiny["A"])), dict(lora_deltas(tiny["B"], tiny["base"]))
+    da, db = dict(LoraDeltas(tiny["A"])), dict(LoraDeltas(tiny["B"], open_state(tiny["base"])))
     assert set(merged) == set(base) and "lm_head.weight" not in merged  # tied embeddings stay tied
     for k, w in base.items():
         expected = w + da.get(k, 0) + db.get(k, 0)
@@ -371,7 +371,7 @@ def test_engine_partial_branch_and_full_checkpoint(tiny, tmp_path):
     # C touches only q/v: it contributes a zero delta elsewhere, so linear halves A's k_proj delta
     _merge(tiny["base"], [tiny["A"], tiny["C"]], [1, 1], "linear", out_dir=tmp_path / "lin")
     base, out = _base_state(tiny["base"]), _base_state(tmp_path / "lin")
-    da, dc = dict(lora_deltas(tiny["A"])), dict(lora_deltas(tiny["C"]))
+    da, dc = dict(LoraDeltas(tiny["A"])), dict(LoraDeltas(tiny["C"]))
     q, k = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"
     assert close(out[q], base[q] + (da[q] + dc[q]) / 2)
     assert close(out[k], base[k] + da[k] / 2)
@@ -624,7 +624,7 @@ def test_parameter_checks_only_where_used():
 
 def test_engine_slerp_and_model_stock_pass_base_and_params(tiny, tmp_path):
     base = _base_state(tiny["base"])
-    da, db = dict(lora_deltas(tiny["A"])), dict(lora_deltas(tiny["B"], tiny["base"]))
+    da, db = dict(LoraDeltas(tiny["A"])), dict(LoraDeltas(tiny["B"], open_state(tiny["base"])))
     summary = _merge(tiny["base"], [tiny["A"], tiny["B"]], [1, 1], "slerp", out_dir=tmp_path / "s", t=0.3)
     assert summary["params"] == {"t": 0.3}
     assert json.loads((tmp_path / "s" / "paft_merge.json").read_text())["params"] == {"t": 0.3}

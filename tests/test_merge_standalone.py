@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from paft.cli import app
 from paft.errors import PaftError
 from paft.merge import engine
-from paft.merge.deltas import lora_deltas, open_state
+from paft.merge.deltas import LoraDeltas, open_state
 from paft.merge.engine import ordered_map
 from paft.merge.mergekit_config import evaluate_setting, layer_position, load_mergekit_yaml, plan_from_flags
 from paft.merge.methods import ChunkedRandom, merge_deltas
@@ -141,7 +141,7 @@ def test_mergekit_ties_per_model_density_mixed_lora_and_defaults(ck, tmp_path):
     summary = run_merge(spec, out, workers=2)
     assert [m["kind"] for m in summary["models"]] == ["full", "lora"]
     base, f1, merged = _state(ck["base"]), _state(ck["ft1"]), _state(out)
-    dl = dict(lora_deltas(ck["lora"], ck["base"]))
+    dl = dict(LoraDeltas(ck["lora"], open_state(ck["base"])))
     for name in (Q.format(2), UP.format(0), "model.norm.weight"):
         d = [f1[name] - base[name], dl.get(name, torch.zeros_like(base[name]))]
         # mergekit's dare_ties is unnormalised by default; each model keeps its own density
@@ -233,7 +233,7 @@ def test_checks_refuse_with_a_clear_line(ck, tmp_path):
                                  str(tmp_path / "exists"), "--force"])
     assert result.exit_code == 0, result.output
     b, f1, out = _state(base), _state(ck["ft1"]), _state(tmp_path / "exists")
-    dl = dict(lora_deltas(ck["lora"], base))
+    dl = dict(LoraDeltas(ck["lora"], open_state(base)))
     assert torch.allclose(out[Q.format(0)], b[Q.format(0)] + 0.5 * (f1[Q.format(0)] - b[Q.format(0)])
                           + 2 * dl[Q.format(0)], atol=1e-6)
 
@@ -283,7 +283,7 @@ def test_to_lora_reports_closed_form_error_and_full_rank_is_exact(ck, tmp_path):
     assert summary["relative_error"] == pytest.approx(math.sqrt(tail / total), rel=1e-4)
     assert "model.norm.weight" in summary["dropped_non_matrix"]
     # the stored factors reproduce the rank-3 approximation, through paft's reader (PEFT's layout)
-    dl = dict(lora_deltas(tmp_path / "r3", ck["base"]))
+    dl = dict(LoraDeltas(tmp_path / "r3", open_state(ck["base"])))
     d = merged[UP.format(2)] - base[UP.format(2)]
     err = float((d - dl[UP.format(2)]).double().pow(2).sum().sqrt() / d.double().pow(2).sum().sqrt())
     assert err == pytest.approx(report["per_tensor"][UP.format(2)]["relative_error"], rel=1e-3)

@@ -53,14 +53,14 @@ def test_branches_ran_in_parallel_processes(tiny_run):
 def test_merged_folder_loads_and_equals_base_plus_merged_deltas(tiny_run, tiny_dir):
     from transformers import AutoModelForCausalLM
 
-    from paft.merge.deltas import lora_deltas
+    from paft.merge.deltas import LoraDeltas
     from paft.merge.methods import ChunkedRandom, merge_deltas
 
     cfg, out, _, _ = tiny_run
     merged = AutoModelForCausalLM.from_pretrained(out / "merged").state_dict()
     base = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
-    d_sft = dict(lora_deltas(out / "sft" / "adapter"))
-    d_pref = dict(lora_deltas(out / "preference" / "adapter"))
+    d_sft = dict(LoraDeltas(out / "sft" / "adapter"))
+    d_pref = dict(LoraDeltas(out / "preference" / "adapter"))
     name = "model.layers.0.self_attn.q_proj.weight"
     want = base[name] + merge_deltas(cfg.merge.method, [d_sft[name], d_pref[name]], cfg.merge.weights,
                                      density=cfg.merge.density, generator=ChunkedRandom(cfg.merge.seed, name))

@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from paft.errors import PaftError
-from paft.merge.deltas import lora_deltas, open_state
+from paft.merge.deltas import LoraDeltas, open_state
 from paft.sparsity import delta_sparsity, model_sparsity, module_type
 
 Q0, UP, Q1 = ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight",
@@ -91,7 +91,7 @@ def test_model_sparsity(tmp_path):
     model.save_pretrained(tmp_path / "trained")
     out = model_sparsity(tmp_path / "trained", tmp_path / "base", absolute=(1e-5,), relative=(1e-2,))
     name = "model.layers.0.self_attn.v_proj.weight"
-    delta = dict(lora_deltas(tmp_path / "trained"))[name]
+    delta = dict(LoraDeltas(tmp_path / "trained"))[name]
     rms = open_state(tmp_path / "base").get(name).pow(2).mean().sqrt()
     assert out["modules"][name]["rel<=0.01"] == pytest.approx((delta.abs() <= 1e-2 * rms).float().mean().item())
     assert 0.0 < out["overall"]["abs<=1e-05"] < 1.0

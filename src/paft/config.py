@@ -474,13 +474,6 @@ def format_validation_error(err: ValidationError, source: str, model: type[BaseM
 
 # --------------------------------------------------------------------------- loading
 
-def _preset_dict(name: str) -> dict[str, Any]:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-    text = resources.files("paft").joinpath("presets", f"{name}.yaml").read_text()
-    return yaml.safe_load(text) or {}
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 preset: str | None = None) -> PaftConfig:
     """Resolve base <- YAML file <- ``--set`` overrides, then validate.
@@ -491,7 +484,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """
     if preset is None and path is None:
         preset = "default"
-    data = _preset_dict(preset) if preset else {}
+    data: dict[str, Any] = {}
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        data = yaml.safe_load(resources.files("paft").joinpath("presets", f"{preset}.yaml").read_text()) or {}
     source = f"preset {preset}" if preset else "defaults"
     if path is not None:
         p = Path(path)

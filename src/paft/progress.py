@@ -30,14 +30,8 @@ class ProgressUI:
                advance: float | None = None) -> None:
         if name not in self.tasks:
             self.tasks[name] = self.progress.add_task(name, total=total, info=info)
-        kw: dict[str, Any] = {"info": info}
-        if total is not None:
-            kw["total"] = total
-        if completed is not None:
-            kw["completed"] = completed
-        if advance is not None:
-            kw["advance"] = advance
-        self.progress.update(self.tasks[name], **kw)
+        given = {"total": total, "completed": completed, "advance": advance}
+        self.progress.update(self.tasks[name], info=info, **{k: v for k, v in given.items() if v is not None})
 
     def log(self, message: str) -> None:
         self.progress.console.print(message)

@@ -8,7 +8,6 @@ absolute terms and relative to the scale (RMS) of the base weight it modifies.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -20,18 +19,11 @@ from paft.io import atomic_dir, write_json_atomic
 from paft.merge.cli_support import parse_floats
 from paft.merge.deltas import LoraDeltas, open_source, open_state
 from paft.merge.engine import default_workers, ordered_map
+from paft.merge.mergekit_config import layer_index
 from paft.progress import console
 
 ABSOLUTE = (1e-6, 1e-5, 1e-4)
 RELATIVE = (1e-3, 1e-2)
-
-
-def _abs_key(t: float) -> str:
-    return f"abs<={t:g}"
-
-
-def _rel_key(r: float) -> str:
-    return f"rel<={r:g}"
 
 
 def module_type(name: str) -> str:
@@ -46,10 +38,10 @@ def _tensor_stats(delta: torch.Tensor, rms: float | None, absolute: tuple[float,
     n = a.numel()
     stats: dict = {"numel": n}
     for t in absolute:
-        stats[_abs_key(t)] = (a <= t).sum().item() / n
+        stats[f"abs<={t:g}"] = (a <= t).sum().item() / n
     if rms is not None:
         for r in relative:
-            stats[_rel_key(r)] = (a <= r * rms).sum().item() / n
+            stats[f"rel<={r:g}"] = (a <= r * rms).sum().item() / n
     l1 = a.sum(dtype=torch.float64).item()
     stats.update(mean_abs=l1 / n, max_abs=a.max().item(), l1=l1)
     return stats
@@ -80,27 +72,34 @@ def delta_sparsity(deltas: Iterable[tuple[str, torch.Tensor]],
     ``{"modules", "by_type", "overall", "by_layer", "histogram"}``.
     """
     absolute, relative = tuple(absolute), tuple(relative)
-    modules: dict[str, dict] = {}
-    hist, zeros = [0] * HIST_BINS, 0
-    for name, delta in deltas:
+
+    def one(name: str, delta: torch.Tensor) -> tuple[str, dict, list[int], int] | None:
         if delta.numel() == 0:
-            continue
+            return None
         rms = None
         if base_rms is not None:
             try:
                 rms = float(base_rms(name) if callable(base_rms) else base_rms[name])
             except KeyError:
                 raise PaftError(f"no base RMS for {name}; cannot compute relative sparsity") from None
-        modules[name] = _tensor_stats(delta, rms, absolute, relative)
-        counts, z = _histogram(delta)
+        return name, _tensor_stats(delta, rms, absolute, relative), *_histogram(delta)
+
+    return _combine((one(name, delta) for name, delta in deltas), "no deltas to measure")
+
+
+def _combine(per_tensor: Iterable[tuple[str, dict, list[int], int] | None], empty: str) -> dict:
+    """Per-tensor ``(name, stats, histogram counts, zeros)`` (None: an empty tensor) -> ``modules``, their
+    aggregates by module type, overall and by layer (``"other"`` last), and the summed ``histogram``."""
+    modules: dict[str, dict] = {}
+    hist, zeros = [0] * HIST_BINS, 0
+    for res in per_tensor:
+        if res is None:
+            continue
+        name, stats, counts, z = res
+        modules[name] = stats
         hist, zeros = [a + b for a, b in zip(hist, counts)], zeros + z
     if not modules:
-        raise PaftError("no deltas to measure")
-    return {**_summarise(modules), "histogram": _hist_dict(hist, zeros)}
-
-
-def _summarise(modules: dict[str, dict]) -> dict:
-    """``modules`` plus their aggregates by module type, overall and by layer (``"other"`` last)."""
+        raise PaftError(empty)
     groups: dict[str, list[dict]] = {}
     layers: dict[str, list[dict]] = {}
     for name, stats in modules.items():
@@ -108,29 +107,19 @@ def _summarise(modules: dict[str, dict]) -> dict:
         i = layer_index(name)
         layers.setdefault("other" if i is None else str(i), []).append(stats)
     order = sorted((k for k in layers if k != "other"), key=int) + (["other"] if "other" in layers else [])
+    lo, hi = HIST_RANGE
     return {"modules": modules,
             "by_type": {t: _aggregate(rows) for t, rows in sorted(groups.items())},
             "overall": _aggregate(list(modules.values())),
-            "by_layer": {k: _aggregate(layers[k]) for k in order}}
-
-
-def _hist_dict(counts: list[int], zeros: int) -> dict:
-    lo, hi = HIST_RANGE
-    return {"edges": [lo + i * (hi - lo) / HIST_BINS for i in range(HIST_BINS + 1)], "counts": counts,
-            "zeros": zeros}
+            "by_layer": {k: _aggregate(layers[k]) for k in order},
+            "histogram": {"edges": [lo + i * (hi - lo) / HIST_BINS for i in range(HIST_BINS + 1)], "counts": hist,
+                          "zeros": zeros}}
 
 
 # --- standalone: `paft sparsity MODEL_OR_ADAPTER... --base BASE` ------------------------------------
 
 HIST_RANGE = (-10.0, 1.0)  # log10 |delta|; smaller non-zero entries count in the first bin, larger in the last
 HIST_BINS = 44
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
-
-
-def layer_index(name: str) -> int | None:
-    """``model.layers.3.mlp.up_proj.weight`` -> 3; None outside the layer stack."""
-    m = _LAYER.search(name)
-    return int(m.group(1)) if m else None
 
 
 def _histogram(delta: torch.Tensor, bins: int = HIST_BINS, lo: float = HIST_RANGE[0],
@@ -172,23 +161,11 @@ def model_sparsity(path: str | Path, base_dir: str | Path, absolute: Iterable[fl
             return None
         if not torch.isfinite(delta).all():
             raise PaftError(f"{path}: delta for {name} contains NaN or inf")
-        stats = _tensor_stats(delta, rms(name), absolute, relative)
-        counts, zeros = _histogram(delta)
-        return name, stats, counts, zeros
+        return name, _tensor_stats(delta, rms(name), absolute, relative), *_histogram(delta)
 
-    modules: dict[str, dict] = {}
-    hist, zeros = [0] * HIST_BINS, 0
     workers_ = default_workers() if workers is None else max(1, int(workers))
-    for res in ordered_map(one, names, workers_, cost=lambda n: math.prod(base.shape(n))):
-        if res is None:
-            continue
-        name, stats, counts, z = res
-        modules[name] = stats
-        hist = [a + b for a, b in zip(hist, counts)]
-        zeros += z
-    if not modules:
-        raise PaftError(f"{path}: no deltas to measure")
-    return {**_summarise(modules), "histogram": _hist_dict(hist, zeros), "kind": "lora" if is_lora else "full"}
+    per_tensor = ordered_map(one, names, workers_, cost=lambda n: math.prod(base.shape(n)))
+    return {**_combine(per_tensor, f"{path}: no deltas to measure"), "kind": "lora" if is_lora else "full"}
 
 
 def compare_sparsity(paths: list[str | Path], base_dir: str | Path, out_dir: str | Path | None = None, *,

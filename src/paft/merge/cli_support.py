@@ -18,10 +18,6 @@ from paft.merge.mergekit_config import GLOBAL_PARAMS, is_mergekit_yaml, load_mer
 from paft.merge.standalone import run_merge
 from paft.progress import console
 
-#: flags that only make sense for a standalone merge
-STANDALONE_FLAGS = ("--base", "--models", "--method", "--density", "--weights", "--dtype", "--tokenizer-source",
-                    "--seed", "--to-lora", "--resize-vocab", "--workers", "--param")
-
 
 def merge_mode(config: Path | None, base: Path | None, models: list[str] | None) -> str:
     """``mergekit``, ``flags`` or ``run``."""
@@ -93,9 +89,8 @@ def standalone_merge(mode: str, config: Path | None, *, out: Path | None, force:
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("to-lora" if to_lora else "merge", total=None)
-        summary = run_merge(plan, out, force=force, to_lora=to_lora, workers=workers,
-                            progress=lambda d, t: bar.update(task, completed=d, total=t))
-    return summary
+        return run_merge(plan, out, force=force, to_lora=to_lora, workers=workers,
+                         progress=lambda d, t: bar.update(task, completed=d, total=t))
 
 
 def print_merge_summary(summary: dict) -> None:

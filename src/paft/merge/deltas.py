@@ -151,6 +151,17 @@ def _data_start(path: Path) -> int:
         return 8 + struct.unpack("<Q", fh.read(8))[0]
 
 
+def read_model_config(folder: Path) -> dict:
+    """A model folder's config.json ({} when it has none)."""
+    f = folder / MODEL_CONFIG
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except ValueError as exc:
+        raise ModelError(f"{f}: invalid JSON ({exc})") from None
+
+
 def open_state(path: str | Path) -> StateDir:
     """Open a model folder's safetensors (single file or sharded) without loading any tensor."""
     return StateDir(path)
@@ -221,13 +232,18 @@ class LoraDeltas:
     def names(self) -> list[str]:
         return [*self._lora, *self._full]
 
-    def _scale(self, module: str, rank: int) -> float:
-        cfg = self._cfg
+    def _factors(self, entry: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``A``, ``B`` (float32) and ``scale`` of one adapted module."""
+        a = self._file.get_tensor(entry["A"]).float()
+        b = self._file.get_tensor(entry["B"]).float()
+        if a.dim() != 2 or b.dim() != 2:
+            raise PaftError(f"{self.path}: {entry['module']} is not a Linear/Embedding LoRA (conv is not supported)")
+        cfg, module, rank = self._cfg, entry["module"], a.shape[0]
         r = _pattern_value(cfg.get("rank_pattern"), module, cfg["r"])
         alpha = _pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"])
         if r != rank:
             raise PaftError(f"{self.path}: {module} has rank {rank} but the config says r={r}")
-        return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        return a, b, (alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r)
 
     def delta(self, name: str) -> torch.Tensor:
         if name in self._full:
@@ -236,11 +252,8 @@ class LoraDeltas:
                 raise PaftError(f"{self.path}: {name} has shape {tuple(saved.shape)}, base has {tuple(base.shape)}")
             return saved.float() - base.float()
         entry = self._lora[name]
-        a = self._file.get_tensor(entry["A"]).float()
-        b = self._file.get_tensor(entry["B"]).float()
-        if a.dim() != 2 or b.dim() != 2:
-            raise PaftError(f"{self.path}: {entry['module']} is not a Linear/Embedding LoRA (conv is not supported)")
-        delta = (b @ a) * self._scale(entry["module"], a.shape[0])
+        a, b, scale = self._factors(entry)
+        delta = (b @ a) * scale
         # Embedding LoRA stores A as (r, vocab) and B as (dim, r); Conv1D (fan_in_fan_out) stores W as (in, out).
         return delta.T.contiguous() if entry["embedding"] or self._cfg.get("fan_in_fan_out") else delta
 
@@ -259,11 +272,7 @@ class LoraDeltas:
                 out.sub_(base_rows)
             return full_rows
         entry = self._lora[name]
-        a = self._file.get_tensor(entry["A"]).float()
-        b = self._file.get_tensor(entry["B"]).float()
-        if a.dim() != 2 or b.dim() != 2:
-            raise PaftError(f"{self.path}: {entry['module']} is not a Linear/Embedding LoRA (conv is not supported)")
-        scale = self._scale(entry["module"], a.shape[0])
+        a, b, scale = self._factors(entry)
         transposed = entry["embedding"] or self._cfg.get("fan_in_fan_out")
         at, bt = (a.T, b.T) if transposed else (a, b)
 
@@ -294,12 +303,8 @@ class CheckpointDeltas:
                  label: str | None = None, resize_vocab: bool = False):
         self.path, self.base = Path(model_dir), base
         label = label or str(self.path)
-        cfg_file = self.path / MODEL_CONFIG
-        if base_cfg and cfg_file.is_file():
-            try:
-                cfg = json.loads(cfg_file.read_text())
-            except ValueError as exc:
-                raise ModelError(f"{cfg_file}: invalid JSON ({exc})") from None
+        if base_cfg:
+            cfg = read_model_config(self.path)
             for key in ARCH_KEYS:
                 if key in cfg and key in base_cfg and cfg[key] != base_cfg[key]:
                     raise ModelError(f"{label}: config.json {key} is {cfg[key]!r} but {base_cfg[key]!r} in base "
@@ -386,21 +391,3 @@ def open_source(path: str | Path, base: StateDir, base_cfg: dict | None = None, 
         return LoraDeltas(path, base)
     return CheckpointDeltas(path, base, base_cfg, label, resize_vocab)
 
-
-def lora_deltas(adapter_dir: str | Path, base_dir: str | Path | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(base weight name, ΔW)`` for a PEFT LoRA adapter, one float32 tensor at a time.
-
-    The adapter is validated when called (not on first iteration), so bad input fails early.
-
-    ``base_dir`` is only needed for adapters that also store full tensors
-    (``modules_to_save``), whose delta is taken against the base.
-    """
-    return iter(LoraDeltas(adapter_dir, open_state(base_dir) if base_dir is not None else None))
-
-
-def checkpoint_deltas(model_dir: str | Path, base_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, W_model - W_base)`` in float32 for every floating tensor, streaming.
-
-    Missing/extra tensors and shape mismatches are refused up front, before any delta is read.
-    """
-    return iter(CheckpointDeltas(model_dir, open_state(base_dir)))

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from paft.errors import PaftError
+from paft.io import usable_cores
 from paft.merge.deltas import INDEX_FILE, SINGLE_FILE, StateDir
 from paft.merge.methods import ChunkedRandom, merge_deltas
 from paft.merge.streaming import TensorMerge, copy_tensor
@@ -46,11 +47,7 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
 
 def default_workers() -> int:
     """Threads for the tensor pool: the usable cores, at most 4 (each in-flight tensor costs memory)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(4, cores))
+    return max(1, min(4, usable_cores()))
 
 
 @contextmanager
@@ -195,7 +192,7 @@ class ShardWriter:
             self._written[name] += data.numel()
 
     def abort(self) -> None:
-        """Close the files after a failure (the atomic folder is discarded by the caller)."""
+        """Close the files (after a failure the caller discards the atomic folder)."""
         for fd in self._fds:
             os.close(fd)
         self._fds = []
@@ -206,9 +203,7 @@ class ShardWriter:
                 if self._written[name] != nbytes:
                     raise PaftError(f"writer got {self._written[name]} of {nbytes} bytes of {name}")
         finally:
-            for fd in self._fds:
-                os.close(fd)
-            self._fds = []
+            self.abort()
         if len(self.files) > 1:
             weight_map = {e[0]: self.files[i] for i, shard in enumerate(self.shards) for e in shard}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
@@ -258,8 +253,7 @@ class MergeJob:
         self.labels = [str(x) for x in labels] if labels is not None else [str(s.path) for s in self.sources]
         self.own = [set(s.names()) for s in self.sources]
         for label, own in zip(self.labels, self.own):
-            extra = sorted(n for n in own if n not in base)
-            if extra:
+            if extra := sorted(n for n in own if n not in base):
                 raise PaftError(f"{label}: has a delta for {extra[0]}, which base {base.path} does not have "
                                 "(tied embeddings or another architecture?)")
         touched = set().union(*self.own) if self.own else set()
@@ -331,6 +325,7 @@ class MergeJob:
         """
         writer = ShardWriter(folder, self.plan(), SHARD_BYTES)
         total = len(self.names)
+        progress = progress or (lambda done, n: None)
         workers = default_workers() if workers is None else max(1, int(workers))
         try:
             if get_method(self.method).streams:
@@ -341,13 +336,11 @@ class MergeJob:
                             TensorMerge(self, name, pool).write(writer)
                         else:
                             copy_tensor(self, name, writer, pool)
-                        if progress is not None:
-                            progress(done, total)
+                        progress(done, total)
             else:
                 for done, (name, tensor, _) in enumerate(self.run(workers=workers), start=1):
                     writer.write(name, tensor)
-                    if progress is not None:
-                        progress(done, total)
+                    progress(done, total)
         except BaseException:
             writer.abort()
             raise

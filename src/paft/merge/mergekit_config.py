@@ -247,14 +247,20 @@ def plan_from_flags(base: str | Path, models: list[str | Path], method: str, *,
 
 # --- per-tensor evaluation ----------------------------------------------------------------------
 
+def layer_index(name: str) -> int | None:
+    """``model.layers.3.mlp.up_proj.weight`` -> 3; None outside the layer stack."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
+
+
 def layer_position(name: str, num_layers: int) -> float:
     """mergekit's ``t`` for a tensor: ``i / (n - 1)`` in layer ``i`` (1 with one layer); 0 before, 1 after."""
-    m = _LAYER.search(name)
-    if m is None:
+    i = layer_index(name)
+    if i is None:
         return 0.0 if _PRE.search(name) else 1.0
     if num_layers <= 1:
         return 1.0
-    return min(1.0, int(m.group(1)) / (num_layers - 1))
+    return min(1.0, i / (num_layers - 1))
 
 
 def evaluate_setting(name: str, setting: Any, t: float) -> Any:

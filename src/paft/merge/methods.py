@@ -35,9 +35,7 @@ def tensor_generator(seed: int, name: str) -> torch.Generator:
     not on the order in which tensors are visited or on Python's salted ``hash``.
     """
     digest = hashlib.blake2b(f"{int(seed)}\0{name}".encode(), digest_size=8).digest()
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(int.from_bytes(digest, "little"))
-    return gen
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little"))
 
 
 CHUNK_NUMEL = 1 << 20  # entries per chunk of the streaming engine (and of its random streams)

@@ -26,23 +26,12 @@ import torch
 
 from paft.errors import ConfigError, ModelError, PaftError
 from paft.io import atomic_dir, package_versions, write_json_atomic
-from paft.merge.deltas import LoraDeltas, StateDir, open_source, open_state
+from paft.merge.deltas import LoraDeltas, StateDir, open_source, open_state, read_model_config
 from paft.merge.engine import METADATA_FILE, MergeJob, _resolve_dtype, copy_model_files, default_workers
 from paft.merge.mergekit_config import MergePlan, evaluate_setting, layer_position
 from paft.merge.to_lora import write_lora
 from paft.methods.merging import get_method
-from paft.models.folders import MODEL_CONFIG
 
-
-
-def _read_config(folder: Path) -> dict:
-    f = folder / MODEL_CONFIG
-    if not f.is_file():
-        return {}
-    try:
-        return json.loads(f.read_text())
-    except ValueError as exc:
-        raise ModelError(f"{f}: invalid JSON ({exc})") from None
 
 
 def _token_ids(folder: Path) -> dict[int, str] | None:
@@ -114,7 +103,7 @@ class PreparedMerge:
             plan.base = plan.models[0].path
         self.base_dir = Path(plan.base)
         self.base = open_state(self.base_dir)
-        self.base_cfg = _read_config(self.base_dir)
+        self.base_cfg = read_model_config(self.base_dir)
         self.num_layers = _num_layers(self.base_cfg, self.base)
         inputs = list(plan.models)
         is_base = [m.adapter is None and _same(m.path, self.base_dir) for m in inputs]
@@ -132,10 +121,10 @@ class PreparedMerge:
         if not inputs:
             raise ConfigError(f"{plan.source}: nothing to merge: every model is the base model")
         self.inputs = inputs
+        self.labels = [f"{m.key} ({m.ref})" if m.key else m.ref for m in inputs]
         self.sources: list[Any] = []
         self.kinds: list[str] = []
-        for m, b in zip(inputs, is_base):
-            label = f"{m.key} ({m.ref})" if m.key else m.ref
+        for m, b, label in zip(inputs, is_base, self.labels):
             if b:
                 self.sources.append(ZeroDeltas(m.path))
                 self.kinds.append("base")
@@ -153,10 +142,9 @@ class PreparedMerge:
                 else:
                     check_vocab_match(self.base_dir, m.path, label)
                     self.kinds.append("full")
-        self.labels = [f"{m.key} ({m.ref})" if m.key else m.ref for m in inputs]
         self.tokenizer_dir = self.base_dir if plan.tokenizer_source == "base" else Path(plan.tokenizer_source)
         if not _same(self.tokenizer_dir, self.base_dir):
-            tok_cfg = _read_config(self.tokenizer_dir)
+            tok_cfg = read_model_config(self.tokenizer_dir)
             if "vocab_size" in tok_cfg and "vocab_size" in self.base_cfg and \
                     tok_cfg["vocab_size"] != self.base_cfg["vocab_size"]:
                 raise ModelError(f"{plan.source}: tokenizer_source {self.tokenizer_dir} has vocab_size "

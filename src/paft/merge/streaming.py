@@ -62,7 +62,6 @@ class TopK:
     eq_before: list[int] | None = None
     bucket: int = -1
     bucket_need: int = 0
-    above_bucket: int = 0
 
     @property
     def trivial(self) -> bool:
@@ -139,16 +138,13 @@ class TensorMerge:
         r0, r1 = self.chunks[j]
         c = (r1 - r0) * self.cols
         raw = self.job.base.read_rows(self.name, r0, r1, thread_buffer("base", c * 8))
-        out = thread_buffer("base32", c * 4)[: c * 4].view(torch.float32).view(r1 - r0, self.cols)
-        return out.copy_(raw)
+        return _buf("base32", (r1 - r0, self.cols), torch.float32).copy_(raw)
 
     def _deltas(self, j: int, which: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(stacked deltas [len(fns), rows, cols], base rows)`` of chunk ``j``; only ``which`` are computed."""
         r0, r1 = self.chunks[j]
-        c = (r1 - r0) * self.cols
         base = self._base_rows(j)
-        k = len(self.fns)
-        stacked = thread_buffer("deltas", k * c * 4)[: k * c * 4].view(torch.float32).view(k, r1 - r0, self.cols)
+        stacked = _buf("deltas", (len(self.fns), r1 - r0, self.cols), torch.float32)
         for i in which:
             if self.fns[i] is None:
                 stacked[i].zero_()
@@ -180,7 +176,7 @@ class TensorMerge:
                 raise PaftError(f"{self.name}: delta {i} contains NaN or inf (input {self.job.labels[i]})")
             for t in self.tops[i]:
                 if not t.trivial:
-                    t.bucket, t.above_bucket, t.bucket_need = _top_bucket(h, t.k)
+                    t.bucket, _, t.bucket_need = _top_bucket(h, t.k)
 
         def hist_lo(j: int) -> list[list[torch.Tensor]]:
             stacked, _ = self._deltas(j, todo)

@@ -77,13 +77,12 @@ def plot_sparsity(results: dict, out: str | Path | IO[bytes], *, by_type: bool =
             xs = [j + (i - (len(names) - 1) / 2) * bar_w for j in range(len(types))]
             ax_t.bar(xs, [res["by_type"][t][metric] for t in types], bar_w, color=color(i, name), label=label(name))
             ax_t.set_xticks(range(len(types)), [t.removesuffix("_proj") for t in types])
+    ax_h.set_ylabel("share of entries")
     if has_hist:
         ax_h.set_ylim(0, max(peak, 0.01) * 1.3)  # room for the legend above the peak
         ax_h.set_xlabel("log10 |delta|  (end bins include everything beyond)")
-        ax_h.set_ylabel("share of entries")
         ax_h.set_title("delta magnitude histogram")
     else:
-        ax_h.set_ylabel("share of entries")
         ax_h.set_title("share of delta entries under each threshold")
         ax_h.set_ylim(0, 1.02)
     ax_h.legend(fontsize=8, frameon=False, loc="upper left")  # small |delta| bins are nearly empty

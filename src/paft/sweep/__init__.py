@@ -23,10 +23,10 @@ from pydantic import ValidationError
 
 from paft.config import format_validation_error
 from paft.errors import ConfigError, PaftError
-from paft.io import write_text_atomic
+from paft.io import usable_cores, write_text_atomic
 from paft.models import resolve_model_dir
 from paft.progress import ProgressUI
-from paft.sweep.backends import cores, import_ray, run_local, run_ray
+from paft.sweep.backends import import_ray, run_local, run_ray
 from paft.sweep.cell import read_json
 from paft.sweep.results import SweepResult, pick_metrics, results_table, write_results, write_sweep_report
 from paft.sweep.spec import Cell, ExecutionSettings, Sweep, load_sweep
@@ -54,7 +54,7 @@ def run_sweep(path: str | Path | Sweep, out: str | Path | None = None, *, overri
     out = Path(out or Path("sweeps") / (spec.name or Path(sweep.source).stem)).resolve()
     ui = ui or ProgressUI(enabled=False)
 
-    threads = max(1, cores() // ex.workers if ex.backend == "local" else int(ex.num_cpus))
+    threads = max(1, usable_cores() // ex.workers if ex.backend == "local" else int(ex.num_cpus))
     payloads, records, skipped = [], {}, []
     for cell in sweep.cells:
         root = out / "cells" / cell.key

@@ -7,18 +7,12 @@ import os
 from typing import Any, Callable
 
 from paft.errors import PaftError
+from paft.io import usable_cores
 from paft.sweep.cell import crash_record, one_line, run_cell
 from paft.sweep.spec import ExecutionSettings
 from paft.workers import Job, WorkerPool
 
 Record = Callable[[dict[str, Any]], None]
-
-
-def cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def _visible_gpus() -> list[str]:
@@ -42,7 +36,7 @@ def run_local(payloads: list[dict[str, Any]], workers: int, done: Record, starte
     gpus = _visible_gpus() if any(p["config"]["run"]["device"] in ("auto", "cuda") for p in payloads) else []
     jobs = [Job(p["key"], run_cell, (p,), place=lambda slot: {"gpu": ",".join(slot.gpus) or None})
             for p in payloads]
-    with WorkerPool(workers, cores(), gpus) as pool:
+    with WorkerPool(workers, usable_cores(), gpus) as pool:
         pool.run(jobs, on_start=lambda job: started(job.args[0]), on_done=lambda job, rec: done(rec),
                  on_error=lambda job, exc: done(crash_record(job.args[0], one_line(exc))))
 
