@@ -115,7 +115,7 @@ class _Extras:
         self.ref_replies: list[str] | None = None
         self.ref_rewards: list[float] | None = None
 
-    def metrics(self, spec_name: str, is_ref: bool, model, tok, cfg: PaftConfig) -> tuple[dict, dict]:
+    def metrics(self, is_ref: bool, model, tok, cfg: PaftConfig) -> tuple[dict, dict]:
         e, d = cfg.eval, cfg.data
         gen = dict(max_new_tokens=e.reply_max_new_tokens or e.max_new_tokens, batch_size=e.batch_size,
                    max_prompt_tokens=d.max_prompt_length)
@@ -225,7 +225,7 @@ def evaluate_models(specs: list[ModelSpec], cfg: PaftConfig, tok, sft_eval: list
             flat, details = suite.run(model, mtok)
             row.update(flat)
             harness_details[spec.name] = details
-        extra_row, extra_samples = extras.metrics(spec.name, spec.name == e.judge_reference, model, mtok, cfg)
+        extra_row, extra_samples = extras.metrics(spec.name == e.judge_reference, model, mtok, cfg)
         row.update(extra_row)
         if extra_samples:
             reply_samples[spec.name] = extra_samples
