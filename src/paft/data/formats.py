@@ -21,6 +21,7 @@ line, why it cannot (unpaired rows for a pairwise method, pairs for a listwise o
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import re
@@ -571,6 +572,17 @@ _HAS = {
     BinaryExample: "unpaired rows (prompt, completion, label)",
     RankedExample: "ranked lists (prompt, responses, scores)",
 }
+
+
+def unique_prompts(prompts: Iterable[list[Message]]) -> list[list[Message]]:
+    """The distinct prompt conversations, in first-seen order."""
+    seen, out = set(), []
+    for p in prompts:
+        key = json.dumps(p, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
 
 
 def pairs_to_binary(pairs: Iterable[PreferenceExample]) -> list[BinaryExample]:

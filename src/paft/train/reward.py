@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,13 +42,7 @@ from paft.io import write_json_atomic
 from paft.models import load_tokenizer
 from paft.models.generation import eval_mode
 from paft.models.reward import load_reward_base, sequence_rewards
-from paft.train.trainer import Harness, start_training
-
-Report = Callable[[dict[str, Any]], None]
-
-
-def _noop(_: dict[str, Any]) -> None:
-    pass
+from paft.train.trainer import Harness, Report, no_report, start_training
 
 
 # --------------------------------------------------------------------------- loss and rewards
@@ -183,7 +177,7 @@ def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, margin: float | t
 # --------------------------------------------------------------------------- training
 
 def train_reward(cfg: PaftConfig, model_dir: Path, data_path: Path, out_dir: Path, *, eval_path: Path | None = None,
-                 device: str = "cpu", threads: int | None = None, report: Report = _noop,
+                 device: str = "cpu", threads: int | None = None, report: Report = no_report,
                  name: str = "reward") -> dict[str, Any]:
     """Train the reward model (``cfg.reward``) on the pairs of ``data_path`` into ``out_dir``.
 
