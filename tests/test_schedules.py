@@ -11,7 +11,6 @@ from paft.data.collate import PairCollator
 from paft.data.formats import PreferenceExample, unique_prompts
 from paft.data.tokenize import encode_pair
 from paft.pipeline import Run
-from paft.train import reference as reference_mod
 from paft.train.lora import attach_lora
 from paft.methods.schedules import best_worst, rejection_sample
 from paft.train.phases import split_steps
@@ -53,7 +52,7 @@ def test_reference_cache_matches_the_adapter_disabled_forward_and_memoises(lora_
     assert (ref.hits, ref.misses) == (0, 8)
 
     calls = []
-    monkeypatch.setattr(reference_mod, "_disabled_adapter_logps", lambda *a: calls.append(a) or torch.zeros(0))
+    monkeypatch.setattr(ReferenceLogps, "_forward", lambda *a: calls.append(a) or torch.zeros(0))
     again = ref(lora_model, b)  # every row memoised: no forward
     assert calls == [] and torch.equal(again, got) and ref.hits == 8
 
