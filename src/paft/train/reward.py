@@ -42,6 +42,7 @@ from paft.io import write_json_atomic
 from paft.models import load_tokenizer
 from paft.models.generation import eval_mode
 from paft.models.reward import load_reward_base, sequence_rewards
+from paft.train.lora import attach_lora
 from paft.train.trainer import Harness, Report, no_report, start_training
 
 
@@ -99,14 +100,7 @@ class RewardObjective:
 
 def attach_reward_lora(model, cfg: LoraConfig, seed: int):
     """LoRA on the body (``cfg.target_modules``), the ``score`` head trained in full (modules_to_save)."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    torch.manual_seed(seed)
-    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=cfg.target_modules, task_type="SEQ_CLS", modules_to_save=["score"],
-                              bias="none")
-    return get_peft_model(model, peft_cfg)
+    return attach_lora(model, cfg, seed, task_type="SEQ_CLS", modules_to_save=["score"])
 
 
 @dataclass
