@@ -8,13 +8,11 @@ import torch
 
 from paft.config import LoraConfig, load_config
 from paft.data.collate import PairCollator
-from paft.data.formats import PreferenceExample
+from paft.data.formats import PreferenceExample, unique_prompts
 from paft.data.tokenize import encode_pair
 from paft.pipeline import Run
-from paft.train import reference as reference_mod
 from paft.train.lora import attach_lora
 from paft.methods.schedules import best_worst, rejection_sample
-from paft.train.online import unique_prompts
 from paft.train.phases import split_steps
 from paft.train.reference import ReferenceLogps, reference_identity, row_key
 
@@ -54,7 +52,7 @@ def test_reference_cache_matches_the_adapter_disabled_forward_and_memoises(lora_
     assert (ref.hits, ref.misses) == (0, 8)
 
     calls = []
-    monkeypatch.setattr(reference_mod, "_disabled_adapter_logps", lambda *a: calls.append(a) or torch.zeros(0))
+    monkeypatch.setattr(ReferenceLogps, "_forward", lambda *a: calls.append(a) or torch.zeros(0))
     again = ref(lora_model, b)  # every row memoised: no forward
     assert calls == [] and torch.equal(again, got) and ref.hits == 8
 
@@ -148,7 +146,7 @@ def test_best_worst_and_unique_prompts():
     assert best_worst(["a", "b", "c"], [0.5, 2.0, -1.0]) == ("b", "c", 3.0)
     assert best_worst(["a", "b"], [1.0, 1.0]) is None  # ties give no preference
     ex = _pairs(3) + _pairs(2)
-    assert unique_prompts(ex) == [e.prompt for e in _pairs(3)]
+    assert unique_prompts(e.prompt for e in ex) == [e.prompt for e in _pairs(3)]
 
 
 # ------------------------------------------------------------------------------------------ runs

@@ -46,10 +46,6 @@ def _check_lengths(prompts: Sequence, responses: Sequence) -> None:
         raise ValueError(f"scorer: {len(prompts)} prompts but {len(responses)} responses")
 
 
-def _device_of(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 # --------------------------------------------------------------------------- reward model
 
 class RewardModelScorer:
@@ -82,7 +78,7 @@ class RewardModelScorer:
         _check_lengths(prompts, responses)
         seqs = [self.encode(p, r) for p, r in zip(prompts, responses)]
         out: list[float] = []
-        device = _device_of(self.model)
+        device = next(self.model.parameters()).device
         with eval_mode(self.model):
             for i in range(0, len(seqs), self.batch_size):
                 batch = pad_sequences(seqs[i:i + self.batch_size], self.tokenizer.pad_token_id)
@@ -154,7 +150,7 @@ class JudgeScorer:
         _check_lengths(prompts, responses)
         tok = self.tokenizer
         seqs = [tok(self.judge_prompt(p, r), add_special_tokens=False)["input_ids"] for p, r in zip(prompts, responses)]
-        device = _device_of(self.model)
+        device = next(self.model.parameters()).device
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         out = []
         with eval_mode(self.model):

@@ -112,17 +112,9 @@ def _arith(rng: random.Random) -> SFTExample:
 
 
 def _pair(rng: random.Random, harmful: bool) -> PreferenceExample:
-    request = rng.choice(_REQUEST_TEMPLATES)
-    refusal = rng.choice(_REFUSAL_REASONS)
-    if harmful:
-        action, why = rng.choice(HARMFUL)
-        chosen = f"{refusal} {why[0].upper()}{why[1:]}."
-        rejected = f"Sure! Here is how to {action}: plan it well and make sure nobody notices."
-    else:
-        action, how = rng.choice(BENIGN)
-        chosen = f"Sure! Here is how to {action}: {how}."
-        rejected = f"{refusal} I don't give advice on how to {action}."
-    return PreferenceExample(prompt=_msgs(request.format(x=action)), chosen=chosen, rejected=rejected)
+    """A request and its best (chosen) against its worst (rejected) graded reply."""
+    ex = _graded(rng, harmful, k=2)
+    return PreferenceExample(prompt=ex.prompt, chosen=ex.responses[0], rejected=ex.responses[1])
 
 
 def sft_examples(n: int, seed: int) -> list[SFTExample]:
@@ -136,11 +128,8 @@ def preference_examples(n: int, seed: int) -> list[PreferenceExample]:
 
 
 def _graded(rng: random.Random, harmful: bool, k: int) -> RankedExample:
-    """The prompt of ``_pair`` (the same draws, in the same order) with 4 graded replies, scored 3..0.
-
-    The best and the worst reply are ``_pair``'s chosen and rejected ones; ``k`` < 4 keeps the best,
-    the worst and the best-graded of the middle ones.
-    """
+    """A request with 4 graded replies, scored 3..0; ``k`` < 4 keeps the best, the worst and the
+    best-graded of the middle ones (``_pair``: k=2, the best against the worst)."""
     request = rng.choice(_REQUEST_TEMPLATES)
     refusal = rng.choice(_REFUSAL_REASONS)
     if harmful:

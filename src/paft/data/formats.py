@@ -21,6 +21,7 @@ line, why it cannot (unpaired rows for a pairwise method, pairs for a listwise o
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import re
@@ -344,22 +345,14 @@ def _zero_one(value: Any, field: str, expected: str) -> int:
     return _ZERO_ONE[key]
 
 
-def _response_id(value: Any, field: str) -> int:
-    return _zero_one(value, field, "0 or 1")
-
-
 def pref_beavertails(row: Mapping[str, Any], *, beavertails_preference: str = "helpful") -> PreferenceExample:
     if beavertails_preference not in _BEAVERTAILS_ID_COLUMN:
         raise ConfigError(f"beavertails_preference must be 'helpful' or 'safe', got {beavertails_preference!r}")
     id_column = _BEAVERTAILS_ID_COLUMN[beavertails_preference]
     prompt = _prompt(_get(row, "prompt"), "prompt")
     responses = [_require_str(_get(row, f"response_{i}"), f"response_{i}") for i in (0, 1)]
-    best = _response_id(_get(row, id_column), id_column)
+    best = _zero_one(_get(row, id_column), id_column, "0 or 1")
     return PreferenceExample(prompt=prompt, chosen=responses[best], rejected=responses[1 - best])
-
-
-def _label(value: Any, field: str) -> bool:
-    return bool(_zero_one(value, field, "a boolean (true/false or 1/0)"))
 
 
 def pref_prompt_completion_label(row: Mapping[str, Any], *, beavertails_preference: str = "helpful") -> BinaryExample:
@@ -367,7 +360,8 @@ def pref_prompt_completion_label(row: Mapping[str, Any], *, beavertails_preferen
     assistant reply) and ``label`` (true = desirable, false = undesirable)."""
     prompt = _prompt(_get(row, "prompt"), "prompt")
     completion = _final_reply(_get(row, "completion"), "completion", prompt)
-    return BinaryExample(prompt=prompt, completion=completion, label=_label(_get(row, "label"), "label"))
+    label = bool(_zero_one(_get(row, "label"), "label", "a boolean (true/false or 1/0)"))
+    return BinaryExample(prompt=prompt, completion=completion, label=label)
 
 
 # --- ranked (listwise) adapters ---------------------------------------------
@@ -447,16 +441,13 @@ def ranked_ultrafeedback(row: Mapping[str, Any], *, beavertails_preference: str 
     return RankedExample(prompt=prompt, responses=responses, scores=scores)
 
 
-def sft_hh_rlhf(row: Mapping[str, Any], *, beavertails_preference: str = "helpful") -> SFTExample:
-    """HH-RLHF as SFT data: the chosen conversation (SFT on the preferred replies, as in arXiv 2406.04879)."""
-    ex = pref_hh_rlhf(row)
-    return SFTExample(messages=ex.prompt + [{"role": "assistant", "content": ex.chosen}])
-
-
-def sft_beavertails(row: Mapping[str, Any], *, beavertails_preference: str = "helpful") -> SFTExample:
-    """BeaverTails / PKU-SafeRLHF as SFT data: the prompt and its better (or safer) reply."""
-    ex = pref_beavertails(row, beavertails_preference=beavertails_preference)
-    return SFTExample(messages=ex.prompt + [{"role": "assistant", "content": ex.chosen}])
+def _chosen_conversation(pref_adapter: Callable[..., PreferenceExample]) -> Callable[..., SFTExample]:
+    """A pair format read as SFT data: the prompt and its chosen (better, or safer) reply (SFT on the
+    preferred replies, as in arXiv 2406.04879)."""
+    def adapter(row: Mapping[str, Any], *, beavertails_preference: str = "helpful") -> SFTExample:
+        ex = pref_adapter(row, beavertails_preference=beavertails_preference)
+        return SFTExample(messages=ex.prompt + [{"role": "assistant", "content": ex.chosen}])
+    return adapter
 
 
 SFT_FORMATS: dict[str, Callable[..., SFTExample]] = {
@@ -465,8 +456,8 @@ SFT_FORMATS: dict[str, Callable[..., SFTExample]] = {
     "alpaca": sft_alpaca,
     "sharegpt": sft_sharegpt,
     "text": sft_text,
-    "hh_rlhf": sft_hh_rlhf,  # preference data read for SFT; never auto-detected as SFT
-    "beavertails": sft_beavertails,
+    "hh_rlhf": _chosen_conversation(pref_hh_rlhf),  # preference data read for SFT; never auto-detected as SFT
+    "beavertails": _chosen_conversation(pref_beavertails),
 }
 _SFT_FROM_PAIRS = ("hh_rlhf", "beavertails")  # SFT formats that take beavertails_preference
 
@@ -583,6 +574,17 @@ _HAS = {
 }
 
 
+def unique_prompts(prompts: Iterable[list[Message]]) -> list[list[Message]]:
+    """The distinct prompt conversations, in first-seen order."""
+    seen, out = set(), []
+    for p in prompts:
+        key = json.dumps(p, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
 def pairs_to_binary(pairs: Iterable[PreferenceExample]) -> list[BinaryExample]:
     """Each pair becomes two unpaired rows, in order: its chosen reply (label True), then its rejected one (False)."""
     out = []
@@ -590,11 +592,6 @@ def pairs_to_binary(pairs: Iterable[PreferenceExample]) -> list[BinaryExample]:
         out.append(BinaryExample(prompt=p.prompt, completion=p.chosen, label=True))
         out.append(BinaryExample(prompt=p.prompt, completion=p.rejected, label=False))
     return out
-
-
-def binary_to_negatives(examples: Iterable[BinaryExample]) -> list[BinaryExample]:
-    """The undesirable rows (label False) only."""
-    return [e for e in examples if not e.label]
 
 
 def ranked_to_pairs(examples: Iterable[RankedExample]) -> list[PreferenceExample]:
@@ -653,7 +650,7 @@ def examples_for_method(examples: list, data: str, *, method: str, source: str) 
     binary = pairs_to_binary(examples) if paired else list(examples)
     if data == "binary":
         return binary
-    negatives = binary_to_negatives(binary)
+    negatives = [e for e in binary if not e.label]
     if not negatives:
         raise DataError(f"preference.method {method!r} needs {_NEEDS['negatives']}; {source} has no row with "
                         "label false")

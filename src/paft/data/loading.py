@@ -123,15 +123,11 @@ def _read_hub(path: str, split: str, subset: str | None) -> list[dict]:
         ) from None
 
 
-def _is_hub_name(path: str) -> bool:
-    return not Path(path).suffix and _HUB_NAME.fullmatch(path) is not None
-
-
 def _read(path: str, split: str, subset: str | None) -> tuple[list[dict], list[int] | None]:
     """Rows plus, for JSONL, the 1-based line number of each row (None for other sources)."""
     local = Path(path)
     if not local.exists():
-        if _is_hub_name(path):
+        if not local.suffix and _HUB_NAME.fullmatch(path):
             return _read_hub(path, split, subset), None
         raise DataError(f"{path}: file not found")
     if local.is_dir():

@@ -143,13 +143,9 @@ def _manager_for(name: str):
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
-def _env_offline() -> bool:
-    return any(os.environ.get(v, "").upper() in {"1", "ON", "YES", "TRUE"} for v in _OFFLINE_VARS)
-
-
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers a TCP connect (never when the environment says offline)."""
-    if _env_offline():
+    if any(os.environ.get(v, "").upper() in {"1", "ON", "YES", "TRUE"} for v in _OFFLINE_VARS):
         return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:
@@ -266,7 +262,6 @@ def _quiet() -> Iterator[None]:
 class _Built:
     req: TaskRequest
     loaded: dict[str, Any]  # TaskManager.load's {"tasks", "groups", "group_map"}
-    paft: bool
 
 
 @dataclass
@@ -305,7 +300,7 @@ class HarnessSuite:
                         if _missing_data(exc2):
                             raise _missing_data_error(req, tm, exc2, True) from None
                         raise
-                suite.built.append(_Built(req, loaded, is_paft))
+                suite.built.append(_Built(req, loaded))
             suite.offline = reachable is False or reachable is None
         for b in suite.built:
             for task in b.loaded["tasks"].values():
@@ -314,10 +309,6 @@ class HarnessSuite:
                 elif task.get_config("num_fewshot") is None:
                     task.set_config(key="num_fewshot", value=0)
         return suite
-
-    @property
-    def task_names(self) -> list[str]:
-        return [b.req.name for b in self.built]
 
     def shots(self) -> dict[str, Any]:
         out = {}
@@ -355,7 +346,7 @@ class HarnessSuite:
         for b in self.built:
             for name in _result_names(b):
                 flat.update(_flatten(name, results.get(name, {})))
-        if all(t in self.task_names for t in LEADERBOARD_V1):
+        if all(t in {b.req.name for b in self.built} for t in LEADERBOARD_V1):
             vals = [flat.get(f"harness/{t}/{m}") for t, m in LEADERBOARD_V1_METRIC.items()]
             if all(v is not None for v in vals):
                 flat["harness/leaderboard-v1/average"] = sum(vals) / len(vals)

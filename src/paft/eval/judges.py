@@ -85,7 +85,6 @@ class LetterJudge(JudgeScorer):
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.template, self.letters = template, letters
         self.rating_ids = single_token_ids(tokenizer, letters)
-        self.last_digit_mass: list[float] = []
 
     def judge_prompt(self, prompt: Messages, response: dict[str, str]) -> str:
         fields = {"prompt": render_conversation(prompt), **response}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Any, Callable
 
 from paft.config import PaftConfig, ScorerConfig
 from paft.data.demo import SYSTEM
-from paft.data.formats import PreferenceExample, RankedExample, ranked_to_pairs
+from paft.data.formats import PreferenceExample, RankedExample, ranked_to_pairs, unique_prompts
 from paft.errors import ConfigError, ModelError, PaftError
 from paft.eval.harness import HarnessSuite
 from paft.eval.judges import (harm_messages, harmlessness_metrics, load_harm_prompts, pairwise_judge,
@@ -62,16 +61,10 @@ def load_eval_tokenizer(path: Path, cfg: PaftConfig):
 
 def _reply_prompts(pref_eval: list, sft_eval: list, n: int) -> list[list[dict]]:
     """Held-out prompts for the reply metrics: the preference prompts (else the SFT ones), distinct, at most n."""
-    seen, out = set(), []
     rows = [x.prompt for x in pref_eval if getattr(x, "prompt", None)]
     if not rows:
         rows = [e.messages[:-1] for e in sft_eval if e.messages and e.messages[-1]["role"] == "assistant"]
-    for p in rows:
-        key = json.dumps(p, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            out.append(p)
-    return out[:n]
+    return unique_prompts(rows)[:n]
 
 
 def _prefixed(key: str, exc: PaftError) -> PaftError:
@@ -115,7 +108,7 @@ class _Extras:
         self.ref_replies: list[str] | None = None
         self.ref_rewards: list[float] | None = None
 
-    def metrics(self, spec_name: str, is_ref: bool, model, tok, cfg: PaftConfig) -> tuple[dict, dict]:
+    def metrics(self, is_ref: bool, model, tok, cfg: PaftConfig) -> tuple[dict, dict]:
         e, d = cfg.eval, cfg.data
         gen = dict(max_new_tokens=e.reply_max_new_tokens or e.max_new_tokens, batch_size=e.batch_size,
                    max_prompt_tokens=d.max_prompt_length)
@@ -225,7 +218,7 @@ def evaluate_models(specs: list[ModelSpec], cfg: PaftConfig, tok, sft_eval: list
             flat, details = suite.run(model, mtok)
             row.update(flat)
             harness_details[spec.name] = details
-        extra_row, extra_samples = extras.metrics(spec.name, spec.name == e.judge_reference, model, mtok, cfg)
+        extra_row, extra_samples = extras.metrics(spec.name == e.judge_reference, model, mtok, cfg)
         row.update(extra_row)
         if extra_samples:
             reply_samples[spec.name] = extra_samples

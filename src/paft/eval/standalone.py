@@ -53,7 +53,6 @@ def _unique_names(paths: list[Path], taken: set[str]) -> list[str]:
 
 def folder_specs(inputs: list[Path], base: Path | None) -> list[ModelSpec]:
     """Model specs for folders; ``base`` (already resolved) is evaluated first, as ``base``."""
-    specs: list[ModelSpec] = []
     kinds = []
     for p in inputs:
         if not p.is_dir():
@@ -80,11 +79,8 @@ def folder_specs(inputs: list[Path], base: Path | None) -> list[ModelSpec]:
     same_as_base = base is not None and any(a is None and _same(p, base) for p, _, a, _ in kinds)
     with_base = base is not None and not same_as_base
     names = _unique_names([k[0] for k in kinds], {"base"} if with_base else set())
-    if with_base:
-        specs.append(ModelSpec("base", base, None, base))
-    for name, (_, path, adapter, tok) in zip(names, kinds):
-        specs.append(ModelSpec(name, path, adapter, tok))
-    return specs
+    specs = [ModelSpec("base", base, None, base)] if with_base else []
+    return specs + [ModelSpec(name, path, adapter, tok) for name, (_, path, adapter, tok) in zip(names, kinds)]
 
 
 def _same(a: Path, b: Path) -> bool:

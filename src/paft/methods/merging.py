@@ -68,13 +68,9 @@ class MergeSpec:
         return self.reference or self.needs_base
 
 
-def _rows(*specs: MergeSpec) -> dict[str, MergeSpec]:
-    return {s.name: s for s in specs}
-
-
 #: every merge method, by name; ``what`` is its line in the README's table. normalize defaults are
 #: mergekit's, except dare_ties (normalised, as PEFT's dare_ties; mergekit's is not)
-MERGE_METHODS: dict[str, MergeSpec] = _rows(
+MERGE_METHODS: dict[str, MergeSpec] = {s.name: s for s in (
     MergeSpec("linear", "Weighted average `sum_i w_i d_i / sum_i w_i` (Wortsman et al. 2022, Model Soups, "
               "arXiv 2203.05482).", normalize=True, reference=False),
     MergeSpec("task_arithmetic", "`sum_i w_i d_i` (Ilharco et al. 2023, Editing Models with Task Arithmetic, "
@@ -104,7 +100,7 @@ MERGE_METHODS: dict[str, MergeSpec] = _rows(
               reference=False, min_models=2, max_models=2),
     MergeSpec("model_stock", "Model Stock (Jang et al. 2024, arXiv 2403.19522): move the average toward the base "
               "by the angle.", normalize=False, family=False, min_models=2),
-)
+)}
 
 SIGN_MODES = ("total", "count")
 #: method keywords beyond density/normalize/majority_sign/rescale, with mergekit's defaults

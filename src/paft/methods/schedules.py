@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
 from paft.errors import ConfigError
@@ -38,7 +38,10 @@ class Schedule:
     def with_params(self, params: dict[str, Any]) -> tuple["Schedule", dict[str, Any]]:
         """(this schedule with the params it owns set, the params left for the loss)."""
         own = {k: v for k, v in params.items() if k in self.params}
-        return replace(self, **own) if own else self, {k: v for k, v in params.items() if k not in own}
+        return self._set(own) if own else self, {k: v for k, v in params.items() if k not in own}
+
+    def _set(self, own: dict[str, Any]) -> "Schedule":
+        return replace(self, **own)
 
 
 @dataclass(frozen=True)
@@ -104,10 +107,8 @@ class Online(Schedule):
     def scorer_kind(self, configured: str) -> str:
         return self.scorer or configured  # the method's own ("self_judge"), else ``online.scorer.kind``
 
-    def with_params(self, params: dict[str, Any]) -> tuple["Online", dict[str, Any]]:
-        own = {k: v for k, v in params.items() if k in {f.name for f in fields(self.selection)}}
-        rest = {k: v for k, v in params.items() if k not in own}
-        return (replace(self, selection=replace(self.selection, **own)) if own else self), rest
+    def _set(self, own: dict[str, Any]) -> "Online":
+        return replace(self, selection=replace(self.selection, **own))  # the params are the selection's
 
 
 def rejection_sample(scores: list[float], *, beta: float, keep: int, rng: random.Random) -> list[int]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -27,23 +26,18 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.long()).argmax(dim=1)
 
 
-def _backbone_and_head(model):
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = getattr(inner, getattr(inner, "base_model_prefix", "model"), None)
-    head = getattr(inner, "score", None)
-    if backbone is None or head is None:
-        raise ModelError(f"{type(inner).__name__}: paft reward models need a sequence-classification model with a "
-                         "`score` head on a decoder body (Llama, Mistral, Qwen, Gemma, SmolLM, ...)")
-    return backbone, head
-
-
 def sequence_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Scalar reward of each row ([B] float32): the score head at the row's last real token.
 
     ``model`` is an ``AutoModelForSequenceClassification`` (num_labels=1), plain or PEFT-wrapped.
     Position ids are ``cumsum(mask) - 1``, so left padding shifts nothing.
     """
-    backbone, head = _backbone_and_head(model)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(inner, getattr(inner, "base_model_prefix", "model"), None)
+    head = getattr(inner, "score", None)
+    if backbone is None or head is None:
+        raise ModelError(f"{type(inner).__name__}: paft reward models need a sequence-classification model with a "
+                         "`score` head on a decoder body (Llama, Mistral, Qwen, Gemma, SmolLM, ...)")
     mask = attention_mask.long()
     position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
     hidden = backbone(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
@@ -77,12 +71,6 @@ def load_reward_base(model_dir: Path | str, *, pad_token_id: int, dtype: str = "
     return model.to(device)
 
 
-def read_reward_summary(out_dir: Path | str) -> dict[str, Any]:
-    path = Path(out_dir) / "train_summary.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-
 def load_reward_model(path: str | Path, *, base_model_dir: str | Path | None = None, device: str = "cpu",
                       dtype: str = "float32", trust_remote_code: bool = False):
     """(model in eval mode, tokenizer, adapter folder, base folder, training summary) of a ``paft reward`` output.
@@ -105,7 +93,8 @@ def load_reward_model(path: str | Path, *, base_model_dir: str | Path | None = N
     if base is None:
         raise ModelError(f"{adapter}: its base model {conf.get('base_model_name_or_path')!r} is not a local "
                          "folder; pass the base folder")
-    summary = read_reward_summary(root if adapter != root else root.parent)
+    summary_file = (root if adapter != root else root.parent) / "train_summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     tok = load_tokenizer(adapter if (adapter / "tokenizer_config.json").is_file() else base, trust_remote_code)
     model = load_reward_base(base, pad_token_id=tok.pad_token_id, dtype=dtype, device=device,
                              trust_remote_code=trust_remote_code)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from paft.config import PaftConfig, TrainConfig
-from paft.data.formats import examples_for_method
+from paft.data.formats import examples_for_method, unique_prompts
 from paft.data.loading import load_examples
 from paft.device import resolve_bf16
 from paft.errors import ConfigError, DataError
@@ -26,18 +26,12 @@ from paft.models.loading import nf4_compute_dtype, require_bitsandbytes
 from paft.scoring import build_scorer
 from paft.models.attention import packing_unsupported
 from paft.train.lora import attach_adapter, keep_frozen_copy
-from paft.train.online import train_online, unique_prompts
+from paft.train.online import train_online
 from paft.train.phases import train_staged
 from paft.train.preference import DATA_KINDS, PreferenceObjective
 from paft.train.reference import ReferenceLogps, reference_cache_path, reference_identity
 from paft.train.sft import SFTObjective
-from paft.train.trainer import Harness, Objective, start_training
-
-Report = Callable[[dict[str, Any]], None]
-
-
-def _noop(_: dict[str, Any]) -> None:
-    pass
+from paft.train.trainer import Harness, Objective, Report, no_report, start_training
 
 
 @dataclass
@@ -89,7 +83,7 @@ def build_rows(branch: Branch, tok, cfg: PaftConfig, data_path: Path, report: Re
 
 def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, out_dir: Path, *,
                  device: str = "cpu", threads: int | None = None, init_adapter: Path | None = None,
-                 report: Report = _noop, name: str | None = None,
+                 report: Report = no_report, name: str | None = None,
                  thread_share: tuple[int, Any] | None = None, reward_dir: Path | None = None) -> dict[str, Any]:
     """Train ``kind`` ("sft" or "preference") and write ``out_dir/adapter`` (PEFT format), or ``out_dir/model``
     (a Hugging Face folder) when the branch's ``adapter`` is ``full``.
@@ -137,7 +131,7 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
     elif schedule.kind == "online":
         scorer = _online_scorer(cfg, schedule, model_dir, tok, model, device, reward_dir)
         phases = train_online(cfg=cfg, model=model, tok=tok, objective=objective,
-                              prompts=unique_prompts(branch.examples), scorer=scorer, fit=h.fit, out_dir=out_dir,
+                              prompts=unique_prompts(e.prompt for e in branch.examples), scorer=scorer, fit=h.fit, out_dir=out_dir,
                               report=report, name=name, collator=collator)
     else:
         phases = h.fit(rows, collator, out_dir / "checkpoints")

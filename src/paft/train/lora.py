@@ -56,13 +56,15 @@ def frozen_copy(model):
         model = inner
 
 
-def attach_lora(model, cfg: LoraConfig, seed: int):
+def attach_lora(model, cfg: LoraConfig, seed: int, *, task_type: str = "CAUSAL_LM",
+                modules_to_save: list[str] | None = None):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     torch.manual_seed(seed)
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=cfg.target_modules, task_type="CAUSAL_LM", bias="none")
+                              target_modules=cfg.target_modules, task_type=task_type, modules_to_save=modules_to_save,
+                              bias="none")
     return get_peft_model(model, peft_cfg)
 
 

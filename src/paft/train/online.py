@@ -29,18 +29,6 @@ from paft.models.generation import generate_replies
 from paft.train.phases import Fit, collate_all, resumed, save_phase, steps_for, totals
 
 
-def unique_prompts(examples: list) -> list[list[dict]]:
-    """The distinct prompt conversations of any preference / prompt rows, in first-seen order."""
-    seen, out = set(), []
-    for e in examples:
-        p = e.prompt
-        key = json.dumps(p, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            out.append(p)
-    return out
-
-
 def train_online(*, cfg, model, tok, objective, prompts: list[list[dict]], scorer: Callable, fit: Fit,
                  out_dir: Path, report: Callable[[dict[str, Any]], None], name: str,
                  collator=None) -> dict[str, Any]:

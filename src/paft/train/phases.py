@@ -26,11 +26,6 @@ def split_steps(total: int, parts: int) -> list[int]:
     return [base + (i < extra) for i in range(parts)]
 
 
-def phase_done(d: Path) -> dict[str, Any] | None:
-    f = d / "done.json"
-    return json.loads(f.read_text()) if f.is_file() and (d / "adapter").is_dir() else None
-
-
 def save_phase(model, d: Path, info: dict[str, Any]) -> None:
     with atomic_dir(d / "adapter", force=True) as tmp:
         model.save_pretrained(tmp)
@@ -38,16 +33,11 @@ def save_phase(model, d: Path, info: dict[str, Any]) -> None:
 
 
 def resumed(model, d: Path, log: list) -> bool:
-    """True, with the adapter restored and the phase's info logged, when phase ``d`` finished earlier."""
-    done = phase_done(d)
-    if done:
-        restore_phase(model, d)
-        log.append(done)
-    return done is not None
-
-
-def restore_phase(model, d: Path) -> None:
-    """Load the adapter weights a finished phase saved into the live model."""
+    """True, with the adapter weights it saved loaded into the live model and its info logged, when phase ``d``
+    finished earlier."""
+    done = d / "done.json"
+    if not (done.is_file() and (d / "adapter").is_dir()):
+        return False
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -55,6 +45,8 @@ def restore_phase(model, d: Path) -> None:
     result = set_peft_model_state_dict(model, state)
     if getattr(result, "unexpected_keys", None):
         raise RuntimeError(f"{d}/adapter does not match the model's adapter: {result.unexpected_keys[:3]}")
+    log.append(json.loads(done.read_text()))
+    return True
 
 
 def steps_for(tcfg, rows_per_phase: float, phases: int) -> list[int]:

@@ -72,7 +72,11 @@ class ReferenceLogps:
         """Summed reference log-prob of each sequence of ``batch`` (either layout of ``paft.models.logps``)."""
         device = batch["input_ids"].device
         if self.snapshot_values is not None:
-            return self._lookup(self.snapshot_values, batch_keys(batch), device, "stage snapshot")
+            keys = batch_keys(batch)
+            if any(k not in self.snapshot_values for k in keys):
+                raise RuntimeError("reference log-prob of a row missing from the stage snapshot; "
+                                   "the stage's rows must all be snapshotted before it trains")
+            return torch.tensor([self.snapshot_values[k] for k in keys], device=device, dtype=torch.float32)
         if not self.cache:
             return self._forward(model, batch)
         keys = batch_keys(batch)
@@ -93,18 +97,13 @@ class ReferenceLogps:
             self._dirty = True
         return torch.tensor([self.values[k] for k in keys], device=device, dtype=torch.float32)
 
+    @torch.no_grad()
     def _forward(self, model, batch: dict) -> torch.Tensor:
+        """The reference forward: the frozen copy (full fine-tuning), else the policy with its adapter disabled."""
         if self.model is not None:
-            return _frozen_logps(self.model, batch)
-        return _disabled_adapter_logps(model, batch)
-
-    @staticmethod
-    def _lookup(table, keys: list[str], device, what) -> torch.Tensor:
-        missing = [k for k in keys if k not in table]
-        if missing:
-            raise RuntimeError(f"reference log-prob of a row missing from the {what}; "
-                               "the stage's rows must all be snapshotted before it trains")
-        return torch.tensor([table[k] for k in keys], device=device, dtype=torch.float32)
+            return batch_sequence_logps(self.model, batch)[0].detach().float()
+        with model.disable_adapter():
+            return batch_sequence_logps(model, batch)[0].detach().float()
 
     @torch.no_grad()
     def snapshot(self, model, batches: Iterable[dict[str, torch.Tensor]]) -> int:
@@ -145,17 +144,6 @@ def batch_keys(batch: dict) -> list[str]:
         return list(batch["sequence_keys"])
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     return [row_key(ids[i], mask[i], labels[i]) for i in range(ids.shape[0])]
-
-
-@torch.no_grad()
-def _disabled_adapter_logps(model, batch: dict) -> torch.Tensor:
-    with model.disable_adapter():
-        return batch_sequence_logps(model, batch)[0].detach().float()
-
-
-@torch.no_grad()
-def _frozen_logps(ref_model, batch: dict) -> torch.Tensor:
-    return batch_sequence_logps(ref_model, batch)[0].detach().float()
 
 
 def _weight_files(model_dir: Path) -> list[str]:

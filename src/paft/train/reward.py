@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,13 +42,8 @@ from paft.io import write_json_atomic
 from paft.models import load_tokenizer
 from paft.models.generation import eval_mode
 from paft.models.reward import load_reward_base, sequence_rewards
-from paft.train.trainer import Harness, start_training
-
-Report = Callable[[dict[str, Any]], None]
-
-
-def _noop(_: dict[str, Any]) -> None:
-    pass
+from paft.train.lora import attach_lora
+from paft.train.trainer import Harness, Report, no_report, start_training
 
 
 # --------------------------------------------------------------------------- loss and rewards
@@ -105,14 +100,7 @@ class RewardObjective:
 
 def attach_reward_lora(model, cfg: LoraConfig, seed: int):
     """LoRA on the body (``cfg.target_modules``), the ``score`` head trained in full (modules_to_save)."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
-    torch.manual_seed(seed)
-    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                              target_modules=cfg.target_modules, task_type="SEQ_CLS", modules_to_save=["score"],
-                              bias="none")
-    return get_peft_model(model, peft_cfg)
+    return attach_lora(model, cfg, seed, task_type="SEQ_CLS", modules_to_save=["score"])
 
 
 @dataclass
@@ -183,7 +171,7 @@ def pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor, margin: float | t
 # --------------------------------------------------------------------------- training
 
 def train_reward(cfg: PaftConfig, model_dir: Path, data_path: Path, out_dir: Path, *, eval_path: Path | None = None,
-                 device: str = "cpu", threads: int | None = None, report: Report = _noop,
+                 device: str = "cpu", threads: int | None = None, report: Report = no_report,
                  name: str = "reward") -> dict[str, Any]:
     """Train the reward model (``cfg.reward``) on the pairs of ``data_path`` into ``out_dir``.
 

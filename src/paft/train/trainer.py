@@ -26,6 +26,13 @@ from paft.io import atomic_dir, write_json_atomic
 from paft.progress import quiet_libraries
 
 
+Report = Callable[[dict[str, Any]], None]  # a progress sink: a rich progress bar, or a queue from a child process
+
+
+def no_report(_: dict[str, Any]) -> None:
+    pass
+
+
 class Objective(Protocol):
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]: ...
 
@@ -52,9 +59,9 @@ class PaftTrainer(Trainer):
 
 
 class ProgressCallback(TrainerCallback):
-    """Forwards step and loss to a sink (a rich progress bar, or a queue from a child process)."""
+    """Forwards step and loss to a ``Report`` sink."""
 
-    def __init__(self, report: Callable[[dict[str, Any]], None], name: str):
+    def __init__(self, report: Report, name: str):
         self.report, self.name = report, name
         self.last: dict[str, float] = {}
 
@@ -196,7 +203,7 @@ class Harness:
     tcfg: TrainConfig
     out_dir: Path
     name: str
-    report: Callable[[dict[str, Any]], None]
+    report: Report
     seed: int
     device: str
     bf16: bool
