@@ -39,7 +39,7 @@ class MergeSpec:
     """Everything paft knows about a merge method, except its kernel."""
 
     name: str
-    what: str  # what it does, with its paper (the README's methods table)
+    what: str  # what it does, with its paper (its row in docs/merge.md)
     normalize: bool  # default of ``normalize`` (divide by the summed weights of the entries kept)
     family: bool = True  # a task-arithmetic-family row; False: its own function in paft.merge.methods
     sparsifier: Sparsifier | None = None
@@ -68,7 +68,7 @@ class MergeSpec:
         return self.reference or self.needs_base
 
 
-#: every merge method, by name; ``what`` is its line in the README's table. normalize defaults are
+#: every merge method, by name; ``what`` is its line in docs/merge.md's table. normalize defaults are
 #: mergekit's, except dare_ties (normalised, as PEFT's dare_ties; mergekit's is not)
 MERGE_METHODS: dict[str, MergeSpec] = {s.name: s for s in (
     MergeSpec("linear", "Weighted average `sum_i w_i d_i / sum_i w_i` (Wortsman et al. 2022, Model Soups, "
