@@ -175,3 +175,23 @@ def test_qlora_preference_reference_is_the_adapter_disabled_4bit_model(data_run)
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert summary["reference_cache"]["computed"] > 0
+
+
+@needs_bnb
+def test_qlora_start_from_an_adapter_is_the_streamed_merge_of_base_and_adapter(data_run, tiny_dir, tmp_path):
+    """The sequential baseline's QLoRA stage starts from base + SFT adapter, merged on disk before 4-bit loading."""
+    from safetensors.torch import load_file
+
+    from paft.merge.deltas import LoraDeltas, open_state
+    from paft.train.branch import _start_model
+
+    _, sft_out, _ = _train(data_run, "sft", ["sft.adapter=lora"], name="sft-for-qlora-start")
+    cfg = load_config(preset="tiny", overrides=[f"run.output_dir={data_run.root}", *FAST])
+    model = _start_model(cfg, "qlora", tiny_dir, sft_out / "adapter", tmp_path, "cpu")
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    start, base = load_file(tmp_path / "start" / "model.safetensors"), load_file(tiny_dir / "model.safetensors")
+    deltas = LoraDeltas(sft_out / "adapter", open_state(tiny_dir))
+    name = next(n for n in deltas.names() if "q_proj" in n)
+    assert deltas.delta(name).abs().max() > 1e-5  # the adapter moved the weights, so the check below can fail
+    assert torch.allclose(start[name], base[name] + deltas.delta(name).to(base[name].dtype), atol=1e-6)
+    assert torch.equal(start["model.embed_tokens.weight"], base["model.embed_tokens.weight"])

@@ -21,7 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from paft.data.loading import dataset_preset
 from paft.errors import ConfigError, DataError
 from paft.methods.merging import MERGE_METHODS
-from paft.methods.losses import LOSSES
 
 PRESETS = ("default", "tiny")
 
@@ -201,6 +200,8 @@ class PreferenceConfig(TrainConfig):
     @field_validator("method")
     @classmethod
     def _known(cls, v: str) -> str:
+        from paft.methods.losses import LOSSES  # lazy: torch (2 s) that `paft --help` and `paft config` never use
+
         key = v.lower()
         if key not in LOSSES:
             hint = difflib.get_close_matches(key, list(LOSSES), n=1)
@@ -210,7 +211,12 @@ class PreferenceConfig(TrainConfig):
 
     @model_validator(mode="after")
     def _schedule(self) -> "PreferenceConfig":
-        schedule = LOSSES[self.method].configure(self.params)[1]  # schedule parameters out of range fail here
+        from paft.methods.losses import LOSSES  # lazy: as in _known
+
+        try:  # schedule parameters out of range (or of the wrong type) fail here, naming the key
+            schedule = LOSSES[self.method].configure(self.params)[1]
+        except TypeError as exc:
+            raise ValueError(f"preference.params: {exc}") from None
         if self.adapter == "full" and schedule.kind != "offline":
             # staged/online phases save and restore a LoRA adapter between phases
             raise ValueError(f"preference.adapter 'full' works with offline methods only; {self.method!r} is "
@@ -327,7 +333,7 @@ class PaftConfig(_Section):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     sft: SFTConfig = SFTConfig()
-    preference: PreferenceConfig = PreferenceConfig()
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)  # validated on use: its check imports torch
     reward: RewardConfig = RewardConfig()
     merge: MergeConfig = MergeConfig()
     sparsity: SparsityConfig = SparsityConfig()

@@ -22,7 +22,7 @@ from paft.eval.models import ModelSpec, evaluate_models, load_eval_tokenizer, ne
 from paft.io import write_json_atomic
 from paft.methods.losses import get_loss
 from paft.models import resolve_model_dir
-from paft.models.folders import adapter_base, adapter_config, classify, is_adapter
+from paft.models.folders import adapter_base, adapter_config, classify
 
 DEFAULT_OUT = "runs/eval"
 
@@ -58,7 +58,7 @@ def folder_specs(inputs: list[Path], base: Path | None) -> list[ModelSpec]:
         if not p.is_dir():
             raise ModelError(f"{p}: not a folder (paft eval takes a run config, or model / LoRA adapter folders)")
         kind = classify(p)
-        if kind == "reward" and is_adapter(p):
+        if kind == "reward":
             raise ModelError(f"{p}: a reward model (SEQ_CLS adapter), not a model to evaluate; "
                              f"use it as the scorer: --set eval.reward_model={p}")
         if kind == "lora":

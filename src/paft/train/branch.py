@@ -17,14 +17,15 @@ from paft.data.formats import examples_for_method, unique_prompts
 from paft.data.loading import load_examples
 from paft.device import resolve_bf16
 from paft.errors import ConfigError, DataError
-from paft.io import atomic_dir
+from paft.merge.mergekit_config import plan_from_flags
+from paft.merge.standalone import run_merge
 from paft.methods.losses import get_loss
 from paft.methods.schedules import Online, Schedule
 from paft.models import load_model, load_tokenizer
 from paft.models.folders import is_adapter, is_model
 from paft.models.loading import nf4_compute_dtype, require_bitsandbytes
-from paft.scoring import build_scorer
 from paft.models.attention import packing_unsupported
+from paft.scoring import build_scorer
 from paft.train.lora import attach_adapter, keep_frozen_copy
 from paft.train.online import train_online
 from paft.train.phases import train_staged
@@ -209,10 +210,9 @@ def _start_model(cfg: PaftConfig, adapter: str, model_dir: Path, init: Path | No
     elif init_is_adapter and adapter == "qlora":
         # a 4-bit model is quantised while loading, so the adapter is merged into the float base on disk first
         start_dir = out_dir / "start"
-        if not is_model(start_dir):
-            merged = PeftModel.from_pretrained(load_model(model_dir, m.dtype, "cpu", m.trust_remote_code), str(init))
-            with atomic_dir(start_dir, force=True) as tmp:
-                merged.merge_and_unload().save_pretrained(tmp)
+        if not is_model(start_dir):  # the streaming merge: never two float models in memory
+            run_merge(plan_from_flags(model_dir, [init], "task_arithmetic", source="qlora start"), start_dir,
+                      force=True)
     model = load_model(start_dir, m.dtype, device, m.trust_remote_code, quantize_4bit=adapter == "qlora")
     if init_is_adapter and adapter != "qlora":
         model = PeftModel.from_pretrained(model, str(init)).merge_and_unload()
