@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 
 def resolve_device(setting: str) -> str:
     """``run.device``: ``auto`` is the GPU when there is one, else the CPU; anything else as given."""
     if setting == "auto":
+        import torch  # lazy: a sweep cell sets its threads and CUDA_VISIBLE_DEVICES before torch loads
+
         return "cuda" if torch.cuda.is_available() else "cpu"
     return setting
 
@@ -18,6 +18,8 @@ def resolve_bf16(setting, device: str) -> bool:
     """bf16 autocast where the hardware supports it (CPU: AVX512-BF16/AMX; CUDA: Ampere+)."""
     if setting is not True and setting is not False:
         if device.startswith("cuda"):
+            import torch  # lazy: as in resolve_device
+
             return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         return cpu_has_bf16()
     return bool(setting)
