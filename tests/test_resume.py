@@ -72,23 +72,40 @@ def reference(tmp_path_factory, tiny_dir):
 def test_killed_during_a_checkpoint_write_resumes_from_the_previous_complete_one(tmp_path, tiny_dir, reference):
     out = tmp_path / "run"
     p, _ = fit(tmp_path, tiny_dir, out, kill_at=4)
-    assert p.returncode == -9  # SIGKILL while checkpoint-4 was half-written
-    half = out / "checkpoints" / "checkpoint-4"
-    assert (half / "model.safetensors").is_file() and not (half / "trainer_state.json").exists()
+    assert p.returncode == -9  # SIGKILL while checkpoint-4 was half-written ...
+    ckpts = out / "checkpoints"
+    assert (ckpts / ".tmp-checkpoint-4" / "checkpoint-4" / "model.safetensors").is_file()
+    assert sorted(d.name for d in ckpts.glob("checkpoint-*")) == ["checkpoint-2"]  # ... and is not visible
 
     p, res = fit(tmp_path, tiny_dir, out)
     assert p.returncode == 0, p.stderr
     assert "Traceback" not in p.stderr
-    warnings = [n["warning"] for n in res["notes"] if "warning" in n]
-    assert warnings == [f"skipping incomplete checkpoint {half}: no trainer_state.json "
-                        f"(killed while it was being written); removed"]
+    assert not any("warning" in n for n in res["notes"])
+    assert sorted(d.name for d in ckpts.iterdir()) == ["checkpoint-6"]  # the partial write is cleared
     ref_out, ref = reference
     assert res["fit"]["steps"] == ref["fit"]["steps"] == 6
     assert_same(weights(out), weights(ref_out))
-    log = json.loads((out / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    log = json.loads((ckpts / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
     ref_log = json.loads((ref_out / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
     assert [e["loss"] for e in log if "loss" in e] == pytest.approx([e["loss"] for e in ref_log if "loss" in e],
                                                                      abs=1e-6)
+
+
+def test_an_incomplete_checkpoint_in_place_is_skipped_and_reported(tmp_path, tiny_dir, reference):
+    """A checkpoint written in place (several ranks, or an older paft) and cut short: the one before it is used."""
+    import shutil
+
+    ref_out, ref = reference
+    out = tmp_path / "run"
+    p, _ = fit(tmp_path, tiny_dir, out, kill_at=4)
+    half = out / "checkpoints" / "checkpoint-4"
+    shutil.move(out / "checkpoints" / ".tmp-checkpoint-4" / "checkpoint-4", half)
+    p, res = fit(tmp_path, tiny_dir, out)
+    assert p.returncode == 0, p.stderr
+    assert [n["warning"] for n in res["notes"] if "warning" in n] == [
+        f"skipping incomplete checkpoint {half}: no trainer_state.json (killed while it was being written); removed"]
+    assert res["fit"]["steps"] == 6
+    assert_same(weights(out), weights(ref_out))
 
 
 def test_a_truncated_trainer_state_is_skipped(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import re
 import shutil
 import time
@@ -22,6 +23,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_utils import rotate_checkpoints
 
 from paft.config import TrainConfig
 from paft.errors import ConfigError
@@ -44,6 +46,7 @@ class PaftTrainer(Trainer):
     def __init__(self, *args, objective: Objective, **kwargs):
         super().__init__(*args, **kwargs)
         self.objective = objective
+        self._staging: str | None = None  # the folder a checkpoint is being written into
         self._metrics: dict[str, list[float]] = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -51,6 +54,30 @@ class PaftTrainer(Trainer):
         for k, v in metrics.items():
             self._metrics[k].append(float(v))
         return (loss, None) if return_outputs else loss
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Complete or absent: the Trainer writes ``checkpoint-N`` into ``.tmp-checkpoint-N``, renamed when whole;
+        then the old checkpoints are rotated out. (Several ranks share the folder: they write in place, and the
+        resume's ``last_checkpoint`` check covers them.)"""
+        if self.args.world_size > 1 or trial is not None:
+            return super()._save_checkpoint(model, trial)
+        run_dir = Path(self.args.output_dir)
+        name = f"checkpoint-{self.state.global_step}"
+        tmp = run_dir / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self._staging = str(tmp)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+        os.replace(tmp / name, run_dir / name)
+        tmp.rmdir()
+        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # objective metrics averaged over the steps since the last log line
@@ -209,6 +236,8 @@ def last_checkpoint(out_dir: Path, report: Report = no_report, name: str = "") -
     """The newest complete ``checkpoint-N`` in ``out_dir``; an incomplete newer one (a run killed while writing it)
     is reported in one line and removed, so that the resume and the next save of step N start clean."""
     out_dir = Path(out_dir)
+    for tmp in out_dir.glob(".tmp-checkpoint-*"):  # a checkpoint a killed run was writing (PaftTrainer)
+        shutil.rmtree(tmp, ignore_errors=True)
     found = sorted((int(m.group(1)), p) for p in out_dir.glob("checkpoint-*")
                    if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
     for _, d in reversed(found):
