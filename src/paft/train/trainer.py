@@ -8,7 +8,11 @@ devices and accelerate/DeepSpeed/FSDP; paft brings only the objectives.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+import os
+import re
+import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -19,6 +23,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_utils import rotate_checkpoints
 
 from paft.config import TrainConfig
 from paft.errors import ConfigError
@@ -41,6 +46,7 @@ class PaftTrainer(Trainer):
     def __init__(self, *args, objective: Objective, **kwargs):
         super().__init__(*args, **kwargs)
         self.objective = objective
+        self._staging: str | None = None  # the folder a checkpoint is being written into
         self._metrics: dict[str, list[float]] = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -48,6 +54,30 @@ class PaftTrainer(Trainer):
         for k, v in metrics.items():
             self._metrics[k].append(float(v))
         return (loss, None) if return_outputs else loss
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Complete or absent: the Trainer writes ``checkpoint-N`` into ``.tmp-checkpoint-N``, renamed when whole;
+        then the old checkpoints are rotated out. (Several ranks share the folder: they write in place, and the
+        resume's ``last_checkpoint`` check covers them.)"""
+        if self.args.world_size > 1 or trial is not None:
+            return super()._save_checkpoint(model, trial)
+        run_dir = Path(self.args.output_dir)
+        name = f"checkpoint-{self.state.global_step}"
+        tmp = run_dir / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self._staging = str(tmp)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+        os.replace(tmp / name, run_dir / name)
+        tmp.rmdir()
+        rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # objective metrics averaged over the steps since the last log line
@@ -178,10 +208,58 @@ def training_args(cfg: TrainConfig, out_dir: Path, *, seed: int, device: str, bf
     )
 
 
-def last_checkpoint(out_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+# what a Trainer checkpoint holds besides trainer_state.json, which ``Trainer._save_checkpoint`` writes last:
+# the weights (a PEFT adapter or a full model, whole or sharded) and the optimizer state (a DeepSpeed checkpoint
+# keeps it in a global_stepN folder)
+_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "model.safetensors.index.json",
+            "pytorch_model.bin", "pytorch_model.bin.index.json")
 
-    return get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
+
+def checkpoint_problem(d: Path) -> str | None:
+    """Why the Trainer checkpoint folder ``d`` (``checkpoint-N``) cannot be resumed from, or None when it is complete."""
+    try:
+        step = json.loads((d / "trainer_state.json").read_text())["global_step"]
+    except FileNotFoundError:
+        return "no trainer_state.json (killed while it was being written)"
+    except (ValueError, KeyError, TypeError):
+        return "trainer_state.json is truncated or not a Trainer state (killed while it was being written)"
+    if f"checkpoint-{step}" != d.name:
+        return f"trainer_state.json is for step {step}"
+    if not any((d / w).is_file() for w in _WEIGHTS):
+        return "no model or adapter weights"
+    if not ((d / "optimizer.pt").is_file() or any(d.glob("global_step*")) or any(d.glob("optimizer*"))):
+        return "no optimizer state"
+    return None
+
+
+def last_checkpoint(out_dir: Path, report: Report = no_report, name: str = "") -> str | None:
+    """The newest complete ``checkpoint-N`` in ``out_dir``; an incomplete newer one (a run killed while writing it)
+    is reported in one line and removed, so that the resume and the next save of step N start clean."""
+    out_dir = Path(out_dir)
+    for tmp in out_dir.glob(".tmp-checkpoint-*"):  # a checkpoint a killed run was writing (PaftTrainer)
+        shutil.rmtree(tmp, ignore_errors=True)
+    found = sorted((int(m.group(1)), p) for p in out_dir.glob("checkpoint-*")
+                   if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+    for _, d in reversed(found):
+        why = checkpoint_problem(d)
+        if why is None:
+            return str(d)
+        report({"branch": name, "warning": f"skipping incomplete checkpoint {d}: {why}; removed"})
+        shutil.rmtree(d, ignore_errors=True)
+    return None
+
+
+def trained_loss(log_history: list[dict[str, Any]]) -> float:
+    """The mean training loss over the steps that ``log_history``'s "loss" entries cover (each weighted by the
+    steps since the entry before), for a fit that finished at a checkpoint and has nothing left to train."""
+    total = steps = 0
+    last = 0
+    for e in log_history:
+        if "loss" in e and "step" in e:
+            total += e["loss"] * (e["step"] - last)
+            steps += e["step"] - last
+            last = e["step"]
+    return total / steps if steps else float("nan")
 
 
 def start_training(threads: int | None, report_to: Iterable[str]) -> None:
@@ -230,7 +308,16 @@ class Harness:
             trainer.add_callback(SaveReferenceCallback(self.reference))
         trainer.remove_callback(PrinterCallback)  # paft shows progress bars; logs go to log_history.json
         t0 = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=last_checkpoint(ckpt_dir))
+        ckpt = last_checkpoint(ckpt_dir, self.report, self.name)
+        state = json.loads((Path(ckpt) / "trainer_state.json").read_text()) if ckpt else {}
+        if state.get("global_step", 0) >= args.max_steps:
+            # killed after its final checkpoint: the Trainer would train one step past max_steps, so load it instead
+            trainer._load_from_checkpoint(ckpt)
+            self.log_history.extend(state["log_history"])
+            self.report({"branch": self.name, "step": state["global_step"], "total": args.max_steps})
+            return {"train_loss": trained_loss(state["log_history"]), "steps": state["global_step"],
+                    "wall_s": round(time.perf_counter() - t0, 2)}
+        result = trainer.train(resume_from_checkpoint=ckpt)
         self.log_history.extend(trainer.state.log_history)
         return {"train_loss": result.training_loss, "steps": trainer.state.global_step,
                 "wall_s": round(time.perf_counter() - t0, 2)}
