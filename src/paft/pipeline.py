@@ -246,8 +246,10 @@ class Run:
         """The sequential baseline as a full model: base + SFT delta + preference delta trained on top."""
         # a full fine-tuned sequential branch wrote this folder itself (it started from the SFT weights)
         if not is_model(self.sequential_model_dir):
+            # the sequential adapter records the SFT model (full SFT) as its base: adding it to base + SFT is the point
             run_merge(plan_from_flags(self.model_dir, [self.output("sft"), self.adapter("sequential")],
-                                      "task_arithmetic", source="sequential"), self.sequential_model_dir, force=True)
+                                      "task_arithmetic", source="sequential", allow_base_mismatch=True),
+                      self.sequential_model_dir, force=True)
         return self.sequential_model_dir
 
     # ------------------------------------------------------------------ evaluation and report
