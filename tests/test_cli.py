@@ -1,6 +1,7 @@
 """The command line: errors are one line naming the problem, with exit code 1."""
 
 import json
+import re
 
 from typer.testing import CliRunner
 
@@ -86,3 +87,22 @@ def test_readme_lists_every_registered_method():
     readme = (docs / "methods.md").read_text() + (docs / "merge.md").read_text()
     for name in [*LOSSES, *MERGE_METHODS]:
         assert f"| `{name}` |" in readme, name
+
+
+def test_nan_loss_stops_the_branch_naming_the_step(tmp_path):
+    """Issue 16 class 5: a diverging run (lr=1e30 passes validation) stops with one line, no adapter, exit 1."""
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["sft", "--preset", "tiny", "--out", str(out), "--set", "sft.learning_rate=1e30",
+                                 "--set", "sft.max_steps=6"])
+    assert result.exit_code == 1, result.output
+    assert re.search(r"sft: loss is (nan|-?inf) at step \d+; training diverged", _err(result))
+    assert "Traceback" not in result.output
+    assert not (out / "sft" / "adapter").exists()
+
+
+def test_force_on_a_folder_that_is_not_a_run_is_refused(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.txt").write_text("mine")
+    result = runner.invoke(app, ["sft", "--preset", "tiny", "--out", str(tmp_path / "d"), "--force"])
+    assert result.exit_code == 1 and "not a paft run folder" in _err(result) and "Traceback" not in result.output
+    assert (tmp_path / "d" / "notes.txt").read_text() == "mine"

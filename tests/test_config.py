@@ -36,6 +36,12 @@ def test_unknown_key_names_it_and_suggests(tmp_path):
     ("merge.weights=[1]", "merge.weights"),
     ("sft.max_steps=0", "sft.max_steps"),
     ("data.max_prompt_length=999", "data"),
+    ("sft.learning_rate=inf", "sft.learning_rate"),  # issue 16 class 5: inf gave an all-NaN adapter, exit 0
+    ("sft.learning_rate=nan", "sft.learning_rate"),
+    ("preference.learning_rate=-inf", "preference.learning_rate"),
+    ("sft.learning_rate=0", "sft.learning_rate"),
+    ("preference.beta=nan", "preference.beta"),
+    ("sft.max_grad_norm=inf", "sft.max_grad_norm"),
 ])
 def test_impossible_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:

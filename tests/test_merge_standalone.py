@@ -358,3 +358,42 @@ def test_ordered_map_keeps_order_and_budget():
     assert peak[0] <= 9  # within budget, except an item costlier than it running alone
     with pytest.raises(ZeroDivisionError):
         list(ordered_map(lambda x: 1 // 0 if x == 3 else x, range(6), 2))
+
+
+# --- issue 16 class 2: an adapter from another base is refused ------------------------------------
+
+def test_adapter_from_another_base_is_refused(ck, tmp_path):
+    from paft.models.tiny import build_tiny
+
+    root = ck["root"]
+    wide = build_tiny(tmp_path / "wide", seed=0, hidden=48, layers=5, vocab=300)  # other shapes
+    twin = build_tiny(tmp_path / "twin", seed=7, hidden=32, layers=5, vocab=300)  # same shapes, other weights
+    copy = shutil.copytree(ck["base"], tmp_path / "copy")  # the same base in another folder
+    recorded = json.loads((ck["lora"] / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(ck["base"])
+
+    def merge(base, *extra):
+        return runner.invoke(app, ["merge", "--base", str(base), "--models", str(ck["lora"]), "--method",
+                                   "task_arithmetic", "--out", str(tmp_path / "out"), "--force", *extra])
+
+    for flags in ((), ("--allow-base-mismatch",)):  # wrong shapes: no flag makes that mergeable
+        bad = merge(wide, *flags)
+        assert bad.exit_code == 1 and "Traceback" not in bad.output and len(bad.output.strip().splitlines()) == 1
+        assert f"{ck['lora']}: model.layers.0." in _err(bad) and "delta has shape (" in _err(bad)
+        assert "in base " + str(wide) in _err(bad)
+        assert "trained on another base" in _err(bad) and f"names {ck['base']}" in _err(bad)
+    bad = merge(twin)
+    assert bad.exit_code == 1 and "Traceback" not in bad.output
+    assert f"trained on base {ck['base']}" in _err(bad) and f"merged into {twin}" in _err(bad)
+    assert "--allow-base-mismatch" in _err(bad)
+    assert merge(twin, "--allow-base-mismatch").exit_code == 0
+    assert merge(copy).exit_code == 0  # the same base by content
+    assert merge(ck["base"]).exit_code == 0
+    # BASE+ADAPTER and a mergekit YAML's allow_base_mismatch
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(twin),
+           "models": [{"model": f"{twin}+{ck['lora']}", "parameters": {"weight": 1.0}}]}
+    y = _yaml(tmp_path / "m.yaml", cfg)
+    bad = runner.invoke(app, ["merge", str(y), "--out", str(tmp_path / "y"), "--force"])
+    assert bad.exit_code == 1 and "--allow-base-mismatch (YAML: allow_base_mismatch: true)" in _err(bad)
+    y = _yaml(tmp_path / "m.yaml", {**cfg, "allow_base_mismatch": True})
+    assert runner.invoke(app, ["merge", str(y), "--out", str(tmp_path / "y"), "--force"]).exit_code == 0

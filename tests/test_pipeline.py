@@ -161,3 +161,35 @@ def test_a_moved_run_folder_is_the_same_run(tmp_path):
     (tmp_path / "a").rename(tmp_path / "b")
     Run(load_config(preset="tiny", overrides=[f"run.output_dir={tmp_path / 'b'}"])).prepare()  # no --force needed
     assert yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["run"]["output_dir"] == str(tmp_path / "b")
+
+
+def test_force_refuses_a_folder_that_is_not_a_run(tmp_path):
+    """Issue 16 class 3: ``--force`` on a folder that is not a paft run deleted it, data file included."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "prefs.jsonl").write_text("{}\n")
+    cfg = load_config(preset="tiny", overrides=[f"run.output_dir={out}", "run.force=true"])
+    with pytest.raises(PaftError, match="not a paft run folder.*--force only overwrites paft runs") as e:
+        Run(cfg).prepare()
+    assert "\n" not in str(e.value)
+    assert (out / "prefs.jsonl").read_text() == "{}\n"
+
+
+def test_force_on_a_run_spares_the_input_files_inside_it(tmp_path):
+    out = tmp_path / "run"
+    data = out / "inputs" / "sft.jsonl"
+    data.parent.mkdir(parents=True)
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    base = [f"run.output_dir={out}", f"data.sft.path={data}"]
+    Run(load_config(preset="tiny", overrides=base)).prepare()  # a folder holding only its inputs is usable
+    (out / "sft").mkdir()
+    (out / "sft" / "train_summary.json").write_text("{}")
+    (out / "inputs" / "stale.txt").write_text("x")
+    # a changed training config with --force overwrites the run, and the same config with --force redoes it
+    for extra in (["sft.learning_rate=0.001", "run.force=true"], ["sft.learning_rate=0.001", "run.force=true"]):
+        Run(load_config(preset="tiny", overrides=[*base, *extra])).prepare()
+        assert data.read_text() == '{"prompt": "a", "completion": "b"}\n'
+        assert not (out / "sft").exists() and not (out / "inputs" / "stale.txt").exists()
+        assert (out / "config.yaml").is_file()
+        (out / "sft").mkdir()
+        (out / "inputs" / "stale.txt").write_text("x")

@@ -183,6 +183,9 @@ def merge_cmd(
         "--to-lora", metavar="RANK", help="write the merged delta as a rank-RANK LoRA adapter (SVD)")] = None,
     resize_vocab: Annotated[bool, typer.Option(
         "--resize-vocab", help="merge models whose vocabulary size differs: keep the base's rows")] = False,
+    allow_base_mismatch: Annotated[bool, typer.Option(
+        "--allow-base-mismatch", help="merge a LoRA adapter whose adapter_config.json names another base "
+                                      "(shapes must still fit)")] = False,
     workers: Annotated[Optional[int], typer.Option("--workers", help="threads merging in parallel (default: "
                                                                      "cores, at most 4)")] = None,
     param: Annotated[Optional[list[str]], typer.Option(
@@ -199,12 +202,13 @@ def merge_cmd(
         summary = standalone_merge(mode, config, out=out, force=force, base=base, models=models, method=method,
                                    density=density, weights=weights, dtype=dtype, tokenizer_source=tokenizer_source,
                                    seed=seed, to_lora=to_lora, resize_vocab=resize_vocab, workers=workers,
-                                   params=param)
+                                   params=param, allow_base_mismatch=allow_base_mismatch)
         print_merge_summary(summary)
         return
     given = [f for f, v in (("--method", method), ("--density", density), ("--weights", weights),
                             ("--dtype", dtype), ("--tokenizer-source", tokenizer_source), ("--seed", seed),
                             ("--to-lora", to_lora), ("--resize-vocab", resize_vocab), ("--workers", workers),
+                            ("--allow-base-mismatch", allow_base_mismatch),
                             ("--param", param)) if v]
     if given:
         raise PaftError(f"{given[0]}: only with a mergekit YAML or --base/--models; for a run use "

@@ -79,17 +79,21 @@ class Run:
                         else "overwrite it"
                     raise PaftError(f"{self.root}: holds a run with a different config (differs at "
                                     f"{', '.join(diff[:5])}); pass --force to {what}, or choose another --out")
-                if stale is None:
-                    shutil.rmtree(self.root)
-                for name in stale or ():
-                    target = self.root / name
-                    shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+                keep = _input_paths(self.cfg, self.root)
+                for name in (list(self.root.iterdir()) if stale is None else (self.root / n for n in stale)):
+                    _remove_outputs(name, keep)
             elif self.cfg.run.force:
-                shutil.rmtree(self.root)
-        elif self.root.exists() and any(self.root.iterdir()):
-            if not self.cfg.run.force:
-                raise PaftError(f"{self.root}: exists and is not a paft run folder; pass --force to overwrite it")
-            shutil.rmtree(self.root)
+                keep = _input_paths(self.cfg, self.root)
+                for name in list(self.root.iterdir()):
+                    _remove_outputs(name, keep)
+        elif self.root.exists():
+            keep = _input_paths(self.cfg, self.root)
+            other = [p.name for p in sorted(self.root.iterdir())
+                     if not any(k.is_relative_to(p.resolve()) for k in keep)]
+            if other:  # a folder holding only this config's inputs is fine to run in
+                raise PaftError(f"{self.root}: exists and is not a paft run folder (no config.yaml; holds "
+                                f"{other[0]}); --force only overwrites paft runs: choose another --out, or empty "
+                                "the folder yourself")
         self.root.mkdir(parents=True, exist_ok=True)
         write_text_atomic(cfg_path, self.cfg.to_yaml())
 
@@ -242,8 +246,10 @@ class Run:
         """The sequential baseline as a full model: base + SFT delta + preference delta trained on top."""
         # a full fine-tuned sequential branch wrote this folder itself (it started from the SFT weights)
         if not is_model(self.sequential_model_dir):
+            # the sequential adapter records the SFT model (full SFT) as its base: adding it to base + SFT is the point
             run_merge(plan_from_flags(self.model_dir, [self.output("sft"), self.adapter("sequential")],
-                                      "task_arithmetic", source="sequential"), self.sequential_model_dir, force=True)
+                                      "task_arithmetic", source="sequential", allow_base_mismatch=True),
+                      self.sequential_model_dir, force=True)
         return self.sequential_model_dir
 
     # ------------------------------------------------------------------ evaluation and report
@@ -317,6 +323,44 @@ def _stale_outputs(sections: set[str]) -> list[str] | None:
     if not sections <= set(_DOWNSTREAM):
         return None
     return sorted({name for s in sections for name in _DOWNSTREAM[s]})
+
+
+def _input_paths(cfg: PaftConfig, root: Path) -> set[Path]:
+    """Existing files and folders the config names (data files, local models) that lie inside ``root``."""
+    found: set[Path] = set()
+
+    def walk(v: Any) -> None:
+        if isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+        elif isinstance(v, str) and v and len(v) < 4096:
+            p = Path(v.split(":", 1)[1] if ":" in v and not Path(v).exists() else v).expanduser()
+            try:
+                p = p.resolve()
+                if p.exists() and p.is_relative_to(root.resolve()):
+                    found.add(p)
+            except (OSError, ValueError):
+                pass
+    walk(cfg.model_dump())
+    return found
+
+
+def _remove_outputs(target: Path, keep: set[Path]) -> None:
+    """Remove ``target`` (a file or folder of a run's outputs), sparing the input paths in ``keep``."""
+    resolved = target.resolve()
+    if resolved in keep or not (target.exists() or target.is_symlink()):
+        return
+    if target.is_dir() and not target.is_symlink():
+        if any(k.is_relative_to(resolved) for k in keep):
+            for child in list(target.iterdir()):
+                _remove_outputs(child, keep)
+            return
+        shutil.rmtree(target)
+    else:
+        target.unlink()
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> set[str]:

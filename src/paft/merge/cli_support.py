@@ -63,7 +63,8 @@ def _params(items: list[str] | None) -> dict[str, Any]:
 def standalone_merge(mode: str, config: Path | None, *, out: Path | None, force: bool, base: Path | None,
                      models: list[str] | None, method: str | None, density: str | None, weights: str | None,
                      dtype: str | None, tokenizer_source: str | None, seed: int | None, to_lora: int | None,
-                     resize_vocab: bool, workers: int | None, params: list[str] | None) -> dict:
+                     resize_vocab: bool, workers: int | None, params: list[str] | None,
+                     allow_base_mismatch: bool = False) -> dict:
     if out is None:
         raise ConfigError("--out: give the output folder of the merged model")
     if mode == "mergekit":
@@ -79,13 +80,14 @@ def standalone_merge(mode: str, config: Path | None, *, out: Path | None, force:
         if seed is not None:
             plan.seed = seed
         plan.resize_vocab = plan.resize_vocab or resize_vocab
+        plan.allow_base_mismatch = plan.allow_base_mismatch or allow_base_mismatch
     else:
         if base is None:
             raise ConfigError("--base: give the base model folder the models were fine-tuned from")
         plan = plan_from_flags(str(base), _split(models), method or "ties",
                                weights=parse_floats(weights, "--weights"), density=parse_floats(density, "--density"),
                                params=_params(params), dtype=dtype, tokenizer_source=tokenizer_source, seed=seed or 0,
-                               resize_vocab=resize_vocab)
+                               resize_vocab=resize_vocab, allow_base_mismatch=allow_base_mismatch)
     with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("to-lora" if to_lora else "merge", total=None)

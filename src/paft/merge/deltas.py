@@ -10,6 +10,7 @@ is allocated.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import torch
 from safetensors import safe_open
 
 from paft.errors import ModelError, PaftError
-from paft.models.folders import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CONFIG, is_adapter
+from paft.models.folders import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CONFIG, adapter_base, is_adapter
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -162,6 +163,25 @@ def read_model_config(folder: Path) -> dict:
         raise ModelError(f"{f}: invalid JSON ({exc})") from None
 
 
+_VOLATILE_CONFIG = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
+
+
+def base_fingerprint(folder: Path, sample: int = 1 << 20) -> tuple:
+    """What identifies a model folder cheaply: its config.json (less volatile keys) and, per safetensors file,
+    the name, size and SHA-256 of the first and last ``sample`` bytes."""
+    cfg = {k: v for k, v in read_model_config(folder).items() if k not in _VOLATILE_CONFIG}
+    files = []
+    for f in sorted(folder.glob("*.safetensors")):
+        size = f.stat().st_size
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            h.update(fh.read(sample))
+            fh.seek(max(size - sample, 0))
+            h.update(fh.read(sample))
+        files.append((f.name, size, h.hexdigest()))
+    return json.dumps(cfg, sort_keys=True), tuple(files)
+
+
 def open_state(path: str | Path) -> StateDir:
     """Open a model folder's safetensors (single file or sharded) without loading any tensor."""
     return StateDir(path)
@@ -228,6 +248,39 @@ class LoraDeltas:
                             "give the base model to diff them")
         if both := sorted(set(self._full) & set(self._lora)):
             raise PaftError(f"{weights}: {both[0]} has both LoRA and full weights")
+        if base is not None:
+            self._check_shapes(base)
+
+    def _check_shapes(self, base: StateDir) -> None:
+        """Every adapted module exists in ``base`` with the shape ``B @ A`` has: else the adapter is another base's."""
+        named = self._cfg.get("base_model_name_or_path")
+        hint = f" (its adapter_config.json names {named})" if named else ""
+        for name, entry in self._lora.items():
+            if name not in base:
+                raise ModelError(f"{self.path}: adapted module {entry['module']} is not in base {base.path}; the "
+                                 f"adapter was trained on another base{hint}")
+            a_shape, b_shape = (tuple(self._file.get_slice(entry[k]).get_shape()) for k in ("A", "B"))
+            if len(a_shape) != 2 or len(b_shape) != 2:
+                continue  # conv LoRA: refused when its delta is computed
+            (r_a, cols), (rows, r_b) = a_shape, b_shape
+            shape = (cols, rows) if entry["embedding"] or self._cfg.get("fan_in_fan_out") else (rows, cols)
+            if r_a != r_b or shape != base.shape(name):
+                raise ModelError(f"{self.path}: {entry['module']} delta has shape {shape} but {name} in base "
+                                 f"{base.path} has {base.shape(name)}; the adapter was trained on another base{hint}")
+
+    def check_recorded_base(self, base: StateDir) -> None:
+        """Refuse when the adapter's recorded base is a local folder whose model differs from ``base``.
+
+        Two folders hold the same base when their ``config.json`` agree and their weight files have the same
+        names, sizes and first and last MiB (a hash of that sample; full hashes would read every byte).
+        """
+        recorded = adapter_base(self._cfg)
+        if recorded is None or recorded.resolve() == base.path.resolve():
+            return
+        if base_fingerprint(recorded) != base_fingerprint(base.path):
+            raise ModelError(f"{self.path}: trained on base {recorded} (adapter_config.json "
+                             f"base_model_name_or_path) but merged into {base.path}, a different model; pass "
+                             "--allow-base-mismatch (YAML: allow_base_mismatch: true) if that is intended")
 
     def names(self) -> list[str]:
         return [*self._lora, *self._full]
@@ -379,15 +432,19 @@ def thread_buffer(key: str, nbytes: int) -> torch.Tensor:
 
 
 def open_source(path: str | Path, base: StateDir, base_cfg: dict | None = None, label: str | None = None,
-                resize_vocab: bool = False) -> LoraDeltas | CheckpointDeltas:
+                resize_vocab: bool = False, check_base: bool = False) -> LoraDeltas | CheckpointDeltas:
     """The delta source of a folder against ``base``: a PEFT LoRA adapter or a full checkpoint.
 
-    ``base_cfg``, ``label`` and ``resize_vocab`` apply to full checkpoints (see :class:`CheckpointDeltas`).
+    ``base_cfg``, ``label`` and ``resize_vocab`` apply to full checkpoints (see :class:`CheckpointDeltas`);
+    ``check_base`` to adapters (see :meth:`LoraDeltas.check_recorded_base`).
     """
     path = Path(path)
     if not path.is_dir():
         raise PaftError(f"{path}: not a folder (give a model folder or a LoRA adapter folder)")
     if is_adapter(path):
-        return LoraDeltas(path, base)
+        src = LoraDeltas(path, base)
+        if check_base:
+            src.check_recorded_base(base)
+        return src
     return CheckpointDeltas(path, base, base_cfg, label, resize_vocab)
 

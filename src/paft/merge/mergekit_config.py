@@ -33,7 +33,7 @@ MODEL_PARAMS = {"weight": "weight", "density": "density", "gamma": "gamma", "eps
 GLOBAL_PARAMS = {"normalize": "normalize", "lambda": "lambda_", "t": "t", "rescale": "rescale",
                  "majority_sign": "majority_sign", "int8_mask": None, "filter_wise": "filter_wise"}
 _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
-             "tokenizer", "seed", "resize_vocab", "name"}
+             "tokenizer", "seed", "resize_vocab", "allow_base_mismatch", "name"}
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 _PRE = re.compile(r"embed|wte|wpe|tok_embeddings|word_embeddings")
 
@@ -61,6 +61,7 @@ class MergePlan:
     tokenizer_source: str = "base"  # "base" or a folder
     seed: int = 0
     resize_vocab: bool = False
+    allow_base_mismatch: bool = False  # merge an adapter whose adapter_config.json names another base
     source: str = "flags"  # the YAML file, for messages
     mergekit_defaults: bool = False
 
@@ -183,15 +184,16 @@ def load_mergekit_yaml(path: str | Path) -> MergePlan:
     if tok != "base":
         tok = str(resolve_model_ref(tok, rel, f"{src}: tokenizer_source"))
     dtype = data.get("out_dtype") or data.get("dtype")
-    resize = data.get("resize_vocab", False)
-    if not isinstance(resize, bool):
-        raise ConfigError(f"{src}: resize_vocab must be true or false, got {resize!r}")
+    resize, allow = data.get("resize_vocab", False), data.get("allow_base_mismatch", False)
+    for key, value in (("resize_vocab", resize), ("allow_base_mismatch", allow)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{src}: {key} must be true or false, got {value!r}")
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"{src}: seed must be an integer, got {seed!r}")
     return MergePlan(method=method, base=base, models=models, params=gparams,
                      out_dtype=str(dtype) if dtype is not None else None, tokenizer_source=tok, seed=seed,
-                     resize_vocab=resize, source=src, mergekit_defaults=True)
+                     resize_vocab=resize, allow_base_mismatch=allow, source=src, mergekit_defaults=True)
 
 
 def _model_input(ref: str, rel: Path | None, key: str, params: dict) -> ModelInput:
@@ -211,7 +213,8 @@ _MERGEKIT_NAME = {kw: name for name, kw in {**MODEL_PARAMS, **GLOBAL_PARAMS}.ite
 def plan_from_flags(base: str | Path, models: list[str | Path], method: str, *,
                     weights: list[float] | None = None, density: float | list[float] | None = None,
                     params: dict | None = None, dtype: str | None = None, tokenizer_source: str | None = None,
-                    seed: int = 0, resize_vocab: bool = False, source: str = "command line") -> MergePlan:
+                    seed: int = 0, resize_vocab: bool = False, allow_base_mismatch: bool = False,
+                    source: str = "command line") -> MergePlan:
     """The plan of ``--base B --models M1 M2 ...`` or of a run's merge section (weights and density default to 1).
 
     ``params`` are method parameters under mergekit's names or paft's keywords (``lambda`` or ``lambda_``).
@@ -242,7 +245,7 @@ def plan_from_flags(base: str | Path, models: list[str | Path], method: str, *,
         tok = str(resolve_model_ref(tok, None, "--tokenizer-source"))
     return MergePlan(method=method, base=resolve_model_ref(str(base), None, "--base"), models=inputs,
                      params=plan_params, out_dtype=dtype, tokenizer_source=tok, seed=seed,
-                     resize_vocab=resize_vocab, source=source)
+                     resize_vocab=resize_vocab, allow_base_mismatch=allow_base_mismatch, source=source)
 
 
 # --- per-tensor evaluation ----------------------------------------------------------------------

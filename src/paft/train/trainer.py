@@ -26,7 +26,7 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 from paft.config import TrainConfig
-from paft.errors import ConfigError
+from paft.errors import ConfigError, PaftError
 from paft.io import atomic_dir, write_json_atomic
 from paft.progress import quiet_libraries
 
@@ -42,15 +42,24 @@ class Objective(Protocol):
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]: ...
 
 
+class TrainingDiverged(PaftError):
+    """A NaN or infinite training loss: the branch stops at that step."""
+
+
 class PaftTrainer(Trainer):
-    def __init__(self, *args, objective: Objective, **kwargs):
+    def __init__(self, *args, objective: Objective, name: str = "training", **kwargs):
         super().__init__(*args, **kwargs)
         self.objective = objective
         self._staging: str | None = None  # the folder a checkpoint is being written into
+        self.branch = name
         self._metrics: dict[str, list[float]] = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, metrics = self.objective(model, inputs)
+        if model.training and not torch.isfinite(loss.detach()).all():
+            raise TrainingDiverged(f"{self.branch}: loss is {float(loss.detach().float().mean())} at step "
+                                   f"{self.state.global_step + 1}; training diverged (lower the learning rate, "
+                                   "or check the data)")
         for k, v in metrics.items():
             self._metrics[k].append(float(v))
         return (loss, None) if return_outputs else loss
@@ -299,7 +308,7 @@ class Harness:
         args = training_args(t, ckpt_dir, seed=self.seed, device=self.device, bf16=self.bf16, n_examples=len(rows),
                              report_to=self.report_to, run_name=f"{out_dir.resolve().parent.name}/{self.name}")
         trainer = PaftTrainer(model=self.model, args=args, train_dataset=rows, data_collator=collator,
-                              objective=self.objective, callbacks=[ProgressCallback(self.report, self.name)])
+                              objective=self.objective, name=self.name, callbacks=[ProgressCallback(self.report, self.name)])
         # TensorBoard events: OUT/tb, or OUT/tb/stages/stage-2 etc. for a staged or online schedule's fits
         route_tensorboard(trainer, out_dir / "tb" / Path(ckpt_dir).parent.relative_to(out_dir))
         if self.thread_share is not None:
