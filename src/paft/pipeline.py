@@ -25,7 +25,7 @@ from paft.data.prepare import prepare_data
 from paft.device import resolve_device
 from paft.errors import PaftError
 from paft.eval.models import ModelSpec, evaluate_models
-from paft.io import package_versions, sha256_file, write_json_atomic, write_text_atomic
+from paft.io import LOCK_NAME, lock_folder, package_versions, sha256_file, write_json_atomic, write_text_atomic
 from paft.merge.mergekit_config import plan_from_flags
 from paft.merge.standalone import run_merge
 from paft.methods.losses import get_loss
@@ -66,7 +66,8 @@ class Run:
 
     # ------------------------------------------------------------------ setup
     def prepare(self) -> None:
-        """Create or reopen the output folder; refuse a different config unless forced."""
+        """Lock, create or reopen the output folder; refuse a different config unless forced."""
+        lock_folder(self.root)  # a second paft process on this folder stops here, naming the holder
         cfg_path = self.root / "config.yaml"
         mine = config_identity(self.cfg)
         if cfg_path.exists():
@@ -80,16 +81,16 @@ class Run:
                     raise PaftError(f"{self.root}: holds a run with a different config (differs at "
                                     f"{', '.join(diff[:5])}); pass --force to {what}, or choose another --out")
                 if stale is None:
-                    shutil.rmtree(self.root)
+                    _clear(self.root)
                 for name in stale or ():
                     target = self.root / name
                     shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
             elif self.cfg.run.force:
-                shutil.rmtree(self.root)
-        elif self.root.exists() and any(self.root.iterdir()):
+                _clear(self.root)
+        elif any(p.name != LOCK_NAME for p in self.root.iterdir()):
             if not self.cfg.run.force:
                 raise PaftError(f"{self.root}: exists and is not a paft run folder; pass --force to overwrite it")
-            shutil.rmtree(self.root)
+            _clear(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         write_text_atomic(cfg_path, self.cfg.to_yaml())
 
@@ -310,6 +311,13 @@ class Run:
 
 # outputs made stale by a change in a config section that only later stages read
 _DOWNSTREAM = {"merge": ["merged", "eval.json"], "eval": ["eval.json"], "sparsity": ["sparsity.json"]}
+
+
+def _clear(root: Path) -> None:
+    """Empty a run folder, keeping the lock this process holds on it."""
+    for p in root.iterdir():
+        if p.name != LOCK_NAME:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def _stale_outputs(sections: set[str]) -> list[str] | None:
