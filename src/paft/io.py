@@ -100,7 +100,7 @@ def umask() -> int:
 
 
 LOCK_NAME = ".paft.lock"
-_held: dict[str, IO[str]] = {}  # folders this process has locked -> the open lock file (the lock lives with it)
+_held: dict[tuple[int, int], IO[str]] = {}  # folders this process has locked -> the open lock file (the lock lives with it)
 
 
 def lock_folder(folder: str | os.PathLike, command: str | None = None) -> Path:
@@ -112,9 +112,6 @@ def lock_folder(folder: str | os.PathLike, command: str | None = None) -> Path:
     workers do not inherit it.
     """
     folder = Path(folder)
-    key = str(folder.resolve())
-    if key in _held:
-        return folder / LOCK_NAME
     if folder.exists() and not folder.is_dir():
         raise PaftError(f"{folder}: is a file, not a folder; choose another --out")
     path = folder / LOCK_NAME
@@ -123,6 +120,12 @@ def lock_folder(folder: str | os.PathLike, command: str | None = None) -> Path:
         fh = open(path, "a+", encoding="utf-8")
     except OSError as exc:
         raise PaftError(f"{folder}: cannot create the output folder ({exc.strerror}); choose another --out") from None
+    st = os.fstat(fh.fileno())
+    key = (st.st_dev, st.st_ino)  # the lock file itself, however the folder is spelled or renamed
+    held = _held.get(key)
+    if held is not None and os.fstat(held.fileno()).st_nlink:  # not a deleted lock file whose inode came back
+        fh.close()
+        return path
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -141,7 +144,11 @@ def lock_folder(folder: str | os.PathLike, command: str | None = None) -> Path:
 
 def unlock_folder(folder: str | os.PathLike) -> None:
     """Release a lock taken by ``lock_folder`` (process exit releases it too)."""
-    fh = _held.pop(str(Path(folder).resolve()), None)
+    try:
+        st = os.stat(Path(folder) / LOCK_NAME)
+    except OSError:
+        return
+    fh = _held.pop((st.st_dev, st.st_ino), None)
     if fh is not None:
         fh.close()
 
