@@ -150,3 +150,20 @@ def test_atomic_outputs_follow_the_umask(tmp_path, mask):
     mode = lambda p: stat.S_IMODE((tmp_path / p).stat().st_mode)  # noqa: E731
     assert mode("a.json") == 0o666 & ~mask == mode("plain.txt")
     assert mode("model") == 0o777 & ~mask == mode("plain")
+
+
+def test_lock_of_a_killed_holder_is_taken_over(tmp_path):
+    folder = tmp_path / "run"
+    code = f"import time; from paft.io import lock_folder; lock_folder({str(folder)!r}, 'paft run'); print('held', flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": SRC})
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(PaftError, match=f"pid {holder.pid}: paft run"):
+        lock_folder(folder)
+    holder.kill()
+    holder.wait()
+    lock_folder(folder, "paft again")  # SIGKILL released the flock; the stale file is rewritten
+    try:
+        assert (folder / LOCK_NAME).read_text() == f"pid {os.getpid()}: paft again\n"
+    finally:
+        unlock_folder(folder)
