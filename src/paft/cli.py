@@ -47,7 +47,8 @@ def _run(config, sets, preset, out, force, *, prepare: bool = True):
     quiet_libraries()
     from paft.pipeline import Run
 
-    run = Run(_config(config, sets, preset, out, force), ProgressUI(enabled=True))
+    cfg = _config(config, sets, preset, out, force)
+    run = Run(cfg, ProgressUI(enabled=True, log_every_s=cfg.run.log_every_s))
     if prepare:
         run.prepare()
     return run, run.ui

@@ -316,6 +316,8 @@ class RunConfig(_Section):
     bf16: Literal["auto", True, False] = Field("auto", description="bf16 autocast for training (auto: if supported)")
     threads: int | None = Field(None, gt=0, description="CPU threads in all; split between parallel branches")
     force: bool = Field(False, description="overwrite an existing output folder from a different config")
+    log_every_s: float = Field(30, gt=0, description="seconds between plain progress lines when output is not a "
+                                                     "terminal (a job log)")
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "dvclive", "trackio"]] = Field(
         ["tensorboard"], description="training-log integrations of the Trainer (TensorBoard logs go to "
                                      "RUN/BRANCH/tb); [] or none: off")
@@ -347,7 +349,7 @@ class PaftConfig(_Section):
 # --------------------------------------------------------------------------- identity
 
 # run keys that change how a run executes, not what it computes (the output folder may move)
-EXECUTION_KEYS = ("output_dir", "force", "parallel", "threads", "device", "report_to")
+EXECUTION_KEYS = ("output_dir", "force", "parallel", "threads", "device", "report_to", "log_every_s")
 
 
 def config_identity(config: PaftConfig | dict[str, Any]) -> dict[str, Any]:

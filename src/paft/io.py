@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -12,7 +13,7 @@ import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 from paft.errors import PaftError
 
@@ -30,6 +31,7 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+            os.fchmod(fh.fileno(), 0o666 & ~umask())  # mkstemp makes 0600; a plain open() would not
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -70,6 +72,7 @@ def atomic_dir(final: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; a plain mkdir() would not
         if final.exists():
             old = final.with_name(f".old-{final.name}-{os.getpid()}")
             os.replace(final, old)
@@ -80,6 +83,74 @@ def atomic_dir(final: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+LOCK_NAME = ".paft.lock"
+_held: dict[tuple[int, int], IO[str]] = {}  # folders this process has locked -> the open lock file (the lock lives with it)
+
+
+def lock_folder(folder: str | os.PathLike, command: str | None = None) -> Path:
+    """Take an exclusive lock on an output folder (``FOLDER/.paft.lock``) for the life of this process.
+
+    A second paft process on the same folder fails at once with one line naming the holder's PID. The
+    lock is an ``flock``, released by the kernel when its holder exits however it ends, so a lock file
+    left by a dead process is simply taken over (and rewritten). Re-entrant within a process; spawned
+    workers do not inherit it.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise PaftError(f"{folder}: is a file, not a folder; choose another --out")
+    path = folder / LOCK_NAME
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+", encoding="utf-8")
+    except OSError as exc:
+        raise PaftError(f"{folder}: cannot create the output folder ({exc.strerror}); choose another --out") from None
+    st = os.fstat(fh.fileno())
+    key = (st.st_dev, st.st_ino)  # the lock file itself, however the folder is spelled or renamed
+    held = _held.get(key)
+    if held is not None and os.fstat(held.fileno()).st_nlink:  # not a deleted lock file whose inode came back
+        fh.close()
+        return path
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "pid unknown"
+        fh.close()
+        raise PaftError(f"{folder}: in use by another paft process ({holder}); wait for it to end, "
+                        "or choose another --out") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()}: {command or ' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}\n")
+    fh.flush()
+    _held[key] = fh
+    return path
+
+
+def unlock_folder(folder: str | os.PathLike) -> None:
+    """Release a lock taken by ``lock_folder`` (process exit releases it too)."""
+    try:
+        st = os.stat(Path(folder) / LOCK_NAME)
+    except OSError:
+        return
+    fh = _held.pop((st.st_dev, st.st_ino), None)
+    if fh is not None:
+        fh.close()
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

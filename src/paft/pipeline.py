@@ -25,7 +25,7 @@ from paft.data.prepare import prepare_data
 from paft.device import resolve_device
 from paft.errors import PaftError
 from paft.eval.models import ModelSpec, evaluate_models
-from paft.io import package_versions, sha256_file, write_json_atomic, write_text_atomic
+from paft.io import LOCK_NAME, lock_folder, package_versions, sha256_file, write_json_atomic, write_text_atomic
 from paft.merge.mergekit_config import plan_from_flags
 from paft.merge.standalone import run_merge
 from paft.methods.losses import get_loss
@@ -65,8 +65,13 @@ class Run:
         return self.output(name).name == "model"
 
     # ------------------------------------------------------------------ setup
+    def _kept(self) -> set[Path]:
+        """What --force and a redo never remove: the config's input files inside the folder, and the lock."""
+        return _input_paths(self.cfg, self.root) | {(self.root / LOCK_NAME).resolve()}
+
     def prepare(self) -> None:
-        """Create or reopen the output folder; refuse a different config unless forced."""
+        """Lock, create or reopen the output folder; refuse a different config unless forced."""
+        lock_folder(self.root)  # a second paft process on this folder stops here, naming the holder
         cfg_path = self.root / "config.yaml"
         mine = config_identity(self.cfg)
         if cfg_path.exists():
@@ -79,15 +84,15 @@ class Run:
                         else "overwrite it"
                     raise PaftError(f"{self.root}: holds a run with a different config (differs at "
                                     f"{', '.join(diff[:5])}); pass --force to {what}, or choose another --out")
-                keep = _input_paths(self.cfg, self.root)
+                keep = self._kept()
                 for name in (list(self.root.iterdir()) if stale is None else (self.root / n for n in stale)):
                     _remove_outputs(name, keep)
             elif self.cfg.run.force:
-                keep = _input_paths(self.cfg, self.root)
+                keep = self._kept()
                 for name in list(self.root.iterdir()):
                     _remove_outputs(name, keep)
         elif self.root.exists():
-            keep = _input_paths(self.cfg, self.root)
+            keep = self._kept()
             other = [p.name for p in sorted(self.root.iterdir())
                      if not any(k.is_relative_to(p.resolve()) for k in keep)]
             if other:  # a folder holding only this config's inputs is fine to run in

@@ -19,6 +19,7 @@ from multiprocessing.connection import wait
 from typing import Any, Callable
 
 from paft.errors import PaftError
+from paft.progress import quiet_libraries
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ def _worker(conn) -> None:
 
     Ctrl-C or SystemExit (SIGTERM, in a job that runs a pool of its own) ends the worker.
     """
+    quiet_libraries()  # before a job's modules import transformers (and bitsandbytes with it)
     with contextlib.suppress(EOFError, KeyboardInterrupt, SystemExit):
         while (job := conn.recv()) is not None:
             fn, args, kwargs = job

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from paft.config import format_validation_error
 from paft.errors import ConfigError, PaftError
-from paft.io import usable_cores, write_text_atomic
+from paft.io import lock_folder, usable_cores, write_text_atomic
 from paft.models import resolve_model_dir
 from paft.progress import ProgressUI
 from paft.sweep.backends import import_ray, run_local, run_ray
@@ -53,6 +53,7 @@ def run_sweep(path: str | Path | Sweep, out: str | Path | None = None, *, overri
         import_ray()  # a missing Ray fails before anything runs
     out = Path(out or Path("sweeps") / (spec.name or Path(sweep.source).stem)).resolve()
     ui = ui or ProgressUI(enabled=False)
+    lock_folder(out)  # a second sweep into this folder stops here, naming the holder
 
     threads = max(1, usable_cores() // ex.workers if ex.backend == "local" else int(ex.num_cpus))
     payloads, records, skipped = [], {}, []
