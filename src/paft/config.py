@@ -200,7 +200,7 @@ class PreferenceConfig(TrainConfig):
     @field_validator("method")
     @classmethod
     def _known(cls, v: str) -> str:
-        from paft.methods.losses import LOSSES  # lazy: torch (2 s) that `paft --help` and `paft config` never use
+        from paft.methods.losses import LOSSES  # lazy: torch (2 s), which `paft --help` never needs
 
         key = v.lower()
         if key not in LOSSES:
