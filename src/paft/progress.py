@@ -73,9 +73,8 @@ class ProgressUI:
         if "note" in msg:  # a phase of a staged / online method starts
             self.log(f"{msg['branch']}: {msg['note']}")
             return
-        loss, tps = msg.get("loss"), msg.get("tokens_per_s")
-        info = " ".join(([f"loss {loss:.4f}"] if isinstance(loss, (int, float)) else [])
-                        + ([f"{tps:.0f} tok/s"] if isinstance(tps, (int, float)) and tps > 0 else []))
+        loss = msg.get("loss")
+        info = f"loss {loss:.4f}" if isinstance(loss, (int, float)) else ""
         self.update(f"train {msg['branch']}", msg.get("step"), msg.get("total"), info)
 
     @contextmanager

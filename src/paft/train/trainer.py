@@ -105,7 +105,6 @@ class ProgressCallback(TrainerCallback):
         self.last: dict[str, float] = {}
 
     def on_train_begin(self, args, state, control, **kw):
-        self.start = (time.perf_counter(), state.num_input_tokens_seen)
         self.report({"branch": self.name, "step": state.global_step, "total": state.max_steps})
 
     def on_log(self, args, state, control, logs=None, **kw):
@@ -113,11 +112,8 @@ class ProgressCallback(TrainerCallback):
             self.last = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
 
     def on_step_end(self, args, state, control, **kw):
-        t0, n0 = self.start
-        tokens = state.num_input_tokens_seen - n0  # counted when the Trainer tracks input tokens
         self.report({"branch": self.name, "step": state.global_step, "total": state.max_steps,
-                     "loss": self.last.get("loss"),
-                     "tokens_per_s": tokens / (time.perf_counter() - t0) if tokens > 0 else None})
+                     "loss": self.last.get("loss")})
 
 
 class ThreadShareCallback(TrainerCallback):
