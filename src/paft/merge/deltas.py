@@ -204,7 +204,7 @@ class LoraDeltas:
     base is given, and are refused otherwise.
     """
 
-    def __init__(self, adapter_dir: str | Path, base: StateDir | None = None):
+    def __init__(self, adapter_dir: str | Path, base: StateDir | None = None, check_base: bool = False):
         self.path = Path(adapter_dir)
         cfg_path, weights = self.path / ADAPTER_CONFIG, self.path / ADAPTER_WEIGHTS
         for f in (cfg_path, weights):
@@ -250,6 +250,8 @@ class LoraDeltas:
             raise PaftError(f"{weights}: {both[0]} has both LoRA and full weights")
         if base is not None:
             self._check_shapes(base)
+            if check_base:
+                self.check_recorded_base(base)
 
     def _check_shapes(self, base: StateDir) -> None:
         """Every adapted module exists in ``base`` with the shape ``B @ A`` has: else the adapter is another base's."""
@@ -442,9 +444,6 @@ def open_source(path: str | Path, base: StateDir, base_cfg: dict | None = None, 
     if not path.is_dir():
         raise PaftError(f"{path}: not a folder (give a model folder or a LoRA adapter folder)")
     if is_adapter(path):
-        src = LoraDeltas(path, base)
-        if check_base:
-            src.check_recorded_base(base)
-        return src
+        return LoraDeltas(path, base, check_base)
     return CheckpointDeltas(path, base, base_cfg, label, resize_vocab)
 

@@ -132,10 +132,7 @@ class PreparedMerge:
                 if not _same(m.path, self.base_dir):
                     raise ConfigError(f"{label}: LoRA on {m.path}, but base_model is {self.base_dir}; only "
                                       "adapters on the shared base can be merged")
-                src = LoraDeltas(m.adapter, self.base)
-                if not plan.allow_base_mismatch:
-                    src.check_recorded_base(self.base)
-                self.sources.append(src)
+                self.sources.append(LoraDeltas(m.adapter, self.base, check_base=not plan.allow_base_mismatch))
                 self.kinds.append("lora")
             else:
                 src = open_source(m.path, self.base, self.base_cfg, label, plan.resize_vocab,
