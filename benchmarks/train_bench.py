@@ -148,7 +148,8 @@ def gemm_rates(device: str, seconds: float = 2.0) -> dict[str, float]:
 class StepClock:
     """Patches the Trainer's callback handler and training_step: per-step wall time and real tokens."""
 
-    def __init__(self):
+    def __init__(self, profile_step: int | None = None, profile_out: Path | None = None):
+        self.profile_step, self.profile_out = profile_step, profile_out
         self.begin: list[float] = []
         self.end: list[float] = []
         self.tokens: list[int] = []
@@ -176,7 +177,15 @@ class StepClock:
                 clock.tokens[-1] += int(inputs["sequence_tokens"].sum())
             elif clock.tokens and "attention_mask" in inputs:
                 clock.tokens[-1] += int(inputs["attention_mask"].sum())
-            loss = step(trainer, model, inputs, *a, **kw)
+            if clock.profile_step is not None and len(clock.begin) == clock.profile_step + 1:
+                import torch
+
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                    loss = step(trainer, model, inputs, *a, **kw)
+                table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+                clock.profile_out.write_text(table)
+            else:
+                loss = step(trainer, model, inputs, *a, **kw)
             clock.losses.append(float(loss.detach()))
             return loss
 
@@ -204,9 +213,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(0)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    clock = StepClock()
-    clock.install()
     work = Path(spec["work"])
+    clock = StepClock(spec.get("profile_step"), work / "profile.txt")
+    clock.install()
     if spec["tool"] == "paft":
         # a cold reference cache (no head start from an earlier run), the usual converted model
         from paft.io import cache_root
@@ -308,6 +317,8 @@ def main() -> None:
                     help="subset of: paft, trl-default, trl-default-fp32, trl-best-fp32, trl-best-bf16 (default: "
                          "paft, TRL's defaults and TRL's best; bf16 ones only where bf16 GEMMs are fast)")
     ap.add_argument("--out", type=Path, default=Path("runs/train-bench"))
+    ap.add_argument("--profile-step", type=int, default=None,
+                    help="profile this step (0-based) of each configuration with torch.profiler: WORK/profile.txt")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -349,7 +360,8 @@ def main() -> None:
     levers = {"paft-plain": {"packing": "false", "completion_logits": "false"},
               "paft-completion-logits": {"packing": "false", "completion_logits": "true"},
               "paft": {}}
-    configs = {"paft": ("paft", "default", "auto"), "paft-plain": ("paft", "plain", "auto"),
+    configs = {"paft": ("paft", "default", "auto"), "paft-fp32": ("paft", "default", False),
+               "paft-plain": ("paft", "plain", "auto"),
                "paft-completion-logits": ("paft", "completion-logits", "auto"),
                "trl-default": ("trl", "default", None),
                "trl-default-fp32": ("trl", "default-fp32", False),
@@ -378,7 +390,7 @@ def main() -> None:
                     "warmup": args.warmup, "batch": args.batch, "lr": args.lr, "max_length": args.max_length,
                     "max_prompt_length": args.max_prompt_length, "device": device,
                     "data": {k: str(v) for k, v in data.items()}, "work": str(args.out / f"{task}-{name}"),
-                    "paft_sets": levers.get(name, {})}
+                    "paft_sets": levers.get(name, {}), "profile_step": args.profile_step}
             start = time.perf_counter()
             res = run_child(spec)
             res["wall_s"] = round(time.perf_counter() - start, 1)

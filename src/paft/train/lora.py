@@ -98,7 +98,9 @@ def l1_delta_norm(model) -> torch.Tensor:
     if held is not None:
         return full_delta_l1(*held)
     mods = lora_modules(model)
-    total = torch.zeros((), device=next(model.parameters()).device)
-    for m in mods:
-        total = total + lora_delta(m).abs().sum()
+    device = next(model.parameters()).device
+    total = torch.zeros((), device=device)
+    with torch.autocast(device.type, enabled=False):  # B A in fp32 under bf16 training: small deltas keep their sign
+        for m in mods:
+            total = total + lora_delta(m).abs().sum()
     return total

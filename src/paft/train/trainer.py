@@ -55,7 +55,10 @@ class PaftTrainer(Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, metrics = self.objective(model, inputs)
+        # accelerate's bf16/fp16 autocast wraps only model.forward; the objectives call the decoder and the LM head
+        # themselves (completion positions, packed rows), so without this they would run in fp32
+        with self.accelerator.autocast():
+            loss, metrics = self.objective(model, inputs)
         if model.training and not torch.isfinite(loss.detach()).all():
             raise TrainingDiverged(f"{self.branch}: loss is {float(loss.detach().float().mean())} at step "
                                    f"{self.state.global_step + 1}; training diverged (lower the learning rate, "
