@@ -125,6 +125,25 @@ def prepare_data(data, out_dir: Path, *, seed: int, ranked: bool = False,
     return summary
 
 
+def check_sources_unchanged(data, summary: dict[str, Any], where: Path) -> None:
+    """A one-line ``DataError`` when a data file changed since ``summary`` (its data stage) recorded its sha256.
+
+    The prepared JSONL under ``where`` would otherwise be reused silently; a file that is gone now (a moved
+    folder, another working directory) or a hub dataset (no hash) is not compared.
+    """
+    for kind in KINDS:
+        src, info = getattr(data, kind), summary.get(kind) or {}
+        for file, key in ((src.local or src.path, "sha256"), (src.eval_path, "eval_sha256")):
+            recorded = info.get(key)
+            if not file or not recorded or recorded.startswith("demo:"):
+                continue
+            now = hash_source(file)
+            if now is not None and now != recorded:
+                raise DataError(f"{file}: changed since the data stage of {where} (sha256 {recorded[:12]} recorded, "
+                                f"{now[:12]} now); pass --force to redo the run from the data stage, or restore "
+                                "the file")
+
+
 def write_examples(path: Path, examples: list) -> None:
     """Examples as canonical JSONL (unset fields left out), which ``load_examples`` reads back the same."""
     lines = [json.dumps({k: v for k, v in asdict(e).items() if v is not None}, ensure_ascii=False) for e in examples]
