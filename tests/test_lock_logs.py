@@ -213,6 +213,15 @@ def test_standalone_merge_takes_the_output_folder_lock(tmp_path):
     assert is_model(out) and (out / LOCK_NAME).is_file() and not list(tmp_path.glob(".old-*"))
     lock_folder(out, "paft next")  # released when the command ended
     unlock_folder(out)
+    holder = _holder(tmp_path / "sp")  # `paft sparsity --base ... --out` the same
+    try:
+        _one_error_line(runner.invoke(app, ["sparsity", str(other), "--base", str(base), "--out",
+                                            str(tmp_path / "sp")]), holder.pid)
+    finally:
+        holder.kill()
+        holder.wait()
+    sp = runner.invoke(app, ["sparsity", str(other), "--base", str(base), "--out", str(tmp_path / "sp")])
+    assert sp.exit_code == 0 and (tmp_path / "sp" / "sparsity.json").is_file(), sp.output
     failed = runner.invoke(app, ["merge", "--base", str(base), "--models", str(tmp_path / "missing"),
                                  "--out", str(tmp_path / "m2")])
     assert failed.exit_code == 1 and not (tmp_path / "m2").exists()  # no empty folder left by the lock
