@@ -54,16 +54,15 @@ class PaftTrainer(Trainer):
         self._staging: str | None = None  # the folder a checkpoint is being written into
         self.branch = name
         self._metrics: dict[str, list[float]] = defaultdict(list)
-        self._tokens: torch.Tensor | None = None  # real tokens trained on, summed on the batches' device
+        self._tokens: torch.Tensor | int = 0  # real tokens trained on, summed on the batches' device
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        n = real_tokens(inputs)
-        self._tokens = n if self._tokens is None else self._tokens + n  # no host sync per step
+        self._tokens = self._tokens + real_tokens(inputs)  # a device tensor: no host sync per step
         return super().training_step(model, inputs, num_items_in_batch)
 
     def tokens_seen(self) -> int:
         """Real (non-pad) tokens of this ``train()``'s batches so far; syncs with the device, so read it rarely."""
-        return int(self._tokens.item()) if self._tokens is not None else 0
+        return int(self._tokens)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, metrics = self.objective(model, inputs)
