@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-from paft.config import DataConfig
+from paft.config import DataConfig, load_config
 from paft.data.loading import load_examples
 from paft.data.prepare import prepare_data
 from paft.errors import DataError
-from paft.report.render import build_report
 from paft.report.markdown import to_markdown
+from paft.report.render import build_report
 
 
 def _write(path, rows):
@@ -65,7 +65,7 @@ def test_all_pairs_equal_stops_with_one_line(tmp_path):
 def test_duplicates_dropped_before_the_split_so_no_held_out_row_is_in_train(tmp_path):
     # 8 distinct rows; row 0 four times, row 1 three times: 5 duplicates among 13
     sft = [_sft(i) for i in range(8)] + [_sft(0)] * 3 + [_sft(1)] * 2
-    summary = prepare_data(_data(tmp_path, [_pair(i) for i in range(10)], sft=sft, ), tmp_path / "out", seed=3)
+    summary = prepare_data(_data(tmp_path, [_pair(i) for i in range(10)], sft=sft), tmp_path / "out", seed=3)
     s = summary["sft"]
     assert s["duplicates"] == 5 and s["train"] + s["eval"] == 8 and s["eval_overlap"] == 0
     train, held = (_keys(_read(tmp_path, f"sft_{x}.jsonl", "sft")) for x in ("train", "eval"))
@@ -81,13 +81,15 @@ def test_separate_eval_file_overlap_reported_and_warned(tmp_path):
     p = summary["preference"]
     assert (p["train"], p["eval"], p["duplicates"], p["eval_equal_pairs"], p["eval_overlap"]) == (10, 4, 1, 1, 2)
     assert any("held.jsonl: 2 of its 4 held-out rows also occur in" in m for m in logs)
+    md = to_markdown(build_report({"config": load_config(preset="tiny").model_dump(mode="json"), "data": summary}))
+    row = next(line for line in md.splitlines() if line.startswith("| preference "))
+    assert [c.strip() for c in row.strip("|").split("|")][-3:] == ["0 + 1 held-out", "1", "2"]
 
 
 def test_report_shows_the_data_checks(tmp_path):
     sft = [_sft(i) for i in range(8)] + [_sft(0)] * 2
     pairs = [_pair(i, rejected=f"good answer {i}" if i < 2 else None) for i in range(10)]
     data = prepare_data(_data(tmp_path, pairs, sft=sft), tmp_path / "out", seed=0)
-    from paft.config import load_config
     cfg = load_config(preset="tiny").model_dump(mode="json")
     md = to_markdown(build_report({"config": cfg, "data": data}))
     assert "## Data" in md and "pairs chosen = rejected, dropped" in md and "held-out rows also in train" in md
@@ -97,7 +99,6 @@ def test_report_shows_the_data_checks(tmp_path):
 
 
 def test_demo_counts_reported_as_drawn(tmp_path):
-    from paft.config import load_config
     cfg = load_config(preset="tiny")
     summary = prepare_data(cfg.data, tmp_path, seed=cfg.run.seed)
     for kind, s in summary.items():
