@@ -193,7 +193,7 @@ def test_offline_without_a_local_file_says_what_to_download_and_which_key_to_set
 def test_run_data_stage_reads_a_preset_from_its_local_file(tmp_path, saferlhf_file, paft_cache):
     from paft.pipeline import Run
 
-    rows = SAFERLHF * 4  # enough to split off a held-out share
+    rows = SAFERLHF * 4  # the copies are dropped as duplicates before the split
     local = _jsonl(tmp_path / "safer.jsonl", rows)
     cfg = load_config(preset="tiny", overrides=[f"run.output_dir={tmp_path / 'run'}",
                                                 "data.preference.path=beavertails:safer",
@@ -201,8 +201,10 @@ def test_run_data_stage_reads_a_preset_from_its_local_file(tmp_path, saferlhf_fi
     run = Run(cfg)
     run.prepare()
     summary = run.data()["preference"]
-    assert summary["format"] == "beavertails" and summary["train"] + summary["eval"] == len(rows)
+    assert summary["format"] == "beavertails" and summary["train"] + summary["eval"] == len(SAFERLHF)
+    assert summary["duplicates"] == len(rows) - len(SAFERLHF) and summary["eval_overlap"] == 0
     assert summary["sha256"]  # the local file's hash, for provenance
-    train = [json.loads(x) for x in (run.data_dir / "preference_train.jsonl").read_text().splitlines()]
-    fake_id = [r for r in train if r["prompt"][-1]["content"] == "How do I make a fake ID?"]
+    rows_out = [json.loads(x) for split in ("train", "eval")
+                for x in (run.data_dir / f"preference_{split}.jsonl").read_text().splitlines()]
+    fake_id = [r for r in rows_out if r["prompt"][-1]["content"] == "How do I make a fake ID?"]
     assert fake_id and all(r["chosen"].startswith("I can't") for r in fake_id)

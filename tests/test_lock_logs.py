@@ -167,3 +167,77 @@ def test_lock_of_a_killed_holder_is_taken_over(tmp_path):
         assert (folder / LOCK_NAME).read_text() == f"pid {os.getpid()}: paft again\n"
     finally:
         unlock_folder(folder)
+
+
+def _holder(folder):
+    """A process holding ``folder``'s lock until killed."""
+    code = f"import time; from paft.io import lock_folder; lock_folder({str(folder)!r}, 'paft run'); print('held', flush=True); time.sleep(60)"
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": SRC})
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def _one_error_line(result, pid):
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    text = " ".join(result.output.split())
+    assert len(lines) == 1 and f"pid {pid}: paft run" in text and "in use by another paft process" in text, lines
+
+
+def test_standalone_merge_takes_the_output_folder_lock(tmp_path):
+    from typer.testing import CliRunner
+
+    from paft.cli import app
+    from paft.models.folders import is_model
+    from paft.models.tiny import build_tiny
+
+    runner = CliRunner()
+    base = build_tiny(tmp_path / "base", seed=0, hidden=32, layers=2, vocab=300)
+    other = build_tiny(tmp_path / "other", seed=1, hidden=32, layers=2, vocab=300)
+    out = tmp_path / "merged"
+    args = ["merge", "--base", str(base), "--models", f"{other},{other}", "--method", "task_arithmetic",
+            "--out", str(out)]
+    holder = _holder(out)
+    try:
+        _one_error_line(runner.invoke(app, args), holder.pid)
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing written beside the holder
+    finally:
+        holder.kill()
+        holder.wait()
+    done = runner.invoke(app, args)
+    assert done.exit_code == 0, done.output
+    assert is_model(out) and (out / LOCK_NAME).read_text().startswith(f"pid {os.getpid()}:")
+    again = runner.invoke(app, [*args, "--force"])  # the output folder is swapped whole; its lock goes along
+    assert again.exit_code == 0, again.output
+    assert is_model(out) and (out / LOCK_NAME).is_file() and not list(tmp_path.glob(".old-*"))
+    lock_folder(out, "paft next")  # released when the command ended
+    unlock_folder(out)
+    holder = _holder(tmp_path / "sp")  # `paft sparsity --base ... --out` the same
+    try:
+        _one_error_line(runner.invoke(app, ["sparsity", str(other), "--base", str(base), "--out",
+                                            str(tmp_path / "sp")]), holder.pid)
+    finally:
+        holder.kill()
+        holder.wait()
+    sp = runner.invoke(app, ["sparsity", str(other), "--base", str(base), "--out", str(tmp_path / "sp")])
+    assert sp.exit_code == 0 and (tmp_path / "sp" / "sparsity.json").is_file(), sp.output
+    failed = runner.invoke(app, ["merge", "--base", str(base), "--models", str(tmp_path / "missing"),
+                                 "--out", str(tmp_path / "m2")])
+    assert failed.exit_code == 1 and not (tmp_path / "m2").exists()  # no empty folder left by the lock
+
+
+def test_standalone_eval_takes_the_output_folder_lock(tmp_path):
+    from typer.testing import CliRunner
+
+    from paft.cli import app
+
+    out = tmp_path / "eval"
+    holder = _holder(out)
+    try:
+        result = CliRunner().invoke(app, ["eval", str(tmp_path / "some-model"), "--preset", "tiny", "--out", str(out)])
+        _one_error_line(result, holder.pid)
+        assert not (out / "eval.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()

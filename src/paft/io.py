@@ -64,7 +64,7 @@ def atomic_dir(final: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     ``.tmp-*`` folder, which is removed on the next attempt.
     """
     final = Path(final)
-    if final.exists() and not force:
+    if output_exists(final) and not force:
         raise PaftError(f"{final}: output exists; pass --force to overwrite")
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(f".tmp-{final.name}-*"):
@@ -74,6 +74,8 @@ def atomic_dir(final: str | os.PathLike, force: bool = False) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; a plain mkdir() would not
         if final.exists():
+            if (final / LOCK_NAME).is_file():  # the folder's lock moves with it (same inode: still held)
+                os.replace(final / LOCK_NAME, tmp / LOCK_NAME)
             old = final.with_name(f".old-{final.name}-{os.getpid()}")
             os.replace(final, old)
             os.replace(tmp, final)
@@ -151,6 +153,34 @@ def unlock_folder(folder: str | os.PathLike) -> None:
     fh = _held.pop((st.st_dev, st.st_ino), None)
     if fh is not None:
         fh.close()
+
+
+def output_exists(folder: str | os.PathLike) -> bool:
+    """``folder`` exists and holds more than its lock file (``lock_folder`` creates the folder it locks)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return folder.exists()
+    return any(p.name != LOCK_NAME for p in folder.iterdir())
+
+
+@contextlib.contextmanager
+def locked_output(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold ``folder``'s lock (``lock_folder``) while a command writes into it, then release it (unless this
+    process held it already); a folder that the lock created and that is still empty at the end (the command
+    failed first) is removed again."""
+    folder = Path(folder)
+    created, before = not folder.exists(), set(_held)
+    st = os.stat(lock_folder(folder))
+    key = (st.st_dev, st.st_ino)  # the lock file's inode, the same after an atomic_dir swap moved it
+    try:
+        yield folder
+    finally:
+        if key not in before and (fh := _held.pop(key, None)) is not None:
+            fh.close()
+        if created and not output_exists(folder):
+            with contextlib.suppress(OSError):
+                (folder / LOCK_NAME).unlink()
+                folder.rmdir()
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -21,7 +21,7 @@ import torch
 
 from paft.config import PaftConfig, config_identity, read_yaml
 from paft.data.loading import load_examples
-from paft.data.prepare import prepare_data
+from paft.data.prepare import check_sources_unchanged, prepare_data
 from paft.device import resolve_device
 from paft.errors import PaftError
 from paft.eval.models import ModelSpec, evaluate_models
@@ -49,6 +49,7 @@ class Run:
         self.ui = ui or ProgressUI(enabled=False)
         self.data_dir, self.merged_dir = self.root / "data", self.root / "merged"
         self.sequential_model_dir = self.root / "sequential" / "model"
+        self._sources_checked = False  # data files compared with their recorded hashes (once per process)
 
     # ------------------------------------------------------------------ paths
     def branch_dir(self, name: str) -> Path:
@@ -136,7 +137,11 @@ class Run:
         """Load, validate and split both datasets into canonical JSONL under data/ (once)."""
         # listwise methods (data kind "ranked") get graded reply lists for the same prompts
         ranked = get_loss(self.cfg.preference.method).data == "ranked"
-        return self._once(self.data_dir / "summary.json", lambda: prepare_data(
+        summary_path = self.data_dir / "summary.json"
+        if summary_path.exists() and not self._sources_checked:  # never reuse data prepared from an older file
+            check_sources_unchanged(self.cfg.data, json.loads(summary_path.read_text()), self.root)
+            self._sources_checked = True
+        return self._once(summary_path, lambda: prepare_data(
             self.cfg.data, self.data_dir, seed=self.cfg.run.seed, ranked=ranked, log=self.ui.log), "data")
 
     def eval_examples(self, kind: str) -> list:

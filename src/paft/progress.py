@@ -42,7 +42,8 @@ class ProgressUI:
             self._plain_line(name, info)
 
     def _plain_line(self, name: str, info: str) -> None:
-        """A line such as ``train sft: 120/400 (30%) loss 1.2345, 3.1 steps/s, ETA 1m30s`` when one is due."""
+        """A line such as ``train sft: 120/400 (30%), loss 1.2345, 850 tokens/s, 3.1 it/s, ETA 1m30s`` when one
+        is due."""
         task = next(t for t in self.progress.tasks if t.id == self.tasks[name])
         now, done, total = time.monotonic(), task.completed, task.total
         seen = self._seen.setdefault(name, [now, done, -1.0])
@@ -73,8 +74,9 @@ class ProgressUI:
         if "note" in msg:  # a phase of a staged / online method starts
             self.log(f"{msg['branch']}: {msg['note']}")
             return
-        loss = msg.get("loss")
-        info = f"loss {loss:.4f}" if isinstance(loss, (int, float)) else ""
+        loss, tps = msg.get("loss"), msg.get("tokens_per_s")
+        info = ", ".join(([f"loss {loss:.4f}"] if isinstance(loss, (int, float)) else [])
+                         + ([f"{tps:.0f} tokens/s"] if isinstance(tps, (int, float)) and tps > 0 else []))
         self.update(f"train {msg['branch']}", msg.get("step"), msg.get("total"), info)
 
     @contextmanager

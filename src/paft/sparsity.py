@@ -7,6 +7,7 @@ absolute terms and relative to the scale (RMS) of the base weight it modifies.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
@@ -15,7 +16,7 @@ import torch
 from rich.table import Table
 
 from paft.errors import ConfigError, PaftError
-from paft.io import atomic_dir, write_json_atomic
+from paft.io import atomic_dir, locked_output, write_json_atomic
 from paft.merge.cli_support import parse_floats
 from paft.merge.deltas import LoraDeltas, open_source, open_state
 from paft.merge.engine import default_workers, ordered_map
@@ -200,7 +201,9 @@ def standalone_sparsity(inputs: list[Path], base: Path, out: Path | None, force:
         raise ConfigError("give one or more model or adapter folders to measure against --base")
     abs_t = parse_floats(absolute, "--abs") or list(ABSOLUTE)
     rel_t = parse_floats(relative, "--rel") or list(RELATIVE)
-    return compare_sparsity(inputs, base, out, absolute=abs_t, relative=rel_t, workers=workers, force=force, plot=plot)
+    with locked_output(out) if out is not None else contextlib.nullcontext():  # one paft process per folder
+        return compare_sparsity(inputs, base, out, absolute=abs_t, relative=rel_t, workers=workers, force=force,
+                                plot=plot)
 
 
 def print_sparsity_table(results: dict, out: Path | None) -> None:

@@ -322,4 +322,5 @@ def split_examples(examples: list, eval_size: float, seed: int) -> tuple[list, l
 
 def hash_source(path: str) -> str | None:
     """sha256 of a local data file for provenance; None for hub datasets (their revision identifies them)."""
-    return sha256_file(path) if Path(path).is_file() else None
+    local = Path(path).expanduser()  # data.*.local may start with ~, as load_examples reads it
+    return sha256_file(local) if local.is_file() else None

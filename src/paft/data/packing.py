@@ -153,3 +153,16 @@ def pack(docs: list[Doc], pad_id: int, pack_length: int) -> dict:
 
 def is_packed(batch: dict) -> bool:
     return "pred_index" in batch
+
+
+def real_tokens(batch: dict) -> torch.Tensor | int:
+    """The tokens a batch runs through the model, padding excluded, as a 0-d tensor on the batch's device (no
+    host sync): each packed document's span (a shared prompt counted once), else the 2D attention mask's ones;
+    without a mask, every token."""
+    if is_packed(batch):
+        spans = batch["doc_spans"]
+        return (spans[:, 2] - spans[:, 1]).sum()
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        return mask.sum()
+    return batch["input_ids"].numel()

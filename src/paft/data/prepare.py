@@ -1,6 +1,11 @@
 """The run's data stage: each dataset of the config's ``data`` section loaded, validated and split into
 training and held-out examples, written as canonical JSONL (``{kind}_train.jsonl``, ``{kind}_eval.jsonl``).
 
+Degenerate data is reported, not trained on silently: preference pairs whose chosen and rejected replies
+are the same carry no preference signal (DPO's loss is ln 2 whatever the weights) and are dropped (all of
+them: a one-line error); exact duplicate rows are dropped before the held-out split is carved, so no
+held-out row also occurs in train; a separate held-out file's rows that also occur in train are counted.
+
 The pipeline writes them into the run folder; ``paft eval`` takes the held-out examples in memory.
 """
 
@@ -13,7 +18,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from paft.data.demo import demo_splits
+from paft.data.formats import PreferenceExample, RankedExample
 from paft.data.loading import hash_source, load_examples, split_examples
+from paft.errors import DataError
 from paft.io import write_text_atomic
 
 KINDS = ("sft", "preference")
@@ -33,6 +40,10 @@ def split_source(data, kind: str, *, seed: int, ranked: bool = False,
         train, held = demo_splits(kind, getattr(data.demo, f"{kind}_train"), getattr(data.demo, f"{kind}_eval"),
                                   data.demo.seed, ranked=ranked)
         info.update(format="demo_ranked" if ranked else "demo", sha256=f"demo:seed={data.demo.seed}", skipped=0)
+        # the demo is reported as drawn, not deduplicated, so the README's default-run figures stay reproducible
+        keys = [_key(e) for e in train]
+        info.update(equal_pairs=sum(map(_no_signal, train)), duplicates=len(keys) - len(set(keys)),
+                    eval_overlap=_overlap(train, held))
         return train, held, info
     load = partial(load_examples, kind=kind, fmt=src.format, subset=src.subset, skip_invalid=data.skip_invalid,
                    beavertails_preference=src.beavertails_preference)
@@ -41,11 +52,65 @@ def split_source(data, kind: str, *, seed: int, ranked: bool = False,
                 skipped_errors=res.errors)
     if res.skipped:
         log(f"[yellow]{src.path}: skipped {res.skipped} invalid rows (data.skip_invalid)")
+    examples, info["equal_pairs"] = _drop_equal_pairs(res.examples, src.path, log)
+    examples, info["duplicates"] = _drop_duplicates(examples, src.path, log)
     if src.eval_path:
         held_res = load(src.eval_path, split=src.eval_split or src.split)
-        info.update(eval_sha256=hash_source(src.eval_path), eval_skipped=held_res.skipped)
-        return res.examples, held_res.examples, info
-    return (*split_examples(res.examples, src.eval_size, seed), info)
+        held, eval_equal = _drop_equal_pairs(held_res.examples, src.eval_path, log)
+        overlap = _overlap(examples, held)
+        if overlap:
+            log(f"[yellow]{src.eval_path}: {overlap} of its {len(held)} held-out rows also occur in {src.path}; "
+                "held-out metrics on them measure memorisation")
+        info.update(eval_sha256=hash_source(src.eval_path), eval_skipped=held_res.skipped,
+                    eval_equal_pairs=eval_equal, eval_overlap=overlap)
+        return examples, held, info
+    train, held = split_examples(examples, src.eval_size, seed)
+    info["eval_overlap"] = _overlap(train, held)  # 0: the rows were deduplicated before the split
+    return train, held, info
+
+
+def _key(example) -> str:
+    """An example's identity: every field (system and prompt turns, replies, labels or scores)."""
+    return json.dumps(asdict(example), sort_keys=True, ensure_ascii=False)
+
+
+def _no_signal(example) -> bool:
+    """A pair (or ranked list) whose replies are all the same text: no reply is preferred to another."""
+    if isinstance(example, PreferenceExample):
+        return example.chosen == example.rejected
+    if isinstance(example, RankedExample):
+        return len(set(example.responses)) == 1
+    return False
+
+
+def _drop_equal_pairs(examples: list, path: str, log: Callable[[str], None]) -> tuple[list, int]:
+    """``examples`` without the replies-all-equal pairs, and their count; all of them equal is a ``DataError``."""
+    kept = [e for e in examples if not _no_signal(e)]
+    dropped = len(examples) - len(kept)
+    if not kept:
+        raise DataError(f"{path}: all {dropped} preference pairs have chosen == rejected, so the preference loss has "
+                        "no signal (DPO's is ln 2 at every step); check which columns hold the chosen and rejected "
+                        "replies (data.preference.format)")
+    if dropped:
+        log(f"[yellow]{path}: dropped {dropped} of {len(examples)} preference pairs with chosen == rejected "
+            "(no preference signal)")
+    return kept, dropped
+
+
+def _drop_duplicates(examples: list, path: str, log: Callable[[str], None]) -> tuple[list, int]:
+    """``examples`` with each exact duplicate row dropped (the first kept, file order), and their count."""
+    seen: set[str] = set()
+    kept = [e for e in examples if not ((k := _key(e)) in seen or seen.add(k))]
+    dropped = len(examples) - len(kept)
+    if dropped:
+        log(f"[yellow]{path}: dropped {dropped} exact duplicate rows of {len(examples)}")
+    return kept, dropped
+
+
+def _overlap(train: list, held: list) -> int:
+    """How many held-out rows also occur, exactly, in train."""
+    keys = {_key(e) for e in train}
+    return sum(_key(e) in keys for e in held)
 
 
 def prepare_data(data, out_dir: Path, *, seed: int, ranked: bool = False,
@@ -58,6 +123,25 @@ def prepare_data(data, out_dir: Path, *, seed: int, ranked: bool = False,
         write_examples(out_dir / f"{kind}_eval.jsonl", held)
         summary[kind] = {**info, "train": len(train), "eval": len(held)}
     return summary
+
+
+def check_sources_unchanged(data, summary: dict[str, Any], where: Path) -> None:
+    """A one-line ``DataError`` when a data file changed since ``summary`` (its data stage) recorded its sha256.
+
+    The prepared JSONL under ``where`` would otherwise be reused silently; a file that is gone now (a moved
+    folder, another working directory) or a hub dataset (no hash) is not compared.
+    """
+    for kind in KINDS:
+        src, info = getattr(data, kind), summary.get(kind) or {}
+        for file, key in ((src.local or src.path, "sha256"), (src.eval_path, "eval_sha256")):
+            recorded = info.get(key)
+            if not file or not recorded or recorded.startswith("demo:"):
+                continue
+            now = hash_source(file)
+            if now is not None and now != recorded:
+                raise DataError(f"{file}: changed since the data stage of {where} (sha256 {recorded[:12]} recorded, "
+                                f"{now[:12]} now); pass --force to redo the run from the data stage, or restore "
+                                "the file")
 
 
 def write_examples(path: Path, examples: list) -> None:

@@ -14,6 +14,7 @@ import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
 from paft.errors import ConfigError
+from paft.io import locked_output
 from paft.merge.mergekit_config import GLOBAL_PARAMS, is_mergekit_yaml, load_mergekit_yaml, plan_from_flags
 from paft.merge.standalone import run_merge
 from paft.progress import console
@@ -88,8 +89,9 @@ def standalone_merge(mode: str, config: Path | None, *, out: Path | None, force:
                                weights=parse_floats(weights, "--weights"), density=parse_floats(density, "--density"),
                                params=_params(params), dtype=dtype, tokenizer_source=tokenizer_source, seed=seed or 0,
                                resize_vocab=resize_vocab, allow_base_mismatch=allow_base_mismatch)
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
+    # one paft process writes a folder at a time, as with `paft run` (RUN/.paft.lock)
+    with locked_output(out), Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task("to-lora" if to_lora else "merge", total=None)
         return run_merge(plan, out, force=force, to_lora=to_lora, workers=workers,
                          progress=lambda d, t: bar.update(task, completed=d, total=t))

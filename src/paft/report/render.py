@@ -146,6 +146,28 @@ def _sparsity_section(sparsity: dict[str, dict]) -> Section:
         Figure("sparsity.png", "sparsity", caption)], id="sparsity", nav="Sparsity")
 
 
+# data summary key -> column: what the data stage dropped or found (docs/data.md, "Degenerate data")
+DATA_CHECKS = [("skipped", "invalid rows skipped"), ("equal_pairs", "pairs chosen = rejected, dropped"),
+               ("duplicates", "duplicate rows, dropped"), ("eval_overlap", "held-out rows also in train")]
+
+
+def _data_section(data: dict[str, dict]) -> Section:
+    """Each dataset's source, sizes and the degenerate rows the data stage found (– where not recorded)."""
+    def count(s: dict, key: str) -> str:
+        v = s.get(key)
+        extra = s.get(f"eval_{key}") if key in ("skipped", "equal_pairs") else None  # a separate held-out file's
+        return "–" if v is None else f"{v} + {extra} held-out" if extra else str(v)
+
+    rows = [[kind, f"`{s.get('path')}`", s.get("format", "–"), s.get("train"), s.get("eval"),
+             *(count(s, k) for k, _ in DATA_CHECKS)] for kind, s in data.items()]
+    blocks: list = [Table([Column("data"), Column("source"), Column("format"), Column("train", num=True),
+                           Column("held-out", num=True), *(Column(h, num=True) for _, h in DATA_CHECKS)], rows)]
+    if any(s.get("format", "").startswith("demo") and (s.get("duplicates") or s.get("eval_overlap"))
+           for s in data.values()):
+        blocks.append(Text("The built-in demo data is used as drawn (its duplicates counted, not dropped)."))
+    return Section("Data", blocks, id="data", nav="Data")
+
+
 def _training_section(training: dict[str, dict], run_name: str) -> Section:
     rows = [[name, s.get("steps"), s.get("examples", "–"), fmt(s.get("train_loss")), s.get("wall_s"),
              s.get("threads", "–"), s.get("device", "–")] for name, s in training.items()]
@@ -169,6 +191,8 @@ def build_report(rep: dict[str, Any]) -> Section:
         sections.append(_metrics_section(ev, rep.get("alignment_tax") or alignment_tax(ev["models"])))
     if rep.get("sparsity"):
         sections.append(_sparsity_section(rep["sparsity"]))
+    if rep.get("data"):
+        sections.append(_data_section(rep["data"]))
     if rep.get("training"):
         sections.append(_training_section(rep["training"], run_name))
     if rep.get("timings_s"):

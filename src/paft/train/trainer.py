@@ -26,6 +26,7 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import rotate_checkpoints
 
 from paft.config import TrainConfig
+from paft.data.packing import real_tokens
 from paft.errors import ConfigError, PaftError
 from paft.io import atomic_dir, write_json_atomic
 from paft.progress import quiet_libraries
@@ -53,6 +54,15 @@ class PaftTrainer(Trainer):
         self._staging: str | None = None  # the folder a checkpoint is being written into
         self.branch = name
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._tokens: torch.Tensor | int = 0  # real tokens trained on, summed on the batches' device
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self._tokens = self._tokens + real_tokens(inputs)  # a device tensor: no host sync per step
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def tokens_seen(self) -> int:
+        """Real (non-pad) tokens of this ``train()``'s batches so far; syncs with the device, so read it rarely."""
+        return int(self._tokens)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # accelerate's bf16/fp16 autocast wraps only model.forward; the objectives call the decoder and the LM head
@@ -101,22 +111,31 @@ class PaftTrainer(Trainer):
 
 
 class ProgressCallback(TrainerCallback):
-    """Forwards step and loss to a ``Report`` sink."""
+    """Forwards step, loss and real tokens per second to a ``Report`` sink.
 
-    def __init__(self, report: Report, name: str):
-        self.report, self.name = report, name
+    ``tokens``: reads the trainer's token count (``PaftTrainer.tokens_seen``); it is read at the Trainer's log
+    steps, where the loss is read from the device anyway, so the rate costs no extra sync per step.
+    """
+
+    def __init__(self, report: Report, name: str, tokens: Callable[[], int] = lambda: 0):
+        self.report, self.name, self.tokens = report, name, tokens
         self.last: dict[str, float] = {}
+        self.tokens_per_s: float | None = None
+        self.t0 = time.perf_counter()
 
     def on_train_begin(self, args, state, control, **kw):
+        self.t0 = time.perf_counter()
         self.report({"branch": self.name, "step": state.global_step, "total": state.max_steps})
 
     def on_log(self, args, state, control, logs=None, **kw):
         if logs:
             self.last = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
+        n, dt = self.tokens(), time.perf_counter() - self.t0
+        self.tokens_per_s = n / dt if n > 0 and dt > 0 else None
 
     def on_step_end(self, args, state, control, **kw):
         self.report({"branch": self.name, "step": state.global_step, "total": state.max_steps,
-                     "loss": self.last.get("loss")})
+                     "loss": self.last.get("loss"), "tokens_per_s": self.tokens_per_s})
 
 
 class ThreadShareCallback(TrainerCallback):
@@ -310,8 +329,10 @@ class Harness:
         out_dir = Path(self.out_dir)
         args = training_args(t, ckpt_dir, seed=self.seed, device=self.device, bf16=self.bf16, n_examples=len(rows),
                              report_to=self.report_to, run_name=f"{out_dir.resolve().parent.name}/{self.name}")
+        progress = ProgressCallback(self.report, self.name)
         trainer = PaftTrainer(model=self.model, args=args, train_dataset=rows, data_collator=collator,
-                              objective=self.objective, name=self.name, callbacks=[ProgressCallback(self.report, self.name)])
+                              objective=self.objective, name=self.name, callbacks=[progress])
+        progress.tokens = trainer.tokens_seen
         # TensorBoard events: OUT/tb, or OUT/tb/stages/stage-2 etc. for a staged or online schedule's fits
         route_tensorboard(trainer, out_dir / "tb" / Path(ckpt_dir).parent.relative_to(out_dir))
         if self.thread_share is not None:
