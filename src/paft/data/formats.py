@@ -558,7 +558,8 @@ def to_preference_example(
 
 # --- data kinds of preference methods ---------------------------------------
 
-DATA_KINDS = ("pairs", "binary", "negatives", "ranked", "online")  # online: only the prompts are used
+DATA_KINDS = ("pairs", "binary", "negatives", "ranked", "online", "groups")
+SAMPLED_KINDS = ("online", "groups")  # only the prompts are used: each round samples and scores its own replies
 
 _NEEDS = {
     "pairs": "paired data (columns prompt/chosen/rejected, or hh_rlhf / beavertails / implicit-prompt forms)",
@@ -617,7 +618,7 @@ def examples_for_method(examples: list, data: str, *, method: str, source: str) 
     (chosen -> desirable, rejected -> undesirable: how KTO is usually run on paired data) and to
     ``negatives`` (the rejected replies). Unpaired rows cannot become pairs, and neither pairs
     nor unpaired rows can become ranked lists: a one-line ``DataError`` naming the method and
-    the columns it needs. ``online`` takes any rows (their prompts).
+    the columns it needs. ``online`` and ``groups`` take any rows (their prompts).
     """
     if data not in DATA_KINDS:
         raise ValueError(f"unknown data kind {data!r}; known: {', '.join(DATA_KINDS)}")
@@ -630,7 +631,7 @@ def examples_for_method(examples: list, data: str, *, method: str, source: str) 
     if len(kinds) > 1:
         raise DataError(f"{source}: mixes {' and '.join(sorted(_HAS[k] for k in kinds))}; use one format per file")
     (kind,) = kinds
-    if data == "online":  # each round samples and scores its own replies to the rows' prompts
+    if data in SAMPLED_KINDS:  # each round samples and scores its own replies to the rows' prompts
         return list(examples)
     if data == "ranked":
         if kind is not RankedExample:

@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from paft.errors import ConfigError, DataError
-from paft.methods.schedules import Online, RejectionSampling, Schedule, Staged
+from paft.methods.schedules import Group, Online, RejectionSampling, Schedule, Staged
 
 
 @dataclass
@@ -116,13 +116,18 @@ class RankedLogps:
     mask: torch.Tensor
     tokens: torch.Tensor | None = None
     ref: torch.Tensor | None = None
+    # per-token log-probs, [B, K, T] right-padded (0 past each reply's end), for token-level losses
+    # (``LossSpec.token_level``): the policy's, the reference's, and True on the real reply tokens
+    policy_tokens: torch.Tensor | None = None
+    ref_tokens: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class LossSpec:
     name: str
     fn: Callable[..., torch.Tensor]
-    data: str  # "pairs", "binary", "negatives" or "ranked" (paft.data.formats.DATA_KINDS)
+    data: str  # "pairs", "binary", "negatives", "ranked", "online" or "groups" (paft.data.formats.DATA_KINDS)
     reference: bool
     paper: str
     defaults: dict[str, Any] = field(default_factory=dict)
@@ -131,6 +136,8 @@ class LossSpec:
     paper_beta: float | None = None
     # how training proceeds (paft.methods.schedules): offline, staged (sDPO) or online rounds
     schedule: Schedule = Schedule()
+    # the loss reads per-token log-probs (policy and reference), not only the per-reply sums
+    token_level: bool = False
 
     @property
     def params(self) -> dict[str, Any]:
@@ -147,9 +154,9 @@ LOSSES: dict[str, LossSpec] = {}
 
 
 def register_loss(name: str, *, data: str, reference: bool, paper: str, paper_beta: float | None = None,
-                  schedule: Schedule = Schedule(), **defaults: Any):
+                  schedule: Schedule = Schedule(), token_level: bool = False, **defaults: Any):
     def deco(fn):
-        LOSSES[name] = LossSpec(name, fn, data, reference, paper, dict(defaults), paper_beta, schedule)
+        LOSSES[name] = LossSpec(name, fn, data, reference, paper, dict(defaults), paper_beta, schedule, token_level)
         return fn
 
     return deco
@@ -686,3 +693,91 @@ def lipo_loss(lp: RankedLogps, beta: float) -> torch.Tensor:
                         "|2^psi_i - 2^psi_j| overflow; rescale the scores (e.g. to 0..10)")
     term = weight * F.logsigmoid(s[:, :, None] - s[:, None, :])
     return -torch.where(better, term, torch.zeros_like(term)).sum(dim=(1, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# policy-gradient losses on scored groups (data kind "groups": RankedLogps of K replies sampled per prompt
+# in an online round, ``scores`` = the scorer's rewards r). One optimisation step per batch: the sampling
+# ("old") policy is the current one, so rho = pi_theta / pi_old = exp(log pi - sg(log pi)) = 1 in value with
+# the gradient of log pi; the clip is kept so the form stays right should a batch be reused.
+
+
+def _clipped_surrogate(logratio: torch.Tensor, adv: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """PPO's clipped surrogate, as a loss: -min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = exp(logratio)."""
+    rho = torch.exp(logratio)
+    return -torch.minimum(rho * adv, torch.clamp(rho, 1.0 - epsilon, 1.0 + epsilon) * adv)
+
+
+def _group_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each group's real entries, [B] (padded entries selected away, not multiplied by 0)."""
+    m = mask.bool()
+    return torch.where(m, values, torch.zeros_like(values)).sum(dim=1) / m.sum(dim=1).clamp(min=1).to(values.dtype)
+
+
+@register_loss("rloo", data="groups", reference=True, schedule=Online(selection=Group()),
+               paper="Ahmadian, Cremer, Galle, Fadaee, Kreutzer, Pietquin, Ustun, Hooker 2024, Back to Basics: "
+                     "Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs "
+                     "(arXiv 2402.14740)",
+               epsilon=0.2)
+def rloo_loss(lp: RankedLogps, beta: float, epsilon: float = 0.2) -> torch.Tensor:
+    """RLOO (REINFORCE leave-one-out), per group of k replies y_1..y_k to one prompt:
+    r~_i = r_i - beta (log pi(y_i) - log pi_ref(y_i))           (KL in the reward, sequence level, detached)
+    A_i = r~_i - 1/(k - 1) sum_{j != i} r~_j                     (the leave-one-out baseline)
+    L = 1/k sum_i -min(rho_i A_i, clip(rho_i, 1 - eps, 1 + eps) A_i),  rho_i = pi(y_i) / sg(pi(y_i)),
+
+    log pi summed over the reply (sequence-level, as the paper's REINFORCE on whole replies). The KL to the
+    reference sits in the reward, as in the paper and TRL's RLOOTrainer (its first-order estimate
+    log pi - log pi_ref, summed over the reply; beta = ``preference.beta``, TRL's default 0.05), with the
+    policy's log-prob detached there. With rho = 1 the gradient is -A_i grad log pi(y_i), the paper's
+    estimator. ``epsilon`` is TRL's clip (0.2). Matches TRL 1.16's loss with ``normalize_advantages=False``
+    (its default) on one group per batch row.
+    """
+    if lp.ref is None:
+        raise ValueError("rloo needs reference log-probs (ref)")
+    m = lp.mask.bool()
+    n = m.sum(dim=1, keepdim=True).to(lp.policy.dtype)
+    r = lp.scores - beta * (lp.policy.detach() - lp.ref)
+    r = torch.where(m, r, torch.zeros_like(r))
+    adv = torch.where(n > 1, r - (r.sum(dim=1, keepdim=True) - r) / (n - 1).clamp(min=1), torch.zeros_like(r))
+    return _group_mean(_clipped_surrogate(lp.policy - lp.policy.detach(), adv.detach(), epsilon), m)
+
+
+def group_advantages(scores: torch.Tensor, mask: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's outcome advantages: (r_i - mean(r)) / (std(r) + eps) within each group, [B, K] (0 where padded).
+
+    std is the sample (Bessel-corrected) standard deviation, as TRL's ``nanstd``; a group of equal rewards
+    gets advantage 0 everywhere.
+    """
+    m = mask.bool()
+    r = torch.where(m, scores, torch.zeros_like(scores))
+    n = m.sum(dim=1, keepdim=True).to(scores.dtype)
+    mean = r.sum(dim=1, keepdim=True) / n.clamp(min=1)
+    var = torch.where(m, (scores - mean) ** 2, torch.zeros_like(scores)).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)
+    return torch.where(m, (scores - mean) / (var.sqrt() + eps), torch.zeros_like(scores))
+
+
+@register_loss("grpo", data="groups", reference=True, schedule=Online(selection=Group()), token_level=True,
+               paper="Shao, Wang, Zhu, Xu, Song, Zhang, Li, Wu, Guo 2024, DeepSeekMath: Pushing the Limits of "
+                     "Mathematical Reasoning in Open Language Models (arXiv 2402.03300)",
+               paper_beta=0.04, epsilon=0.2)
+def grpo_loss(lp: RankedLogps, beta: float, epsilon: float = 0.2) -> torch.Tensor:
+    """GRPO (outcome supervision), per group of G replies o_1..o_G to one prompt (the paper's Eq. 3):
+    A_i = (r_i - mean(r)) / (std(r) + 1e-4)        (``group_advantages``; every token of o_i gets A_i)
+    L = 1/G sum_i 1/|o_i| sum_t [ -min(rho_it A_i, clip(rho_it, 1 - eps, 1 + eps) A_i) + beta KL_it ],
+    rho_it = pi(o_it | q, o_i<t) / sg(pi(o_it | ...)),
+    KL_it = pi_ref(o_it|.) / pi(o_it|.) - log(pi_ref(o_it|.) / pi(o_it|.)) - 1   (the k3 estimator, >= 0).
+
+    Per-token log-probs of the policy and the reference (adapter disabled). beta = ``preference.beta``; the
+    paper uses 0.04 (TRL's default is 0, no reference). Same as TRL 1.16's ``GRPOTrainer`` with
+    ``loss_type="grpo"`` (the paper's per-reply token mean; TRL's default ``dapo`` averages over all tokens of
+    the batch instead) and ``scale_rewards="group"``.
+    """
+    if lp.policy_tokens is None or lp.ref_tokens is None or lp.token_mask is None:
+        raise ValueError("grpo needs per-token log-probs (policy_tokens / ref_tokens / token_mask)")
+    tm = lp.token_mask.bool()
+    adv = group_advantages(lp.scores, lp.mask)[:, :, None].detach()
+    logp = torch.where(tm, lp.policy_tokens, torch.zeros_like(lp.policy_tokens))
+    d = torch.where(tm, lp.ref_tokens - logp, torch.zeros_like(logp))  # log pi_ref - log pi
+    per_token = _clipped_surrogate(logp - logp.detach(), adv, epsilon) + beta * (torch.exp(d) - d - 1.0)
+    per_reply = torch.where(tm, per_token, torch.zeros_like(per_token)).sum(dim=2) / tm.sum(dim=2).clamp(min=1)
+    return _group_mean(per_reply, lp.mask)

@@ -81,21 +81,37 @@ def batch_token_logps(model, batch: dict, full_logits: bool = False):
     return logps, rows, batch["labels"].shape[0]
 
 
-def _sums(logps: torch.Tensor, seq: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_sums(logps: torch.Tensor, seq: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed value and token count of each sequence, from ``batch_token_logps``' flat output."""
     total = torch.zeros(n, device=logps.device, dtype=logps.dtype).index_add(0, seq, logps)
     count = torch.zeros(n, device=logps.device, dtype=logps.dtype).index_add(0, seq, torch.ones_like(logps))
     return total, count
 
 
+def token_matrix(logps: torch.Tensor, seq: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat per-token values (``batch_token_logps`` order: each sequence's tokens in position order) as a
+    right-padded [n, T] matrix and its mask, T the most label tokens of any sequence; padding holds 0."""
+    order = torch.sort(seq, stable=True).indices  # keeps each sequence's tokens in position order
+    seq, logps = seq[order], logps[order]
+    counts = torch.bincount(seq, minlength=n)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(seq.shape[0], device=seq.device) - starts[seq]
+    width = int(counts.max().item()) if n else 0
+    out = torch.zeros(n, width, device=logps.device, dtype=logps.dtype).index_put((seq, pos), logps)
+    mask = torch.zeros(n, width, device=logps.device, dtype=torch.bool).index_put(
+        (seq, pos), torch.ones_like(seq, dtype=torch.bool))
+    return out, mask
+
+
 def sequence_logps(model, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-prob and completion token count of each row."""
     logps, rows = token_logps(model, input_ids, attention_mask, labels)
-    return _sums(logps, rows, labels.shape[0])
+    return sequence_sums(logps, rows, labels.shape[0])
 
 
 def batch_sequence_logps(model, batch: dict, full_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-prob and completion token count of each sequence of either layout."""
-    return _sums(*batch_token_logps(model, batch, full_logits))
+    return sequence_sums(*batch_token_logps(model, batch, full_logits))
 
 
 def trim_padding(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor):

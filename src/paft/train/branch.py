@@ -69,7 +69,7 @@ BRANCH_KINDS: dict[str, Callable[[PaftConfig, Path], Branch]] = {"sft": _sft_bra
 def build_rows(branch: Branch, tok, cfg: PaftConfig, data_path: Path, report: Report, name: str) -> tuple[list, int]:
     """The encoded training rows of ``branch`` and how many examples were dropped (nothing left to learn)."""
     kind, d = DATA_KINDS[branch.data], cfg.data
-    if kind.encode is None:  # online: each round builds its own rows
+    if kind.from_samples is not None:  # online: each round builds its own rows
         return [], 0
     encoded = [kind.encode(e, tok, d) for e in branch.examples]
     rows = [r for r in encoded if kind.keep(r)]

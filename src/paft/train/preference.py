@@ -14,6 +14,8 @@ collator batches the rows and how the objective reads a batch:
   KTO followed by B mismatched "KL" rows (prompt_{i+1 mod B} + completion_i), and ``desirable``
   ([B] bool) -> ``UnpairedLogps``. Only the matched rows carry gradient: the policy's KL rows
   run under ``no_grad`` (KTO detaches the KL estimate anyway).
+- ``groups`` (``RankedCollator``, as ``ranked``): the K sampled replies of each prompt with their rewards as
+  ``scores``, built each online round; token-level losses (GRPO) also get [B, K, T] per-token log-probs.
 - ``ranked`` (``RankedCollator``): every reply of every list as one flat batch of N rows (list 0's
   replies, then list 1's...), ``list_index`` ([B, K], the row of reply k of list b, -1 past a
   shorter list) and ``scores`` ([B, K]) -> ``RankedLogps`` ([B, K], masked where ``list_index``
@@ -27,11 +29,13 @@ from typing import Any, Callable
 
 import torch
 
+from paft.data.formats import PreferenceExample, RankedExample
 from paft.data.collate import BinaryCollator, PairCollator, RankedCollator, SFTCollator
 from paft.data.packing import is_packed
 from paft.data.tokenize import IGNORE, encode_completion, encode_pair, encode_ranked, encode_sft
 from paft.methods.losses import PairLogps, RankedLogps, UnpairedLogps, get_loss
-from paft.models.logps import batch_sequence_logps, trim_padding
+from paft.methods.schedules import best_worst
+from paft.models.logps import batch_sequence_logps, batch_token_logps, sequence_sums, token_matrix, trim_padding
 
 
 def _pairs(obj: "PreferenceObjective", model, batch):
@@ -70,23 +74,34 @@ def _ranked(obj: "PreferenceObjective", model, batch):
     index = batch["list_index"]
     present = index >= 0
     rows = index.clamp(min=0)  # padded entries read row 0; the mask keeps them out of the loss
-    logps, counts = batch_sequence_logps(model, batch, obj.full_logits)
+    flat = batch_token_logps(model, batch, obj.full_logits)
+    logps, counts = sequence_sums(*flat)
     lp = RankedLogps(policy=logps[rows], scores=batch["scores"].to(logps.dtype), mask=present, tokens=counts[rows])
     if obj.spec.reference:
         lp.ref = obj.reference_logps(model, batch).detach()[rows]
+    if obj.spec.token_level:
+        values, mask = token_matrix(*flat)
+        gone = ~present[:, :, None]
+        lp.policy_tokens, lp.token_mask = values[rows], mask[rows] & ~gone
+        if obj.spec.reference:
+            lp.ref_tokens = obj.reference_token_logps(model, batch).detach()[rows].to(values.dtype)
     return lp, _ranked_metrics(lp, obj.beta)
 
 
 @dataclass(frozen=True)
 class DataKind:
-    """One data kind: ``encode(example, tok, data_cfg)`` -> row (None: the file gives no rows, only prompts),
-    ``collator(pad_id, pack_length, max_length)``, ``keep(row)`` (rows with nothing to learn are dropped) and
-    ``logps(objective, model, batch)`` -> (the loss's log-probs, metrics) for preference kinds."""
+    """One data kind: ``encode(example, tok, data_cfg)`` -> row, ``collator(pad_id, pack_length, max_length)``,
+    ``keep(row)`` (rows with nothing to learn are dropped) and ``logps(objective, model, batch)`` -> (the loss's
+    log-probs, metrics) for preference kinds. Sampled kinds (online rounds; the file gives only prompts) also
+    have ``from_samples(prompt, replies, scores)`` -> the example a round trains on (None: nothing to learn),
+    ``unit`` naming those examples."""
 
     encode: Callable | None
     collator: Callable[[int, int | None, int], Any]
     logps: Callable | None = None
     keep: Callable[[Any], bool] = lambda row: True
+    from_samples: Callable[[list, list[str], list[float]], Any] | None = None
+    unit: str = "rows"
 
 
 def _encode_prompted(fn):
@@ -97,11 +112,24 @@ def _pair_collator(pad_id, pack_length, max_length):
     return PairCollator(pad_id, pack_length)
 
 
+def _best_worst_pair(prompt, replies: list[str], scores: list[float]) -> PreferenceExample | None:
+    pair = best_worst(replies, scores) if len(replies) >= 2 else None
+    return None if pair is None else PreferenceExample(prompt=prompt, chosen=pair[0], rejected=pair[1])
+
+
+def _group(prompt, replies: list[str], scores: list[float]) -> RankedExample | None:
+    # equal rewards still train: the KL term (and, for RLOO, the KL-shaped reward) moves the policy
+    return RankedExample(prompt=prompt, responses=list(replies), scores=list(scores)) if len(replies) >= 2 else None
+
+
 DATA_KINDS: dict[str, DataKind] = {
     "sft": DataKind(lambda e, tok, d: encode_sft(e, tok, d.max_length), lambda p, n, m: SFTCollator(p, n),
                     keep=lambda r: any(t != IGNORE for t in r.labels[1:])),  # a reply cut off by max_length
     "pairs": DataKind(_encode_prompted(encode_pair), _pair_collator, _pairs),
-    "online": DataKind(None, _pair_collator, _pairs),
+    "online": DataKind(_encode_prompted(encode_pair), _pair_collator, _pairs, from_samples=_best_worst_pair,
+                       unit="pairs"),
+    "groups": DataKind(_encode_prompted(encode_ranked), lambda p, n, m: RankedCollator(p, n), _ranked,
+                       from_samples=_group, unit="groups"),
     "binary": DataKind(_encode_prompted(encode_completion), lambda p, n, m: BinaryCollator(p, kl=True, max_length=m),
                        _unpaired),
     "negatives": DataKind(_encode_prompted(encode_completion),
@@ -135,6 +163,13 @@ class PreferenceObjective:
             return self.reference(model, batch)
         with torch.no_grad(), model.disable_adapter():
             return batch_sequence_logps(model, batch, self.full_logits)[0].detach()
+
+    def reference_token_logps(self, model, batch) -> torch.Tensor:
+        """Reference log-prob of every label token, [n, T] right-padded (``token_matrix``'s layout)."""
+        if self.reference is not None:
+            return self.reference.tokens(model, batch)
+        with torch.no_grad(), model.disable_adapter():
+            return token_matrix(*batch_token_logps(model, batch, self.full_logits))[0].detach()
 
 
 def _rows(batch, start: int, stop: int) -> dict[str, torch.Tensor]:

@@ -1,0 +1,332 @@
+"""Policy-gradient and token-level objectives (RLOO, GRPO): closed forms on hand-made numbers, parity with
+TRL 1.16's own loss code, the scored-group data path, and per-token reference log-probs."""
+
+import json
+import math
+import warnings
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from paft.methods.losses import LOSSES, RankedLogps, get_loss, group_advantages
+
+
+def run(name, lp, beta, **params):
+    spec = get_loss(name)
+    return spec.fn(lp, beta=beta, **{**spec.defaults, **params})
+
+
+# ------------------------------------------------------------------------------------------ RLOO
+# group 0: 3 replies, rewards 1, 2, 6; log pi = -3, -4, -5; log pi_ref = -3, -5, -4
+# beta 0.5: r~ = r - 0.5 (log pi - log pi_ref) = 1, 1.5, 6.5
+# A_i = r~_i - mean of the others = 1 - 4 = -3, 1.5 - 3.75 = -2.25, 6.5 - 1.25 = 5.25 (sum 0: the loss value is 0)
+# group 1: 2 replies and one padded entry (any finite value): rewards 0, 1, same log-probs: A = -1, +1
+
+
+def _rloo_lp(grad=True):
+    policy = torch.tensor([[-3.0, -4.0, -5.0], [-2.0, -2.0, 99.0]], dtype=torch.float64, requires_grad=grad)
+    return RankedLogps(policy=policy, scores=torch.tensor([[1.0, 2.0, 6.0], [0.0, 1.0, 7.0]], dtype=torch.float64),
+                       mask=torch.tensor([[True, True, True], [True, True, False]]),
+                       ref=torch.tensor([[-3.0, -5.0, -4.0], [-2.0, -2.0, 5.0]], dtype=torch.float64))
+
+
+def test_rloo_leave_one_out_gradient_closed_form():
+    lp = _rloo_lp()
+    loss = run("rloo", lp, 0.5)
+    torch.testing.assert_close(loss.detach(), torch.zeros(2, dtype=torch.float64))  # advantages sum to 0 per group
+    loss.mean().backward()
+    # d(mean over 2 groups of the group mean of -A_i log pi_i) / d log pi_i = -A_i / (2 k)
+    want = torch.tensor([[3.0 / 6, 2.25 / 6, -5.25 / 6], [1.0 / 4, -1.0 / 4, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(lp.policy.grad, want)
+
+
+def test_rloo_kl_sits_in_the_reward_and_beta_zero_is_plain_reinforce():
+    lp = _rloo_lp()
+    run("rloo", lp, 0.0).mean().backward()  # r~ = r: A = 1 - 4, 2 - 3.5, 6 - 1.5
+    torch.testing.assert_close(lp.policy.grad[0], torch.tensor([3.0, 1.5, -4.5], dtype=torch.float64) / 6)
+
+
+def test_rloo_clip_bounds_the_ratio():
+    """A batch reused after a step: rho = exp(log pi - log pi_old) far from 1 is clipped where it would gain."""
+    from paft.methods.losses import _clipped_surrogate
+
+    adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    logratio = torch.log(torch.tensor([2.0, 0.5, 2.0, 0.5]))
+    # -min(rho A, clip(rho) A): A>0 caps rho at 1.2; A<0 floors it at 0.8
+    torch.testing.assert_close(_clipped_surrogate(logratio, adv, 0.2), torch.tensor([-1.2, -0.5, 2.0, 0.8]))
+
+
+# ------------------------------------------------------------------------------------------ GRPO
+# one group of 3 replies, rewards 0, 1, 2: mean 1, sample std 1, A = (-1, 0, 1) / (1 + 1e-4)
+# reply lengths 1, 2, 2; per-token log pi and log pi_ref below; k3(d) = e^d - d - 1, d = log pi_ref - log pi
+
+
+def _grpo_lp():
+    pol = torch.tensor([[[-1.0, 0.0], [-2.0, -0.5], [-1.0, -1.0]]], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[[-2.0, 0.0], [-2.0, -1.5], [-0.5, -1.0]]], dtype=torch.float64)
+    tm = torch.tensor([[[True, False], [True, True], [True, True]]])
+    sums = (pol * tm).sum(-1)
+    return RankedLogps(policy=sums, scores=torch.tensor([[0.0, 1.0, 2.0]], dtype=torch.float64),
+                       mask=torch.ones(1, 3, dtype=torch.bool), ref=(ref * tm).sum(-1),
+                       policy_tokens=pol, ref_tokens=ref, token_mask=tm)
+
+
+def k3(d):
+    return math.exp(d) - d - 1
+
+
+def test_group_advantages_closed_form_and_ties():
+    a = group_advantages(torch.tensor([[0.0, 1.0, 2.0], [3.0, 3.0, 0.0]]), torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    torch.testing.assert_close(a, torch.tensor([[-1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]) / torch.tensor([[1 + 1e-4], [1]]))
+
+
+def test_grpo_closed_form_value_and_gradient():
+    lp, beta = _grpo_lp(), 0.04
+    loss = run("grpo", lp, beta)
+    # surrogate value: the token mean of -A_i, averaged over the group, is -mean(A) = 0; the KL term remains
+    kl = [k3(-1.0), (k3(0.0) + k3(-1.0)) / 2, (k3(0.5) + k3(0.0)) / 2]
+    torch.testing.assert_close(loss.detach(), torch.tensor([beta * sum(kl) / 3], dtype=torch.float64))
+    loss.sum().backward()
+    a = [-1 / (1 + 1e-4), 0.0, 1 / (1 + 1e-4)]
+    d = lp.ref_tokens - lp.policy_tokens.detach()
+    lengths = torch.tensor([1.0, 2.0, 2.0], dtype=torch.float64)[None, :, None]
+    # d/d log pi_t of (-A rho_t + beta k3): -A + beta (1 - e^d), over |o_i| tokens and G = 3 replies
+    want = (-torch.tensor(a, dtype=torch.float64)[None, :, None] + beta * (1 - torch.exp(d))) / (3 * lengths)
+    torch.testing.assert_close(lp.policy_tokens.grad, torch.where(lp.token_mask, want, torch.zeros_like(want)))
+
+
+def test_grpo_needs_token_logps():
+    lp = _rloo_lp()
+    with pytest.raises(ValueError, match="per-token"):
+        run("grpo", lp, 0.04)
+
+
+# ------------------------------------------------------------------------------------------ TRL parity
+
+
+class _Acc:
+    num_processes = 1
+    sync_gradients = True
+
+    def gather(self, x):
+        return x
+
+    gather_for_metrics = gather
+
+    def reduce(self, x, reduction="sum"):
+        return x
+
+
+def _trl_trainer(cls, per_token_logps, **kw):
+    """``cls._compute_loss`` runnable on given per-token log-probs: TRL's own loss code, the model stubbed."""
+    t = object.__new__(cls)
+    vars(t).update(accelerator=_Acc(), _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+                   model=SimpleNamespace(training=True), aux_loss_enabled=False, current_gradient_accumulation_steps=1,
+                   top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
+                   use_vllm=False, _entropy_bonus_enabled=False, epsilon_low=0.2, epsilon_high=0.2, **kw)
+    t._get_per_token_logps_and_entropies = lambda *a, **k: (per_token_logps, torch.zeros_like(per_token_logps), None)
+    return t
+
+
+@pytest.fixture(scope="module")
+def trl():
+    pytest.importorskip("trl")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl import GRPOTrainer, RLOOTrainer
+        from trl.trainer.utils import nanstd
+    return SimpleNamespace(GRPOTrainer=GRPOTrainer, RLOOTrainer=RLOOTrainer, nanstd=nanstd)
+
+
+def _groups(b=3, k=4, t=6, seed=0):
+    """b groups of k replies: random per-token log-probs, reference, lengths and rewards (float32, as TRL)."""
+    g = torch.Generator().manual_seed(seed)
+    pol = -torch.rand(b * k, t, generator=g) * 3
+    ref = pol + torch.randn(b * k, t, generator=g) * 0.5
+    lengths = torch.randint(1, t + 1, (b * k,), generator=g)
+    mask = (torch.arange(t)[None, :] < lengths[:, None]).float()
+    rewards = torch.randn(b * k, generator=g)
+    return pol, ref, mask, rewards
+
+
+def _inputs(mask, **kw):
+    n, t = mask.shape
+    return dict(prompt_ids=torch.zeros(n, 1, dtype=torch.long), prompt_mask=torch.ones(n, 1),
+                completion_ids=torch.zeros(n, t, dtype=torch.long), completion_mask=mask, **kw)
+
+
+def _ranked(pol, ref, mask, rewards, k):
+    b = rewards.shape[0] // k
+    tm = mask.bool()
+    return RankedLogps(policy=(pol * mask).sum(-1).view(b, k), scores=rewards.view(b, k),
+                       mask=torch.ones(b, k, dtype=torch.bool), ref=(ref * mask).sum(-1).view(b, k),
+                       policy_tokens=pol.view(b, k, -1), ref_tokens=ref.view(b, k, -1), token_mask=tm.view(b, k, -1))
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04, 0.3])
+def test_trl_grpo_loss_and_gradient(trl, beta):
+    k = 4
+    pol, ref, mask, rewards = _groups(k=k)
+    # TRL's advantages (GRPOTrainer._generate_and_score_completions, scale_rewards="group")
+    grouped = rewards.view(-1, k)
+    mean = grouped.mean(dim=1).repeat_interleave(k)
+    std = trl.nanstd(grouped, dim=1).repeat_interleave(k)
+    adv = (rewards - mean) / (std + 1e-4)
+    theirs_in = pol.clone().requires_grad_()
+    t = _trl_trainer(trl.GRPOTrainer, theirs_in, beta=beta, loss_type="grpo",
+                     args=SimpleNamespace(delta=None, use_bias_correction_kl=False))
+    want = t._compute_loss(None, _inputs(mask, advantages=adv, ref_per_token_logps=ref, num_items_in_batch=mask.sum()))
+    want.backward()
+    ours_in = pol.clone().requires_grad_()
+    got = run("grpo", _ranked(ours_in, ref, mask, rewards, k), beta).mean()
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours_in.grad * mask, theirs_in.grad * mask, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.05, 0.5])
+def test_trl_rloo_loss_and_gradient(trl, beta):
+    k = 4
+    pol, ref, mask, rewards = _groups(k=k, seed=1)
+    # TRL's reward shaping and advantages (RLOOTrainer._generate_and_score_completions, normalize_advantages=False)
+    kl = ((pol - ref) * mask).sum(-1)
+    shaped = (rewards - beta * kl).view(-1, k)
+    adv = (shaped - (shaped.sum(dim=1, keepdim=True) - shaped) / (k - 1)).view(-1)
+    theirs_in = pol.clone().requires_grad_()
+    t = _trl_trainer(trl.RLOOTrainer, theirs_in)
+    want = t._compute_loss(None, _inputs(mask, advantages=adv, old_logps=(pol * mask).sum(-1)))
+    want.backward()
+    ours_in = pol.clone().requires_grad_()
+    got = run("rloo", _ranked(ours_in, ref, mask, rewards, k), beta).mean()
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours_in.grad * mask, theirs_in.grad * mask, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ data path
+
+
+def test_token_matrix_pads_each_sequence_in_position_order():
+    from paft.models.logps import sequence_sums, token_matrix
+
+    logps = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    seq = torch.tensor([0, 0, 2, 2, 2, 3])  # sequence 1 has no label token
+    values, mask = token_matrix(logps, seq, 4)
+    torch.testing.assert_close(values, torch.tensor([[1.0, 2, 0], [0, 0, 0], [3, 4, 5], [6, 0, 0]]))
+    assert mask.tolist() == [[True, True, False], [False] * 3, [True] * 3, [True, False, False]]
+    torch.testing.assert_close((values * mask).sum(1), sequence_sums(logps, seq, 4)[0])
+
+
+def _lora(tiny_model):
+    from paft.config import LoraConfig
+    from paft.train.lora import attach_lora
+
+    model = attach_lora(tiny_model, LoraConfig(r=4, alpha=8), 0)
+    with torch.no_grad():  # a non-zero adapter, so "adapter disabled" and "policy" differ
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model
+
+
+def _group_batch(tok, packed=False):
+    from paft.data.formats import RankedExample
+    from paft.train.preference import DATA_KINDS
+
+    kind = DATA_KINDS["groups"]
+    prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(2)]
+    examples = [kind.from_samples(p, [f"reply {j} " * (j + 1) for j in range(3)], [0.0, 1.0, 2.0 + i])
+                for i, p in enumerate(prompts)]
+    assert all(isinstance(e, RankedExample) for e in examples)
+    assert kind.from_samples(prompts[0], ["only one"], [1.0]) is None  # no group of one
+    data = SimpleNamespace(max_length=96, max_prompt_length=64)
+    rows = [kind.encode(e, tok, data) for e in examples]
+    return kind.collator(tok.pad_token_id, 512 if packed else None, 96)(rows)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_grpo_objective_reads_per_token_policy_and_reference(tiny_model, tiny_tok, packed):
+    from paft.models.logps import sequence_logps
+    from paft.train.preference import PreferenceObjective
+    from paft.train.reference import ReferenceLogps
+
+    model = _lora(tiny_model)
+    plain = _group_batch(tiny_tok)
+    batch = _group_batch(tiny_tok, packed) if packed else plain
+    obj = PreferenceObjective("grpo", 0.04)
+    obj.reference = ReferenceLogps(None)
+    lp, _ = obj.kind.logps(obj, model, batch)
+    assert lp.policy_tokens.shape[:2] == (2, 3) and lp.scores.tolist() == [[0.0, 1.0, 2.0], [0.0, 1.0, 3.0]]
+    with torch.no_grad():
+        want = sequence_logps(model, plain["input_ids"], plain["attention_mask"], plain["labels"])[0].view(2, 3)
+        with model.disable_adapter():
+            want_ref = sequence_logps(model, plain["input_ids"], plain["attention_mask"], plain["labels"])[0].view(2, 3)
+    tm = lp.token_mask
+    torch.testing.assert_close((lp.policy_tokens * tm).sum(-1).detach(), want, atol=1e-4, rtol=0)
+    torch.testing.assert_close((lp.ref_tokens * tm).sum(-1), want_ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(lp.ref, want_ref, atol=1e-4, rtol=0)
+    assert (tm.sum(-1) == lp.tokens).all()
+    loss, _ = obj(model, batch)
+    loss.backward()  # the gradient reaches the adapter
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora" in n)
+
+
+def test_reference_token_cache_persists_and_snapshots(tiny_model, tiny_tok, tmp_path):
+    from paft.train.reference import ReferenceLogps
+
+    model = _lora(tiny_model)
+    b = _group_batch(tiny_tok)
+    path = tmp_path / "ref.json"
+    a = ReferenceLogps(path)
+    toks = a.tokens(model, b)
+    assert a.misses == 6
+    torch.testing.assert_close(toks.sum(1), a(model, b), atol=1e-4, rtol=0)  # the sums came with the tokens
+    assert a.misses == 6 and a.hits == 6
+    a.save()
+    stored = json.loads(path.read_text())
+    assert len(stored["token_logps"]) == 6 and len(stored["logps"]) == 6
+    again = ReferenceLogps(path)
+    torch.testing.assert_close(again.tokens(model, b), toks)
+    assert again.misses == 0
+    # a snapshot freezes the current policy's tokens too (online reference "previous")
+    snap = ReferenceLogps(None)
+    snap.snapshot(model, [b])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.1)
+    frozen = snap.tokens(model, b)
+    torch.testing.assert_close(frozen.sum(1), snap(model, b), atol=1e-4, rtol=0)
+    assert not torch.allclose(frozen, toks, atol=1e-3)  # the policy's, not the adapter-disabled model's
+
+
+def test_grpo_rounds_sample_k_replies_per_prompt_and_train_on_whole_groups(tmp_path):
+    from paft.config import load_config
+    from paft.pipeline import Run
+
+    f = tmp_path / "my_scorer.py"
+    f.write_text("def score(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
+    cfg = load_config(preset="tiny", overrides=[
+        f"run.output_dir={tmp_path / 'run'}", "preference.method=grpo", "preference.max_steps=2",
+        "preference.params.candidates=3", "preference.online.rounds=1", "preference.online.prompts_per_round=4",
+        "preference.online.max_new_tokens=6", "preference.online.scorer.kind=function",
+        f"preference.online.scorer.function={f}:score"])
+    run = Run(cfg)
+    run.prepare()
+    s = run.train(["preference"])["preference"]
+    assert s["data_kind"] == "groups" and s["schedule"] == "online" and s["steps"] == 2
+    assert s["phases"][0]["groups"] == 4 and math.isfinite(s["train_loss"])
+    path = run.branch_dir("preference") / "rounds" / "round-1" / "samples.jsonl"
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(recs) == 4 and all(len(x["replies"]) == 3 and x["used"] == [0, 1, 2] and "pair" not in x for x in recs)
+    assert all(x["scores"] == [float(len(y)) for y in x["replies"]] for x in recs)
+
+
+def test_group_size_below_two_is_a_config_error():
+    from paft.config import load_config
+    from paft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="candidates"):
+        load_config(preset="tiny", overrides=["preference.method=rloo", "preference.params.candidates=1"])
