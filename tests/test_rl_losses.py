@@ -330,3 +330,90 @@ def test_group_size_below_two_is_a_config_error():
 
     with pytest.raises(ConfigError, match="candidates"):
         load_config(preset="tiny", overrides=["preference.method=rloo", "preference.params.candidates=1"])
+
+
+# ------------------------------------------------------------------------------------------ TDPO
+# pair 0: h_w = +1, h_l = -1 (u = 2), D(y_w) = 0.5, D(y_l) = 1.5; pair 1: u = 0, D = 0 both (DPO at 0: log 2)
+
+
+def _tdpo_lp():
+    from paft.methods.losses import PairLogps
+
+    t = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    return PairLogps(policy_chosen=t(-10.0, -5.0), policy_rejected=t(-12.0, -5.0), ref_chosen=t(-11.0, -5.0),
+                     ref_rejected=t(-11.0, -5.0), seq_kl_chosen=t(0.5, 0.0).requires_grad_(),
+                     seq_kl_rejected=t(1.5, 0.0).requires_grad_())
+
+
+def lsig(x):
+    return -math.log1p(math.exp(-x))
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_tdpo_closed_forms(beta):
+    lp = _tdpo_lp()
+    tdpo2 = run("tdpo", lp, beta)  # u - alpha (D_l - D_w) = 2 - 0.5 * 1
+    torch.testing.assert_close(tdpo2.detach(), torch.tensor([-lsig(1.5 * beta), math.log(2)], dtype=torch.float64))
+    tdpo2.sum().backward()
+    assert lp.seq_kl_chosen.grad is None  # TDPO2 stops the gradient through D(y_w)
+    # d/dD_l of -log sigma(beta (u - alpha D_l ...)) = alpha beta sigma(-beta z)
+    s = 1 / (1 + math.exp(1.5 * beta))
+    torch.testing.assert_close(lp.seq_kl_rejected.grad, torch.tensor([0.5 * beta * s, 0.25 * beta], dtype=torch.float64))
+    lp = _tdpo_lp()
+    tdpo1 = run("tdpo", lp, beta, variant=1)  # u - (D_l - D_w) = 1
+    torch.testing.assert_close(tdpo1.detach(), torch.tensor([-lsig(beta), math.log(2)], dtype=torch.float64))
+    tdpo1.sum().backward()
+    assert lp.seq_kl_chosen.grad[0] < 0 < lp.seq_kl_rejected.grad[0]
+    with pytest.raises(ValueError, match="variant"):
+        run("tdpo", lp, beta, variant=3)
+
+
+def test_tdpo_objective_computes_the_sequential_kl_from_full_distributions(tiny_model, tiny_tok):
+    """D(y) against a plain full-logits computation, and the DPO sums against the sequence log-prob readers."""
+    from paft.data.collate import PairCollator
+    from paft.data.formats import PreferenceExample
+    from paft.data.tokenize import encode_pair
+    from paft.models.logps import sequence_logps
+    from paft.train.preference import PreferenceObjective
+
+    model = _lora(tiny_model)
+    ex = [PreferenceExample(prompt=[{"role": "user", "content": f"q {i}"}], chosen="yes " * (i + 1),
+                            rejected="no " * (3 - i)) for i in range(3)]
+    b = PairCollator(tiny_tok.pad_token_id)([encode_pair(e, tiny_tok, 96, 64) for e in ex])
+    obj = PreferenceObjective("tdpo", 0.1)
+    lp, metrics = obj.kind.logps(obj, model, b)
+    ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
+    with torch.no_grad():
+        pol = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
+        with model.disable_adapter():
+            ref = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float().log_softmax(-1)
+        want_kl = ((ref.exp() * (ref - pol)).sum(-1) * (labels[:, 1:] != -100)).sum(-1)
+        want_pol = sequence_logps(model, ids, mask, labels)[0]
+        with model.disable_adapter():
+            want_ref = sequence_logps(model, ids, mask, labels)[0]
+    got_kl = torch.cat([lp.seq_kl_chosen, lp.seq_kl_rejected]).detach()
+    torch.testing.assert_close(got_kl, want_kl, atol=1e-5, rtol=1e-4)
+    assert (got_kl > 0).all()  # the adapter moved the policy away from the reference
+    torch.testing.assert_close(torch.cat([lp.policy_chosen, lp.policy_rejected]).detach(), want_pol, atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.cat([lp.ref_chosen, lp.ref_rejected]), want_ref, atol=1e-4, rtol=0)
+    assert metrics["kl/chosen"] == pytest.approx(want_kl[:3].mean().item(), rel=1e-4)
+    loss, _ = obj(model, b)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora" in n)
+
+
+def test_tdpo_packed_batch_gives_the_padded_values(tiny_model, tiny_tok):
+    from paft.data.collate import PairCollator
+    from paft.data.formats import PreferenceExample
+    from paft.data.tokenize import encode_pair
+    from paft.train.preference import PreferenceObjective
+
+    model = _lora(tiny_model)
+    rows = [encode_pair(PreferenceExample(prompt=[{"role": "user", "content": f"q {i}"}], chosen="yes " * (i + 1),
+                                          rejected="no " * (3 - i)), tiny_tok, 96, 64) for i in range(3)]
+    obj = PreferenceObjective("tdpo", 0.1)
+    with torch.no_grad():
+        padded, _ = obj.kind.logps(obj, model, PairCollator(tiny_tok.pad_token_id)(rows))
+        packed, _ = obj.kind.logps(obj, model, PairCollator(tiny_tok.pad_token_id, 512)(rows))
+    for f in ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected", "seq_kl_chosen", "seq_kl_rejected"):
+        torch.testing.assert_close(getattr(packed, f), getattr(padded, f), atol=1e-4, rtol=1e-4)

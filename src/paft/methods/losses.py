@@ -7,7 +7,8 @@ the caller takes ``.mean()``). ``LossSpec.data`` says what a batch holds: ``"pai
 unpaired completions labelled desirable/undesirable, plus the mismatched "KL" rows),
 ``"negatives"`` (``UnpairedLogps`` of undesirable completions only) or ``"ranked"``
 (``RankedLogps``: a scored list of replies per prompt; lists of different lengths are
-padded to [B, K] and masked), or ``"online"`` (pairs each round samples and scores). It is
+padded to [B, K] and masked), ``"online"`` (pairs each round samples and scores) or ``"groups"``
+(``RankedLogps`` of the K replies each online round samples per prompt, ``scores`` = rewards). It is
 called as ``spec.fn(lp, beta=beta, **kwargs)`` with ``kwargs, schedule = spec.configure(params)``:
 ``beta`` always comes from the config (``preference.beta``), the other hyper-parameters from the
 registry defaults, overridden by ``preference.params`` (those the schedule owns, e.g. sDPO's
@@ -43,9 +44,12 @@ Registered (name: reference? defaults):
 - ``rrhf``: free, data "ranked"; sft_weight=1.0 (``beta`` unused)
 - ``pro``: free, data "ranked"; sft_weight=0.05 (times (n - 1)^2), score_temperature=True (``beta`` unused)
 - ``lipo``: ref, data "ranked"; - (LiPO-lambda)
+- ``tdpo``: ref, token-level; alpha=0.5, variant=2 (TDPO2; the sequential KL over full distributions)
 - ``sdpo``: ref, staged; stages=2 (DPO per stage)
 - ``iterative-dpo``, ``self-rewarding``: ref, online; loss="sigmoid"
 - ``rso``: ref, online; loss="hinge", rso_beta=0.5, candidates=8, keep=4
+- ``rloo``: ref, data "groups" (online); epsilon=0.2, candidates=4 (KL in the reward)
+- ``grpo``: ref, data "groups" (online), token-level; epsilon=0.2, candidates=4 (paper beta 0.04)
 
 Note ``rdpo`` (robust DPO, Chowdhury et al.) and ``r-dpo`` (length-regularised DPO,
 Park et al.) are different methods; the names follow the literature.
@@ -74,6 +78,10 @@ class PairLogps:
     ref_rejected: torch.Tensor | None = None
     chosen_tokens: torch.Tensor | None = None  # completion lengths, for length-aware losses
     rejected_tokens: torch.Tensor | None = None
+    # sequential KL sum_t KL(pi_ref(.|x, y<t) || pi_theta(.|x, y<t)) over each reply, for token-level losses
+    # (``LossSpec.token_level``: TDPO); carries the policy's gradient
+    seq_kl_chosen: torch.Tensor | None = None
+    seq_kl_rejected: torch.Tensor | None = None
 
     def margin(self) -> torch.Tensor:
         """Delta = h(y_w) - h(y_l)."""
@@ -136,7 +144,8 @@ class LossSpec:
     paper_beta: float | None = None
     # how training proceeds (paft.methods.schedules): offline, staged (sDPO) or online rounds
     schedule: Schedule = Schedule()
-    # the loss reads per-token log-probs (policy and reference), not only the per-reply sums
+    # the loss reads per-token quantities, not only per-reply sums: per-token log-probs of policy and reference
+    # for groups (GRPO), the sequential KL to the reference over each reply for pairs (TDPO)
     token_level: bool = False
 
     @property
@@ -399,6 +408,32 @@ def gpo_loss(lp: PairLogps, beta: float, f: str = "logistic") -> torch.Tensor:
     if fn is None:
         raise LossParamError(f"gpo: unknown parameter f={f!r}; known: {', '.join(GPO_FUNCTIONS)}")
     return fn(beta * lp.margin())
+
+
+@register_loss("tdpo", data="pairs", reference=True, token_level=True,
+               paper="Zeng, Liu, Ma, Yang, Zhang, Wang 2024, Token-level Direct Preference Optimization "
+                     "(arXiv 2404.11999)",
+               alpha=0.5, variant=2)
+def tdpo_loss(lp: PairLogps, beta: float, alpha: float = 0.5, variant: int = 2) -> torch.Tensor:
+    """TDPO: DPO's margin corrected by the sequential KL divergence of each reply,
+    u = h(y_w) - h(y_l),   D(y) = sum_t KL(pi_ref(.|x, y<t) || pi_theta(.|x, y<t))  (full next-token distributions),
+    TDPO1 (``variant: 1``): L = -log sigma(beta [u - (D(y_l) - D(y_w))]),
+    TDPO2 (``variant: 2``, the paper's recommended one): L = -log sigma(beta [u - alpha (D(y_l) - sg(D(y_w)))]),
+
+    sg = stop-gradient. alpha = 0.5 is the paper's and the authors' code's default. D needs the reference's
+    whole next-token distribution at each reply position, which no cache can hold: TDPO runs the
+    adapter-disabled forward every step (the reference sums still come from it, not the cache).
+    """
+    _need_ref(lp, "tdpo")
+    if lp.seq_kl_chosen is None or lp.seq_kl_rejected is None:
+        raise ValueError("tdpo needs the sequential KL of each reply (seq_kl_chosen / seq_kl_rejected)")
+    if variant not in (1, 2):
+        raise LossParamError(f"tdpo: parameter 'variant' must be 1 or 2; got {variant!r}")
+    if variant == 1:
+        kl_term = lp.seq_kl_rejected - lp.seq_kl_chosen
+    else:
+        kl_term = alpha * (lp.seq_kl_rejected - lp.seq_kl_chosen.detach())
+    return -F.logsigmoid(beta * (lp.margin() - kl_term))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,9 +52,9 @@ def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, la
     return logps, rows
 
 
-def packed_token_logps(model, batch: dict, full_logits: bool = False):
-    """``token_logps`` of a packed batch: ``(logps [N], sequence [N])`` in sequence, then position, order."""
-    decoder, head = _split(model)
+def _packed_hidden(model, batch: dict) -> torch.Tensor:
+    """The decoder's last hidden states of a packed batch, flattened to [rows * width, H]."""
+    decoder, _ = _split(model)
     mask = batch["attention_mask"]
     if attn_implementation(model) == "eager":  # eager attention adds the mask to the scores
         mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
@@ -63,7 +63,13 @@ def packed_token_logps(model, batch: dict, full_logits: bool = False):
     with packed_attention(model, spans) as extra:
         hidden = decoder(input_ids=batch["input_ids"], attention_mask=mask,
                          position_ids=batch["position_ids"], **extra).last_hidden_state
-    flat = hidden.reshape(-1, hidden.shape[-1])
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def packed_token_logps(model, batch: dict, full_logits: bool = False):
+    """``token_logps`` of a packed batch: ``(logps [N], sequence [N])`` in sequence, then position, order."""
+    head = _split(model)[1]
+    flat = _packed_hidden(model, batch)
     if full_logits:
         logprobs = head(flat).float().log_softmax(-1)
         logps = logprobs[batch["pred_index"]].gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
@@ -79,6 +85,24 @@ def batch_token_logps(model, batch: dict, full_logits: bool = False):
         return logps, seq, batch["sequence_tokens"].shape[0]
     logps, rows = token_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], full_logits)
     return logps, rows, batch["labels"].shape[0]
+
+
+def label_log_softmax(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The full next-token distribution at every label position, for losses that compare distributions (TDPO's
+    per-token KL): ``(log-softmax [N, V] float32, targets [N], sequence [N], number of sequences)``, the N
+    positions in ``batch_token_logps``' order. Costs [N x vocab] activations: completion positions only."""
+    decoder, head = _split(model)
+    if is_packed(batch):
+        hidden, targets, seq = _packed_hidden(model, batch)[batch["pred_index"]], batch["targets"], batch["target_seq"]
+        n = batch["sequence_tokens"].shape[0]
+    else:
+        labels = batch["labels"]
+        out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        keep = labels[:, 1:] != IGNORE
+        hidden, targets = out[:, :-1][keep], labels[:, 1:][keep]
+        seq = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(keep)[keep]
+        n = labels.shape[0]
+    return head(hidden).float().log_softmax(-1), targets, seq, n
 
 
 def sequence_sums(logps: torch.Tensor, seq: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,10 +35,13 @@ from paft.data.packing import is_packed
 from paft.data.tokenize import IGNORE, encode_completion, encode_pair, encode_ranked, encode_sft
 from paft.methods.losses import PairLogps, RankedLogps, UnpairedLogps, get_loss
 from paft.methods.schedules import best_worst
-from paft.models.logps import batch_sequence_logps, batch_token_logps, sequence_sums, token_matrix, trim_padding
+from paft.models.logps import (batch_sequence_logps, batch_token_logps, label_log_softmax, sequence_sums,
+                               token_matrix, trim_padding)
 
 
 def _pairs(obj: "PreferenceObjective", model, batch):
+    if obj.spec.token_level:
+        return _token_level_pairs(obj, model, batch)
     logps, counts = batch_sequence_logps(model, batch, obj.full_logits)
     n = logps.shape[0] // 2
     lp = PairLogps(policy_chosen=logps[:n], policy_rejected=logps[n:],
@@ -47,6 +50,31 @@ def _pairs(obj: "PreferenceObjective", model, batch):
         ref = obj.reference_logps(model, batch)
         lp.ref_chosen, lp.ref_rejected = ref[:n].detach(), ref[n:].detach()
     return lp, _pair_metrics(lp, obj.beta)
+
+
+def _token_level_pairs(obj: "PreferenceObjective", model, batch):
+    """Pairs with each reply's sequential KL(pi_ref || pi_theta) (TDPO): the full next-token distributions of the
+    policy and the reference (adapter disabled, or the frozen copy of full fine-tuning) at every reply position."""
+    logprobs, targets, seq, n_seq = label_log_softmax(model, batch)
+    ref_model = getattr(obj.reference, "model", None)
+    with torch.no_grad():
+        if ref_model is not None:
+            ref_logprobs = label_log_softmax(ref_model, batch)[0]
+        else:
+            with model.disable_adapter():
+                ref_logprobs = label_log_softmax(model, batch)[0]
+    kl = (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1)
+    pick = lambda lps: lps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+    logps, counts = sequence_sums(pick(logprobs), seq, n_seq)
+    ref = sequence_sums(pick(ref_logprobs), seq, n_seq)[0]
+    seq_kl = sequence_sums(kl, seq, n_seq)[0]
+    n = n_seq // 2
+    lp = PairLogps(policy_chosen=logps[:n], policy_rejected=logps[n:], ref_chosen=ref[:n], ref_rejected=ref[n:],
+                   chosen_tokens=counts[:n], rejected_tokens=counts[n:], seq_kl_chosen=seq_kl[:n],
+                   seq_kl_rejected=seq_kl[n:])
+    metrics = _pair_metrics(lp, obj.beta)
+    metrics["kl/chosen"], metrics["kl/rejected"] = seq_kl[:n].mean().item(), seq_kl[n:].mean().item()
+    return lp, metrics
 
 
 def _unpaired(obj: "PreferenceObjective", model, batch):
