@@ -417,3 +417,67 @@ def test_tdpo_packed_batch_gives_the_padded_values(tiny_model, tiny_tok):
         packed, _ = obj.kind.logps(obj, model, PairCollator(tiny_tok.pad_token_id, 512)(rows))
     for f in ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected", "seq_kl_chosen", "seq_kl_rejected"):
         torch.testing.assert_close(getattr(packed, f), getattr(padded, f), atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ DRO
+# rewards 1, 0, 2; h = log pi - log pi_ref = 0.5, -1, 0; tau = 0.5: r - tau h = 0.75, 0.5, 2; V = 3.25 / 3
+
+
+def test_dro_closed_form_value_and_gradient():
+    from paft.methods.losses import UnpairedLogps
+
+    policy = torch.tensor([-4.5, -6.0, -3.0], dtype=torch.float64, requires_grad=True)
+    lp = UnpairedLogps(policy=policy, labels=torch.tensor([True, False, True]),
+                       ref=torch.tensor([-5.0, -5.0, -3.0], dtype=torch.float64),
+                       rewards=torch.tensor([1.0, 0.0, 2.0]))
+    res = [0.75, 0.5, 2.0]
+    v = sum(res) / 3
+    loss = run("dro", lp, 0.5)
+    torch.testing.assert_close(loss.detach(), torch.tensor([0.5 * (x - v) ** 2 for x in res], dtype=torch.float64))
+    loss.sum().backward()  # V detached: d/dh of 1/2 (r - V - tau h)^2 = -tau (r - V - tau h)
+    torch.testing.assert_close(policy.grad, torch.tensor([-0.5 * (x - v) for x in res], dtype=torch.float64))
+    with pytest.raises(ValueError, match="reward"):
+        run("dro", UnpairedLogps(policy=policy, labels=lp.labels, ref=lp.ref), 0.5)
+
+
+def test_rewarded_rows_load_and_every_preference_format_converts(tmp_path):
+    from paft.data.formats import BinaryExample, PreferenceExample, RankedExample, examples_for_method
+    from paft.data.loading import load_examples
+
+    f = tmp_path / "r.jsonl"
+    f.write_text('{"prompt": "a?", "completion": "yes", "reward": 0.7}\n'
+                 '{"prompt": "b?", "completion": "no", "reward": -2}\n')
+    rows = load_examples(str(f), "preference").examples
+    assert [(e.completion, e.reward, e.label) for e in rows] == [("yes", 0.7, True), ("no", -2.0, False)]
+    f.write_text('{"prompt": "a?", "completion": "yes", "reward": "high"}\n')
+    with pytest.raises(Exception, match="reward"):
+        load_examples(str(f), "preference")
+    p = [{"role": "user", "content": "q"}]
+    got = examples_for_method([PreferenceExample(p, "good", "bad")], "rewarded", method="dro", source="x")
+    assert [(e.completion, e.reward) for e in got] == [("good", 1.0), ("bad", 0.0)]
+    got = examples_for_method([RankedExample(p, ["a", "b", "c"], [3.0, 1.0, 2.0])], "rewarded", method="dro",
+                              source="x")
+    assert [(e.completion, e.reward) for e in got] == [("a", 3.0), ("b", 1.0), ("c", 2.0)]
+    got = examples_for_method([BinaryExample(p, "a", False)], "rewarded", method="dro", source="x")
+    assert got[0].reward == 0.0
+
+
+def test_dro_trains_on_rewarded_rows_and_needs_two_rows_per_batch(tmp_path):
+    from paft.config import load_config
+    from paft.errors import ConfigError
+    from paft.pipeline import Run
+
+    f = tmp_path / "r.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"question {i}", "completion": "answer " * (i % 3 + 1),
+                                     "reward": float(i % 3)}) + "\n" for i in range(24)))
+    over = [f"run.output_dir={tmp_path / 'run'}", "preference.method=dro", "preference.max_steps=2",
+            f"data.preference.path={f}"]
+    run = Run(load_config(preset="tiny", overrides=over))
+    run.prepare()
+    s = run.train(["preference"])["preference"]
+    assert s["data_kind"] == "rewarded" and s["steps"] == 2 and math.isfinite(s["train_loss"]) and s["train_loss"] > 0
+    run = Run(load_config(preset="tiny", overrides=[*over, "preference.batch_size=1",
+                                                     f"run.output_dir={tmp_path / 'run1'}"]))
+    run.prepare()
+    with pytest.raises(ConfigError, match="value estimate"):
+        run.train(["preference"])

@@ -41,6 +41,7 @@ Registered (name: reference? defaults):
 - ``gpo``: ref; f="logistic" (logistic, squared, hinge, exponential, truncated_quadratic, savage)
 - ``kto``: ref, data "binary"; desirable_weight=1.0, undesirable_weight=1.0
 - ``npo``: ref, data "negatives"; -
+- ``dro``: ref, data "rewarded" (prompt, reply, reward); - (value = detached batch mean)
 - ``rrhf``: free, data "ranked"; sft_weight=1.0 (``beta`` unused)
 - ``pro``: free, data "ranked"; sft_weight=0.05 (times (n - 1)^2), score_temperature=True (``beta`` unused)
 - ``lipo``: ref, data "ranked"; - (LiPO-lambda)
@@ -103,6 +104,7 @@ class UnpairedLogps:
     policy_kl: torch.Tensor | None = None
     ref_kl: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None  # each completion's scalar reward (data kind "rewarded": DRO)
 
     def logratio(self) -> torch.Tensor:
         """h(y) = log pi_theta(y|x) - log pi_ref(y|x)."""
@@ -578,6 +580,30 @@ def npo_loss(lp: UnpairedLogps, beta: float) -> torch.Tensor:
     if bool(lp.labels.any()):
         raise ValueError("npo trains on undesirable completions only; the batch has rows labelled desirable")
     return (2.0 / beta) * F.softplus(beta * lp.logratio())
+
+
+@register_loss("dro", data="rewarded", reference=True,
+               paper="Richemond, Tang, Guo, Calandriello, Azar, Rafailov, Avila Pires, Tarassov, Spangher, Ellsworth, "
+                     "Severyn, Mallinson, Shani, Shamir, Joshi, Liu, Munos, Piot 2024, Offline Regularised "
+                     "Reinforcement Learning for Large Language Models Alignment (arXiv 2405.19107)")
+def dro_loss(lp: UnpairedLogps, beta: float) -> torch.Tensor:
+    """DRO (direct reward optimisation), per single trajectory (x, y, r):
+    L = 1/2 (r - V - tau h(y))^2,   tau = ``beta``,   V = sg(mean_B(r - tau h)),
+
+    the paper's squared residual of the KL-regularised optimality condition r = V(x) + tau log(pi*/pi_ref).
+    The paper learns V(x) with a separate value network; paft's value estimate is the batch mean of
+    r - tau h, detached: the V minimising this very loss over a constant, so no value parameter is added
+    to the adapter (which PAFT merges and the sequential baseline reuses as is) and no state carries
+    between steps. A per-prompt V needs several replies per prompt, which single-trajectory data
+    rarely has. Its gradient is -tau (r - V - tau h) grad log pi(y): replies rewarded above the batch's
+    value are pushed up until tau h(y) accounts for the excess.
+    """
+    _need_unpaired_ref(lp, "dro")
+    if lp.rewards is None:
+        raise ValueError("dro needs a reward per completion (rewards)")
+    r = lp.rewards.to(lp.policy.dtype)
+    residual = r - beta * lp.logratio()
+    return 0.5 * (residual - residual.mean().detach()) ** 2
 
 
 # ---------------------------------------------------------------------------------------------

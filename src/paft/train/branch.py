@@ -190,9 +190,11 @@ def preference_examples(cfg: PaftConfig, data_path: Path, source: str | None = N
     """
     p = cfg.preference
     spec = get_loss(p.method)
-    if spec.data == "binary" and p.batch_size < 2:
-        raise ConfigError(f"preference.method {p.method!r} needs preference.batch_size >= 2 (its KL estimate pairs "
-                          f"each completion with another row's prompt in the batch); got {p.batch_size}")
+    batch_estimate = {"binary": "its KL estimate pairs each completion with another row's prompt in the batch",
+                      "rewarded": "its value estimate is the batch's mean reward"}.get(spec.data)
+    if batch_estimate and p.batch_size < 2:
+        raise ConfigError(f"preference.method {p.method!r} needs preference.batch_size >= 2 ({batch_estimate}); "
+                          f"got {p.batch_size}")
     examples = load_examples(str(data_path), "preference").examples
     return examples_for_method(examples, spec.data, method=p.method, source=source or str(data_path))
 

@@ -16,6 +16,8 @@ collator batches the rows and how the objective reads a batch:
   run under ``no_grad`` (KTO detaches the KL estimate anyway).
 - ``groups`` (``RankedCollator``, as ``ranked``): the K sampled replies of each prompt with their rewards as
   ``scores``, built each online round; token-level losses (GRPO) also get [B, K, T] per-token log-probs.
+- ``rewarded`` (``BinaryCollator`` without KL rows): B rows with their ``rewards`` ([B] float) -> ``UnpairedLogps``
+  (DRO's single trajectories).
 - ``ranked`` (``RankedCollator``): every reply of every list as one flat batch of N rows (list 0's
   replies, then list 1's...), ``list_index`` ([B, K], the row of reply k of list b, -1 past a
   shorter list) and ``scores`` ([B, K]) -> ``RankedLogps`` ([B, K], masked where ``list_index``
@@ -85,7 +87,7 @@ def _unpaired(obj: "PreferenceObjective", model, batch):
     matched = _rows(batch, 0, n)
     has_kl = batch["input_ids"].shape[0] > n
     policy, counts = batch_sequence_logps(model, matched, obj.full_logits)
-    lp = UnpairedLogps(policy=policy, labels=desirable, tokens=counts)
+    lp = UnpairedLogps(policy=policy, labels=desirable, tokens=counts, rewards=batch.get("rewards"))
     if has_kl:
         kl_rows = _rows(batch, n, batch["input_ids"].shape[0])
         with torch.no_grad():
@@ -162,6 +164,8 @@ DATA_KINDS: dict[str, DataKind] = {
                        _unpaired),
     "negatives": DataKind(_encode_prompted(encode_completion),
                           lambda p, n, m: BinaryCollator(p, kl=False, max_length=m), _unpaired),
+    "rewarded": DataKind(_encode_prompted(encode_completion),
+                         lambda p, n, m: BinaryCollator(p, kl=False, max_length=m), _unpaired),
     "ranked": DataKind(_encode_prompted(encode_ranked), lambda p, n, m: RankedCollator(p, n), _ranked),
 }
 
