@@ -481,3 +481,52 @@ def test_dro_trains_on_rewarded_rows_and_needs_two_rows_per_batch(tmp_path):
     run.prepare()
     with pytest.raises(ConfigError, match="value estimate"):
         run.train(["preference"])
+
+
+# ------------------------------------------------------------------------------------------ SPPO
+# group of 3 rewards 0, 0, ln 3: sigma(ln 3) = 3/4; P(y_1 > pi) = (1/2 + 1/4)/2 = 3/8, P(y_2) = 3/8, P(y_3) = 3/4
+# beta 0.5 (eta 2): targets (P - 1/2) * 2 = -1/4, -1/4, 1/2; h = log pi - log pi_ref = 0, -1, 1
+
+
+def test_sppo_closed_form():
+    from paft.methods.losses import win_probabilities
+
+    ln3 = math.log(3)
+    scores = torch.tensor([[0.0, 0.0, ln3], [1.0, 5.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    win = win_probabilities(scores, mask)
+    s14 = 1 / (1 + math.exp(4))
+    torch.testing.assert_close(win, torch.tensor([[3 / 8, 3 / 8, 3 / 4], [s14, 1 - s14, 0.5]], dtype=torch.float64))
+    policy = torch.tensor([[-2.0, -3.0, -1.0], [-1.0, -1.0, 50.0]], dtype=torch.float64, requires_grad=True)
+    lp = RankedLogps(policy=policy, scores=scores, mask=mask,
+                     ref=torch.tensor([[-2.0, -2.0, -2.0], [-1.0, -1.0, 0.0]], dtype=torch.float64))
+    loss = run("sppo", lp, 0.5)
+    g0 = ((0 + 0.25) ** 2 + (-1 + 0.25) ** 2 + (1 - 0.5) ** 2) / 3
+    g1 = ((0 - (s14 - 0.5) * 2) ** 2 + (0 - (0.5 - s14) * 2) ** 2) / 2  # the padded entry is left out
+    torch.testing.assert_close(loss.detach(), torch.tensor([g0, g1], dtype=torch.float64))
+    loss.sum().backward()
+    assert policy.grad[1, 2] == 0
+
+
+def test_sppo_is_a_groups_row_with_the_previous_round_as_reference():
+    from paft.methods.schedules import Group, Online
+
+    assert LOSSES["sppo"].schedule == Online(selection=Group(4), reference="previous")
+    assert LOSSES["rloo"].schedule == LOSSES["grpo"].schedule == Online(selection=Group(4))
+    assert LOSSES["grpo"].token_level and LOSSES["tdpo"].token_level and not LOSSES["rloo"].token_level
+
+
+def test_sppo_two_rounds_snapshot_the_previous_model_as_reference(tmp_path):
+    from paft.config import load_config
+    from paft.pipeline import Run
+
+    cfg = load_config(preset="tiny", overrides=[
+        f"run.output_dir={tmp_path / 'run'}", "preference.method=sppo", "preference.max_steps=2",
+        "preference.params.candidates=3", "preference.online.rounds=2", "preference.online.prompts_per_round=3",
+        "preference.online.max_new_tokens=6", "preference.online.scorer.kind=function",
+        "preference.online.scorer.function=paft.scoring:demo_reward"])
+    run = Run(cfg)
+    run.prepare()
+    s = run.train(["preference"])["preference"]
+    assert [p["reference"] for p in s["phases"]] == ["previous", "previous"]
+    assert [p["groups"] for p in s["phases"]] == [3, 3] and s["steps"] == 2 and math.isfinite(s["train_loss"])

@@ -51,6 +51,7 @@ Registered (name: reference? defaults):
 - ``rso``: ref, online; loss="hinge", rso_beta=0.5, candidates=8, keep=4
 - ``rloo``: ref, data "groups" (online); epsilon=0.2, candidates=4 (KL in the reward)
 - ``grpo``: ref, data "groups" (online), token-level; epsilon=0.2, candidates=4 (paper beta 0.04)
+- ``sppo``: ref (the previous round), data "groups" (online); candidates=4 (eta = 1/beta)
 
 Note ``rdpo`` (robust DPO, Chowdhury et al.) and ``r-dpo`` (length-regularised DPO,
 Park et al.) are different methods; the names follow the literature.
@@ -842,3 +843,35 @@ def grpo_loss(lp: RankedLogps, beta: float, epsilon: float = 0.2) -> torch.Tenso
     per_token = _clipped_surrogate(logp - logp.detach(), adv, epsilon) + beta * (torch.exp(d) - d - 1.0)
     per_reply = torch.where(tm, per_token, torch.zeros_like(per_token)).sum(dim=2) / tm.sum(dim=2).clamp(min=1)
     return _group_mean(per_reply, lp.mask)
+
+
+def win_probabilities(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """P(y_i > pi) estimated within each group: mean over the other real replies j of sigma(r_i - r_j), the
+    Bradley-Terry probability that y_i beats y_j under the scorer's rewards, [B, K] (0.5 where padded)."""
+    m = mask.bool()
+    pair = m[:, :, None] & m[:, None, :] & ~torch.eye(m.shape[1], dtype=torch.bool, device=m.device)
+    p = torch.sigmoid(scores[:, :, None] - scores[:, None, :])
+    n = pair.sum(dim=2).clamp(min=1).to(scores.dtype)
+    win = torch.where(pair, p, torch.zeros_like(p)).sum(dim=2) / n
+    return torch.where(m & pair.any(dim=2), win, torch.full_like(win, 0.5))
+
+
+@register_loss("sppo", data="groups", reference=True, schedule=Online(selection=Group(), reference="previous"),
+               paper="Wu, Sun, Yuan, Ji, Yang, Gu 2024, Self-Play Preference Optimization for Language Model "
+                     "Alignment (arXiv 2405.00675)")
+def sppo_loss(lp: RankedLogps, beta: float) -> torch.Tensor:
+    """SPPO, per group of K replies sampled from pi_t (the previous round's model, the reference):
+    L = 1/K sum_i (log(pi_theta(y_i) / pi_t(y_i)) - eta (P(y_i > pi_t) - 1/2))^2,   eta = 1 / ``beta``,
+    P(y_i > pi_t) = 1/(K - 1) sum_{j != i} sigma(r_i - r_j)    (``win_probabilities``).
+
+    The paper's Eq. 3.6 with its win rate estimated from the K samples of the round, as the paper does
+    with K = 5; paft's scorers give a reward per reply, so P(y_i > y_j) is Bradley-Terry on those rewards
+    (the paper's PairRM gives it directly), and each reply is compared with the other K - 1 (its
+    comparison with itself, 1/2, left out). Every sampled reply is trained on (the authors' code keeps
+    the best and worst of the K, their "chosen" and "rejected"). The target log-ratio grows with eta:
+    with beta = 0.1 a reply that beats every other one is pushed to h = +5 nats.
+    """
+    if lp.ref is None:
+        raise ValueError("sppo needs reference log-probs (ref)")
+    target = (win_probabilities(lp.scores, lp.mask) - 0.5) / beta
+    return _group_mean((lp.policy - lp.ref - target) ** 2, lp.mask)
