@@ -530,3 +530,17 @@ def test_sppo_two_rounds_snapshot_the_previous_model_as_reference(tmp_path):
     s = run.train(["preference"])["preference"]
     assert [p["reference"] for p in s["phases"]] == ["previous", "previous"]
     assert [p["groups"] for p in s["phases"]] == [3, 3] and s["steps"] == 2 and math.isfinite(s["train_loss"])
+
+
+def test_paft_methods_json_lists_them_with_data_kind_and_schedule():
+    from typer.testing import CliRunner
+
+    from paft.cli import app
+
+    result = CliRunner().invoke(app, ["methods", "--json"])
+    assert result.exit_code == 0
+    rows = {r["name"]: r for r in json.loads(result.output)}
+    want = {"rloo": ("groups", "online"), "grpo": ("groups", "online"), "sppo": ("groups", "online"),
+            "tdpo": ("pairs", "offline"), "dro": ("rewarded", "offline")}
+    assert {m: (rows[m]["data"], rows[m]["schedule"]) for m in want} == want
+    assert rows["grpo"]["paper_beta"] == 0.04 and rows["rloo"]["defaults"] == {"epsilon": 0.2, "candidates": 4}

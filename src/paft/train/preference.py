@@ -241,7 +241,8 @@ def _ranked_metrics(lp: RankedLogps, beta: float) -> dict[str, float]:
     """``rank/top1_accuracy``: share of lists whose top-scored reply (any of them on a tie) also has the
     highest model score the loss ranks by: beta h(y) with a reference (LiPO), else the
     length-normalised log-prob (RRHF, PRO). Plus the mean policy log-prob over all replies, of the
-    top- and of the lowest-scored reply, and, with a reference, the mean implicit reward beta h(y)."""
+    top- and of the lowest-scored reply, the mean score (for groups: the scorer's mean reward, which RLOO's and
+    GRPO's near-zero loss does not show) and, with a reference, the mean implicit reward beta h(y)."""
     m = lp.mask.bool()
     policy = lp.policy.detach()
     if lp.ref is not None:
@@ -254,7 +255,7 @@ def _ranked_metrics(lp: RankedLogps, beta: float) -> dict[str, float]:
     hit = scores.gather(1, top).squeeze(1) == scores.max(dim=1).values
     best = scores.argmax(dim=1, keepdim=True)
     worst = torch.where(m, lp.scores, -neg_inf).argmin(dim=1, keepdim=True)
-    out = {"rank/top1_accuracy": hit.float().mean().item(),
+    out = {"rank/top1_accuracy": hit.float().mean().item(), "scores/mean": lp.scores[m].mean().item(),
            "logps/mean": policy[m].mean().item(),
            "logps/best": policy.gather(1, best).mean().item(),
            "logps/worst": policy.gather(1, worst).mean().item()}
