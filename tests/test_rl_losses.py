@@ -246,8 +246,9 @@ def _group_batch(tok, packed=False):
     return kind.collator(tok.pad_token_id, 512 if packed else None, 96)(rows)
 
 
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
 @pytest.mark.parametrize("packed", [False, True])
-def test_grpo_objective_reads_per_token_policy_and_reference(tiny_model, tiny_tok, packed):
+def test_token_level_group_objectives_read_per_token_policy_and_reference(tiny_model, tiny_tok, packed, method):
     from paft.models.logps import sequence_logps
     from paft.train.preference import PreferenceObjective
     from paft.train.reference import ReferenceLogps
@@ -255,7 +256,11 @@ def test_grpo_objective_reads_per_token_policy_and_reference(tiny_model, tiny_to
     model = _lora(tiny_model)
     plain = _group_batch(tiny_tok)
     batch = _group_batch(tiny_tok, packed) if packed else plain
-    obj = PreferenceObjective("grpo", 0.04)
+    obj = PreferenceObjective(method, 0.04)
+    if method == "ppo":
+        from paft.train.preference import attach_value_head
+
+        attach_value_head(model)
     obj.reference = ReferenceLogps(None)
     lp, _ = obj.kind.logps(obj, model, batch)
     assert lp.policy_tokens.shape[:2] == (2, 3) and lp.scores.tolist() == [[0.0, 1.0, 2.0], [0.0, 1.0, 3.0]]
@@ -544,3 +549,78 @@ def test_paft_methods_json_lists_them_with_data_kind_and_schedule():
             "tdpo": ("pairs", "offline"), "dro": ("rewarded", "offline")}
     assert {m: (rows[m]["data"], rows[m]["schedule"]) for m in want} == want
     assert rows["grpo"]["paper_beta"] == 0.04 and rows["rloo"]["defaults"] == {"epsilon": 0.2, "candidates": 4}
+
+
+# ------------------------------------------------------------------------------------------ PPO
+
+
+def test_gae_closed_form():
+    from paft.methods.losses import gae
+
+    r = torch.tensor([[0.2, 1.0, 5.0]], dtype=torch.float64)
+    v = torch.tensor([[0.5, 0.4, 7.0]], dtype=torch.float64)  # the third position is padding
+    m = torch.tensor([[True, True, False]])
+    # t=1: delta = 1 + 0.9 * 0 - 0.4 = 0.6 = A_1; t=0: delta = 0.2 + 0.9 * 0.4 - 0.5 = 0.06, A_0 = 0.06 + 0.45 * 0.6
+    torch.testing.assert_close(gae(r, v, m, 0.9, 0.5), torch.tensor([[0.33, 0.6, 0.0]], dtype=torch.float64))
+    # gamma = lam = 1: A_t = sum of rewards from t on minus V_t (Monte Carlo)
+    torch.testing.assert_close(gae(r, v, m, 1.0, 1.0), torch.tensor([[0.7, 0.6, 0.0]], dtype=torch.float64))
+
+
+def test_ppo_closed_form_value_and_gradients():
+    """Two replies (2 and 1 tokens), scores 1 and -1, beta 0.1; see the comments for each step."""
+    pol = torch.tensor([[[-1.0, -2.0], [-0.5, 0.0]]], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[[-1.0, -1.0], [-1.0, 0.0]]], dtype=torch.float64)
+    values = torch.tensor([[[0.5, 0.4], [0.2, 9.0]]], dtype=torch.float64, requires_grad=True)
+    tm = torch.tensor([[[True, True], [True, False]]])
+    lp = RankedLogps(policy=(pol * tm).sum(-1), scores=torch.tensor([[1.0, -1.0]], dtype=torch.float64),
+                     mask=torch.ones(1, 2, dtype=torch.bool), ref=(ref * tm).sum(-1), policy_tokens=pol,
+                     ref_tokens=ref, token_mask=tm, values=values)
+    # rewards: reply 0: 0, -0.1 (-2 + 1) + 1 = 1.1; reply 1: -0.1 (-0.5 + 1) - 1 = -1.05
+    # GAE (gamma 1, lam 0.95): reply 0: A_1 = 1.1 - 0.4 = 0.7, A_0 = 0.4 - 0.5 + 0.95 * 0.7 = 0.565; reply 1: -1.25
+    adv = [0.565, 0.7, -1.25]
+    returns = [0.565 + 0.5, 0.7 + 0.4, -1.25 + 0.2]
+    mean = sum(adv) / 3
+    sd = math.sqrt(sum((a - mean) ** 2 for a in adv) / 2 + 1e-8)
+    white = [(a - mean) / sd for a in adv]
+    v = [0.5, 0.4, 0.2]
+    loss = run("ppo", lp, 0.1)  # rho = 1: the surrogate's token mean is -mean(white) = 0; the value term remains
+    want = 0.1 * 0.5 * sum((x - y) ** 2 for x, y in zip(v, returns)) / 3
+    torch.testing.assert_close(loss.detach(), torch.tensor([want], dtype=torch.float64))
+    loss.sum().backward()
+    g = torch.zeros(1, 2, 2, dtype=torch.float64)
+    g[0, 0, 0], g[0, 0, 1], g[0, 1, 0] = (-w / 3 for w in white)
+    torch.testing.assert_close(pol.grad, g)
+    gv = torch.zeros(1, 2, 2, dtype=torch.float64)
+    gv[0, 0, 0], gv[0, 0, 1], gv[0, 1, 0] = (0.1 * (x - y) / 3 for x, y in zip(v, returns))
+    torch.testing.assert_close(values.grad, gv)
+
+
+def test_ppo_value_head_trains_with_the_adapter_and_stays_out_of_the_adapter_folder(tiny_model, tiny_tok, tmp_path):
+    from safetensors.torch import load_file
+
+    from paft.train.preference import VALUE_HEAD, PreferenceObjective, attach_value_head
+
+    model = _lora(tiny_model)
+    attach_value_head(model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(VALUE_HEAD in n for n in trainable) and any("lora" in n for n in trainable)  # the optimizer sees both
+    obj = PreferenceObjective("ppo", 0.05)
+    batch = _group_batch(tiny_tok)
+    lp, _ = obj.kind.logps(obj, model, batch)
+    assert lp.values.shape == lp.policy_tokens.shape and (lp.values == 0).all()  # zero-initialised critic
+    loss, _ = obj(model, batch)
+    loss.backward()
+    head = getattr(model, VALUE_HEAD)
+    assert head.weight.grad.abs().sum() > 0
+    model.save_pretrained(tmp_path / "adapter")
+    assert not any(VALUE_HEAD in k for k in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
+
+
+def test_ppo_with_full_fine_tuning_is_a_config_error():
+    """The value head lives beside a LoRA adapter (a full model folder would save it among the weights); the
+    config already refuses full fine-tuning for every online method."""
+    from paft.config import load_config
+    from paft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'ppo' is online: use adapter lora or qlora"):
+        load_config(preset="tiny", overrides=["preference.method=ppo", "preference.adapter=full"])

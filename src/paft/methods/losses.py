@@ -52,6 +52,8 @@ Registered (name: reference? defaults):
 - ``rloo``: ref, data "groups" (online); epsilon=0.2, candidates=4 (KL in the reward)
 - ``grpo``: ref, data "groups" (online), token-level; epsilon=0.2, candidates=4 (paper beta 0.04)
 - ``sppo``: ref (the previous round), data "groups" (online); candidates=4 (eta = 1/beta)
+- ``ppo``: ref, data "groups" (online), token-level, value head; epsilon=0.2, gamma=1.0, lam=0.95, vf_coef=0.1,
+  value_clip=0.2, candidates=4 (no ptx term)
 
 Note ``rdpo`` (robust DPO, Chowdhury et al.) and ``r-dpo`` (length-regularised DPO,
 Park et al.) are different methods; the names follow the literature.
@@ -132,6 +134,7 @@ class RankedLogps:
     policy_tokens: torch.Tensor | None = None
     ref_tokens: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
+    values: torch.Tensor | None = None  # [B, K, T] the value head's V(s_t) (``LossSpec.value_head``: PPO)
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,8 @@ class LossSpec:
     # the loss reads per-token quantities, not only per-reply sums: per-token log-probs of policy and reference
     # for groups (GRPO), the sequential KL to the reference over each reply for pairs (TDPO)
     token_level: bool = False
+    # the policy carries a trained scalar value head (PPO's critic) read at every reply token
+    value_head: bool = False
 
     @property
     def params(self) -> dict[str, Any]:
@@ -166,9 +171,11 @@ LOSSES: dict[str, LossSpec] = {}
 
 
 def register_loss(name: str, *, data: str, reference: bool, paper: str, paper_beta: float | None = None,
-                  schedule: Schedule = Schedule(), token_level: bool = False, **defaults: Any):
+                  schedule: Schedule = Schedule(), token_level: bool = False, value_head: bool = False,
+                  **defaults: Any):
     def deco(fn):
-        LOSSES[name] = LossSpec(name, fn, data, reference, paper, dict(defaults), paper_beta, schedule, token_level)
+        LOSSES[name] = LossSpec(name, fn, data, reference, paper, dict(defaults), paper_beta, schedule, token_level,
+                                value_head)
         return fn
 
     return deco
@@ -875,3 +882,62 @@ def sppo_loss(lp: RankedLogps, beta: float) -> torch.Tensor:
         raise ValueError("sppo needs reference log-probs (ref)")
     target = (win_probabilities(lp.scores, lp.mask) - 0.5) / beta
     return _group_mean((lp.policy - lp.ref - target) ** 2, lp.mask)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """Generalised advantage estimation (Schulman et al. 2016) along the last dim of right-padded [..., T] tensors:
+    delta_t = r_t + gamma V_{t+1} - V_t (V past the reply's end = 0), A_t = delta_t + gamma lam A_{t+1}."""
+    m = mask.to(values.dtype)
+    v, r = values * m, rewards * m
+    adv = torch.zeros_like(v)
+    last = torch.zeros_like(v[..., 0])
+    for t in reversed(range(v.shape[-1])):
+        nxt = v[..., t + 1] if t + 1 < v.shape[-1] else torch.zeros_like(last)
+        last = (r[..., t] + gamma * nxt - v[..., t] + gamma * lam * last) * m[..., t]
+        adv[..., t] = last
+    return adv
+
+
+@register_loss("ppo", data="groups", reference=True, schedule=Online(selection=Group()), token_level=True,
+               value_head=True,
+               paper="Ouyang et al. 2022, Training language models to follow instructions with human feedback "
+                     "(arXiv 2203.02155); Schulman et al. 2017, Proximal Policy Optimization Algorithms "
+                     "(arXiv 1707.06347)",
+               epsilon=0.2, gamma=1.0, lam=0.95, vf_coef=0.1, value_clip=0.2)
+def ppo_loss(lp: RankedLogps, beta: float, epsilon: float = 0.2, gamma: float = 1.0, lam: float = 0.95,
+             vf_coef: float = 0.1, value_clip: float = 0.2) -> torch.Tensor:
+    """PPO (RLHF form, InstructGPT without the ptx term), every reply token t of every sampled reply:
+    r_t = -beta (log pi_old(y_t) - log pi_ref(y_t)) + [t = last] r(x, y)      (per-token KL penalty + the score)
+    A = whiten(GAE(r, V_old; gamma, lam)) over the batch's tokens,  R = GAE + V_old (returns),
+    L = mean_t [ -min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t)
+                 + vf_coef 1/2 max((V_t - R_t)^2, (clip(V_t, V_old,t -+ value_clip) - R_t)^2) ],
+
+    mean over all reply tokens of the batch, as TRL's PPOTrainer (0.x) and its defaults (gamma 1, lam 0.95,
+    cliprange 0.2, cliprange_value 0.2, vf_coef 0.1; whitening with the unbiased variance). V is a scalar
+    head on the policy's last hidden state, trained with the LoRA adapter (the shared-trunk critic of TRL's
+    value-head models); pi_old and V_old are this batch's own values, detached: one optimisation step per
+    batch, so rho = 1 and V = V_old in value and the clips keep the form only. The K replies per prompt are
+    independent trajectories. Not done: the ptx term (pretraining NLL mix).
+    """
+    if lp.values is None or lp.policy_tokens is None or lp.ref_tokens is None or lp.token_mask is None:
+        raise ValueError("ppo needs per-token log-probs and values (policy_tokens / ref_tokens / token_mask / values)")
+    tm = lp.token_mask.bool()
+    zero = torch.zeros_like(lp.policy_tokens)
+    logp = torch.where(tm, lp.policy_tokens, zero)
+    old = logp.detach()
+    rewards = torch.where(tm, -beta * (old - lp.ref_tokens), zero)
+    last = tm & ~torch.cat([tm[..., 1:], torch.zeros_like(tm[..., :1])], dim=-1)  # each reply's last real token
+    rewards = rewards + torch.where(last, lp.scores[..., None].to(zero.dtype).expand_as(zero), zero)
+    v = torch.where(tm, lp.values, zero)
+    v_old = v.detach()
+    adv = gae(rewards, v_old, tm, gamma, lam)
+    returns = adv + v_old
+    real = adv[tm]
+    var = real.var(correction=1) if real.numel() > 1 else torch.zeros_like(real.sum())
+    adv = torch.where(tm, (adv - real.mean()) * torch.rsqrt(var + 1e-8), zero).detach()
+    pg = _clipped_surrogate(logp - old, adv, epsilon)
+    v_clipped = v_old + torch.clamp(v - v_old, -value_clip, value_clip)
+    vf = 0.5 * torch.maximum((v - returns) ** 2, (v_clipped - returns) ** 2)
+    per_token = torch.where(tm, pg + vf_coef * vf, zero)
+    # the caller's .mean() over B groups then gives the mean over every reply token of the batch
+    return per_token.sum(dim=(1, 2)) * (tm.shape[0] / tm.sum().clamp(min=1))

@@ -91,18 +91,26 @@ def label_log_softmax(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, t
     """The full next-token distribution at every label position, for losses that compare distributions (TDPO's
     per-token KL): ``(log-softmax [N, V] float32, targets [N], sequence [N], number of sequences)``, the N
     positions in ``batch_token_logps``' order. Costs [N x vocab] activations: completion positions only."""
-    decoder, head = _split(model)
+    hidden, targets, seq, n = label_hidden(model, batch)
+    return _split(model)[1](hidden).float().log_softmax(-1), targets, seq, n
+
+
+def label_hidden(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The last hidden state at every position that predicts a label token, either layout: ``(hidden [N, H],
+    targets [N], sequence [N], number of sequences)`` in ``batch_token_logps``' order (a value head reads it)."""
     if is_packed(batch):
         hidden, targets, seq = _packed_hidden(model, batch)[batch["pred_index"]], batch["targets"], batch["target_seq"]
-        n = batch["sequence_tokens"].shape[0]
-    else:
-        labels = batch["labels"]
-        out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        keep = labels[:, 1:] != IGNORE
-        hidden, targets = out[:, :-1][keep], labels[:, 1:][keep]
-        seq = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(keep)[keep]
-        n = labels.shape[0]
-    return head(hidden).float().log_softmax(-1), targets, seq, n
+        return hidden, targets, seq, batch["sequence_tokens"].shape[0]
+    labels = batch["labels"]
+    out = _split(model)[0](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    keep = labels[:, 1:] != IGNORE
+    seq = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(keep)[keep]
+    return out[:, :-1][keep], labels[:, 1:][keep], seq, labels.shape[0]
+
+
+def label_logps(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target) from the hidden states that predict them (``label_hidden``), through the LM head."""
+    return _target_logps(_split(model)[1], hidden, targets)
 
 
 def sequence_sums(logps: torch.Tensor, seq: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ from paft.scoring import build_scorer
 from paft.train.lora import attach_adapter, keep_frozen_copy
 from paft.train.online import train_online
 from paft.train.phases import train_staged
-from paft.train.preference import DATA_KINDS, PreferenceObjective
+from paft.train.preference import DATA_KINDS, PreferenceObjective, attach_value_head
 from paft.train.reference import ReferenceLogps, reference_cache_path, reference_identity
 from paft.train.sft import SFTObjective
 from paft.train.trainer import Harness, Objective, Report, no_report, start_training
@@ -46,6 +46,7 @@ class Branch:
     schedule: Schedule
     reference: bool  # the objective needs reference log-probs
     keeps_start: bool  # full fine-tuning needs a frozen copy of the start weights (L1's W_base, the reference)
+    value_head: bool = False  # the objective trains a value head beside the adapter (PPO)
 
 
 def _sft_branch(cfg: PaftConfig, data_path: Path) -> Branch:
@@ -60,7 +61,7 @@ def _preference_branch(cfg: PaftConfig, data_path: Path) -> Branch:
     examples = preference_examples(cfg, data_path)  # before any model is loaded: a one-line error
     objective = PreferenceObjective(p.method, p.beta, p.params, full_logits=not p.completion_logits)
     return Branch(p, objective.spec.data, examples, objective, objective.schedule, reference=objective.spec.reference,
-                  keeps_start=objective.spec.reference)
+                  keeps_start=objective.spec.reference, value_head=objective.spec.value_head)
 
 
 BRANCH_KINDS: dict[str, Callable[[PaftConfig, Path], Branch]] = {"sft": _sft_branch, "preference": _preference_branch}
@@ -109,6 +110,8 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
     model = _start_model(cfg, tcfg.adapter, model_dir, init_adapter, out_dir, device)
     frozen = keep_frozen_copy(model) if tcfg.adapter == "full" and branch.keeps_start else None
     model = attach_adapter(model, tcfg, cfg.run.seed)
+    if branch.value_head:
+        attach_value_head(model)
 
     pack_length = _pack_length(tcfg, model, cfg.data.max_length, report, name)
     rows, dropped = build_rows(branch, tok, cfg, data_path, report, name)

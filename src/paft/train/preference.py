@@ -37,8 +37,8 @@ from paft.data.packing import is_packed
 from paft.data.tokenize import IGNORE, encode_completion, encode_pair, encode_ranked, encode_sft
 from paft.methods.losses import PairLogps, RankedLogps, UnpairedLogps, get_loss
 from paft.methods.schedules import best_worst
-from paft.models.logps import (batch_sequence_logps, batch_token_logps, label_log_softmax, sequence_sums,
-                               token_matrix, trim_padding)
+from paft.models.logps import (batch_sequence_logps, batch_token_logps, label_hidden, label_log_softmax, label_logps,
+                               sequence_sums, token_matrix, trim_padding)
 
 
 def _pairs(obj: "PreferenceObjective", model, batch):
@@ -104,18 +104,47 @@ def _ranked(obj: "PreferenceObjective", model, batch):
     index = batch["list_index"]
     present = index >= 0
     rows = index.clamp(min=0)  # padded entries read row 0; the mask keeps them out of the loss
-    flat = batch_token_logps(model, batch, obj.full_logits)
+    values = None
+    if obj.spec.value_head:  # one decoder pass feeds the LM head and the value head
+        hidden, targets, seq, n = label_hidden(model, batch)
+        flat = (label_logps(model, hidden, targets), seq, n)
+        values = value_head(model)(hidden.float()).squeeze(-1)
+    else:
+        flat = batch_token_logps(model, batch, obj.full_logits)
     logps, counts = sequence_sums(*flat)
     lp = RankedLogps(policy=logps[rows], scores=batch["scores"].to(logps.dtype), mask=present, tokens=counts[rows])
     if obj.spec.reference:
         lp.ref = obj.reference_logps(model, batch).detach()[rows]
     if obj.spec.token_level:
-        values, mask = token_matrix(*flat)
+        tokens, mask = token_matrix(*flat)
         gone = ~present[:, :, None]
-        lp.policy_tokens, lp.token_mask = values[rows], mask[rows] & ~gone
+        lp.policy_tokens, lp.token_mask = tokens[rows], mask[rows] & ~gone
         if obj.spec.reference:
-            lp.ref_tokens = obj.reference_token_logps(model, batch).detach()[rows].to(values.dtype)
+            lp.ref_tokens = obj.reference_token_logps(model, batch).detach()[rows].to(tokens.dtype)
+        if values is not None:
+            lp.values = token_matrix(values, flat[1], flat[2])[0][rows]
     return lp, _ranked_metrics(lp, obj.beta)
+
+
+VALUE_HEAD = "paft_value_head"
+
+
+def attach_value_head(model) -> None:
+    """Give ``model`` PPO's critic: a scalar linear head on the last hidden state, zero-initialised (V = 0 at the
+    start), float32, trained with the adapter. A PEFT model saves only its adapter, so the head never reaches the
+    adapter folder that PAFT merges (a resumed run starts it from zero)."""
+    if getattr(model, VALUE_HEAD, None) is None:
+        head = torch.nn.Linear(model.config.hidden_size, 1, device=model.device)
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+        model.add_module(VALUE_HEAD, head)
+
+
+def value_head(model) -> torch.nn.Module:
+    head = getattr(model, VALUE_HEAD, None)
+    if head is None:
+        raise ValueError("this method reads a value head; attach_value_head(model) before training")
+    return head
 
 
 @dataclass(frozen=True)
