@@ -4,9 +4,9 @@ Each round draws ``online.prompts_per_round`` prompts, samples ``online.samples_
 replies per prompt, scores them with the configured scorer (``paft.scoring``: a reward
 model, an LLM judge, or a Python function), turns the scored replies into one example per prompt
 in the method's data kind (``DataKind.from_samples``: a best-vs-worst pair for ``online``, all
-replies with their rewards for ``groups``: RLOO, GRPO, SPPO) and trains the adapter on them with the
-method's loss. Where samples come from, which
-replies may pair, the reference and the scorer are the method's schedule
+replies with their rewards for ``groups``: RLOO, GRPO, PPO, SPPO) and trains the adapter on them with
+the method's loss. Where samples come from, which replies are kept, the reference and the scorer are the
+method's schedule
 (``paft.methods.schedules.Online``): iterative DPO samples from the current policy and pairs best
 vs worst; RSO samples from the start policy and pairs among the replies rejection sampling
 accepts; self-rewarding judges its own samples with the previous round's model as reference.
@@ -35,7 +35,7 @@ def train_online(*, cfg, model, tok, objective, prompts: list[list[dict]], score
     p, o, d = cfg.preference, cfg.preference.online, cfg.data
     method, schedule = objective.spec.name, objective.schedule
     rounds = o.rounds
-    steps = steps_for(p, o.prompts_per_round, rounds)  # a round has at most one pair per prompt
+    steps = steps_for(p, o.prompts_per_round, rounds)  # a round has at most one example (pair or group) per prompt
     reference = schedule.reference or o.reference
     kind = DATA_KINDS[objective.spec.data]
     collator = collator or kind.collator(tok.pad_token_id, None, d.max_length)
