@@ -71,5 +71,7 @@ def test_every_method_data_kind_is_a_row_of_the_data_kind_tables():
     from paft.train.preference import DATA_KINDS
 
     assert {s.data for s in LOSSES.values()} == set(FORMAT_KINDS) == set(DATA_KINDS) - {"sft"}
-    assert DATA_KINDS["online"].encode is None and DATA_KINDS["online"].logps is DATA_KINDS["pairs"].logps
+    # sampled kinds build their rows each round (from_samples), in the shape of an offline kind
+    assert DATA_KINDS["online"].logps is DATA_KINDS["pairs"].logps and DATA_KINDS["groups"].logps is DATA_KINDS["ranked"].logps
+    assert {k for k, v in DATA_KINDS.items() if v.from_samples is not None} == {"online", "groups"}
     assert all(DATA_KINDS[k].logps is not None for k in FORMAT_KINDS) and DATA_KINDS["sft"].logps is None

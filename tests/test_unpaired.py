@@ -261,7 +261,7 @@ def test_registry_entries():
     assert "2402.01306" in kto.paper and "2404.05868" in npo.paper
     assert kto.paper_beta == npo.paper_beta == 0.1
     assert "z0" in kto.fn.__doc__ and "softplus" in npo.fn.__doc__
-    assert {s.data for s in LOSSES.values()} == {"pairs", "binary", "negatives", "ranked", "online"}
+    assert {s.data for s in LOSSES.values()} == {"pairs", "binary", "negatives", "ranked", "online", "groups", "rewarded"}
 
 
 def test_kto_closed_form():

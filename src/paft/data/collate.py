@@ -75,7 +75,7 @@ class BinaryCollator:
     (TRL's KTOTrainer builds the same set by cycling completions within the batch), so the batch
     holds 2B rows, [matched; mismatched], labels on completion tokens only. A mismatched
     completion is right-truncated so its row fits ``max_length`` (when given). ``desirable`` ([B]
-    bool) carries the labels of the matched rows.
+    bool) carries the labels of the matched rows, ``rewards`` ([B] float) their rewards when every row has one.
     """
 
     pad_id: int
@@ -92,10 +92,11 @@ class BinaryCollator:
                 pairs.append((prompt, r.completion_ids[:budget]))
         seqs = [p + c for p, c in pairs]
         labels = [[IGNORE] * len(p) + c for p, c in pairs]
-        return {
-            **_padded(seqs, labels, self.pad_id),
-            "desirable": torch.tensor([bool(r.label) for r in rows], dtype=torch.bool),
-        }
+        out = {**_padded(seqs, labels, self.pad_id),
+               "desirable": torch.tensor([bool(r.label) for r in rows], dtype=torch.bool)}
+        if all(r.reward is not None for r in rows):  # single-trajectory data (DRO): each reply's reward
+            out["rewards"] = torch.tensor([float(r.reward) for r in rows], dtype=torch.float32)
+        return out
 
 
 @dataclass

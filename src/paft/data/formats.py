@@ -56,11 +56,13 @@ class PreferenceExample:
 
 @dataclass
 class BinaryExample:
-    """A prompt conversation (ending with a user turn), one final assistant reply, and whether it is desirable."""
+    """A prompt conversation (ending with a user turn), one final assistant reply, and whether it is desirable;
+    ``reward``: the reply's scalar reward where the data gives one (single-trajectory methods: DRO)."""
 
     prompt: list[Message]
     completion: str
     label: bool
+    reward: float | None = None
 
 
 @dataclass
@@ -357,11 +359,15 @@ def pref_beavertails(row: Mapping[str, Any], *, beavertails_preference: str = "h
 
 def pref_prompt_completion_label(row: Mapping[str, Any], *, beavertails_preference: str = "helpful") -> BinaryExample:
     """Unpaired feedback (KTO style): ``prompt``, ``completion`` (a string or a message list ending with the
-    assistant reply) and ``label`` (true = desirable, false = undesirable)."""
+    assistant reply) and ``label`` (true = desirable, false = undesirable) and/or ``reward`` (a number: DRO's
+    single-trajectory data; without ``label`` a reply is desirable when its reward is above 0)."""
     prompt = _prompt(_get(row, "prompt"), "prompt")
     completion = _final_reply(_get(row, "completion"), "completion", prompt)
+    reward = None if row.get("reward") is None else _number(row["reward"], "reward")
+    if reward is not None and row.get("label") is None:
+        return BinaryExample(prompt=prompt, completion=completion, label=reward > 0, reward=reward)
     label = bool(_zero_one(_get(row, "label"), "label", "a boolean (true/false or 1/0)"))
-    return BinaryExample(prompt=prompt, completion=completion, label=label)
+    return BinaryExample(prompt=prompt, completion=completion, label=label, reward=reward)
 
 
 # --- ranked (listwise) adapters ---------------------------------------------
@@ -486,6 +492,7 @@ _PREFERENCE_SIGNATURES = [
     ("hh_rlhf", ("chosen", "rejected")),
     ("implicit_prompt", ("chosen", "rejected")),
     ("prompt_completion_label", ("prompt", "completion", "label")),
+    ("prompt_completion_label", ("prompt", "completion", "reward")),
     ("prompt_responses_scores", ("prompt", "responses", "scores")),
     ("prompt_responses_ranks", ("prompt", "responses", "ranks")),
     ("ultrafeedback_completions", ("instruction", "completions")),
@@ -520,7 +527,7 @@ def detect_preference_format(columns: Iterable[str], first_row: Mapping[str, Any
     if {"chosen", "rejected"} <= cols:
         hh = _looks_like_hh(first_row.get("chosen")) and _looks_like_hh(first_row.get("rejected"))
         return "hh_rlhf" if hh else "implicit_prompt"
-    if {"prompt", "completion", "label"} <= cols:  # after the pair formats: pairs win when both are present
+    if {"prompt", "completion"} <= cols and cols & {"label", "reward"}:  # after the pair formats: pairs win
         return "prompt_completion_label"
     if {"prompt", "responses"} <= cols:  # without scores or ranks the adapter names the missing column
         return "prompt_responses_ranks" if "ranks" in cols and "scores" not in cols else "prompt_responses_scores"
@@ -558,7 +565,8 @@ def to_preference_example(
 
 # --- data kinds of preference methods ---------------------------------------
 
-DATA_KINDS = ("pairs", "binary", "negatives", "ranked", "online")  # online: only the prompts are used
+DATA_KINDS = ("pairs", "binary", "negatives", "ranked", "online", "groups", "rewarded")
+SAMPLED_KINDS = ("online", "groups")  # only the prompts are used: each round samples and scores its own replies
 
 _NEEDS = {
     "pairs": "paired data (columns prompt/chosen/rejected, or hh_rlhf / beavertails / implicit-prompt forms)",
@@ -566,6 +574,7 @@ _NEEDS = {
                  "or the rejected side of any pair format)",
     "ranked": "ranked lists (columns prompt, responses and scores or ranks; or UltraFeedback completions with "
               "overall_score)",
+    "rewarded": "replies with a reward (columns prompt, completion, reward; or any pair, ranked or labelled rows)",
 }
 _HAS = {
     PreferenceExample: "pairs (prompt/chosen/rejected)",
@@ -609,6 +618,22 @@ def ranked_to_pairs(examples: Iterable[RankedExample]) -> list[PreferenceExample
     return out
 
 
+def to_rewarded(examples: list) -> list[BinaryExample]:
+    """Single trajectories (prompt, reply, reward) for DRO: rows with a ``reward`` keep it; every reply of a
+    ranked list gets its score; a pair gives its chosen reply reward 1 and its rejected one 0, a labelled row
+    1 (desirable) or 0."""
+    out = []
+    for e in examples:
+        if isinstance(e, RankedExample):
+            lo = min(e.scores)
+            out += [BinaryExample(e.prompt, r, s > lo, float(s)) for r, s in zip(e.responses, e.scores)]
+        elif isinstance(e, PreferenceExample):
+            out += [BinaryExample(e.prompt, e.chosen, True, 1.0), BinaryExample(e.prompt, e.rejected, False, 0.0)]
+        else:
+            out.append(BinaryExample(e.prompt, e.completion, e.label, float(e.label) if e.reward is None else e.reward))
+    return out
+
+
 def examples_for_method(examples: list, data: str, *, method: str, source: str) -> list:
     """The examples of ``source`` in the data kind ``data`` that preference method ``method`` trains on.
 
@@ -617,7 +642,7 @@ def examples_for_method(examples: list, data: str, *, method: str, source: str) 
     (chosen -> desirable, rejected -> undesirable: how KTO is usually run on paired data) and to
     ``negatives`` (the rejected replies). Unpaired rows cannot become pairs, and neither pairs
     nor unpaired rows can become ranked lists: a one-line ``DataError`` naming the method and
-    the columns it needs. ``online`` takes any rows (their prompts).
+    the columns it needs. ``online`` and ``groups`` take any rows (their prompts).
     """
     if data not in DATA_KINDS:
         raise ValueError(f"unknown data kind {data!r}; known: {', '.join(DATA_KINDS)}")
@@ -630,12 +655,14 @@ def examples_for_method(examples: list, data: str, *, method: str, source: str) 
     if len(kinds) > 1:
         raise DataError(f"{source}: mixes {' and '.join(sorted(_HAS[k] for k in kinds))}; use one format per file")
     (kind,) = kinds
-    if data == "online":  # each round samples and scores its own replies to the rows' prompts
+    if data in SAMPLED_KINDS:  # each round samples and scores its own replies to the rows' prompts
         return list(examples)
     if data == "ranked":
         if kind is not RankedExample:
             raise DataError(f"preference.method {method!r} needs {_NEEDS['ranked']}; {source} has {_HAS[kind]}")
         return list(examples)
+    if data == "rewarded":
+        return to_rewarded(examples)
     if kind is RankedExample:
         examples, kind = ranked_to_pairs(examples), PreferenceExample
         if not examples:

@@ -126,6 +126,7 @@ class EncodedCompletion:
     prompt_ids: list[int]
     completion_ids: list[int]
     label: bool
+    reward: float | None = None
 
 
 def encode_completion(example: BinaryExample, tok, max_length: int, max_prompt_length: int) -> EncodedCompletion:
@@ -137,7 +138,7 @@ def encode_completion(example: BinaryExample, tok, max_length: int, max_prompt_l
     text = _render(tok, example.prompt, add_generation_prompt=True)
     prompt, completion = _response_ids(tok, example.prompt, example.completion, text)
     prompt = prompt[-max_prompt_length:]
-    return EncodedCompletion(prompt, completion[: max_length - len(prompt)], bool(example.label))
+    return EncodedCompletion(prompt, completion[: max_length - len(prompt)], bool(example.label), example.reward)
 
 
 def prompt_text(tok, messages: list[dict]) -> str:

@@ -7,7 +7,8 @@ the caller takes ``.mean()``). ``LossSpec.data`` says what a batch holds: ``"pai
 unpaired completions labelled desirable/undesirable, plus the mismatched "KL" rows),
 ``"negatives"`` (``UnpairedLogps`` of undesirable completions only) or ``"ranked"``
 (``RankedLogps``: a scored list of replies per prompt; lists of different lengths are
-padded to [B, K] and masked), or ``"online"`` (pairs each round samples and scores). It is
+padded to [B, K] and masked), ``"online"`` (pairs each round samples and scores) or ``"groups"``
+(``RankedLogps`` of the K replies each online round samples per prompt, ``scores`` = rewards). It is
 called as ``spec.fn(lp, beta=beta, **kwargs)`` with ``kwargs, schedule = spec.configure(params)``:
 ``beta`` always comes from the config (``preference.beta``), the other hyper-parameters from the
 registry defaults, overridden by ``preference.params`` (those the schedule owns, e.g. sDPO's
@@ -40,12 +41,19 @@ Registered (name: reference? defaults):
 - ``gpo``: ref; f="logistic" (logistic, squared, hinge, exponential, truncated_quadratic, savage)
 - ``kto``: ref, data "binary"; desirable_weight=1.0, undesirable_weight=1.0
 - ``npo``: ref, data "negatives"; -
+- ``dro``: ref, data "rewarded" (prompt, reply, reward); - (value = detached batch mean)
 - ``rrhf``: free, data "ranked"; sft_weight=1.0 (``beta`` unused)
 - ``pro``: free, data "ranked"; sft_weight=0.05 (times (n - 1)^2), score_temperature=True (``beta`` unused)
 - ``lipo``: ref, data "ranked"; - (LiPO-lambda)
+- ``tdpo``: ref, token-level; alpha=0.5, variant=2 (TDPO2; the sequential KL over full distributions)
 - ``sdpo``: ref, staged; stages=2 (DPO per stage)
 - ``iterative-dpo``, ``self-rewarding``: ref, online; loss="sigmoid"
 - ``rso``: ref, online; loss="hinge", rso_beta=0.5, candidates=8, keep=4
+- ``rloo``: ref, data "groups" (online); epsilon=0.2, candidates=4 (KL in the reward)
+- ``grpo``: ref, data "groups" (online), token-level; epsilon=0.2, candidates=4 (paper beta 0.04)
+- ``sppo``: ref (the previous round), data "groups" (online); candidates=4 (eta = 1/beta)
+- ``ppo``: ref, data "groups" (online), token-level, value head; epsilon=0.2, gamma=1.0, lam=0.95, vf_coef=0.1,
+  value_clip=0.2, candidates=4 (no ptx term)
 
 Note ``rdpo`` (robust DPO, Chowdhury et al.) and ``r-dpo`` (length-regularised DPO,
 Park et al.) are different methods; the names follow the literature.
@@ -61,7 +69,7 @@ import torch
 import torch.nn.functional as F
 
 from paft.errors import ConfigError, DataError
-from paft.methods.schedules import Online, RejectionSampling, Schedule, Staged
+from paft.methods.schedules import Group, Online, RejectionSampling, Schedule, Staged
 
 
 @dataclass
@@ -74,6 +82,10 @@ class PairLogps:
     ref_rejected: torch.Tensor | None = None
     chosen_tokens: torch.Tensor | None = None  # completion lengths, for length-aware losses
     rejected_tokens: torch.Tensor | None = None
+    # sequential KL sum_t KL(pi_ref(.|x, y<t) || pi_theta(.|x, y<t)) over each reply, for token-level losses
+    # (``LossSpec.token_level``: TDPO); carries the policy's gradient
+    seq_kl_chosen: torch.Tensor | None = None
+    seq_kl_rejected: torch.Tensor | None = None
 
     def margin(self) -> torch.Tensor:
         """Delta = h(y_w) - h(y_l)."""
@@ -95,6 +107,7 @@ class UnpairedLogps:
     policy_kl: torch.Tensor | None = None
     ref_kl: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None  # each completion's scalar reward (data kind "rewarded": DRO)
 
     def logratio(self) -> torch.Tensor:
         """h(y) = log pi_theta(y|x) - log pi_ref(y|x)."""
@@ -116,13 +129,19 @@ class RankedLogps:
     mask: torch.Tensor
     tokens: torch.Tensor | None = None
     ref: torch.Tensor | None = None
+    # per-token log-probs, [B, K, T] right-padded (0 past each reply's end), for token-level losses
+    # (``LossSpec.token_level``): the policy's, the reference's, and True on the real reply tokens
+    policy_tokens: torch.Tensor | None = None
+    ref_tokens: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None
+    values: torch.Tensor | None = None  # [B, K, T] the value head's V(s_t) (``LossSpec.value_head``: PPO)
 
 
 @dataclass(frozen=True)
 class LossSpec:
     name: str
     fn: Callable[..., torch.Tensor]
-    data: str  # "pairs", "binary", "negatives" or "ranked" (paft.data.formats.DATA_KINDS)
+    data: str  # "pairs", "binary", "negatives", "ranked", "online" or "groups" (paft.data.formats.DATA_KINDS)
     reference: bool
     paper: str
     defaults: dict[str, Any] = field(default_factory=dict)
@@ -131,6 +150,11 @@ class LossSpec:
     paper_beta: float | None = None
     # how training proceeds (paft.methods.schedules): offline, staged (sDPO) or online rounds
     schedule: Schedule = Schedule()
+    # the loss reads per-token quantities, not only per-reply sums: per-token log-probs of policy and reference
+    # for groups (GRPO), the sequential KL to the reference over each reply for pairs (TDPO)
+    token_level: bool = False
+    # the policy carries a trained scalar value head (PPO's critic) read at every reply token
+    value_head: bool = False
 
     @property
     def params(self) -> dict[str, Any]:
@@ -147,9 +171,11 @@ LOSSES: dict[str, LossSpec] = {}
 
 
 def register_loss(name: str, *, data: str, reference: bool, paper: str, paper_beta: float | None = None,
-                  schedule: Schedule = Schedule(), **defaults: Any):
+                  schedule: Schedule = Schedule(), token_level: bool = False, value_head: bool = False,
+                  **defaults: Any):
     def deco(fn):
-        LOSSES[name] = LossSpec(name, fn, data, reference, paper, dict(defaults), paper_beta, schedule)
+        LOSSES[name] = LossSpec(name, fn, data, reference, paper, dict(defaults), paper_beta, schedule, token_level,
+                                value_head)
         return fn
 
     return deco
@@ -394,6 +420,32 @@ def gpo_loss(lp: PairLogps, beta: float, f: str = "logistic") -> torch.Tensor:
     return fn(beta * lp.margin())
 
 
+@register_loss("tdpo", data="pairs", reference=True, token_level=True,
+               paper="Zeng, Liu, Ma, Yang, Zhang, Wang 2024, Token-level Direct Preference Optimization "
+                     "(arXiv 2404.11999)",
+               alpha=0.5, variant=2)
+def tdpo_loss(lp: PairLogps, beta: float, alpha: float = 0.5, variant: int = 2) -> torch.Tensor:
+    """TDPO: DPO's margin corrected by the sequential KL divergence of each reply,
+    u = h(y_w) - h(y_l),   D(y) = sum_t KL(pi_ref(.|x, y<t) || pi_theta(.|x, y<t))  (full next-token distributions),
+    TDPO1 (``variant: 1``): L = -log sigma(beta [u - (D(y_l) - D(y_w))]),
+    TDPO2 (``variant: 2``, the paper's recommended one): L = -log sigma(beta [u - alpha (D(y_l) - sg(D(y_w)))]),
+
+    sg = stop-gradient. alpha = 0.5 is the paper's and the authors' code's default. D needs the reference's
+    whole next-token distribution at each reply position, which no cache can hold: TDPO runs the
+    adapter-disabled forward every step (the reference sums still come from it, not the cache).
+    """
+    _need_ref(lp, "tdpo")
+    if lp.seq_kl_chosen is None or lp.seq_kl_rejected is None:
+        raise ValueError("tdpo needs the sequential KL of each reply (seq_kl_chosen / seq_kl_rejected)")
+    if variant not in (1, 2):
+        raise LossParamError(f"tdpo: parameter 'variant' must be 1 or 2; got {variant!r}")
+    if variant == 1:
+        kl_term = lp.seq_kl_rejected - lp.seq_kl_chosen
+    else:
+        kl_term = alpha * (lp.seq_kl_rejected - lp.seq_kl_chosen.detach())
+    return -F.logsigmoid(beta * (lp.margin() - kl_term))
+
+
 # ---------------------------------------------------------------------------------------------
 # reference-free losses
 
@@ -536,6 +588,30 @@ def npo_loss(lp: UnpairedLogps, beta: float) -> torch.Tensor:
     if bool(lp.labels.any()):
         raise ValueError("npo trains on undesirable completions only; the batch has rows labelled desirable")
     return (2.0 / beta) * F.softplus(beta * lp.logratio())
+
+
+@register_loss("dro", data="rewarded", reference=True,
+               paper="Richemond, Tang, Guo, Calandriello, Azar, Rafailov, Avila Pires, Tarassov, Spangher, Ellsworth, "
+                     "Severyn, Mallinson, Shani, Shamir, Joshi, Liu, Munos, Piot 2024, Offline Regularised "
+                     "Reinforcement Learning for Large Language Models Alignment (arXiv 2405.19107)")
+def dro_loss(lp: UnpairedLogps, beta: float) -> torch.Tensor:
+    """DRO (direct reward optimisation), per single trajectory (x, y, r):
+    L = 1/2 (r - V - tau h(y))^2,   tau = ``beta``,   V = sg(mean_B(r - tau h)),
+
+    the paper's squared residual of the KL-regularised optimality condition r = V(x) + tau log(pi*/pi_ref).
+    The paper learns V(x) with a separate value network; paft's value estimate is the batch mean of
+    r - tau h, detached: the V minimising this very loss over a constant, so no value parameter is added
+    to the adapter (which PAFT merges and the sequential baseline reuses as is) and no state carries
+    between steps. A per-prompt V needs several replies per prompt, which single-trajectory data
+    rarely has. Its gradient is -tau (r - V - tau h) grad log pi(y): replies rewarded above the batch's
+    value are pushed up until tau h(y) accounts for the excess.
+    """
+    _need_unpaired_ref(lp, "dro")
+    if lp.rewards is None:
+        raise ValueError("dro needs a reward per completion (rewards)")
+    r = lp.rewards.to(lp.policy.dtype)
+    residual = r - beta * lp.logratio()
+    return 0.5 * (residual - residual.mean().detach()) ** 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -686,3 +762,182 @@ def lipo_loss(lp: RankedLogps, beta: float) -> torch.Tensor:
                         "|2^psi_i - 2^psi_j| overflow; rescale the scores (e.g. to 0..10)")
     term = weight * F.logsigmoid(s[:, :, None] - s[:, None, :])
     return -torch.where(better, term, torch.zeros_like(term)).sum(dim=(1, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# policy-gradient losses on scored groups (data kind "groups": RankedLogps of K replies sampled per prompt
+# in an online round, ``scores`` = the scorer's rewards r). One optimisation step per batch: the sampling
+# ("old") policy is the current one, so rho = pi_theta / pi_old = exp(log pi - sg(log pi)) = 1 in value with
+# the gradient of log pi; the clip is kept so the form stays right should a batch be reused.
+
+
+def _clipped_surrogate(logratio: torch.Tensor, adv: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """PPO's clipped surrogate, as a loss: -min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = exp(logratio)."""
+    rho = torch.exp(logratio)
+    return -torch.minimum(rho * adv, torch.clamp(rho, 1.0 - epsilon, 1.0 + epsilon) * adv)
+
+
+def _group_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each group's real entries, [B] (padded entries selected away, not multiplied by 0)."""
+    m = mask.bool()
+    return torch.where(m, values, torch.zeros_like(values)).sum(dim=1) / m.sum(dim=1).clamp(min=1).to(values.dtype)
+
+
+@register_loss("rloo", data="groups", reference=True, schedule=Online(selection=Group()),
+               paper="Ahmadian, Cremer, Galle, Fadaee, Kreutzer, Pietquin, Ustun, Hooker 2024, Back to Basics: "
+                     "Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs "
+                     "(arXiv 2402.14740)",
+               epsilon=0.2)
+def rloo_loss(lp: RankedLogps, beta: float, epsilon: float = 0.2) -> torch.Tensor:
+    """RLOO (REINFORCE leave-one-out), per group of k replies y_1..y_k to one prompt:
+    r~_i = r_i - beta (log pi(y_i) - log pi_ref(y_i))           (KL in the reward, sequence level, detached)
+    A_i = r~_i - 1/(k - 1) sum_{j != i} r~_j                     (the leave-one-out baseline)
+    L = 1/k sum_i -min(rho_i A_i, clip(rho_i, 1 - eps, 1 + eps) A_i),  rho_i = pi(y_i) / sg(pi(y_i)),
+
+    log pi summed over the reply (sequence-level, as the paper's REINFORCE on whole replies). The KL to the
+    reference sits in the reward, as in the paper and TRL's RLOOTrainer (its first-order estimate
+    log pi - log pi_ref, summed over the reply; beta = ``preference.beta``, TRL's default 0.05), with the
+    policy's log-prob detached there. With rho = 1 the gradient is -A_i grad log pi(y_i), the paper's
+    estimator. ``epsilon`` is TRL's clip (0.2). Matches TRL 1.16's loss with ``normalize_advantages=False``
+    (its default) on one group per batch row.
+    """
+    if lp.ref is None:
+        raise ValueError("rloo needs reference log-probs (ref)")
+    m = lp.mask.bool()
+    n = m.sum(dim=1, keepdim=True).to(lp.policy.dtype)
+    r = lp.scores - beta * (lp.policy.detach() - lp.ref)
+    r = torch.where(m, r, torch.zeros_like(r))
+    adv = torch.where(n > 1, r - (r.sum(dim=1, keepdim=True) - r) / (n - 1).clamp(min=1), torch.zeros_like(r))
+    return _group_mean(_clipped_surrogate(lp.policy - lp.policy.detach(), adv.detach(), epsilon), m)
+
+
+def group_advantages(scores: torch.Tensor, mask: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's outcome advantages: (r_i - mean(r)) / (std(r) + eps) within each group, [B, K] (0 where padded).
+
+    std is the sample (Bessel-corrected) standard deviation, as TRL's ``nanstd``; a group of equal rewards
+    gets advantage 0 everywhere.
+    """
+    m = mask.bool()
+    r = torch.where(m, scores, torch.zeros_like(scores))
+    n = m.sum(dim=1, keepdim=True).to(scores.dtype)
+    mean = r.sum(dim=1, keepdim=True) / n.clamp(min=1)
+    var = torch.where(m, (scores - mean) ** 2, torch.zeros_like(scores)).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)
+    return torch.where(m, (scores - mean) / (var.sqrt() + eps), torch.zeros_like(scores))
+
+
+@register_loss("grpo", data="groups", reference=True, schedule=Online(selection=Group()), token_level=True,
+               paper="Shao, Wang, Zhu, Xu, Song, Zhang, Li, Wu, Guo 2024, DeepSeekMath: Pushing the Limits of "
+                     "Mathematical Reasoning in Open Language Models (arXiv 2402.03300)",
+               paper_beta=0.04, epsilon=0.2)
+def grpo_loss(lp: RankedLogps, beta: float, epsilon: float = 0.2) -> torch.Tensor:
+    """GRPO (outcome supervision), per group of G replies o_1..o_G to one prompt (the paper's Eq. 3):
+    A_i = (r_i - mean(r)) / (std(r) + 1e-4)        (``group_advantages``; every token of o_i gets A_i)
+    L = 1/G sum_i 1/|o_i| sum_t [ -min(rho_it A_i, clip(rho_it, 1 - eps, 1 + eps) A_i) + beta KL_it ],
+    rho_it = pi(o_it | q, o_i<t) / sg(pi(o_it | ...)),
+    KL_it = pi_ref(o_it|.) / pi(o_it|.) - log(pi_ref(o_it|.) / pi(o_it|.)) - 1   (the k3 estimator, >= 0).
+
+    Per-token log-probs of the policy and the reference (adapter disabled). beta = ``preference.beta``; the
+    paper uses 0.04 (TRL's default is 0, no reference). Same as TRL 1.16's ``GRPOTrainer`` with
+    ``loss_type="grpo"`` (the paper's per-reply token mean; TRL's default ``dapo`` averages over all tokens of
+    the batch instead) and ``scale_rewards="group"``.
+    """
+    if lp.policy_tokens is None or lp.ref_tokens is None or lp.token_mask is None:
+        raise ValueError("grpo needs per-token log-probs (policy_tokens / ref_tokens / token_mask)")
+    tm = lp.token_mask.bool()
+    adv = group_advantages(lp.scores, lp.mask)[:, :, None].detach()
+    logp = torch.where(tm, lp.policy_tokens, torch.zeros_like(lp.policy_tokens))
+    d = torch.where(tm, lp.ref_tokens - logp, torch.zeros_like(logp))  # log pi_ref - log pi
+    per_token = _clipped_surrogate(logp - logp.detach(), adv, epsilon) + beta * (torch.exp(d) - d - 1.0)
+    per_reply = torch.where(tm, per_token, torch.zeros_like(per_token)).sum(dim=2) / tm.sum(dim=2).clamp(min=1)
+    return _group_mean(per_reply, lp.mask)
+
+
+def win_probabilities(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """P(y_i > pi) estimated within each group: mean over the other real replies j of sigma(r_i - r_j), the
+    Bradley-Terry probability that y_i beats y_j under the scorer's rewards, [B, K] (0.5 where padded)."""
+    m = mask.bool()
+    pair = m[:, :, None] & m[:, None, :] & ~torch.eye(m.shape[1], dtype=torch.bool, device=m.device)
+    p = torch.sigmoid(scores[:, :, None] - scores[:, None, :])
+    n = pair.sum(dim=2).clamp(min=1).to(scores.dtype)
+    win = torch.where(pair, p, torch.zeros_like(p)).sum(dim=2) / n
+    return torch.where(m & pair.any(dim=2), win, torch.full_like(win, 0.5))
+
+
+@register_loss("sppo", data="groups", reference=True, schedule=Online(selection=Group(), reference="previous"),
+               paper="Wu, Sun, Yuan, Ji, Yang, Gu 2024, Self-Play Preference Optimization for Language Model "
+                     "Alignment (arXiv 2405.00675)")
+def sppo_loss(lp: RankedLogps, beta: float) -> torch.Tensor:
+    """SPPO, per group of K replies sampled from pi_t (the previous round's model, the reference):
+    L = 1/K sum_i (log(pi_theta(y_i) / pi_t(y_i)) - eta (P(y_i > pi_t) - 1/2))^2,   eta = 1 / ``beta``,
+    P(y_i > pi_t) = 1/(K - 1) sum_{j != i} sigma(r_i - r_j)    (``win_probabilities``).
+
+    The paper's Eq. 3.6 with its win rate estimated from the K samples of the round, as the paper does
+    with K = 5; paft's scorers give a reward per reply, so P(y_i > y_j) is Bradley-Terry on those rewards
+    (the paper's PairRM gives it directly), and each reply is compared with the other K - 1 (its
+    comparison with itself, 1/2, left out). Every sampled reply is trained on (the authors' code keeps
+    the best and worst of the K, their "chosen" and "rejected"). The target log-ratio grows with eta:
+    with beta = 0.1 a reply that beats every other one is pushed to h = +5 nats.
+    """
+    if lp.ref is None:
+        raise ValueError("sppo needs reference log-probs (ref)")
+    target = (win_probabilities(lp.scores, lp.mask) - 0.5) / beta
+    return _group_mean((lp.policy - lp.ref - target) ** 2, lp.mask)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """Generalised advantage estimation (Schulman et al. 2016) along the last dim of right-padded [..., T] tensors:
+    delta_t = r_t + gamma V_{t+1} - V_t (V past the reply's end = 0), A_t = delta_t + gamma lam A_{t+1}."""
+    m = mask.to(values.dtype)
+    v, r = values * m, rewards * m
+    adv = torch.zeros_like(v)
+    last = torch.zeros_like(v[..., 0])
+    for t in reversed(range(v.shape[-1])):
+        nxt = v[..., t + 1] if t + 1 < v.shape[-1] else torch.zeros_like(last)
+        last = (r[..., t] + gamma * nxt - v[..., t] + gamma * lam * last) * m[..., t]
+        adv[..., t] = last
+    return adv
+
+
+@register_loss("ppo", data="groups", reference=True, schedule=Online(selection=Group()), token_level=True,
+               value_head=True,
+               paper="Ouyang et al. 2022, Training language models to follow instructions with human feedback "
+                     "(arXiv 2203.02155); Schulman et al. 2017, Proximal Policy Optimization Algorithms "
+                     "(arXiv 1707.06347)",
+               epsilon=0.2, gamma=1.0, lam=0.95, vf_coef=0.1, value_clip=0.2)
+def ppo_loss(lp: RankedLogps, beta: float, epsilon: float = 0.2, gamma: float = 1.0, lam: float = 0.95,
+             vf_coef: float = 0.1, value_clip: float = 0.2) -> torch.Tensor:
+    """PPO (RLHF form, InstructGPT without the ptx term), every reply token t of every sampled reply:
+    r_t = -beta (log pi_old(y_t) - log pi_ref(y_t)) + [t = last] r(x, y)      (per-token KL penalty + the score)
+    A = whiten(GAE(r, V_old; gamma, lam)) over the batch's tokens,  R = GAE + V_old (returns),
+    L = mean_t [ -min(rho_t A_t, clip(rho_t, 1 - eps, 1 + eps) A_t)
+                 + vf_coef 1/2 max((V_t - R_t)^2, (clip(V_t, V_old,t -+ value_clip) - R_t)^2) ],
+
+    mean over all reply tokens of the batch, as TRL's PPOTrainer (0.x) and its defaults (gamma 1, lam 0.95,
+    cliprange 0.2, cliprange_value 0.2, vf_coef 0.1; whitening with the unbiased variance). V is a scalar
+    head on the policy's last hidden state, trained with the LoRA adapter (the shared-trunk critic of TRL's
+    value-head models); pi_old and V_old are this batch's own values, detached: one optimisation step per
+    batch, so rho = 1 and V = V_old in value and the clips keep the form only. The K replies per prompt are
+    independent trajectories. Not done: the ptx term (pretraining NLL mix).
+    """
+    if lp.values is None or lp.policy_tokens is None or lp.ref_tokens is None or lp.token_mask is None:
+        raise ValueError("ppo needs per-token log-probs and values (policy_tokens / ref_tokens / token_mask / values)")
+    tm = lp.token_mask.bool()
+    zero = torch.zeros_like(lp.policy_tokens)
+    logp = torch.where(tm, lp.policy_tokens, zero)
+    old = logp.detach()
+    rewards = torch.where(tm, -beta * (old - lp.ref_tokens), zero)
+    last = tm & ~torch.cat([tm[..., 1:], torch.zeros_like(tm[..., :1])], dim=-1)  # each reply's last real token
+    rewards = rewards + torch.where(last, lp.scores[..., None].to(zero.dtype).expand_as(zero), zero)
+    v = torch.where(tm, lp.values, zero)
+    v_old = v.detach()
+    adv = gae(rewards, v_old, tm, gamma, lam)
+    returns = adv + v_old
+    real = adv[tm]
+    var = real.var(correction=1) if real.numel() > 1 else torch.zeros_like(real.sum())
+    adv = torch.where(tm, (adv - real.mean()) * torch.rsqrt(var + 1e-8), zero).detach()
+    pg = _clipped_surrogate(logp - old, adv, epsilon)
+    v_clipped = v_old + torch.clamp(v - v_old, -value_clip, value_clip)
+    vf = 0.5 * torch.maximum((v - returns) ** 2, (v_clipped - returns) ** 2)
+    per_token = torch.where(tm, pg + vf_coef * vf, zero)
+    # the caller's .mean() over B groups then gives the mean over every reply token of the batch
+    return per_token.sum(dim=(1, 2)) * (tm.shape[0] / tm.sum().clamp(min=1))

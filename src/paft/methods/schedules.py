@@ -80,11 +80,25 @@ class RejectionSampling(BestWorst):
 
 
 @dataclass(frozen=True)
+class Group(BestWorst):
+    """Policy-gradient methods (RLOO, GRPO, SPPO): ``candidates`` replies per prompt, all of them kept and trained
+    on as one scored group (data kind ``groups``) instead of a best-vs-worst pair."""
+
+    candidates: int = 4
+
+    def __post_init__(self):
+        if self.candidates < 2:
+            raise ScheduleParamError(f"params.candidates (replies per prompt of a group) must be at least 2; got "
+                                     f"{self.candidates}: a group of one has no baseline to compare against")
+
+
+@dataclass(frozen=True)
 class Online(Schedule):
-    """Rounds of sample -> score -> select -> pair -> train (``paft.train.online``).
+    """Rounds of sample -> score -> select -> pair or group -> train (``paft.train.online``).
 
     ``sample_from``: "policy" (the current adapter) or "start" (adapter disabled: the start model).
-    ``selection``: which sampled replies may form the round's best-vs-worst pair.
+    ``selection``: which sampled replies the round keeps: the best-vs-worst pair among them (data kind
+    ``online``) or all of them as one scored group (data kind ``groups``).
     ``reference``: None = ``preference.online.reference``, else "initial" / "previous" fixed by the method.
     ``scorer``: None = ``preference.online.scorer``; "self_judge" = the policy rates its own replies.
     """

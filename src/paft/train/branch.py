@@ -29,7 +29,7 @@ from paft.scoring import build_scorer
 from paft.train.lora import attach_adapter, keep_frozen_copy
 from paft.train.online import train_online
 from paft.train.phases import train_staged
-from paft.train.preference import DATA_KINDS, PreferenceObjective
+from paft.train.preference import DATA_KINDS, PreferenceObjective, attach_value_head
 from paft.train.reference import ReferenceLogps, reference_cache_path, reference_identity
 from paft.train.sft import SFTObjective
 from paft.train.trainer import Harness, Objective, Report, no_report, start_training
@@ -46,6 +46,7 @@ class Branch:
     schedule: Schedule
     reference: bool  # the objective needs reference log-probs
     keeps_start: bool  # full fine-tuning needs a frozen copy of the start weights (L1's W_base, the reference)
+    value_head: bool = False  # the objective trains a value head beside the adapter (PPO)
 
 
 def _sft_branch(cfg: PaftConfig, data_path: Path) -> Branch:
@@ -60,7 +61,7 @@ def _preference_branch(cfg: PaftConfig, data_path: Path) -> Branch:
     examples = preference_examples(cfg, data_path)  # before any model is loaded: a one-line error
     objective = PreferenceObjective(p.method, p.beta, p.params, full_logits=not p.completion_logits)
     return Branch(p, objective.spec.data, examples, objective, objective.schedule, reference=objective.spec.reference,
-                  keeps_start=objective.spec.reference)
+                  keeps_start=objective.spec.reference, value_head=objective.spec.value_head)
 
 
 BRANCH_KINDS: dict[str, Callable[[PaftConfig, Path], Branch]] = {"sft": _sft_branch, "preference": _preference_branch}
@@ -69,7 +70,7 @@ BRANCH_KINDS: dict[str, Callable[[PaftConfig, Path], Branch]] = {"sft": _sft_bra
 def build_rows(branch: Branch, tok, cfg: PaftConfig, data_path: Path, report: Report, name: str) -> tuple[list, int]:
     """The encoded training rows of ``branch`` and how many examples were dropped (nothing left to learn)."""
     kind, d = DATA_KINDS[branch.data], cfg.data
-    if kind.encode is None:  # online: each round builds its own rows
+    if kind.from_samples is not None:  # online: each round builds its own rows
         return [], 0
     encoded = [kind.encode(e, tok, d) for e in branch.examples]
     rows = [r for r in encoded if kind.keep(r)]
@@ -109,6 +110,8 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
     model = _start_model(cfg, tcfg.adapter, model_dir, init_adapter, out_dir, device)
     frozen = keep_frozen_copy(model) if tcfg.adapter == "full" and branch.keeps_start else None
     model = attach_adapter(model, tcfg, cfg.run.seed)
+    if branch.value_head:
+        attach_value_head(model)
 
     pack_length = _pack_length(tcfg, model, cfg.data.max_length, report, name)
     rows, dropped = build_rows(branch, tok, cfg, data_path, report, name)
@@ -190,9 +193,11 @@ def preference_examples(cfg: PaftConfig, data_path: Path, source: str | None = N
     """
     p = cfg.preference
     spec = get_loss(p.method)
-    if spec.data == "binary" and p.batch_size < 2:
-        raise ConfigError(f"preference.method {p.method!r} needs preference.batch_size >= 2 (its KL estimate pairs "
-                          f"each completion with another row's prompt in the batch); got {p.batch_size}")
+    batch_estimate = {"binary": "its KL estimate pairs each completion with another row's prompt in the batch",
+                      "rewarded": "its value estimate is the batch's mean reward"}.get(spec.data)
+    if batch_estimate and p.batch_size < 2:
+        raise ConfigError(f"preference.method {p.method!r} needs preference.batch_size >= 2 ({batch_estimate}); "
+                          f"got {p.batch_size}")
     examples = load_examples(str(data_path), "preference").examples
     return examples_for_method(examples, spec.data, method=p.method, source=source or str(data_path))
 

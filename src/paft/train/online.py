@@ -1,10 +1,12 @@
-"""Online / iterative preference training: rounds of sample -> score -> pair -> train.
+"""Online / iterative preference training: rounds of sample -> score -> pair or group -> train.
 
 Each round draws ``online.prompts_per_round`` prompts, samples ``online.samples_per_prompt``
 replies per prompt, scores them with the configured scorer (``paft.scoring``: a reward
-model, an LLM judge, or a Python function), turns the scored replies into preference pairs
-and trains the adapter on them with the method's pairwise loss. Where samples come from, which
-replies may pair, the reference and the scorer are the method's schedule
+model, an LLM judge, or a Python function), turns the scored replies into one example per prompt
+in the method's data kind (``DataKind.from_samples``: a best-vs-worst pair for ``online``, all
+replies with their rewards for ``groups``: RLOO, GRPO, PPO, SPPO) and trains the adapter on them with
+the method's loss. Where samples come from, which replies are kept, the reference and the scorer are the
+method's schedule
 (``paft.methods.schedules.Online``): iterative DPO samples from the current policy and pairs best
 vs worst; RSO samples from the start policy and pairs among the replies rejection sampling
 accepts; self-rewarding judges its own samples with the previous round's model as reference.
@@ -20,25 +22,23 @@ import random
 from pathlib import Path
 from typing import Any, Callable
 
-from paft.data.collate import PairCollator
-from paft.data.formats import PreferenceExample
-from paft.data.tokenize import encode_pair
 from paft.io import write_text_atomic
-from paft.methods.schedules import best_worst
 from paft.models.generation import generate_replies
 from paft.train.phases import Fit, collate_all, resumed, save_phase, steps_for, totals
+from paft.train.preference import DATA_KINDS
 
 
 def train_online(*, cfg, model, tok, objective, prompts: list[list[dict]], scorer: Callable, fit: Fit,
                  out_dir: Path, report: Callable[[dict[str, Any]], None], name: str,
                  collator=None) -> dict[str, Any]:
-    """``collator``: the pair collator the rounds' pairs are batched with (default: padded)."""
+    """``collator``: the collator the rounds' examples are batched with (default: the data kind's, padded)."""
     p, o, d = cfg.preference, cfg.preference.online, cfg.data
     method, schedule = objective.spec.name, objective.schedule
     rounds = o.rounds
-    steps = steps_for(p, o.prompts_per_round, rounds)  # a round has at most one pair per prompt
+    steps = steps_for(p, o.prompts_per_round, rounds)  # a round has at most one example (pair or group) per prompt
     reference = schedule.reference or o.reference
-    collator = collator or PairCollator(tok.pad_token_id)
+    kind = DATA_KINDS[objective.spec.data]
+    collator = collator or kind.collator(tok.pad_token_id, None, d.max_length)
     log: list[dict[str, Any]] = []
     for r in range(rounds):
         rd = out_dir / "rounds" / f"round-{r + 1}"
@@ -56,30 +56,32 @@ def train_online(*, cfg, model, tok, objective, prompts: list[list[dict]], score
         flat_scores = list(scorer([pp for pp in chosen_prompts for _ in range(n_samples)], flat_replies))
         replies, scores = ([xs[i * n_samples:(i + 1) * n_samples] for i in range(len(chosen_prompts))]
                            for xs in (flat_replies, flat_scores))
-        pairs, records = [], []
+        examples, records = [], []
         for pp, rs, sc in zip(chosen_prompts, replies, scores):
             idx = schedule.selection.select(sc, rng)
-            pair = best_worst([rs[i] for i in idx], [sc[i] for i in idx]) if len(idx) >= 2 else None
-            records.append({"prompt": pp, "replies": rs, "scores": sc, "used": idx,
-                            "pair": None if pair is None else {"chosen": pair[0], "rejected": pair[1]}})
-            if pair is not None:
-                pairs.append(PreferenceExample(prompt=pp, chosen=pair[0], rejected=pair[1]))
+            ex = kind.from_samples(pp, [rs[i] for i in idx], [sc[i] for i in idx])
+            rec = {"prompt": pp, "replies": rs, "scores": sc, "used": idx}
+            if kind.unit == "pairs":  # which two replies were paired (a group trains on every reply in "used")
+                rec["pair"] = None if ex is None else {"chosen": ex.chosen, "rejected": ex.rejected}
+            records.append(rec)
+            if ex is not None:
+                examples.append(ex)
         write_text_atomic(rd / "samples.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in records))
         mean_score = sum(flat_scores) / len(flat_scores)
         info: dict[str, Any] = {"round": r + 1, "prompts": len(chosen_prompts), "samples": len(flat_replies),
-                                "mean_sample_score": mean_score, "pairs": len(pairs), "reference": reference}
-        if not pairs:
-            report({"branch": name, "warning": f"round {r + 1}: every prompt's replies scored equally; no pairs, "
-                                               "nothing to train on this round"})
+                                "mean_sample_score": mean_score, kind.unit: len(examples), "reference": reference}
+        if not examples:
+            report({"branch": name, "warning": f"round {r + 1}: every prompt's replies scored equally; no "
+                                               f"{kind.unit}, nothing to train on this round"})
             info.update(train_loss=float("nan"), steps=0, wall_s=0.0)
             save_phase(model, rd, info)
             log.append(info)
             continue
-        rows = [encode_pair(e, tok, d.max_length, d.max_prompt_length) for e in pairs]
+        rows = [kind.encode(e, tok, d) for e in examples]
         if reference == "previous":
             objective.reference.snapshot(model, collate_all(collator, rows, p.batch_size))
         report({"branch": name, "note": f"round {r + 1}/{rounds}: mean sample score {mean_score:.3f}, "
-                                        f"{len(pairs)} pairs"})
+                                        f"{len(examples)} {kind.unit}"})
         res = fit(rows, collator, rd / "checkpoints", steps[r])
         if reference == "previous":
             objective.reference.release_snapshot()

@@ -14,6 +14,10 @@ collator batches the rows and how the objective reads a batch:
   KTO followed by B mismatched "KL" rows (prompt_{i+1 mod B} + completion_i), and ``desirable``
   ([B] bool) -> ``UnpairedLogps``. Only the matched rows carry gradient: the policy's KL rows
   run under ``no_grad`` (KTO detaches the KL estimate anyway).
+- ``groups`` (``RankedCollator``, as ``ranked``): the K sampled replies of each prompt with their rewards as
+  ``scores``, built each online round; token-level losses (GRPO) also get [B, K, T] per-token log-probs.
+- ``rewarded`` (``BinaryCollator`` without KL rows): B rows with their ``rewards`` ([B] float) -> ``UnpairedLogps``
+  (DRO's single trajectories).
 - ``ranked`` (``RankedCollator``): every reply of every list as one flat batch of N rows (list 0's
   replies, then list 1's...), ``list_index`` ([B, K], the row of reply k of list b, -1 past a
   shorter list) and ``scores`` ([B, K]) -> ``RankedLogps`` ([B, K], masked where ``list_index``
@@ -27,14 +31,19 @@ from typing import Any, Callable
 
 import torch
 
+from paft.data.formats import PreferenceExample, RankedExample
 from paft.data.collate import BinaryCollator, PairCollator, RankedCollator, SFTCollator
 from paft.data.packing import is_packed
 from paft.data.tokenize import IGNORE, encode_completion, encode_pair, encode_ranked, encode_sft
 from paft.methods.losses import PairLogps, RankedLogps, UnpairedLogps, get_loss
-from paft.models.logps import batch_sequence_logps, trim_padding
+from paft.methods.schedules import best_worst
+from paft.models.logps import (batch_sequence_logps, batch_token_logps, label_hidden, label_log_softmax, label_logps,
+                               sequence_sums, token_matrix, trim_padding)
 
 
 def _pairs(obj: "PreferenceObjective", model, batch):
+    if obj.spec.token_level:
+        return _token_level_pairs(obj, model, batch)
     logps, counts = batch_sequence_logps(model, batch, obj.full_logits)
     n = logps.shape[0] // 2
     lp = PairLogps(policy_chosen=logps[:n], policy_rejected=logps[n:],
@@ -45,6 +54,31 @@ def _pairs(obj: "PreferenceObjective", model, batch):
     return lp, _pair_metrics(lp, obj.beta)
 
 
+def _token_level_pairs(obj: "PreferenceObjective", model, batch):
+    """Pairs with each reply's sequential KL(pi_ref || pi_theta) (TDPO): the full next-token distributions of the
+    policy and the reference (adapter disabled, or the frozen copy of full fine-tuning) at every reply position."""
+    logprobs, targets, seq, n_seq = label_log_softmax(model, batch)
+    ref_model = getattr(obj.reference, "model", None)
+    with torch.no_grad():
+        if ref_model is not None:
+            ref_logprobs = label_log_softmax(ref_model, batch)[0]
+        else:
+            with model.disable_adapter():
+                ref_logprobs = label_log_softmax(model, batch)[0]
+    kl = (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1)
+    pick = lambda lps: lps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+    logps, counts = sequence_sums(pick(logprobs), seq, n_seq)
+    ref = sequence_sums(pick(ref_logprobs), seq, n_seq)[0]
+    seq_kl = sequence_sums(kl, seq, n_seq)[0]
+    n = n_seq // 2
+    lp = PairLogps(policy_chosen=logps[:n], policy_rejected=logps[n:], ref_chosen=ref[:n], ref_rejected=ref[n:],
+                   chosen_tokens=counts[:n], rejected_tokens=counts[n:], seq_kl_chosen=seq_kl[:n],
+                   seq_kl_rejected=seq_kl[n:])
+    metrics = _pair_metrics(lp, obj.beta)
+    metrics["kl/chosen"], metrics["kl/rejected"] = seq_kl[:n].mean().item(), seq_kl[n:].mean().item()
+    return lp, metrics
+
+
 def _unpaired(obj: "PreferenceObjective", model, batch):
     if is_packed(batch):
         raise ValueError("unpaired (KTO-style) batches are not packed; build them with BinaryCollator")
@@ -53,7 +87,7 @@ def _unpaired(obj: "PreferenceObjective", model, batch):
     matched = _rows(batch, 0, n)
     has_kl = batch["input_ids"].shape[0] > n
     policy, counts = batch_sequence_logps(model, matched, obj.full_logits)
-    lp = UnpairedLogps(policy=policy, labels=desirable, tokens=counts)
+    lp = UnpairedLogps(policy=policy, labels=desirable, tokens=counts, rewards=batch.get("rewards"))
     if has_kl:
         kl_rows = _rows(batch, n, batch["input_ids"].shape[0])
         with torch.no_grad():
@@ -70,23 +104,63 @@ def _ranked(obj: "PreferenceObjective", model, batch):
     index = batch["list_index"]
     present = index >= 0
     rows = index.clamp(min=0)  # padded entries read row 0; the mask keeps them out of the loss
-    logps, counts = batch_sequence_logps(model, batch, obj.full_logits)
+    values = None
+    if obj.spec.value_head:  # one decoder pass feeds the LM head and the value head
+        hidden, targets, seq, n = label_hidden(model, batch)
+        flat = (label_logps(model, hidden, targets), seq, n)
+        values = value_head(model)(hidden.float()).squeeze(-1)
+    else:
+        flat = batch_token_logps(model, batch, obj.full_logits)
+    logps, counts = sequence_sums(*flat)
     lp = RankedLogps(policy=logps[rows], scores=batch["scores"].to(logps.dtype), mask=present, tokens=counts[rows])
     if obj.spec.reference:
         lp.ref = obj.reference_logps(model, batch).detach()[rows]
+    if obj.spec.token_level:
+        tokens, mask = token_matrix(*flat)
+        gone = ~present[:, :, None]
+        lp.policy_tokens, lp.token_mask = tokens[rows], mask[rows] & ~gone
+        if obj.spec.reference:
+            lp.ref_tokens = obj.reference_token_logps(model, batch).detach()[rows].to(tokens.dtype)
+        if values is not None:
+            lp.values = token_matrix(values, flat[1], flat[2])[0][rows]
     return lp, _ranked_metrics(lp, obj.beta)
+
+
+VALUE_HEAD = "paft_value_head"
+
+
+def attach_value_head(model) -> None:
+    """Give ``model`` PPO's critic: a scalar linear head on the last hidden state, zero-initialised (V = 0 at the
+    start), float32, trained with the adapter. A PEFT model saves only its adapter, so the head never reaches the
+    adapter folder that PAFT merges (a resumed run starts it from zero)."""
+    if getattr(model, VALUE_HEAD, None) is None:
+        head = torch.nn.Linear(model.config.hidden_size, 1, device=model.device)
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+        model.add_module(VALUE_HEAD, head)
+
+
+def value_head(model) -> torch.nn.Module:
+    head = getattr(model, VALUE_HEAD, None)
+    if head is None:
+        raise ValueError("this method reads a value head; attach_value_head(model) before training")
+    return head
 
 
 @dataclass(frozen=True)
 class DataKind:
-    """One data kind: ``encode(example, tok, data_cfg)`` -> row (None: the file gives no rows, only prompts),
-    ``collator(pad_id, pack_length, max_length)``, ``keep(row)`` (rows with nothing to learn are dropped) and
-    ``logps(objective, model, batch)`` -> (the loss's log-probs, metrics) for preference kinds."""
+    """One data kind: ``encode(example, tok, data_cfg)`` -> row, ``collator(pad_id, pack_length, max_length)``,
+    ``keep(row)`` (rows with nothing to learn are dropped) and ``logps(objective, model, batch)`` -> (the loss's
+    log-probs, metrics) for preference kinds. Sampled kinds (online rounds; the file gives only prompts) also
+    have ``from_samples(prompt, replies, scores)`` -> the example a round trains on (None: nothing to learn),
+    ``unit`` naming those examples."""
 
     encode: Callable | None
     collator: Callable[[int, int | None, int], Any]
     logps: Callable | None = None
     keep: Callable[[Any], bool] = lambda row: True
+    from_samples: Callable[[list, list[str], list[float]], Any] | None = None
+    unit: str = "rows"
 
 
 def _encode_prompted(fn):
@@ -97,15 +171,30 @@ def _pair_collator(pad_id, pack_length, max_length):
     return PairCollator(pad_id, pack_length)
 
 
+def _best_worst_pair(prompt, replies: list[str], scores: list[float]) -> PreferenceExample | None:
+    pair = best_worst(replies, scores) if len(replies) >= 2 else None
+    return None if pair is None else PreferenceExample(prompt=prompt, chosen=pair[0], rejected=pair[1])
+
+
+def _group(prompt, replies: list[str], scores: list[float]) -> RankedExample | None:
+    # equal rewards still train: the KL term (and, for RLOO, the KL-shaped reward) moves the policy
+    return RankedExample(prompt=prompt, responses=list(replies), scores=list(scores)) if len(replies) >= 2 else None
+
+
 DATA_KINDS: dict[str, DataKind] = {
     "sft": DataKind(lambda e, tok, d: encode_sft(e, tok, d.max_length), lambda p, n, m: SFTCollator(p, n),
                     keep=lambda r: any(t != IGNORE for t in r.labels[1:])),  # a reply cut off by max_length
     "pairs": DataKind(_encode_prompted(encode_pair), _pair_collator, _pairs),
-    "online": DataKind(None, _pair_collator, _pairs),
+    "online": DataKind(_encode_prompted(encode_pair), _pair_collator, _pairs, from_samples=_best_worst_pair,
+                       unit="pairs"),
+    "groups": DataKind(_encode_prompted(encode_ranked), lambda p, n, m: RankedCollator(p, n), _ranked,
+                       from_samples=_group, unit="groups"),
     "binary": DataKind(_encode_prompted(encode_completion), lambda p, n, m: BinaryCollator(p, kl=True, max_length=m),
                        _unpaired),
     "negatives": DataKind(_encode_prompted(encode_completion),
                           lambda p, n, m: BinaryCollator(p, kl=False, max_length=m), _unpaired),
+    "rewarded": DataKind(_encode_prompted(encode_completion),
+                         lambda p, n, m: BinaryCollator(p, kl=False, max_length=m), _unpaired),
     "ranked": DataKind(_encode_prompted(encode_ranked), lambda p, n, m: RankedCollator(p, n), _ranked),
 }
 
@@ -135,6 +224,13 @@ class PreferenceObjective:
             return self.reference(model, batch)
         with torch.no_grad(), model.disable_adapter():
             return batch_sequence_logps(model, batch, self.full_logits)[0].detach()
+
+    def reference_token_logps(self, model, batch) -> torch.Tensor:
+        """Reference log-prob of every label token, [n, T] right-padded (``token_matrix``'s layout)."""
+        if self.reference is not None:
+            return self.reference.tokens(model, batch)
+        with torch.no_grad(), model.disable_adapter():
+            return token_matrix(*batch_token_logps(model, batch, self.full_logits))[0].detach()
 
 
 def _rows(batch, start: int, stop: int) -> dict[str, torch.Tensor]:
@@ -174,7 +270,8 @@ def _ranked_metrics(lp: RankedLogps, beta: float) -> dict[str, float]:
     """``rank/top1_accuracy``: share of lists whose top-scored reply (any of them on a tie) also has the
     highest model score the loss ranks by: beta h(y) with a reference (LiPO), else the
     length-normalised log-prob (RRHF, PRO). Plus the mean policy log-prob over all replies, of the
-    top- and of the lowest-scored reply, and, with a reference, the mean implicit reward beta h(y)."""
+    top- and of the lowest-scored reply, the mean score (for groups: the scorer's mean reward, which RLOO's and
+    GRPO's near-zero loss does not show) and, with a reference, the mean implicit reward beta h(y)."""
     m = lp.mask.bool()
     policy = lp.policy.detach()
     if lp.ref is not None:
@@ -187,7 +284,7 @@ def _ranked_metrics(lp: RankedLogps, beta: float) -> dict[str, float]:
     hit = scores.gather(1, top).squeeze(1) == scores.max(dim=1).values
     best = scores.argmax(dim=1, keepdim=True)
     worst = torch.where(m, lp.scores, -neg_inf).argmin(dim=1, keepdim=True)
-    out = {"rank/top1_accuracy": hit.float().mean().item(),
+    out = {"rank/top1_accuracy": hit.float().mean().item(), "scores/mean": lp.scores[m].mean().item(),
            "logps/mean": policy[m].mean().item(),
            "logps/best": policy.gather(1, best).mean().item(),
            "logps/worst": policy.gather(1, worst).mean().item()}

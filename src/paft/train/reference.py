@@ -24,6 +24,10 @@ Staged and online methods (sDPO, iterative DPO with ``reference: previous``) use
 log-probs are computed eagerly for that stage's rows with the adapter *enabled*,
 kept in memory only (that model exists nowhere else), and looked up while the stage
 trains.
+
+Token-level methods (GRPO's per-token KL) ask ``tokens``: the reference log-prob of every label token,
+memoised per row the same way and saved under ``token_logps`` beside the sums (a row's sum is the
+sum of its tokens, so a token entry also fills the sum's).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import torch
 
 from paft.data.packing import is_packed, sequence_key
 from paft.io import cache_root, sha256_file, write_json_atomic
-from paft.models.logps import batch_sequence_logps, trim_padding
+from paft.models.logps import batch_sequence_logps, batch_token_logps, token_matrix, trim_padding
 
 
 def row_key(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> str:
@@ -59,14 +63,18 @@ class ReferenceLogps:
         self.path, self.cache = path, cache
         self.model = model
         self.values: dict[str, float] = {}
+        self.token_values: dict[str, list[float]] = {}
         self.snapshot_values: dict[str, float] | None = None
+        self.snapshot_tokens: dict[str, list[float]] | None = None
         self.hits = self.misses = 0
         self._dirty = False
         if path is not None and cache and path.is_file():
             try:
-                self.values = {k: float(v) for k, v in json.loads(path.read_text())["logps"].items()}
-            except (ValueError, KeyError, TypeError):
-                self.values = {}  # unreadable cache: recompute (it is only a cache)
+                data = json.loads(path.read_text())
+                self.values = {k: float(v) for k, v in data["logps"].items()}
+                self.token_values = {k: [float(x) for x in v] for k, v in data.get("token_logps", {}).items()}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                self.values, self.token_values = {}, {}  # unreadable cache: recompute (it is only a cache)
 
     def __call__(self, model, batch: dict) -> torch.Tensor:
         """Summed reference log-prob of each sequence of ``batch`` (either layout of ``paft.models.logps``)."""
@@ -97,6 +105,38 @@ class ReferenceLogps:
             self._dirty = True
         return torch.tensor([self.values[k] for k in keys], device=device, dtype=torch.float32)
 
+    def tokens(self, model, batch: dict) -> torch.Tensor:
+        """Reference log-prob of every label token, [n, T] right-padded with 0 (the layout of
+        ``paft.models.logps.token_matrix``)."""
+        device = batch["input_ids"].device
+        keys = batch_keys(batch)
+        if self.snapshot_tokens is not None:
+            table = self.snapshot_tokens
+            if any(k not in table for k in keys):
+                raise RuntimeError("reference log-probs of a row missing from the stage snapshot; "
+                                   "the stage's rows must all be snapshotted before it trains")
+        else:
+            table = self.token_values if self.cache else {}
+            missing = [k for k in keys if k not in table]
+            self.hits += len(keys) - len(missing)
+            self.misses += len(missing)
+            if missing:  # the whole batch: a packed one cannot run a subset, and token rows are rarely reused
+                for k, v in zip(keys, self._token_forward(model, batch)):
+                    table[k] = v
+                    if self.cache:
+                        self.values[k] = float(sum(v))
+                self._dirty = self.cache
+        rows = [table[k] for k in keys]
+        width = max((len(r) for r in rows), default=0)
+        return torch.tensor([r + [0.0] * (width - len(r)) for r in rows], device=device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def _token_forward(self, model, batch: dict) -> list[list[float]]:
+        if self.model is not None:
+            return _token_lists(self.model, batch)
+        with model.disable_adapter():
+            return _token_lists(model, batch)
+
     @torch.no_grad()
     def _forward(self, model, batch: dict) -> torch.Tensor:
         """The reference forward: the frozen copy (full fine-tuning), else the policy with its adapter disabled."""
@@ -110,32 +150,39 @@ class ReferenceLogps:
         """Freeze the current policy (adapter enabled) as the reference for the rows of ``batches``."""
         was_training = model.training
         model.eval()
-        table: dict[str, float] = {}
+        table: dict[str, list[float]] = {}
         try:
             for b in batches:
-                lp = batch_sequence_logps(model, b)[0].float().tolist()
-                for key, v in zip(batch_keys(b), lp):
+                for key, v in zip(batch_keys(b), _token_lists(model, b)):
                     table[key] = v
         finally:
             model.train(was_training)
-        self.snapshot_values = table
+        self.snapshot_tokens = table
+        self.snapshot_values = {k: float(sum(v)) for k, v in table.items()}
         return len(table)
 
     def release_snapshot(self) -> None:
-        self.snapshot_values = None
+        self.snapshot_values = self.snapshot_tokens = None
 
     def save(self) -> None:
         """Write the memo to ``path`` (merged with entries other runs wrote meanwhile)."""
         if self.path is None or not self.cache or not self._dirty:
             return
-        merged = dict(self.values)
+        merged, tokens = dict(self.values), dict(self.token_values)
         if self.path.is_file():
             try:
-                merged = {**json.loads(self.path.read_text())["logps"], **merged}
-            except (ValueError, KeyError, TypeError):
+                old = json.loads(self.path.read_text())
+                merged, tokens = {**old["logps"], **merged}, {**old.get("token_logps", {}), **tokens}
+            except (ValueError, KeyError, TypeError, AttributeError):
                 pass
-        write_json_atomic(self.path, {"format": 1, "logps": merged})
+        write_json_atomic(self.path, {"format": 1, "logps": merged, **({"token_logps": tokens} if tokens else {})})
         self._dirty = False
+
+
+def _token_lists(model, batch: dict) -> list[list[float]]:
+    """Each sequence's label-token log-probs, in position order."""
+    values, mask = token_matrix(*batch_token_logps(model, batch))
+    return [row[m].float().tolist() for row, m in zip(values, mask)]
 
 
 def batch_keys(batch: dict) -> list[str]:
