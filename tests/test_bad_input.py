@@ -87,6 +87,17 @@ def _hh(i: int, reply: str) -> dict:
             "rejected": f"\n\nHuman: question {i}?\n\nAssistant: no"}
 
 
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _damaged_model(tmp_path, tiny_dir, name: str) -> Path:
+    folder = Path(shutil.copytree(tiny_dir, tmp_path / "model"))
+    (folder / name).write_text("{garbage")
+    return folder
+
+
 def _damaged_run(tmp_path, text: str) -> Path:
     run = tmp_path / "run"
     run.mkdir()
@@ -174,6 +185,14 @@ CASES = {
     "invalid JSON line without skip_invalid": _data_case(
         "sft", lambda t: _jsonl(t / "chat.jsonl", _chats(), {3: "{not json"}),
         ["line 4", "invalid JSON", SKIP_FIX]),
+    "a .jsonl.gz that is not gzip": _data_case(
+        "preference", lambda t: _jsonl(t / "plain.jsonl.gz", _pairs()), ["truncated or corrupt gzip"]),
+    **{f"model folder with a damaged {name}": (lambda name: lambda t, d: (
+        ["sft", *TINY, "--out", str(t / "run"), "--set", f"model.name={_damaged_model(t, d, name)}"],
+        [str(t / "model"), "cannot load its tokenizer", "damaged"]))(name) for name in ("config.json", "tokenizer.json")},
+    "config file not UTF-8": lambda t, d: (["config", str(_write(t / "c.yaml", b"\xad\xff: 1"))],
+                                           [str(t / "c.yaml"), "not UTF-8"]),
+    "config file is a folder": lambda t, d: (["run", str(t)], [str(t), "is a folder"]),
     "sft.lr_scheduler: foo": lambda t, d: (["config", *TINY, "--set", "sft.lr_scheduler=foo"],
                                            ["'sft.lr_scheduler'", "'foo'", "cosine"]),
     "preference.params with an unknown key": lambda t, d: (

@@ -403,10 +403,15 @@ def config_digest(config: PaftConfig | dict[str, Any]) -> str:
 
 def read_yaml(path: Path, what: str) -> Any:
     """A YAML file's content; a missing file or a syntax error is one line naming the file (and line)."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give the {what} (a YAML file)")
     if not path.is_file():
         raise ConfigError(f"{path}: {what} not found")
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); a {what} is a YAML file, "
+                          "saved as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -83,6 +83,17 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def check_output_dir(final: str | os.PathLike, force: bool = False) -> None:
+    """``final`` can become an output folder: not a file (never replaced, --force or not: it is not a paft
+    output), and absent unless ``force``. ``atomic_dir`` checks it; long jobs call it first, to fail before
+    the work."""
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise PaftError(f"{final}: is a file, not a folder; choose another --out")
+    if final.exists() and not force:
+        raise PaftError(f"{final}: output exists; pass --force to overwrite")
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``final``; rename it to ``final`` on success.
@@ -91,10 +102,7 @@ def atomic_dir(final: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     ``.tmp-*`` folder, which is removed on the next attempt.
     """
     final = Path(final)
-    if final.exists() and not final.is_dir():  # never replaced, --force or not: it is not a paft output
-        raise PaftError(f"{final}: is a file, not a folder; choose another --out")
-    if final.exists() and not force:
-        raise PaftError(f"{final}: output exists; pass --force to overwrite")
+    check_output_dir(final, force)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         for stale in final.parent.glob(f".tmp-{final.name}-*"):

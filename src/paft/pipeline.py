@@ -83,10 +83,10 @@ class Run:
             except ConfigError:
                 if not self.cfg.run.force:
                     raise
-                theirs = {"unreadable": True}  # --force starts the folder over: nothing can be kept
+                theirs = None  # damaged: --force starts the folder over, since no output can be vouched for
             if theirs != mine:
-                diff = sorted(_diff_keys(theirs, mine))
-                stale = None if "unreadable" in theirs else _stale_outputs({k.split(".")[0] for k in diff})
+                diff = sorted(_diff_keys(theirs, mine)) if theirs is not None else []
+                stale = _stale_outputs({k.split(".")[0] for k in diff}) if theirs is not None else None
                 if not self.cfg.run.force:
                     what = ("redo " + ", ".join(stale) + "; trained branches are kept") if stale is not None \
                         else "overwrite it"

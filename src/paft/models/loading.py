@@ -44,7 +44,11 @@ def resolve_model_dir(name: str, revision: str | None = None, progress=None) -> 
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:  # a damaged config.json or tokenizer.json (JSONDecodeError is a ValueError)
+        raise ModelError(f"{model_dir}: cannot load its tokenizer ({str(exc).splitlines()[0]}); the folder's "
+                         "config.json or tokenizer files are damaged: copy or download it again") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not tok.chat_template:
