@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 import paft.io
 from paft.cli import app
+from paft.config import read_run_config
 
 runner = CliRunner()
 TINY = ["--preset", "tiny"]
@@ -345,3 +346,13 @@ def test_skip_invalid_skips_an_invalid_json_line_and_counts_it(tmp_path):
     assert summary["skipped"] == 2 and summary["train"] + summary["eval"] == 12
     assert "line 4: invalid JSON" in summary["skipped_errors"][0]
     assert "line 8: invalid JSON: expected an object, got list" in summary["skipped_errors"][1]
+
+
+def test_force_starts_a_run_with_a_damaged_config_over(tmp_path):
+    run = _damaged_run(tmp_path, "- a\n")
+    (run / "sft").mkdir()
+    (run / "sft" / "log_history.json").write_text("[]")
+    line = _error_line(runner.invoke(app, ["merge", *TINY, "--out", str(run), "--force"]))
+    assert "train the sft branch before merging" in line  # got past the damaged config.yaml...
+    assert not (run / "sft").exists()  # ...removing the outputs it could not vouch for
+    assert read_run_config(run)["model"]["name"] == "tiny"
