@@ -199,7 +199,8 @@ def test_bad_row_names_file_row_line_and_field():
         load("pref_bad_row.jsonl", "preference")
     msg = str(err.value)
     assert "pref_bad_row.jsonl" in msg and "row 2" in msg and "'chosen'" in msg
-    assert msg.endswith("row 2 (line 3): field 'chosen': expected a string or a list of messages, got int")
+    assert "row 2 (line 3): field 'chosen': expected a string or a list of messages, got int" in msg
+    assert msg.endswith("fix the row, or skip invalid rows with data.skip_invalid: true (--set data.skip_invalid=true)")
     assert "\n" not in msg
 
 

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from paft.config import load_config
+from paft.config import load_config, read_run_config
 from paft.errors import PaftError
 from paft.progress import ProgressUI, console, quiet_libraries
 
@@ -291,11 +291,13 @@ def report_cmd(target: Annotated[Optional[Path], typer.Argument(
             raise PaftError("--set/--preset/--out apply with a config file; a RUN_DIR's own config.yaml is used")
         if not (target / "config.yaml").is_file():
             raise PaftError(f"{target}: not a paft run folder (no config.yaml)")
+        read_run_config(target)  # a damaged config.yaml: one line with the fix
         # the folder may have moved since the run: it is the output folder, whatever config.yaml says
         cfg = load_config(target / "config.yaml", [f"run.output_dir={target}"])
         md = write_report(target, cfg)
     else:
-        run, _ = _run(target, set_, preset, out, False)
+        run, _ = _run(target, set_, preset, out, False, prepare=False)
+        run.prepare(check_device=False)  # a report loads no model
         md = run.report()
     console.print(f"report: {md}  ({md.with_suffix('.html')})", highlight=False, soft_wrap=True)
 

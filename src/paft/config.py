@@ -99,6 +99,14 @@ class LoraConfig(_Section):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
 
 
+# transformers' SchedulerType values the Trainer builds from TrainingArguments alone (no lr_scheduler_kwargs, no
+# evaluation metric); kept here, since importing transformers to read them would cost `paft config` seconds, and
+# checked against transformers by tests/test_bad_input.py
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
 class TrainConfig(_Section):
     """Knobs shared by both branches (passed to transformers' TrainingArguments)."""
 
@@ -113,7 +121,7 @@ class TrainConfig(_Section):
     grad_accum: int = Field(1, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    lr_scheduler: str = "cosine"
+    lr_scheduler: str = Field("cosine", description=", ".join(LR_SCHEDULERS))
     max_grad_norm: float = Field(1.0, gt=0)
     logging_steps: int = Field(5, gt=0)
     save_steps: int = Field(20, gt=0, description="checkpoint interval; a killed run resumes from the last one")
@@ -125,6 +133,15 @@ class TrainConfig(_Section):
     completion_logits: bool = Field(
         True, description="LM head and log-softmax only where a completion token is predicted (off: full-vocabulary "
                           "logits at every position, the plain path; same numbers, slower)")
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _scheduler(cls, v: str) -> str:
+        if v not in LR_SCHEDULERS:
+            hint = difflib.get_close_matches(v, LR_SCHEDULERS, n=1)
+            raise ValueError(f"unknown scheduler {v!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                             + f"; known: {', '.join(LR_SCHEDULERS)}")
+        return v
 
     @field_validator("max_steps")
     @classmethod
@@ -213,8 +230,16 @@ class PreferenceConfig(TrainConfig):
     def _schedule(self) -> "PreferenceConfig":
         from paft.methods.losses import LOSSES  # lazy: as in _known
 
+        spec = LOSSES[self.method]
+        for key in self.params:  # the loss would get it as an unexpected keyword argument at its first step
+            if key not in spec.params:
+                hint = difflib.get_close_matches(str(key), list(spec.params), n=1)
+                raise ValueError(f"preference.params: {self.method} has no parameter {key!r}"
+                                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                                 + (f"; it takes {', '.join(spec.params)}" if spec.params else "; it takes none")
+                                 + ("; beta is preference.beta" if key == "beta" else ""))
         try:  # schedule parameters out of range (or of the wrong type) fail here, naming the key
-            schedule = LOSSES[self.method].configure(self.params)[1]
+            schedule = spec.configure(self.params)[1]
         except TypeError as exc:
             raise ValueError(f"preference.params: {exc}") from None
         if self.adapter == "full" and schedule.kind != "offline":
@@ -312,7 +337,8 @@ class RunConfig(_Section):
     parallel: bool = Field(True, description="train the SFT and preference branches concurrently")
     sequential_baseline: bool = Field(True, description="also train SFT -> preference in sequence")
     seed: int = 0
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps (a GPU setting is checked when a "
+                                            "command starts)")
     bf16: Literal["auto", True, False] = Field("auto", description="bf16 autocast for training (auto: if supported)")
     threads: int | None = Field(None, gt=0, description="CPU threads in all; split between parallel branches")
     force: bool = Field(False, description="overwrite an existing output folder from a different config")
@@ -321,6 +347,13 @@ class RunConfig(_Section):
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "dvclive", "trackio"]] = Field(
         ["tensorboard"], description="training-log integrations of the Trainer (TensorBoard logs go to "
                                      "RUN/BRANCH/tb); [] or none: off")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not DEVICE.fullmatch(v):
+            raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda, cuda:N or mps")
+        return v
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -370,14 +403,33 @@ def config_digest(config: PaftConfig | dict[str, Any]) -> str:
 
 def read_yaml(path: Path, what: str) -> Any:
     """A YAML file's content; a missing file or a syntax error is one line naming the file (and line)."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give the {what} (a YAML file)")
     if not path.is_file():
         raise ConfigError(f"{path}: {what} not found")
     try:
         return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); a {what} is a YAML file, "
+                          "saved as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+
+
+def read_run_config(root: Path) -> dict[str, Any]:
+    """The config a run folder records (``ROOT/config.yaml``) as a mapping; damaged, one line with the fix."""
+    path = Path(root) / "config.yaml"
+    fix = "restore it, or pass --force to start the run over (this folder's outputs are removed)"
+    try:
+        data = read_yaml(path, "run config")
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}; this run folder's record of its config is damaged: {fix}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: run config is a {type(data).__name__}, not a mapping of sections (model, data, "
+                          f"...); the file is damaged: {fix}")
+    return data
 
 
 def deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:

@@ -4,13 +4,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from paft.errors import ConfigError
+
 
 def resolve_device(setting: str) -> str:
-    """``run.device``: ``auto`` is the GPU when there is one, else the CPU; anything else as given."""
-    if setting == "auto":
-        import torch  # lazy: a sweep cell sets its threads and CUDA_VISIBLE_DEVICES before torch loads
+    """``run.device``: ``auto`` is the GPU when there is one, else the CPU; anything else as given, once this
+    machine is seen to have it (checked here, not in the config: a sweep cell picks its GPUs before torch loads)."""
+    if setting == "cpu":
+        return setting
+    import torch  # lazy: a sweep cell sets its threads and CUDA_VISIBLE_DEVICES before torch loads
 
+    if setting == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting.startswith("cuda"):
+        index = int(setting.partition(":")[2] or 0)
+        if not torch.cuda.is_available():
+            raise ConfigError(f"run.device {setting!r}: no CUDA device is available here (torch.cuda.is_available() "
+                              "is False); set run.device: auto or cpu (--set run.device=auto)")
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"run.device {setting!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                              f"numbered from 0; set run.device: auto, cuda or cuda:N below that")
+    elif setting == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("run.device 'mps': no Apple GPU is available here; set run.device: auto or cpu")
     return setting
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -20,22 +21,48 @@ from paft.errors import PaftError
 
 def cache_root() -> Path:
     """Converted models and reference log-prob caches live here (``$PAFT_CACHE``, else ``~/.cache/paft``)."""
-    return Path(os.environ.get("PAFT_CACHE", Path.home() / ".cache" / "paft"))
+    root = Path(os.environ.get("PAFT_CACHE", Path.home() / ".cache" / "paft"))
+    for p in (root, *root.parents):  # the nearest existing part must be a folder, or every cache write fails later
+        if p.exists():
+            if not p.is_dir():
+                where = "PAFT_CACHE" if "PAFT_CACHE" in os.environ else "the cache folder"
+                raise PaftError(f"{where} {root}: {p} is a file, not a folder; point PAFT_CACHE at a folder "
+                                "(unset: ~/.cache/paft)")
+            break
+    return root
+
+
+def write_error(path: str | os.PathLike, exc: OSError) -> PaftError:
+    """An OSError met while writing ``path`` as one line with the fix (disk full, read-only, a file in the way)."""
+    if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
+        return PaftError(f"disk full writing {path}; free space and run the same command again (a run resumes "
+                         "from its last complete checkpoint)")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PaftError(f"{path}: not writable ({exc.strerror}); fix the folder's permissions or choose another "
+                         "--out")
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return PaftError(f"{path}: a file is in the way of a folder ({exc.filename}); choose another --out")
+    return PaftError(f"{path}: cannot write ({exc.strerror or exc})")
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as exc:
+        raise write_error(path, exc) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             os.fchmod(fh.fileno(), 0o666 & ~umask())  # mkstemp makes 0600; a plain open() would not
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise write_error(path, exc) from None
         raise
 
 
@@ -56,6 +83,17 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def check_output_dir(final: str | os.PathLike, force: bool = False) -> None:
+    """``final`` can become an output folder: not a file (never replaced, --force or not: it is not a paft
+    output), and absent unless ``force``. ``atomic_dir`` checks it; long jobs call it first, to fail before
+    the work."""
+    final = Path(final)
+    if final.exists() and not final.is_dir():
+        raise PaftError(f"{final}: is a file, not a folder; choose another --out")
+    if output_exists(final) and not force:
+        raise PaftError(f"{final}: output exists; pass --force to overwrite")
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``final``; rename it to ``final`` on success.
@@ -64,14 +102,21 @@ def atomic_dir(final: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     ``.tmp-*`` folder, which is removed on the next attempt.
     """
     final = Path(final)
-    if output_exists(final) and not force:
-        raise PaftError(f"{final}: output exists; pass --force to overwrite")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".tmp-{final.name}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    check_output_dir(final, force)
     try:
-        yield tmp
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in final.parent.glob(f".tmp-{final.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    except OSError as exc:
+        raise write_error(final, exc) from None
+    try:
+        try:
+            yield tmp
+        except OSError as exc:  # the caller's writes into tmp: disk full, and the like
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+                raise write_error(final, exc) from None
+            raise
         os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; a plain mkdir() would not
         if final.exists():
             if (final / LOCK_NAME).is_file():  # the folder's lock moves with it (same inode: still held)
@@ -121,7 +166,7 @@ def lock_folder(folder: str | os.PathLike, command: str | None = None) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         fh = open(path, "a+", encoding="utf-8")
     except OSError as exc:
-        raise PaftError(f"{folder}: cannot create the output folder ({exc.strerror}); choose another --out") from None
+        raise write_error(folder, exc) from None
     st = os.fstat(fh.fileno())
     key = (st.st_dev, st.st_ino)  # the lock file itself, however the folder is spelled or renamed
     held = _held.get(key)

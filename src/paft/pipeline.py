@@ -19,11 +19,11 @@ from typing import Any, Callable
 
 import torch
 
-from paft.config import PaftConfig, config_identity, read_yaml
+from paft.config import PaftConfig, config_identity, read_run_config
 from paft.data.loading import load_examples
 from paft.data.prepare import check_sources_unchanged, prepare_data
 from paft.device import resolve_device
-from paft.errors import PaftError
+from paft.errors import ConfigError, PaftError
 from paft.eval.models import ModelSpec, evaluate_models
 from paft.io import LOCK_NAME, lock_folder, package_versions, sha256_file, write_json_atomic, write_text_atomic
 from paft.merge.mergekit_config import plan_from_flags
@@ -70,16 +70,24 @@ class Run:
         """What --force and a redo never remove: the config's input files inside the folder, and the lock."""
         return _input_paths(self.cfg, self.root) | {(self.root / LOCK_NAME).resolve()}
 
-    def prepare(self) -> None:
-        """Lock, create or reopen the output folder; refuse a different config unless forced."""
+    def prepare(self, check_device: bool = True) -> None:
+        """Lock, create or reopen the output folder; refuse a different config unless forced. ``check_device``:
+        a ``run.device`` this machine lacks fails now, before any data or model work (a report needs none)."""
         lock_folder(self.root)  # a second paft process on this folder stops here, naming the holder
+        if check_device:
+            _ = self.device
         cfg_path = self.root / "config.yaml"
         mine = config_identity(self.cfg)
         if cfg_path.exists():
-            theirs = config_identity(read_yaml(cfg_path, "run config") or {})
+            try:
+                theirs = config_identity(read_run_config(self.root))
+            except ConfigError:
+                if not self.cfg.run.force:
+                    raise
+                theirs = None  # damaged: --force starts the folder over, since no output can be vouched for
             if theirs != mine:
-                diff = sorted(_diff_keys(theirs, mine))
-                stale = _stale_outputs({k.split(".")[0] for k in diff})
+                diff = sorted(_diff_keys(theirs, mine)) if theirs is not None else []
+                stale = _stale_outputs({k.split(".")[0] for k in diff}) if theirs is not None else None
                 if not self.cfg.run.force:
                     what = ("redo " + ", ".join(stale) + "; trained branches are kept") if stale is not None \
                         else "overwrite it"

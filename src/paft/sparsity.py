@@ -16,7 +16,7 @@ import torch
 from rich.table import Table
 
 from paft.errors import ConfigError, PaftError
-from paft.io import atomic_dir, locked_output, write_json_atomic
+from paft.io import atomic_dir, check_output_dir, locked_output, write_json_atomic
 from paft.merge.cli_support import parse_floats
 from paft.merge.deltas import LoraDeltas, open_source, open_state
 from paft.merge.engine import default_workers, ordered_map
@@ -177,6 +177,8 @@ def compare_sparsity(paths: list[str | Path], base_dir: str | Path, out_dir: str
     ``sparsity.json`` and, given ``plot`` (the report layer's, passed down by the caller), ``sparsity.png``,
     written atomically.
     Inputs are keyed by folder name (made unique with a suffix)."""
+    if out_dir is not None:
+        check_output_dir(out_dir, force)  # before the measuring, not after
     results: dict[str, dict] = {}
     for p in paths:
         parts = Path(p).resolve().parts

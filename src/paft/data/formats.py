@@ -180,6 +180,17 @@ def _require_assistant(messages: list[Message], field: str) -> list[Message]:
     return messages
 
 
+def _user_first(messages: list[Message], field: str) -> list[Message]:
+    """A chat opens with a user turn (after an optional system turn): chat templates render nothing to learn
+    from before a first assistant turn, and many refuse a conversation that does not alternate from the user."""
+    first = next((m for m in messages if m["role"] != "system"), None)
+    if first is not None and first["role"] != "user":
+        raise RowError(field, f"starts with an {first['role']} turn; a conversation must open with a user turn "
+                              "(after an optional system turn): drop the leading assistant turn, or put the "
+                              "user's message before it")
+    return messages
+
+
 def _same_turns(a: list[Message], b: list[Message]) -> bool:
     """Equal roles and contents, ignoring surrounding whitespace (exports often differ only in that)."""
     return len(a) == len(b) and all(
@@ -192,19 +203,19 @@ def _check_prompt(prompt: list[Message], field: str) -> list[Message]:
         raise RowError(field, "no prompt turns before the reply")
     if prompt[-1]["role"] != "user":
         raise RowError(field, f"the prompt must end with a user turn, got a {prompt[-1]['role']} turn")
-    return prompt
+    return _user_first(prompt, field)
 
 
 # --- SFT adapters -----------------------------------------------------------
 
 
 def sft_messages(row: Mapping[str, Any]) -> SFTExample:
-    messages = _parse_messages(_get(row, "messages"), "messages")
+    messages = _user_first(_parse_messages(_get(row, "messages"), "messages"), "messages")
     return SFTExample(messages=_require_assistant(messages, "messages"))
 
 
 def sft_prompt_completion(row: Mapping[str, Any]) -> SFTExample:
-    prompt = _turns(_get(row, "prompt"), "prompt", "user")
+    prompt = _user_first(_turns(_get(row, "prompt"), "prompt", "user"), "prompt")
     completion = _require_assistant(_turns(_get(row, "completion"), "completion", "assistant"), "completion")
     return SFTExample(messages=prompt + completion)
 
@@ -221,7 +232,7 @@ def sft_alpaca(row: Mapping[str, Any]) -> SFTExample:
 
 
 def sft_sharegpt(row: Mapping[str, Any]) -> SFTExample:
-    messages = _parse_messages(_get(row, "conversations"), "conversations")
+    messages = _user_first(_parse_messages(_get(row, "conversations"), "conversations"), "conversations")
     return SFTExample(messages=_require_assistant(messages, "conversations"))
 
 

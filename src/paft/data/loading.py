@@ -13,6 +13,7 @@ import io
 import json
 import random
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,8 @@ from paft.io import sha256_file
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz")
 MAX_KEPT_ERRORS = 20
+# the fix named by every bad-row error when rows are not skipped
+SKIP_HINT = "fix the row, or skip invalid rows with data.skip_invalid: true (--set data.skip_invalid=true)"
 
 # "name" or "owner/name": what a `datasets` hub id looks like, as opposed to a filesystem path.
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -39,10 +42,14 @@ def _read_text(path: str) -> str:
         raise _not_utf8(path, e) from None
 
 
-def _read_jsonl(path: str) -> tuple[list[dict], list[int]]:
-    """Rows and their 1-based line numbers; streamed, since JSONL files can be large (.jsonl.gz: HH-RLHF's files)."""
+def _read_jsonl(path: str, bad: list[str] | None = None) -> tuple[list[dict], list[int]]:
+    """Rows and their 1-based line numbers; streamed, since JSONL files can be large (.jsonl.gz: HH-RLHF's files).
+
+    ``bad``: where invalid lines go (one message each) instead of stopping the read (``data.skip_invalid``).
+    """
     rows, lines = [], []
     opener = gzip.open if path.lower().endswith(".gz") else open
+    n = 0
     try:
         with opener(path, "rt", encoding="utf-8-sig") as fh:
             for n, line in enumerate(fh, start=1):
@@ -50,14 +57,22 @@ def _read_jsonl(path: str) -> tuple[list[dict], list[int]]:
                     continue
                 try:
                     row = json.loads(line)
+                    problem = None if isinstance(row, dict) else f"expected an object, got {type(row).__name__}"
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {n}: invalid JSON: {e.msg} at column {e.colno}") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}: line {n}: invalid JSON: expected an object, got {type(row).__name__}")
+                    problem = f"{e.msg} at column {e.colno}"
+                if problem is not None:
+                    message = f"{path}: line {n}: invalid JSON: {problem}"
+                    if bad is None:
+                        raise DataError(f"{message}; {SKIP_HINT}")
+                    bad.append(message)
+                    continue
                 rows.append(row)
                 lines.append(n)
     except UnicodeDecodeError as e:
         raise _not_utf8(path, e) from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # click turns a bare EOFError into "Aborted."
+        raise DataError(f"{path}: truncated or corrupt gzip file after line {n} ({e}); download it again "
+                        f"(gzip -t {path} checks a file)") from None
     return rows, lines
 
 
@@ -123,8 +138,10 @@ def _read_hub(path: str, split: str, subset: str | None) -> list[dict]:
         ) from None
 
 
-def _read(path: str, split: str, subset: str | None) -> tuple[list[dict], list[int] | None]:
-    """Rows plus, for JSONL, the 1-based line number of each row (None for other sources)."""
+def _read(path: str, split: str, subset: str | None,
+          bad: list[str] | None = None) -> tuple[list[dict], list[int] | None]:
+    """Rows plus, for JSONL, the 1-based line number of each row (None for other sources); ``bad``: see
+    ``_read_jsonl``."""
     local = Path(path)
     if not local.exists():
         if not local.suffix and _HUB_NAME.fullmatch(path):
@@ -135,7 +152,7 @@ def _read(path: str, split: str, subset: str | None) -> tuple[list[dict], list[i
     suffix = ".jsonl.gz" if local.name.lower().endswith(".jsonl.gz") else local.suffix.lower()
     try:
         if suffix in (".jsonl", ".jsonl.gz"):
-            return _read_jsonl(path)
+            return _read_jsonl(path, bad)
         if suffix == ".json":
             return _read_json(path), None
         if suffix == ".parquet":
@@ -267,16 +284,18 @@ def load_examples(
         fmt = preset.preset.fmt if fmt == "auto" else fmt
         beavertails_preference = preset.preference or beavertails_preference
     adapter = None if fmt == "auto" else get_adapter(kind, fmt, beavertails_preference)
+    errors: list[str] = []  # invalid JSON lines, then invalid rows, when skipped
+    bad = errors if skip_invalid else None
     if local is not None:
         local = str(Path(local).expanduser())
-        rows, lines = _read(local, split, subset)
+        rows, lines = _read(local, split, subset, bad)
         path = local  # errors name the file that holds the row
     elif preset is not None:
         rows, lines = _read_preset(preset, path, kind, split, subset), None
     else:
-        rows, lines = _read(path, split, subset)
+        rows, lines = _read(path, split, subset, bad)
     if not rows:
-        raise DataError(f"{path}: no rows")
+        raise DataError(f"{path}: no rows" + (f" ({len(errors)} invalid lines; first: {errors[0]})" if errors else ""))
     if adapter is None:
         try:
             fmt = detect_sft_format(rows[0]) if kind == "sft" else detect_preference_format(rows[0], rows[0])
@@ -284,7 +303,8 @@ def load_examples(
             raise DataError(f"{path}: {e}") from None
         adapter = get_adapter(kind, fmt, beavertails_preference)
 
-    examples, errors, skipped = [], [], 0
+    examples, skipped = [], len(errors)
+    del errors[MAX_KEPT_ERRORS:]
     for i, row in enumerate(rows):
         if max_rows is not None and len(examples) >= max_rows:
             break
@@ -294,7 +314,7 @@ def load_examples(
             where = f"row {i} (line {lines[i]})" if lines else f"row {i}"
             message = f"{path}: {where}: field {e.field!r}: {e.message}"
             if not skip_invalid:
-                raise DataError(message) from None
+                raise DataError(f"{message}; {SKIP_HINT}") from None
             skipped += 1
             if len(errors) < MAX_KEPT_ERRORS:
                 errors.append(message)

@@ -16,6 +16,7 @@ from paft.eval.judges import (harm_messages, harmlessness_metrics, load_harm_pro
                               pairwise_verdicts, refusal_judge, refusal_labels, rm_win_rate, win_rates)
 from paft.eval.metrics import completion_nll, exact_match, pair_logps, preference_scores
 from paft.models import load_model, load_tokenizer, resolve_model_dir
+from paft.models.folders import check_weights
 from paft.models.generation import generate_replies
 from paft.scoring import build_scorer
 
@@ -33,6 +34,7 @@ def load_spec(spec: ModelSpec, cfg: PaftConfig, device: str):
     if spec.adapter is not None:
         from peft import PeftModel  # heavy: only when an adapter is evaluated
 
+        check_weights(spec.adapter)
         model = PeftModel.from_pretrained(model, str(spec.adapter)).merge_and_unload()
     return model.eval()
 

@@ -22,7 +22,7 @@ from paft.eval.models import ModelSpec, evaluate_models, load_eval_tokenizer, ne
 from paft.io import locked_output, write_json_atomic
 from paft.methods.losses import get_loss
 from paft.models import resolve_model_dir
-from paft.models.folders import adapter_base, adapter_config, classify
+from paft.models.folders import adapter_base, adapter_config, check_weights, classify
 
 DEFAULT_OUT = "runs/eval"
 
@@ -106,10 +106,16 @@ def evaluate_folders(inputs: list[Path], cfg: PaftConfig, *, base: str | None, f
     if (out_dir / "config.yaml").is_file() and not force:
         raise PaftError(f"{out_dir}: a paft run folder, whose eval.json belongs to the run (paft eval "
                         f"{out_dir / 'config.yaml'}); pass --force to overwrite it, or choose another --out")
-    with locked_output(out_dir):  # one paft process writes a folder at a time, as with `paft run`
+    # the lock first: a file in the way or an unwritable folder fails now, not after the evaluation;
+    # one paft process writes a folder at a time, as with `paft run`
+    with locked_output(out_dir):
+        device = resolve_device(cfg.run.device)
         base_dir = resolve_model_dir(base, cfg.model.revision) if base else None
         specs = folder_specs(inputs, base_dir)
-        for s in specs:  # a tokenizer that cannot serve fails before the data and any model are loaded
+        for s in specs:  # a tokenizer or weights file that cannot serve fails before the data and any model load
+            for folder in (s.path, s.adapter):
+                if folder is not None:
+                    check_weights(folder)
             try:
                 load_eval_tokenizer(s.tokenizer, cfg)
             except PaftError as exc:
@@ -117,7 +123,7 @@ def evaluate_folders(inputs: list[Path], cfg: PaftConfig, *, base: str | None, f
                         if needs_chat_template(cfg) else "")
                 raise ModelError(f"{s.name}: {exc}{hint}") from None
         sft_eval, pref_eval = _heldout_data(cfg)
-        res = evaluate_models(specs, cfg, None, sft_eval, pref_eval, device=resolve_device(cfg.run.device),
+        res = evaluate_models(specs, cfg, None, sft_eval, pref_eval, device=device,
                               base_dir=base_dir, progress=progress)
         res["inputs"] = {s.name: {"path": str(s.path), "adapter": str(s.adapter) if s.adapter else None}
                          for s in specs}

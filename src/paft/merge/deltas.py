@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from safetensors import safe_open
 
 from paft.errors import ModelError, PaftError
-from paft.models.folders import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CONFIG, adapter_base, is_adapter
+from paft.models.folders import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CONFIG, adapter_base, is_adapter,
+                                 open_safetensors)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -50,7 +50,7 @@ class StateDir:
         self.path = Path(path)
         index = self.path / INDEX_FILE
         if (self.path / SINGLE_FILE).is_file():
-            self._files = {SINGLE_FILE: safe_open(self.path / SINGLE_FILE, framework="pt")}
+            self._files = {SINGLE_FILE: open_safetensors(self.path / SINGLE_FILE)}
             self._where = {k: SINGLE_FILE for k in self._files[SINGLE_FILE].keys()}
         elif index.is_file():
             try:
@@ -60,7 +60,7 @@ class StateDir:
             missing = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
             if missing:
                 raise PaftError(f"{index}: shard {missing[0]} is missing")
-            self._files = {f: safe_open(self.path / f, framework="pt") for f in sorted(set(weight_map.values()))}
+            self._files = {f: open_safetensors(self.path / f) for f in sorted(set(weight_map.values()))}
             self._where = dict(weight_map)
         else:
             raise PaftError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE}")
@@ -223,7 +223,7 @@ class LoraDeltas:
             raise PaftError(f"{cfg_path}: lora_bias=true is not supported")
         self._cfg = cfg
         self._base = base
-        self._file = safe_open(weights, framework="pt")
+        self._file = open_safetensors(weights)
         self._lora: dict[str, dict] = {}  # base weight name -> {"module", "A", "B", "embedding"}
         self._full: dict[str, str] = {}   # base weight name -> adapter key of a full tensor
         for key in self._file.keys():

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from paft.errors import ConfigError, ModelError, PaftError
-from paft.io import atomic_dir, output_exists, package_versions, write_json_atomic
+from paft.io import atomic_dir, check_output_dir, package_versions, write_json_atomic
 from paft.merge.deltas import LoraDeltas, StateDir, open_source, open_state, read_model_config
 from paft.merge.engine import METADATA_FILE, MergeJob, _resolve_dtype, copy_model_files, default_workers
 from paft.merge.mergekit_config import MergePlan, evaluate_setting, layer_position
@@ -213,8 +213,7 @@ def run_merge(plan: MergePlan, out_dir: str | Path, *, force: bool = False, to_l
               workers: int | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
     """Merge per ``plan`` into ``out_dir`` (a model folder, or with ``to_lora`` a LoRA adapter folder)."""
     out_dir = Path(out_dir)
-    if output_exists(out_dir) and not force:
-        raise PaftError(f"{out_dir}: output exists; pass --force to overwrite")
+    check_output_dir(out_dir, force)
     start = time.perf_counter()
     prep = PreparedMerge(plan)
     job = prep.job()

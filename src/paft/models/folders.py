@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
+
 from paft.errors import ModelError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -42,6 +44,25 @@ def adapter_base(conf: dict) -> Path | None:
     """The base an adapter config names (``base_model_name_or_path``), when that is a local model folder."""
     named = conf.get("base_model_name_or_path")
     return Path(named) if named and is_model(named) else None
+
+
+def open_safetensors(path: str | Path):
+    """``safe_open`` on one safetensors file (its header only); a truncated or corrupt file is one line naming it.
+
+    safetensors checks that the header's offsets cover the file exactly, so a file cut short anywhere fails here.
+    """
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{path}: not a readable safetensors file ({reason}); it is truncated or corrupt: "
+                         "copy or download it again") from None
+
+
+def check_weights(folder: str | Path) -> None:
+    """Every safetensors file of ``folder`` opens (headers only): before transformers or PEFT load it."""
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        open_safetensors(f)
 
 
 def classify(folder: str | Path) -> str | None:

@@ -9,7 +9,7 @@ from typing import Any
 from paft.device import resolve_bf16
 from paft.errors import ConfigError, ModelError
 from paft.io import cache_root
-from paft.models.folders import is_model
+from paft.models.folders import check_weights, is_model
 from paft.models.smollm2 import ensure_smollm2
 from paft.models.tiny import ensure_tiny
 
@@ -44,7 +44,11 @@ def resolve_model_dir(name: str, revision: str | None = None, progress=None) -> 
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:  # a damaged config.json or tokenizer.json (JSONDecodeError is a ValueError)
+        raise ModelError(f"{model_dir}: cannot load its tokenizer ({str(exc).splitlines()[0]}); the folder's "
+                         "config.json or tokenizer files are damaged: copy or download it again") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not tok.chat_template:
@@ -96,6 +100,7 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu", tru
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", torch.cuda.current_device())
         kwargs = {"quantization_config": nf4_config(device), "device_map": {"": str(dev)}}
+    check_weights(model_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
                                                      trust_remote_code=trust_remote_code, **kwargs)

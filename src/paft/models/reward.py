@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from paft.errors import ModelError
-from paft.models.folders import adapter_base, adapter_config, classify, is_adapter
+from paft.models.folders import adapter_base, adapter_config, check_weights, classify, is_adapter
 from paft.models.loading import load_tokenizer
 
 
@@ -98,4 +98,5 @@ def load_reward_model(path: str | Path, *, base_model_dir: str | Path | None = N
     tok = load_tokenizer(adapter if (adapter / "tokenizer_config.json").is_file() else base, trust_remote_code)
     model = load_reward_base(base, pad_token_id=tok.pad_token_id, dtype=dtype, device=device,
                              trust_remote_code=trust_remote_code)
+    check_weights(adapter)
     return PeftModel.from_pretrained(model, str(adapter)).eval(), tok, adapter, base, summary

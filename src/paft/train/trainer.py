@@ -28,7 +28,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from paft.config import TrainConfig
 from paft.data.packing import real_tokens
 from paft.errors import ConfigError, PaftError
-from paft.io import atomic_dir, write_json_atomic
+from paft.io import atomic_dir, write_error, write_json_atomic
 from paft.progress import quiet_libraries
 
 
@@ -93,6 +93,9 @@ class PaftTrainer(Trainer):
         self._staging = str(tmp)
         try:
             super()._save_checkpoint(model, trial)
+        except OSError as exc:  # disk full, mostly: the half-written checkpoint goes, the last complete one stays
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise write_error(run_dir / name, exc) from None
         finally:
             self._staging = None
         shutil.rmtree(run_dir / name, ignore_errors=True)
