@@ -378,7 +378,9 @@ def main() -> None:
             skipped[name] = (f"bf16 GEMMs run at {peak['bf16']:.1f} GFLOP/s here vs {peak['fp32']:.1f} in fp32 "
                              "(no native bf16 on this CPU)")
     else:
-        chosen = ["paft-plain", "paft-completion-logits", "paft", "trl-default", "trl-best-fp32", "trl-best-bf16"]
+        # paft-fp32: the same defaults with run.bf16 off, which shows what bf16 buys paft on this hardware
+        chosen = ["paft-plain", "paft-completion-logits", "paft", "paft-fp32", "trl-default", "trl-best-fp32",
+                  "trl-best-bf16"]
     for name, why in skipped.items():
         print(f"skipping {name}: {why}", flush=True)
     results: dict[str, dict[str, Any]] = {}
@@ -397,8 +399,10 @@ def main() -> None:
             if res.get("tokens_per_s"):
                 flops = 6 * n_params * res["tokens_per_s"] * (4 / 3 if task == "dpo" else 1)  # DPO: + ref forward
                 res["share_of_fp32_peak"] = round(flops / (peak["fp32"] * 1e9), 3)
+                res["share_of_bf16_peak"] = round(flops / (peak["bf16"] * 1e9), 3)
             results[f"{task}/{name}"] = res
-            shown = f"{res['tokens_per_s']:.1f} tokens/s, peak RSS {res['peak_rss_gib']} GiB" \
+            shown = f"{res['tokens_per_s']:.1f} tokens/s, peak RSS {res['peak_rss_gib']} GiB, " \
+                    f"{res['share_of_fp32_peak']:.0%} of the fp32 peak, {res['share_of_bf16_peak']:.0%} of bf16" \
                 if res.get("tokens_per_s") else res.get("error")
             print(f"{task:>4} {name:<22} {shown}  ({res['wall_s']} s)", flush=True)
 
@@ -431,14 +435,23 @@ def main() -> None:
         for row in rows:
             print(f"  {task} {row['config']:<24} {row['tokens_per_s']:>7.1f} tokens/s  x{row['vs_previous'] or 1:.2f}"
                   f"  peak RSS {row['peak_rss_gib']} GiB")
+        fp32, ours = (results.get(f"{task}/{n}", {}).get("losses") for n in ("paft-fp32", "paft"))
+        if fp32 and ours and len(fp32) == len(ours):
+            rel = max(abs(a - b) / abs(b) for a, b in zip(ours, fp32))
+            loss_check[f"{task}-bf16"] = {"max_rel_loss_diff_vs_fp32": rel, "final_fp32": fp32[-1], "final_paft": ours[-1]}
+            print(f"  {task} losses, bf16 vs fp32: max relative diff over {len(ours)} steps {rel:.2e}")
         plain, ours = (results.get(f"{task}/{n}", {}).get("losses") for n in ("paft-plain", "paft"))
         if plain and ours and len(plain) == len(ours):
             diff = max(abs(a - b) for a, b in zip(plain, ours))
             loss_check[task] = {"max_abs_loss_diff": diff, "final_plain": plain[-1], "final_paft": ours[-1]}
             print(f"  {task} losses, optimised vs plain path: max |diff| over {len(ours)} steps {diff:.2e} "
                   f"(final {ours[-1]:.5f} vs {plain[-1]:.5f})")
-    report = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "device": device,
-                          "gemm_gflops": peak}, "data": lengths, "args": {k: str(v) for k, v in vars(args).items()},
+    from paft.device import cpu_has_bf16
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else None
+    report = {"machine": {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "device": device,
+                          "cpu_native_bf16": cpu_has_bf16(), "gemm_gflops": peak}, "data": lengths, "args": {k: str(v) for k, v in vars(args).items()},
               "results": results, "skipped": skipped, "speedup_vs_trl_best": ratios, "levers": lever_table,
               "loss_check": loss_check}
     (args.out / "train_bench.json").write_text(json.dumps(report, indent=2))

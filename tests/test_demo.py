@@ -25,3 +25,19 @@ def test_preference_pairs_refuse_harm_and_help_otherwise():
     for ex, h in zip(train, harmful):
         refusing = ("can't" in ex.chosen or "not able" in ex.chosen)
         assert refusing == h and ex.chosen != ex.rejected
+
+
+def test_demo_held_out_prompts_are_never_trained_on_and_nothing_repeats():
+    import pytest
+
+    from paft.errors import ConfigError
+
+    for kind, n_train in (("sft", 320), ("preference", 256)):
+        train, held = demo_splits(kind, n_train, 48, 0)
+        prompt = (lambda e: str(e.messages[:-1])) if kind == "sft" else (lambda e: str(e.prompt))
+        assert len(train) == n_train and len(held) == 48
+        assert len({prompt(e) for e in held}) == 48  # one example per held-out prompt
+        assert not {prompt(e) for e in held} & {prompt(e) for e in train}
+        assert len({repr(e) for e in train}) == n_train  # no training example twice
+    with pytest.raises(ConfigError, match="data.demo.preference_train"):
+        demo_splits("preference", 5000, 48, 0)  # more than the demo's 240 prompts x 3 refusals can give

@@ -386,9 +386,8 @@ def test_demo_ranked_lists_share_the_pairs_prompts():
     assert all(len(e.responses) == 4 and sorted(e.scores) == [0.0, 1.0, 2.0, 3.0] for e in ranked)
     assert ranked_to_pairs(ranked) == preference_examples(12, 0)  # best vs worst = the demo pairs
     assert [len(e.responses) for e in ranked_preference_examples(3, 0, k=2)] == [2, 2, 2]
-    train, held = demo_splits("preference", 8, 4, 0, ranked=True)
-    assert ranked_to_pairs(train + held) == preference_examples(12, 0)
-    assert demo_splits("preference", 8, 4, 0) == (preference_examples(12, 0)[:8], preference_examples(12, 0)[8:])
+    train, held = demo_splits("preference", 200, 48, 0, ranked=True)
+    assert ranked_to_pairs(train + held) == sum(demo_splits("preference", 200, 48, 0), [])  # the same draws
 
 
 # ------------------------------------------------------------------------------------------

@@ -18,9 +18,11 @@ chat template from inserting its longer default one.
 
 from __future__ import annotations
 
+import json
 import random
 
 from paft.data.formats import PreferenceExample, RankedExample, SFTExample
+from paft.errors import ConfigError
 
 SYSTEM = "You are a helpful assistant."
 
@@ -171,17 +173,58 @@ def ranked_preference_examples(n: int, seed: int, k: int = 4) -> list[RankedExam
 
 
 def demo_splits(kind: str, n_train: int, n_eval: int, seed: int, ranked: bool = False) -> tuple[list, list]:
-    """Train and held-out examples, drawn from disjoint random streams of one generator.
+    """Train and held-out examples from one deterministic stream: held-out first, each with a prompt of its own;
+    then training examples, none with a held-out prompt and none repeated, so no held-out example (nor its
+    prompt) is trained on. Preference data keeps half harmful and half benign requests in each split.
 
     ``ranked``: preference data as graded reply lists (``ranked_preference_examples``) for the
-    listwise methods; the prompts are the same as the pairs'.
+    listwise methods; the prompts, and each list's best and worst reply, are the pairs'.
     """
     if kind == "sft":
-        make = sft_examples
+        make, harmful = sft_examples, (lambda e: False)
     else:
-        make = ranked_preference_examples if ranked else preference_examples
-    rows = make(n_train + n_eval, seed)
-    return rows[:n_train], rows[n_train:]
+        make, harmful = (ranked_preference_examples if ranked else preference_examples), is_harmful_prompt
+    pool = make(8 * (n_train + n_eval) + 64, seed)
+    held = _pick(pool, n_eval, harmful, set(), unique_prompts=True)
+    train = _pick(pool, n_train, harmful, {_prompt(e) for e in held})
+    if len(train) < n_train or len(held) < n_eval:
+        raise ConfigError(f"data.demo: the {kind} demo has too few distinct examples for {n_train} training and "
+                          f"{n_eval} held-out ones; ask for fewer (data.demo.{kind}_train, data.demo.{kind}_eval)")
+    return train, held
+
+
+def _pick(pool: list, n: int, harmful, banned: set, unique_prompts: bool = False) -> list:
+    """The first ``n`` examples of ``pool`` that are new (by prompt, or by prompt and best/worst reply), whose
+    prompt is not ``banned``, half of them harmful requests (preference data; ``harmful`` is False for SFT)."""
+    quota = {True: (n + 1) // 2, False: n // 2} if any(map(harmful, pool[:8])) else {False: n}
+    seen: set = set()
+    out: list = []
+    for ex in pool:
+        if len(out) == n:
+            break
+        key, h = (_prompt(ex) if unique_prompts else _identity(ex)), harmful(ex)
+        if _prompt(ex) in banned or key in seen or quota.get(h, 0) == 0:
+            continue
+        seen.add(key)
+        quota[h] -= 1
+        out.append(ex)
+    return out
+
+
+def _prompt(example) -> str:
+    turns = example.messages[:-1] if isinstance(example, SFTExample) else example.prompt
+    return json.dumps(turns)
+
+
+def _identity(example) -> tuple:
+    """What makes two demo examples the same to a learner: the prompt and, for preference data, the best and the
+    worst reply (the pair ``preference_examples`` gives, and the ends of the ranked list for the same draw)."""
+    if isinstance(example, RankedExample):
+        ranked = sorted(zip(example.scores, example.responses))
+        return _prompt(example), ranked[-1][1], ranked[0][1]
+    if isinstance(example, PreferenceExample):
+        return _prompt(example), example.chosen, example.rejected
+    return (_prompt(example), example.messages[-1]["content"])
 
 
 def is_harmful_prompt(example: PreferenceExample) -> bool:
