@@ -47,3 +47,11 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast(device: str, bf16: bool):
+    """The bf16 autocast a branch's training step computes in (accelerate's, under the Trainer), for the work
+    done outside the Trainer on the same model (reference snapshots), so both see the same numbers."""
+    import torch  # lazy: this module is imported by the CLI before torch is needed
+
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)

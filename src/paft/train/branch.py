@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 from paft.config import PaftConfig, TrainConfig
 from paft.data.formats import examples_for_method, unique_prompts
 from paft.data.loading import load_examples
-from paft.device import resolve_bf16
+from paft.device import autocast, resolve_bf16
 from paft.errors import ConfigError, DataError
 from paft.merge.mergekit_config import plan_from_flags
 from paft.merge.standalone import run_merge
@@ -126,7 +127,8 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
             kind_key = f"qlora/{nf4}" if nf4 else tcfg.adapter
             path = reference_cache_path(reference_identity(model_dir, dtype=cfg.model.dtype, bf16=bf16,
                                                            init_adapter=init_adapter, adapter=kind_key))
-        reference = objective.reference = ReferenceLogps(path, cache=cfg.preference.reference_cache, model=frozen)
+        reference = objective.reference = ReferenceLogps(path, cache=cfg.preference.reference_cache, model=frozen,
+                                                         precision=partial(autocast, device, bf16))
     h = Harness(model, objective, tcfg, out_dir, name, report, cfg.run.seed, device, bf16, threads=threads,
                 report_to=cfg.run.report_to, thread_share=thread_share, reference=reference)
     if schedule.kind == "staged":

@@ -32,10 +32,11 @@ sum of its tokens, so a token entry also fills the sum's).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, ContextManager, Iterable
 
 import torch
 
@@ -57,11 +58,14 @@ class ReferenceLogps:
     ``cache`` False disables memoising: the adapter-disabled forward on every call.
     ``model``: the reference model itself, for full fine-tuning (no adapter to disable): a frozen
     copy of the starting weights, run once per row like the adapter-disabled forward.
+    ``precision``: the context the training step computes in (its autocast), entered by ``snapshot``, which
+    runs outside the Trainer: a snapshot in fp32 would give a bf16 policy a nonzero log-ratio at the start.
     """
 
-    def __init__(self, path: Path | None = None, *, cache: bool = True, model=None):
+    def __init__(self, path: Path | None = None, *, cache: bool = True, model=None,
+                 precision: Callable[[], ContextManager] = contextlib.nullcontext):
         self.path, self.cache = path, cache
-        self.model = model
+        self.model, self.precision = model, precision
         self.values: dict[str, float] = {}
         self.token_values: dict[str, list[float]] = {}
         self.snapshot_values: dict[str, float] | None = None
@@ -152,9 +156,10 @@ class ReferenceLogps:
         model.eval()
         table: dict[str, list[float]] = {}
         try:
-            for b in batches:
-                for key, v in zip(batch_keys(b), _token_lists(model, b)):
-                    table[key] = v
+            with self.precision():
+                for b in batches:
+                    for key, v in zip(batch_keys(b), _token_lists(model, b)):
+                        table[key] = v
         finally:
             model.train(was_training)
         self.snapshot_tokens = table
@@ -207,7 +212,9 @@ def reference_identity(model_dir: Path, *, dtype: str, bf16: bool, init_adapter:
     """Key of the reference model: its weight files (name, size, mtime), the merged adapter's weights (or the
     full model the branch starts from), precision, and the adapter kind: a 4-bit (qlora) base gives other
     log-probs than the float one (``lora`` adds nothing, so caches written before the kinds existed stay valid)."""
-    parts = [f"dtype={dtype}", f"bf16={bf16}", *_weight_files(model_dir)]
+    # "autocast" marks bf16 caches written since the objectives run under autocast (issue 17): the ones written
+    # before, under the same bf16=True key, were computed in fp32 and would mismatch a bf16 policy at step 0
+    parts = [f"dtype={dtype}", "bf16=True autocast" if bf16 else "bf16=False", *_weight_files(model_dir)]
     if adapter != "lora":
         parts.append(f"adapter={adapter}")
     if init_adapter is not None:
