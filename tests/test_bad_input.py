@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 import paft.io
 from paft.cli import app
 from paft.config import read_run_config
+from paft.errors import DataError, ModelError
 
 runner = CliRunner()
 TINY = ["--preset", "tiny"]
@@ -144,6 +145,18 @@ def _damaged_config(command: str, text: str):
     return build
 
 
+def _damaged_summary(tmp_path, tiny_dir):
+    """A run folder whose data stage left a summary.json cut short (edited, or copied in part)."""
+    from paft.config import load_config
+
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    (run / "config.yaml").write_text(load_config(None, [f"run.output_dir={run}"], "tiny").to_yaml())
+    (run / "data" / "summary.json").write_text('{"sft": {"path": "demo", "tra')
+    return ["sft", *TINY, "--out", str(run)], [str(run / "data" / "summary.json"), "damaged",
+                                               "pass --force to redo the run from the data stage"]
+
+
 def _data_case(kind: str, rows_or_file, words, *extra):
     def build(tmp_path, tiny_dir):
         path = rows_or_file(tmp_path)
@@ -188,6 +201,13 @@ CASES = {
         ["line 4", "invalid JSON", SKIP_FIX]),
     "a .jsonl.gz that is not gzip": _data_case(
         "preference", lambda t: _jsonl(t / "plain.jsonl.gz", _pairs()), ["truncated or corrupt gzip"]),
+    "an empty data file": _data_case("sft", lambda t: _write(t / "empty.jsonl", b""), ["no rows"]),
+    "one usable row (the rest duplicates)": _data_case(
+        "sft", lambda t: _jsonl(t / "chat.jsonl", _chats(1) * 3), ["only 1 usable example", "data.sft.eval_path"]),
+    "every row invalid, skip_invalid": _data_case(
+        "preference", lambda t: _jsonl(t / "p.jsonl", [{"prompt": "q", "chosen": "", "rejected": "b"}] * 2),
+        ["none of the 2 rows is valid"], "--set", "data.skip_invalid=true"),
+    "damaged data/summary.json": _damaged_summary,
     **{f"model folder with a damaged {name}": (lambda name: lambda t, d: (
         ["sft", *TINY, "--out", str(t / "run"), "--set", f"model.name={_damaged_model(t, d, name)}"],
         [str(t / "model"), "cannot load its tokenizer", "damaged"]))(name) for name in ("config.json", "tokenizer.json")},
@@ -335,6 +355,55 @@ def test_disk_full_during_a_checkpoint_then_the_rerun_resumes(tmp_path, monkeypa
     assert json.loads((out / "sft" / "train_summary.json").read_text())["steps"] == 6
 
 
+TORCH_DISK_FULL = ("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/0: "
+                   "file write failed")
+
+
+def test_disk_full_in_torch_save_during_a_checkpoint(tmp_path, monkeypatch):
+    """What a full disk really raises in the Trainer's torch.save of the optimizer state (a RuntimeError, no
+    errno): the same one line; the half-written checkpoint is removed at once, the complete one stays."""
+    import torch
+
+    real = torch.save
+
+    def save(obj, f, *a, **k):
+        if isinstance(f, (str, os.PathLike)) and ".tmp-checkpoint-4" in str(f):
+            Path(f).parent.mkdir(parents=True, exist_ok=True)
+            Path(f).write_bytes(b"\0" * 100)  # a partial file, as the failed write leaves it
+            raise RuntimeError(TORCH_DISK_FULL)
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "run"
+    line = _error_line(runner.invoke(app, ["sft", *TINY, "--out", str(out), "--set", "sft.max_steps=6",
+                                           "--set", "sft.save_steps=2"]))
+    ckpts = out / "sft" / "checkpoints"
+    assert f"disk full writing {ckpts / 'checkpoint-4'}" in line and "free space" in line
+    assert sorted(p.name for p in ckpts.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
+
+
+def test_save_error_tells_a_full_disk_from_a_bug(tmp_path, monkeypatch):
+    """torch's and safetensors' own exception types: disk full when the message says the write failed or the
+    disk has (almost) no space left; any other error is not one (None: the caller re-raises it)."""
+    from safetensors import SafetensorError
+
+    from paft.io import LOW_FREE_BYTES, save_error
+
+    path = tmp_path / "checkpoint-4"
+    full = [RuntimeError(TORCH_DISK_FULL), RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos "
+                                                        "2112 vs 2006"),
+            SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                            'left on device" })'), OSError(errno.ENOSPC, "No space left on device")]
+    for exc in full:
+        err = save_error(path, exc, tmp_path)
+        assert err is not None and f"disk full writing {path}" in str(err), exc
+    bug = RuntimeError("Expected all tensors to be on the same device")
+    assert save_error(path, bug, tmp_path) is None  # plenty of space here (the test machine's tmp)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(paft.io.shutil, "disk_usage", lambda p: usage._replace(free=LOW_FREE_BYTES - 1))
+    assert "disk full" in str(save_error(path, bug, tmp_path))  # the same message on a full disk: its cause
+
+
 def test_skip_invalid_skips_an_invalid_json_line_and_counts_it(tmp_path):
     data = _jsonl(tmp_path / "chat.jsonl", _chats(), {3: "{not json", 7: "[1, 2]"})
     out = tmp_path / "run"
@@ -356,3 +425,85 @@ def test_force_starts_a_run_with_a_damaged_config_over(tmp_path):
     assert "train the sft branch before merging" in line  # got past the damaged config.yaml...
     assert not (run / "sft").exists()  # ...removing the outputs it could not vouch for
     assert read_run_config(run)["model"]["name"] == "tiny"
+
+
+# ------------------------------------------------------------------ intact folders that are not damaged
+
+def test_tokenizer_needing_remote_code_is_not_called_damaged(tmp_path, tiny_dir):
+    """A tokenizer folder that ships its own code: the fix is model.trust_remote_code, not a fresh download."""
+    folder = Path(shutil.copytree(tiny_dir, tmp_path / "model"))
+    for name, extra in (("config.json", {"model_type": "my_model", "auto_map": {"AutoConfig": "conf.MyConfig"}}),
+                        ("tokenizer_config.json", {"tokenizer_class": "MyTokenizer",
+                                                   "auto_map": {"AutoTokenizer": [None, "tok.MyTokenizerFast"]}})):
+        conf = json.loads((folder / name).read_text())
+        (folder / name).write_text(json.dumps({**conf, **extra}))
+    line = _error_line(runner.invoke(app, ["sft", *TINY, "--out", str(tmp_path / "run"),
+                                           "--set", f"model.name={folder}"]))
+    assert str(folder) in line and "cannot load its tokenizer" in line
+    assert "--set model.trust_remote_code=true" in line and "damaged" not in line
+
+
+@pytest.mark.parametrize("raised", ["PermissionError", "reported as missing"])
+def test_unreadable_safetensors_names_permissions(raised, tmp_path, tiny_dir, monkeypatch):
+    """A weights file paft may not read is not 'truncated or corrupt' (root reads anything: the OS is faked)."""
+    import paft.models.folders as folders
+
+    weights = Path(shutil.copytree(tiny_dir, tmp_path / "model")) / "model.safetensors"
+
+    def refuse(path, framework):
+        if raised == "PermissionError":
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        raise FileNotFoundError(f"No such file or directory: {path!r}")
+
+    monkeypatch.setattr(folders, "safe_open", refuse)
+    if raised != "PermissionError":  # safetensors' own report: only the OS can tell
+        monkeypatch.setattr(folders.os, "access", lambda p, mode: Path(p) != weights)
+    with pytest.raises(ModelError) as err:
+        folders.check_weights(weights.parent)
+    line = str(err.value)
+    assert str(weights) in line and "permission denied" in line and "chmod" in line
+    assert "truncated or corrupt" not in line
+
+
+# ------------------------------------------------------------------ device-free steps of a GPU run
+
+@pytest.mark.parametrize("command", ["merge", "sparsity"])
+def test_device_free_steps_of_a_cuda_run_on_a_cpu_machine(command, tmp_path, tiny_dir):
+    """A run trained on a GPU (run.device: cuda), merged or measured where there is none: no device is needed."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from paft.config import load_config
+    from paft.models import load_model
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    run = tmp_path / "run"
+    run.mkdir()
+    cuda = ["run.device=cuda"]
+    (run / "config.yaml").write_text(load_config(None, [f"run.output_dir={run}", *cuda], "tiny").to_yaml())
+    torch.manual_seed(0)
+    for branch in ("sft", "preference"):  # the branches' adapters, as training leaves them
+        model = get_peft_model(load_model(tiny_dir), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.01)
+        model.save_pretrained(run / branch / "adapter")
+    result = runner.invoke(app, [command, *TINY, "--out", str(run), "--set", *cuda])
+    assert result.exit_code == 0, result.output
+    if command == "merge":
+        assert (run / "merged" / "config.json").is_file() and list((run / "merged").glob("*.safetensors"))
+    else:
+        assert set(json.loads((run / "sparsity.json").read_text())) == {"sft", "preference"}
+
+
+def test_no_equal_pairs_error_without_equal_pairs():
+    """The all-pairs-equal error is for pairs dropped as equal, not for a list empty for another reason."""
+    from paft.data.formats import PreferenceExample
+    from paft.data.prepare import _drop_equal_pairs
+
+    assert _drop_equal_pairs([], "p.jsonl", print) == ([], 0)
+    same = PreferenceExample(prompt=[{"role": "user", "content": "q"}], chosen="a", rejected="a")
+    with pytest.raises(DataError, match=r"p.jsonl: all 2 preference pairs have chosen == rejected"):
+        _drop_equal_pairs([same, same], "p.jsonl", print)

@@ -42,15 +42,16 @@ def _config(config, sets, preset, out, force):
     return load_config(config, overrides, preset)
 
 
-def _run(config, sets, preset, out, force, *, prepare: bool = True):
-    """Build the Run for one step, with progress bars, its folder created or reopened."""
+def _run(config, sets, preset, out, force, *, prepare: bool = True, check_device: bool = True):
+    """Build the Run for one step, with progress bars, its folder created or reopened. ``check_device``: False for
+    the steps that load no model onto it (merge, sparsity, report), which then run on any machine."""
     quiet_libraries()
     from paft.pipeline import Run
 
     cfg = _config(config, sets, preset, out, force)
     run = Run(cfg, ProgressUI(enabled=True, log_every_s=cfg.run.log_every_s))
     if prepare:
-        run.prepare()
+        run.prepare(check_device=check_device)
     return run, run.ui
 
 
@@ -153,7 +154,7 @@ def sparsity_cmd(
     if abs_ is not None or rel is not None or workers is not None:
         raise PaftError("--abs/--rel/--workers apply with --base; a run uses its config's sparsity section")
     config = inputs[0] if inputs else None
-    run, ui = _run(config, set_, preset, out, force)
+    run, ui = _run(config, set_, preset, out, force, check_device=False)
     with ui:
         res = run.sparsity()
     for name, s in res.items():
@@ -214,7 +215,7 @@ def merge_cmd(
     if given:
         raise PaftError(f"{given[0]}: only with a mergekit YAML or --base/--models; for a run use "
                         "--set merge.KEY=VALUE")
-    run, ui = _run(config, set_, preset, out, force)
+    run, ui = _run(config, set_, preset, out, force, check_device=False)  # a merge of a GPU run works on a CPU
     with ui:
         summary = run.merge()
     console.print_json(json.dumps(summary))
@@ -296,8 +297,7 @@ def report_cmd(target: Annotated[Optional[Path], typer.Argument(
         cfg = load_config(target / "config.yaml", [f"run.output_dir={target}"])
         md = write_report(target, cfg)
     else:
-        run, _ = _run(target, set_, preset, out, False, prepare=False)
-        run.prepare(check_device=False)  # a report loads no model
+        run, _ = _run(target, set_, preset, out, False, check_device=False)  # a report loads no model
         md = run.report()
     console.print(f"report: {md}  ({md.with_suffix('.html')})", highlight=False, soft_wrap=True)
 

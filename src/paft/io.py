@@ -32,17 +32,51 @@ def cache_root() -> Path:
     return root
 
 
+def _disk_full(path: str | os.PathLike) -> PaftError:
+    return PaftError(f"disk full writing {path}; free space and run the same command again (a run resumes "
+                     "from its last complete checkpoint)")
+
+
 def write_error(path: str | os.PathLike, exc: OSError) -> PaftError:
     """An OSError met while writing ``path`` as one line with the fix (disk full, read-only, a file in the way)."""
     if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
-        return PaftError(f"disk full writing {path}; free space and run the same command again (a run resumes "
-                         "from its last complete checkpoint)")
+        return _disk_full(path)
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return PaftError(f"{path}: not writable ({exc.strerror}); fix the folder's permissions or choose another "
                          "--out")
     if exc.errno in (errno.ENOTDIR, errno.EEXIST):
         return PaftError(f"{path}: a file is in the way of a folder ({exc.filename}); choose another --out")
     return PaftError(f"{path}: cannot write ({exc.strerror or exc})")
+
+
+# what torch.save's RuntimeError ("PytorchStreamWriter failed writing file data/0: file write failed", or
+# "unexpected pos N vs M") and safetensors' SafetensorError ("IoError(Os { code: 28, kind: StorageFull ...")
+# say when the OSError underneath was a full disk; they keep no errno
+_WRITE_FAILED = ("file write failed", "unexpected pos", "no space left", "storagefull", "quota")
+LOW_FREE_BYTES = 64 << 20  # a disk with less free is taken as full when a library's write fails
+
+
+def save_error(path: str | os.PathLike, exc: Exception, folder: str | os.PathLike) -> PaftError | None:
+    """A failed save of ``path`` (under ``folder``) as one line with the fix; None when it is not a write failure
+    (a bug: the caller re-raises it). Call it before removing the half-written files: they hold the space."""
+    if isinstance(exc, OSError):
+        return write_error(path, exc)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if any(m in str(exc).lower() for m in _WRITE_FAILED) or (free is not None and free < LOW_FREE_BYTES):
+        return _disk_full(path)
+    return None
+
+
+def read_json(path: str | os.PathLike, fix: str) -> Any:
+    """A JSON file paft wrote; damaged (cut short, edited, unreadable), one line naming it and ``fix``."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = (exc.strerror if isinstance(exc, OSError) else str(exc).splitlines()[0]) or type(exc).__name__
+        raise PaftError(f"{path}: damaged or unreadable ({reason}); {fix}") from None
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -9,7 +9,6 @@ different config into the same folder is refused unless ``--force``.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -25,7 +24,8 @@ from paft.data.prepare import check_sources_unchanged, prepare_data
 from paft.device import resolve_device
 from paft.errors import ConfigError, PaftError
 from paft.eval.models import ModelSpec, evaluate_models
-from paft.io import LOCK_NAME, lock_folder, package_versions, sha256_file, write_json_atomic, write_text_atomic
+from paft.io import (LOCK_NAME, lock_folder, package_versions, read_json, sha256_file, write_json_atomic,
+                     write_text_atomic)
 from paft.merge.mergekit_config import plan_from_flags
 from paft.merge.standalone import run_merge
 from paft.methods.losses import get_loss
@@ -37,6 +37,9 @@ from paft.sparsity import model_sparsity
 from paft.train.branch import branch_done, branch_output, preference_examples, read_summary, train_branch
 from paft.train.reward import reward_pairs, train_reward
 from paft.workers import Job, WorkerPool
+
+# the data stage's outputs feed every later stage: redoing it alone could leave branches trained on other data
+REDO_DATA = "pass --force to redo the run from the data stage"
 
 # branch -> (data kind, the branch whose output it starts from)
 BRANCHES = {"sft": ("sft", None), "preference": ("preference", None), "sequential": ("preference", "sft")}
@@ -72,7 +75,8 @@ class Run:
 
     def prepare(self, check_device: bool = True) -> None:
         """Lock, create or reopen the output folder; refuse a different config unless forced. ``check_device``:
-        a ``run.device`` this machine lacks fails now, before any data or model work (a report needs none)."""
+        a ``run.device`` this machine lacks fails now, before any data or model work (merge, sparsity and report
+        need none: they run on the CPU)."""
         lock_folder(self.root)  # a second paft process on this folder stops here, naming the holder
         if check_device:
             _ = self.device
@@ -125,14 +129,16 @@ class Run:
 
     def _timed(self, stage: str, start: float) -> None:
         state_path = self.root / "timings.json"
-        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+        state = read_json(state_path, "delete it (it holds only stage times)") if state_path.exists() else {}
         state[stage] = round(time.perf_counter() - start, 2)
         write_json_atomic(state_path, state)
 
-    def _once(self, path: Path, compute: Callable[[], dict[str, Any]], stage: str | None = None) -> dict[str, Any]:
-        """A stage's saved JSON when it exists; else compute it, write it atomically and record its time."""
+    def _once(self, path: Path, compute: Callable[[], dict[str, Any]], stage: str | None = None,
+              redo: str = "delete it and run the same command again to redo that stage") -> dict[str, Any]:
+        """A stage's saved JSON when it exists (damaged: one line with ``redo``); else compute it, write it
+        atomically and record its time."""
         if path.exists():
-            return json.loads(path.read_text())
+            return read_json(path, redo)
         start = time.perf_counter()
         out = compute()
         write_json_atomic(path, out)
@@ -147,10 +153,10 @@ class Run:
         ranked = get_loss(self.cfg.preference.method).data == "ranked"
         summary_path = self.data_dir / "summary.json"
         if summary_path.exists() and not self._sources_checked:  # never reuse data prepared from an older file
-            check_sources_unchanged(self.cfg.data, json.loads(summary_path.read_text()), self.root)
+            check_sources_unchanged(self.cfg.data, read_json(summary_path, REDO_DATA), self.root)
             self._sources_checked = True
         return self._once(summary_path, lambda: prepare_data(
-            self.cfg.data, self.data_dir, seed=self.cfg.run.seed, ranked=ranked, log=self.ui.log), "data")
+            self.cfg.data, self.data_dir, seed=self.cfg.run.seed, ranked=ranked, log=self.ui.log), "data", REDO_DATA)
 
     def eval_examples(self, kind: str) -> list:
         return load_examples(str(self.data_dir / f"{kind}_eval.jsonl"), kind).examples
@@ -246,7 +252,7 @@ class Run:
     def merge(self) -> dict[str, Any]:
         summary_path = self.merged_dir / "paft_merge.json"
         if summary_path.exists():
-            return json.loads(summary_path.read_text())
+            return read_json(summary_path, f"delete {self.merged_dir} and run the same command again to redo the merge")
         for name in ("sft", "preference"):
             out = self.output(name)
             if not (is_model(out) if out.name == "model" else is_adapter(out)):

@@ -64,6 +64,7 @@ def split_source(data, kind: str, *, seed: int, ranked: bool = False,
         info.update(eval_sha256=hash_source(src.eval_path), eval_skipped=held_res.skipped,
                     eval_equal_pairs=eval_equal, eval_overlap=overlap)
         return examples, held, info
+    _check_size(examples, src.path, kind, res.skipped)
     train, held = split_examples(examples, src.eval_size, seed)
     info["eval_overlap"] = _overlap(train, held)  # 0: the rows were deduplicated before the split
     return train, held, info
@@ -84,10 +85,11 @@ def _no_signal(example) -> bool:
 
 
 def _drop_equal_pairs(examples: list, path: str, log: Callable[[str], None]) -> tuple[list, int]:
-    """``examples`` without the replies-all-equal pairs, and their count; all of them equal is a ``DataError``."""
+    """``examples`` without the replies-all-equal pairs, and their count; all of them equal is a ``DataError``
+    (an empty list is not: emptiness is ``load_examples``' and ``_check_size``'s to report)."""
     kept = [e for e in examples if not _no_signal(e)]
     dropped = len(examples) - len(kept)
-    if not kept:
+    if dropped and not kept:
         raise DataError(f"{path}: all {dropped} preference pairs have chosen == rejected, so the preference loss has "
                         "no signal (DPO's is ln 2 at every step); check which columns hold the chosen and rejected "
                         "replies (data.preference.format)")
@@ -95,6 +97,15 @@ def _drop_equal_pairs(examples: list, path: str, log: Callable[[str], None]) -> 
         log(f"[yellow]{path}: dropped {dropped} of {len(examples)} preference pairs with chosen == rejected "
             "(no preference signal)")
     return kept, dropped
+
+
+def _check_size(examples: list, path: str, kind: str, skipped: int) -> None:
+    """At least two examples, so one can be held out; else one line naming the file (``split_examples`` cannot)."""
+    if len(examples) < 2:
+        why = f" ({skipped} invalid rows skipped)" if skipped else ""
+        raise DataError(f"{path}: only {len(examples)} usable example after dropping "
+                        f"invalid, duplicate and no-signal rows{why}; at least 2 are needed to hold one out for "
+                        f"evaluation: add rows, or give the held-out rows in their own file (data.{kind}.eval_path)")
 
 
 def _drop_duplicates(examples: list, path: str, log: Callable[[str], None]) -> tuple[list, int]:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -55,6 +56,10 @@ def open_safetensors(path: str | Path):
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        # safetensors may report an unreadable file as a missing one ("No such file or directory"): ask the OS
+        if isinstance(exc, PermissionError) or (os.path.exists(path) and not os.access(path, os.R_OK)):
+            raise ModelError(f"{path}: not readable (permission denied); fix its permissions (chmod a+r) or copy "
+                             "the folder somewhere you can read it") from None
         raise ModelError(f"{path}: not a readable safetensors file ({reason}); it is truncated or corrupt: "
                          "copy or download it again") from None
 

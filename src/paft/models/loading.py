@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -46,14 +47,28 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
 
     try:
         tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:  # a damaged config.json or tokenizer.json (JSONDecodeError is a ValueError)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        # unparsable JSON (transformers re-raises a bad config.json as an OSError): the files are damaged
         raise ModelError(f"{model_dir}: cannot load its tokenizer ({str(exc).splitlines()[0]}); the folder's "
                          "config.json or tokenizer files are damaged: copy or download it again") from None
+    except ValueError as exc:  # intact files this setup cannot load: say which, not "damaged"
+        raise ModelError(f"{model_dir}: cannot load its tokenizer ({str(exc).splitlines()[0]})"
+                         f"{_tokenizer_fix(str(exc))}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not tok.chat_template:
         raise ModelError(f"{model_dir}: tokenizer has no chat template; paft formats chat data with it")
     return tok
+
+
+def _tokenizer_fix(message: str) -> str:
+    """The fix for a transformers ValueError on an intact tokenizer folder (its message spans lines)."""
+    if "trust_remote_code" in message:
+        return ("; the folder ships its own tokenizer code, which runs only with model.trust_remote_code: true "
+                "(--set model.trust_remote_code=true): set it if you trust that code")
+    if any(m in message for m in ("not currently imported", "does not exist", "was not found")):
+        return "; this transformers does not know that tokenizer class: pip install -U transformers"
+    return ""
 
 
 def require_bitsandbytes(key: str) -> None:

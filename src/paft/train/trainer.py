@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
 import torch
+from safetensors import SafetensorError
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback
@@ -28,7 +29,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from paft.config import TrainConfig
 from paft.data.packing import real_tokens
 from paft.errors import ConfigError, PaftError
-from paft.io import atomic_dir, write_error, write_json_atomic
+from paft.io import atomic_dir, save_error, write_json_atomic
 from paft.progress import quiet_libraries
 
 
@@ -93,9 +94,14 @@ class PaftTrainer(Trainer):
         self._staging = str(tmp)
         try:
             super()._save_checkpoint(model, trial)
-        except OSError as exc:  # disk full, mostly: the half-written checkpoint goes, the last complete one stays
+        except (OSError, RuntimeError, SafetensorError) as exc:
+            # disk full, mostly (torch.save and safetensors raise their own types for it): the half-written
+            # checkpoint goes at once, the last complete one stays
+            err = save_error(run_dir / name, exc, run_dir)  # before the removal frees the space it measures
             shutil.rmtree(tmp, ignore_errors=True)
-            raise write_error(run_dir / name, exc) from None
+            if err is None:
+                raise
+            raise err from None
         finally:
             self._staging = None
         shutil.rmtree(run_dir / name, ignore_errors=True)
