@@ -58,6 +58,27 @@ def test_rloo_clip_bounds_the_ratio():
     torch.testing.assert_close(_clipped_surrogate(logratio, adv, 0.2), torch.tensor([-1.2, -0.5, 2.0, 0.8]))
 
 
+def test_rloo_ratio_is_against_the_sampling_policy_and_the_clip_engages():
+    """A later step on a round's group: pi_old is the snapshot, not the current policy. One group, beta 0, rewards
+    0 and 1: A = -1, +1; rho = pi / pi_old = 2 for both. A < 0: -min(-2, -1.2) = 2, unclipped, d/dlog pi = rho = 2;
+    A > 0: -min(2, 1.2) = -1.2, clipped, no gradient. Group mean: loss 0.4, gradient (2, 0) / 2."""
+    ln2 = math.log(2)
+    policy = torch.tensor([[-2.0, -2.0]], dtype=torch.float64, requires_grad=True)
+    lp = RankedLogps(policy=policy, scores=torch.tensor([[0.0, 1.0]], dtype=torch.float64),
+                     mask=torch.ones(1, 2, dtype=torch.bool), ref=torch.tensor([[-3.0, -2.0]], dtype=torch.float64),
+                     old=torch.tensor([[-2.0 - ln2, -2.0 - ln2]], dtype=torch.float64))
+    loss = run("rloo", lp, 0.0)
+    torch.testing.assert_close(loss.detach(), torch.tensor([0.4], dtype=torch.float64))
+    loss.sum().backward()
+    torch.testing.assert_close(policy.grad, torch.tensor([[1.0, 0.0]], dtype=torch.float64))
+    # the KL-shaped reward reads pi_old too: pi_old = (-2 - ln2, -2 - 2 ln2), rho = 2, 4; log pi_old - log pi_ref =
+    # 1 - ln2, -2 ln2; beta 0.5: r~ = -0.5 + 0.5 ln2, 1 + ln2, A = -a, +a with a = 1.5 + 0.5 ln2 (the current
+    # policy's log-ratios 1, 0 would give a = 1.5); loss (2a - 1.2a) / 2
+    lp.old = torch.tensor([[-2.0 - ln2, -2.0 - 2 * ln2]], dtype=torch.float64)
+    a = 1.5 + 0.5 * ln2
+    torch.testing.assert_close(run("rloo", lp, 0.5).detach(), torch.tensor([0.4 * a], dtype=torch.float64))
+
+
 # ------------------------------------------------------------------------------------------ GRPO
 # one group of 3 replies, rewards 0, 1, 2: mean 1, sample std 1, A = (-1, 0, 1) / (1 + 1e-4)
 # reply lengths 1, 2, 2; per-token log pi and log pi_ref below; k3(d) = e^d - d - 1, d = log pi_ref - log pi
@@ -165,10 +186,19 @@ def _ranked(pol, ref, mask, rewards, k):
                        policy_tokens=pol.view(b, k, -1), ref_tokens=ref.view(b, k, -1), token_mask=tm.view(b, k, -1))
 
 
+def _off_policy(pol, seed):
+    """pi_old of a later step: the sampling policy, up to +-0.6 nats from the current one (rho in [0.55, 1.8],
+    so the clip at 0.2 engages on many tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    return pol + (torch.rand(pol.shape, generator=g) - 0.5) * 1.2
+
+
+@pytest.mark.parametrize("off_policy", [False, True])
 @pytest.mark.parametrize("beta", [0.0, 0.04, 0.3])
-def test_trl_grpo_loss_and_gradient(trl, beta):
+def test_trl_grpo_loss_and_gradient(trl, beta, off_policy):
     k = 4
     pol, ref, mask, rewards = _groups(k=k)
+    old = _off_policy(pol, 7) if off_policy else None
     # TRL's advantages (GRPOTrainer._generate_and_score_completions, scale_rewards="group")
     grouped = rewards.view(-1, k)
     mean = grouped.mean(dim=1).repeat_interleave(k)
@@ -177,29 +207,41 @@ def test_trl_grpo_loss_and_gradient(trl, beta):
     theirs_in = pol.clone().requires_grad_()
     t = _trl_trainer(trl.GRPOTrainer, theirs_in, beta=beta, loss_type="grpo",
                      args=SimpleNamespace(delta=None, use_bias_correction_kl=False))
-    want = t._compute_loss(None, _inputs(mask, advantages=adv, ref_per_token_logps=ref, num_items_in_batch=mask.sum()))
+    extra = {} if old is None else {"old_per_token_logps": old}
+    want = t._compute_loss(None, _inputs(mask, advantages=adv, ref_per_token_logps=ref, num_items_in_batch=mask.sum(),
+                                         **extra))
     want.backward()
     ours_in = pol.clone().requires_grad_()
-    got = run("grpo", _ranked(ours_in, ref, mask, rewards, k), beta).mean()
+    lp = _ranked(ours_in, ref, mask, rewards, k)
+    if old is not None:
+        lp.old_tokens = old.view(lp.policy_tokens.shape)
+        rho = (pol - old).exp()[mask.bool()]
+        assert ((rho < 0.8) | (rho > 1.2)).float().mean() > 0.3  # the clip is exercised
+    got = run("grpo", lp, beta).mean()
     got.backward()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours_in.grad * mask, theirs_in.grad * mask, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("off_policy", [False, True])
 @pytest.mark.parametrize("beta", [0.0, 0.05, 0.5])
-def test_trl_rloo_loss_and_gradient(trl, beta):
+def test_trl_rloo_loss_and_gradient(trl, beta, off_policy):
     k = 4
     pol, ref, mask, rewards = _groups(k=k, seed=1)
-    # TRL's reward shaping and advantages (RLOOTrainer._generate_and_score_completions, normalize_advantages=False)
-    kl = ((pol - ref) * mask).sum(-1)
+    old = _off_policy(pol, 8) if off_policy else pol
+    # TRL's reward shaping and advantages (RLOOTrainer._generate_and_score_completions, normalize_advantages=False):
+    # the KL reads the sampling-time log-probs old_per_token_logps
+    kl = ((old - ref) * mask).sum(-1)
     shaped = (rewards - beta * kl).view(-1, k)
     adv = (shaped - (shaped.sum(dim=1, keepdim=True) - shaped) / (k - 1)).view(-1)
     theirs_in = pol.clone().requires_grad_()
     t = _trl_trainer(trl.RLOOTrainer, theirs_in)
-    want = t._compute_loss(None, _inputs(mask, advantages=adv, old_logps=(pol * mask).sum(-1)))
+    want = t._compute_loss(None, _inputs(mask, advantages=adv, old_logps=(old * mask).sum(-1)))
     want.backward()
     ours_in = pol.clone().requires_grad_()
-    got = run("rloo", _ranked(ours_in, ref, mask, rewards, k), beta).mean()
+    lp = _ranked(ours_in, ref, mask, rewards, k)
+    lp.old = (old * mask).sum(-1).view(lp.policy.shape)
+    got = run("rloo", lp, beta).mean()
     got.backward()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours_in.grad * mask, theirs_in.grad * mask, rtol=1e-5, atol=1e-6)
@@ -278,7 +320,9 @@ def test_token_level_group_objectives_read_per_token_policy_and_reference(tiny_m
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora" in n)
 
 
-def test_reference_token_cache_persists_and_snapshots(tiny_model, tiny_tok, tmp_path):
+def test_reference_token_memo_stays_in_memory_and_snapshots(tiny_model, tiny_tok, tmp_path):
+    """Per-token reference entries (online sampled replies, which never recur) are memoised for the round only:
+    never written to the cache file, which ``save`` rewrites whole."""
     from paft.train.reference import ReferenceLogps
 
     model = _lora(tiny_model)
@@ -287,14 +331,17 @@ def test_reference_token_cache_persists_and_snapshots(tiny_model, tiny_tok, tmp_
     a = ReferenceLogps(path)
     toks = a.tokens(model, b)
     assert a.misses == 6
-    torch.testing.assert_close(toks.sum(1), a(model, b), atol=1e-4, rtol=0)  # the sums came with the tokens
-    assert a.misses == 6 and a.hits == 6
+    torch.testing.assert_close(a.tokens(model, b), toks)
+    assert a.misses == 6 and a.hits == 6  # memoised
+    torch.testing.assert_close(toks.sum(1), a(model, b), atol=1e-4, rtol=0)
     a.save()
     stored = json.loads(path.read_text())
-    assert len(stored["token_logps"]) == 6 and len(stored["logps"]) == 6
+    assert "token_logps" not in stored and len(stored["logps"]) == 6
     again = ReferenceLogps(path)
     torch.testing.assert_close(again.tokens(model, b), toks)
-    assert again.misses == 0
+    assert again.misses == 6  # recomputed: not persisted
+    again.forget_tokens()
+    assert again.token_values == {}
     # a snapshot freezes the current policy's tokens too (online reference "previous")
     snap = ReferenceLogps(None)
     snap.snapshot(model, [b])
@@ -315,7 +362,7 @@ def test_grpo_rounds_sample_k_replies_per_prompt_and_train_on_whole_groups(tmp_p
     f.write_text("def score(prompts, responses):\n    return [float(len(r)) for r in responses]\n")
     cfg = load_config(preset="tiny", overrides=[
         f"run.output_dir={tmp_path / 'run'}", "preference.method=grpo", "preference.max_steps=2",
-        "preference.params.candidates=3", "preference.online.rounds=1", "preference.online.prompts_per_round=4",
+        "preference.online.samples_per_prompt=3", "preference.online.rounds=1", "preference.online.prompts_per_round=4",
         "preference.online.max_new_tokens=6", "preference.online.scorer.kind=function",
         f"preference.online.scorer.function={f}:score"])
     run = Run(cfg)
@@ -516,8 +563,10 @@ def test_sppo_closed_form():
 def test_sppo_is_a_groups_row_with_the_previous_round_as_reference():
     from paft.methods.schedules import Group, Online
 
-    assert LOSSES["sppo"].schedule == Online(selection=Group(4), reference="previous")
-    assert LOSSES["rloo"].schedule == LOSSES["grpo"].schedule == Online(selection=Group(4))
+    assert LOSSES["sppo"].schedule == Online(selection=Group(), reference="previous")
+    assert LOSSES["rloo"].schedule == LOSSES["grpo"].schedule == Online(selection=Group())
+    assert Group().candidates is None  # online.samples_per_prompt
+    assert [m for m, spec in LOSSES.items() if spec.ratio] == ["rloo", "grpo", "ppo"]
     assert LOSSES["grpo"].token_level and LOSSES["tdpo"].token_level and not LOSSES["rloo"].token_level
 
 
@@ -548,7 +597,7 @@ def test_paft_methods_json_lists_them_with_data_kind_and_schedule():
     want = {"rloo": ("groups", "online"), "grpo": ("groups", "online"), "sppo": ("groups", "online"),
             "tdpo": ("pairs", "offline"), "dro": ("rewarded", "offline")}
     assert {m: (rows[m]["data"], rows[m]["schedule"]) for m in want} == want
-    assert rows["grpo"]["paper_beta"] == 0.04 and rows["rloo"]["defaults"] == {"epsilon": 0.2, "candidates": 4}
+    assert rows["grpo"]["paper_beta"] == 0.04 and rows["rloo"]["defaults"] == {"epsilon": 0.2, "candidates": None}
 
 
 # ------------------------------------------------------------------------------------------ PPO
@@ -624,3 +673,157 @@ def test_ppo_with_full_fine_tuning_is_a_config_error():
 
     with pytest.raises(ConfigError, match="'ppo' is online: use adapter lora or qlora"):
         load_config(preset="tiny", overrides=["preference.method=ppo", "preference.adapter=full"])
+
+
+# ------------------------------------------------------------------------------------------ review fixes
+
+
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
+def test_a_second_step_on_a_round_s_groups_is_off_policy(tiny_model, tiny_tok, method):
+    """An online round takes several optimiser steps on its groups: pi_old (and PPO's V_old) is the snapshot taken
+    before the round trained, so after one step rho = pi / pi_old != 1 (before, pi_old was the current policy)."""
+    from paft.train.preference import PreferenceObjective, attach_value_head
+    from paft.train.reference import ReferenceLogps
+
+    torch.manual_seed(0)
+    model = _lora(tiny_model)
+    if method == "ppo":
+        attach_value_head(model)
+    batch = _group_batch(tiny_tok)
+    obj = PreferenceObjective(method, 0.0)
+    obj.reference = ReferenceLogps(None)
+    obj.start_round(model, [batch])
+    first, _ = obj.kind.logps(obj, model, batch)
+    tm = first.token_mask
+    torch.testing.assert_close(first.old_tokens[tm], first.policy_tokens.detach()[tm], atol=1e-4, rtol=0)  # rho = 1
+    if method == "ppo":
+        torch.testing.assert_close(first.old_values, first.values.detach())
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=2.0)
+    loss, _ = obj(model, batch)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    second, _ = obj.kind.logps(obj, model, batch)
+    torch.testing.assert_close(second.old_tokens, first.old_tokens)  # pi_old stays the sampling policy
+    logratio = (second.policy_tokens - second.old_tokens)[tm]
+    assert logratio.abs().max() > 1e-3  # rho != 1
+    if method == "ppo":
+        assert not torch.allclose(second.values.detach()[tm], second.old_values[tm])  # V moved, V_old did not
+    obj.end_round()  # the round is over: no pi_old, the reference's token memo dropped
+    assert obj.old is None and obj.old_values is None and obj.reference.token_values == {}
+    assert obj.kind.logps(obj, model, batch)[0].old_tokens is None
+
+
+def test_grpo_after_a_step_clips_tokens_the_update_pushed_too_far(tiny_model, tiny_tok):
+    """The clip engages in GRPO's own loss: after a large step the surrogate's gradient at tokens whose rho left
+    the clip range in the advantage's direction is zero (beta 0: the surrogate only)."""
+    from paft.methods.losses import group_advantages
+    from paft.train.preference import PreferenceObjective
+    from paft.train.reference import ReferenceLogps
+
+    model = _lora(tiny_model)
+    batch = _group_batch(tiny_tok)
+    obj = PreferenceObjective("grpo", 0.0)
+    obj.reference = ReferenceLogps(None)
+    obj.start_round(model, [batch])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=5.0)
+    obj(model, batch)[0].backward()
+    opt.step()
+    opt.zero_grad()
+    lp, _ = obj.kind.logps(obj, model, batch)
+    lp.policy_tokens.retain_grad()
+    get_loss("grpo").fn(lp, beta=0.0, epsilon=0.2).mean().backward()
+    tm = lp.token_mask
+    adv = group_advantages(lp.scores, lp.mask)[:, :, None].expand_as(tm)
+    rho = (lp.policy_tokens - lp.old_tokens).exp().detach()
+    binding = tm & (((adv > 0) & (rho > 1.2)) | ((adv < 0) & (rho < 0.8)))
+    assert binding.any()
+    assert (lp.policy_tokens.grad[binding] == 0).all()
+    assert (lp.policy_tokens.grad[tm & ~binding & (adv != 0)] != 0).all()
+
+
+def test_token_level_groups_run_the_reference_forward_once(tiny_model, tiny_tok, monkeypatch):
+    """GRPO/PPO read per-token reference log-probs; the per-reply sums come from them, not a second forward."""
+    from paft.train.preference import PreferenceObjective
+    from paft.train.reference import ReferenceLogps
+
+    model = _lora(tiny_model)
+    batch = _group_batch(tiny_tok)
+    calls = []
+    token_forward = ReferenceLogps._token_forward
+    monkeypatch.setattr(ReferenceLogps, "_token_forward", lambda self, *a: calls.append(1) or token_forward(self, *a))
+
+    def summed(self, *a):
+        raise AssertionError("second reference forward")
+
+    monkeypatch.setattr(ReferenceLogps, "_forward", summed)
+    obj = PreferenceObjective("grpo", 0.04)
+    obj.reference = ReferenceLogps(None, cache=False)
+    lp, _ = obj.kind.logps(obj, model, batch)
+    assert calls == [1]
+    torch.testing.assert_close(lp.ref, (lp.ref_tokens * lp.token_mask).sum(-1))
+
+
+def test_ppo_values_stay_float32_under_bf16_autocast(tiny_model, tiny_tok):
+    from paft.train.preference import PreferenceObjective, attach_value_head
+
+    model = _lora(tiny_model)
+    attach_value_head(model)
+    with torch.no_grad():
+        torch.nn.init.normal_(getattr(model, "paft_value_head").weight, std=0.1)
+    obj = PreferenceObjective("ppo", 0.05)
+    batch = _group_batch(tiny_tok)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp, _ = obj.kind.logps(obj, model, batch)
+    assert lp.values.dtype == torch.float32
+
+
+def test_reference_forward_is_the_frozen_copy_else_the_adapter_disabled_model(tiny_model, tiny_tok):
+    from paft.models.logps import batch_sequence_logps
+    from paft.train.reference import reference_forward
+
+    model = _lora(tiny_model)
+    batch = _group_batch(tiny_tok)
+    with reference_forward(model) as ref:
+        assert ref is model and not torch.is_grad_enabled()
+        disabled = batch_sequence_logps(ref, batch)[0]
+    with torch.no_grad():
+        enabled = batch_sequence_logps(model, batch)[0]
+    assert not torch.allclose(disabled, enabled, atol=1e-4)  # the adapter was off inside, on again after
+    frozen = object()
+    with reference_forward(model, frozen) as ref:
+        assert ref is frozen
+
+
+def test_dro_batches_are_full_an_epoch_s_last_row_alone_is_dropped(tmp_path):
+    """A DRO batch of one row has residual - V = 0 and trains nothing: 5 rows in batches of 2 give 2 batches per
+    epoch, not 3; fewer rows than a batch is a one-line data error."""
+    from paft.config import load_config
+    from paft.errors import DataError
+    from paft.pipeline import Run
+    from paft.train.trainer import training_args
+
+    f = tmp_path / "r.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"question {i}", "completion": "answer " * (i % 3 + 1),
+                                     "reward": float(i % 3)}) + "\n" for i in range(5)))
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"prompt": "held out", "completion": "yes", "reward": 1.0}) + "\n")
+    over = [f"run.output_dir={tmp_path / 'run'}", "preference.method=dro", "preference.max_steps=-1",
+            "preference.epochs=2", "preference.batch_size=2", "preference.grad_accum=1", f"data.preference.path={f}",
+            f"data.preference.eval_path={held}"]
+    cfg = load_config(preset="tiny", overrides=over)
+    args = training_args(cfg.preference, tmp_path / "ck", seed=0, device="cpu", bf16=False, n_examples=5,
+                         drop_last=True)
+    assert args.dataloader_drop_last and args.max_steps == 4
+    assert training_args(cfg.preference, tmp_path / "ck", seed=0, device="cpu", bf16=False,
+                         n_examples=5).max_steps == 6
+    run = Run(cfg)
+    run.prepare()
+    s = run.train(["preference"])["preference"]
+    assert s["examples"] == 5 and s["steps"] == 4
+    f.write_text(json.dumps({"prompt": "q", "completion": "a", "reward": 1.0}) + "\n")
+    cfg = load_config(preset="tiny", overrides=[*over, "preference.batch_size=4", f"run.output_dir={tmp_path / 'r2'}"])
+    run = Run(cfg)
+    with pytest.raises(DataError, match="at least preference.batch_size=4 rows"):
+        run.prepare()
+        run.train(["preference"])

@@ -41,7 +41,8 @@ Registered (name: reference? defaults):
 - ``gpo``: ref; f="logistic" (logistic, squared, hinge, exponential, truncated_quadratic, savage)
 - ``kto``: ref, data "binary"; desirable_weight=1.0, undesirable_weight=1.0
 - ``npo``: ref, data "negatives"; -
-- ``dro``: ref, data "rewarded" (prompt, reply, reward); - (value = detached batch mean)
+- ``dro``: ref, data "rewarded" (prompt, reply, reward); - (value = detached batch mean, not the paper's
+  per-prompt V(x); batches of >= 2 rows)
 - ``rrhf``: free, data "ranked"; sft_weight=1.0 (``beta`` unused)
 - ``pro``: free, data "ranked"; sft_weight=0.05 (times (n - 1)^2), score_temperature=True (``beta`` unused)
 - ``lipo``: ref, data "ranked"; - (LiPO-lambda)
@@ -49,11 +50,13 @@ Registered (name: reference? defaults):
 - ``sdpo``: ref, staged; stages=2 (DPO per stage)
 - ``iterative-dpo``, ``self-rewarding``: ref, online; loss="sigmoid"
 - ``rso``: ref, online; loss="hinge", rso_beta=0.5, candidates=8, keep=4
-- ``rloo``: ref, data "groups" (online); epsilon=0.2, candidates=4 (KL in the reward)
-- ``grpo``: ref, data "groups" (online), token-level; epsilon=0.2, candidates=4 (paper beta 0.04)
-- ``sppo``: ref (the previous round), data "groups" (online); candidates=4 (eta = 1/beta)
-- ``ppo``: ref, data "groups" (online), token-level, value head; epsilon=0.2, gamma=1.0, lam=0.95, vf_coef=0.1,
-  value_clip=0.2, candidates=4 (no ptx term)
+- ``rloo``: ref, data "groups" (online), ratio; epsilon=0.2, candidates (KL in the reward)
+- ``grpo``: ref, data "groups" (online), token-level, ratio; epsilon=0.2, candidates (paper beta 0.04)
+- ``sppo``: ref (the previous round), data "groups" (online); candidates (eta = 1/beta)
+- ``ppo``: ref, data "groups" (online), token-level, value head, ratio; epsilon=0.2, gamma=1.0, lam=0.95,
+  vf_coef=0.1, value_clip=0.2, candidates (no ptx term)
+
+(``candidates``: replies sampled per prompt, default None = ``preference.online.samples_per_prompt``.)
 
 Note ``rdpo`` (robust DPO, Chowdhury et al.) and ``r-dpo`` (length-regularised DPO,
 Park et al.) are different methods; the names follow the literature.
@@ -135,6 +138,12 @@ class RankedLogps:
     ref_tokens: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
     values: torch.Tensor | None = None  # [B, K, T] the value head's V(s_t) (``LossSpec.value_head``: PPO)
+    # the sampling policy pi_old of an online round, frozen before the round trained (``LossSpec.ratio``): summed
+    # log-probs [B, K], per-token [B, K, T] (token-level losses) and PPO's V_old [B, K, T]; None: the current
+    # policy, detached (a single step on fresh samples)
+    old: torch.Tensor | None = None
+    old_tokens: torch.Tensor | None = None
+    old_values: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -155,6 +164,8 @@ class LossSpec:
     token_level: bool = False
     # the policy carries a trained scalar value head (PPO's critic) read at every reply token
     value_head: bool = False
+    # the loss has PPO's ratio pi_theta / pi_old: each online round snapshots its sampling policy (RLOO, GRPO, PPO)
+    ratio: bool = False
 
     @property
     def params(self) -> dict[str, Any]:
@@ -172,10 +183,10 @@ LOSSES: dict[str, LossSpec] = {}
 
 def register_loss(name: str, *, data: str, reference: bool, paper: str, paper_beta: float | None = None,
                   schedule: Schedule = Schedule(), token_level: bool = False, value_head: bool = False,
-                  **defaults: Any):
+                  ratio: bool = False, **defaults: Any):
     def deco(fn):
         LOSSES[name] = LossSpec(name, fn, data, reference, paper, dict(defaults), paper_beta, schedule, token_level,
-                                value_head)
+                                value_head, ratio)
         return fn
 
     return deco
@@ -599,12 +610,16 @@ def dro_loss(lp: UnpairedLogps, beta: float) -> torch.Tensor:
     L = 1/2 (r - V - tau h(y))^2,   tau = ``beta``,   V = sg(mean_B(r - tau h)),
 
     the paper's squared residual of the KL-regularised optimality condition r = V(x) + tau log(pi*/pi_ref).
-    The paper learns V(x) with a separate value network; paft's value estimate is the batch mean of
-    r - tau h, detached: the V minimising this very loss over a constant, so no value parameter is added
-    to the adapter (which PAFT merges and the sequential baseline reuses as is) and no state carries
-    between steps. A per-prompt V needs several replies per prompt, which single-trajectory data
-    rarely has. Its gradient is -tau (r - V - tau h) grad log pi(y): replies rewarded above the batch's
-    value are pushed up until tau h(y) accounts for the excess.
+    **A deviation from the paper**: its V(x) is a per-prompt value, learned by a separate value network;
+    paft's V is one number for the whole batch, the batch mean of r - tau h, detached (the constant that
+    minimises this loss), which is mis-specified wherever prompts differ in how much reward they allow: a
+    hard prompt's replies are all pushed down, an easy prompt's all up. It keeps the adapter free of value
+    parameters (PAFT merges it, the sequential baseline reuses it) and needs no state between steps; a
+    per-prompt V would need several replies per prompt or a trained value network. A row alone has
+    residual - V = 0 and trains nothing, so this data kind needs batches of at least 2 rows (a config
+    error below, and an epoch's last, smaller batch is dropped). Its gradient is -tau (r - V - tau h)
+    grad log pi(y): replies rewarded above the batch's value are pushed up until tau h(y) accounts for
+    the excess.
     """
     _need_unpaired_ref(lp, "dro")
     if lp.rewards is None:
@@ -766,9 +781,11 @@ def lipo_loss(lp: RankedLogps, beta: float) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # policy-gradient losses on scored groups (data kind "groups": RankedLogps of K replies sampled per prompt
-# in an online round, ``scores`` = the scorer's rewards r). One optimisation step per batch: the sampling
-# ("old") policy is the current one, so rho = pi_theta / pi_old = exp(log pi - sg(log pi)) = 1 in value with
-# the gradient of log pi; the clip is kept so the form stays right should a batch be reused.
+# in an online round, ``scores`` = the scorer's rewards r). A round takes several optimiser steps on its groups,
+# so pi_old is the sampling policy, snapshotted before the round trained (``lp.old``, ``lp.old_tokens``):
+# rho = pi_theta / pi_old is 1 at the first step and moves after it, where the clip bounds it. Without a
+# snapshot (a single step on fresh samples) pi_old is the current policy, detached: rho = 1 in value with the
+# gradient of log pi.
 
 
 def _clipped_surrogate(logratio: torch.Tensor, adv: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -783,32 +800,36 @@ def _group_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(m, values, torch.zeros_like(values)).sum(dim=1) / m.sum(dim=1).clamp(min=1).to(values.dtype)
 
 
-@register_loss("rloo", data="groups", reference=True, schedule=Online(selection=Group()),
+@register_loss("rloo", data="groups", reference=True, schedule=Online(selection=Group()), ratio=True,
                paper="Ahmadian, Cremer, Galle, Fadaee, Kreutzer, Pietquin, Ustun, Hooker 2024, Back to Basics: "
                      "Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs "
                      "(arXiv 2402.14740)",
                epsilon=0.2)
 def rloo_loss(lp: RankedLogps, beta: float, epsilon: float = 0.2) -> torch.Tensor:
     """RLOO (REINFORCE leave-one-out), per group of k replies y_1..y_k to one prompt:
-    r~_i = r_i - beta (log pi(y_i) - log pi_ref(y_i))           (KL in the reward, sequence level, detached)
+    r~_i = r_i - beta (log pi_old(y_i) - log pi_ref(y_i))       (KL in the reward, sequence level)
     A_i = r~_i - 1/(k - 1) sum_{j != i} r~_j                     (the leave-one-out baseline)
-    L = 1/k sum_i -min(rho_i A_i, clip(rho_i, 1 - eps, 1 + eps) A_i),  rho_i = pi(y_i) / sg(pi(y_i)),
+    L = 1/k sum_i -min(rho_i A_i, clip(rho_i, 1 - eps, 1 + eps) A_i),  rho_i = pi(y_i) / pi_old(y_i),
 
-    log pi summed over the reply (sequence-level, as the paper's REINFORCE on whole replies). The KL to the
-    reference sits in the reward, as in the paper and TRL's RLOOTrainer (its first-order estimate
-    log pi - log pi_ref, summed over the reply; beta = ``preference.beta``, TRL's default 0.05), with the
-    policy's log-prob detached there. With rho = 1 the gradient is -A_i grad log pi(y_i), the paper's
-    estimator. ``epsilon`` is TRL's clip (0.2). Matches TRL 1.16's loss with ``normalize_advantages=False``
-    (its default) on one group per batch row.
+    log pi summed over the reply (sequence-level, as the paper's REINFORCE on whole replies); pi_old the
+    round's sampling policy (``lp.old``; the current one, detached, without it). The KL to the reference sits
+    in the reward, as in the paper and TRL's RLOOTrainer (its first-order estimate log pi_old - log pi_ref,
+    summed over the reply; beta = ``preference.beta``, TRL's default 0.05). At rho = 1 the gradient is
+    -A_i grad log pi(y_i), the paper's estimator. ``epsilon`` is TRL's clip (0.2). TRL parity covers the
+    loss only: given the same advantages and pi_old, the value and gradient equal TRL 1.16's
+    ``RLOOTrainer._compute_loss`` (``normalize_advantages=False``, its default); the reward shaping and
+    leave-one-out advantages are computed here and checked against a transcription of TRL's, not its code.
     """
     if lp.ref is None:
         raise ValueError("rloo needs reference log-probs (ref)")
     m = lp.mask.bool()
     n = m.sum(dim=1, keepdim=True).to(lp.policy.dtype)
-    r = lp.scores - beta * (lp.policy.detach() - lp.ref)
+    old = lp.policy.detach() if lp.old is None else lp.old
+    r = lp.scores - beta * (old - lp.ref)
     r = torch.where(m, r, torch.zeros_like(r))
     adv = torch.where(n > 1, r - (r.sum(dim=1, keepdim=True) - r) / (n - 1).clamp(min=1), torch.zeros_like(r))
-    return _group_mean(_clipped_surrogate(lp.policy - lp.policy.detach(), adv.detach(), epsilon), m)
+    logratio = torch.where(m, lp.policy - old, torch.zeros_like(old))  # padded entries may hold any finite value
+    return _group_mean(_clipped_surrogate(logratio, adv.detach(), epsilon), m)
 
 
 def group_advantages(scores: torch.Tensor, mask: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -826,6 +847,7 @@ def group_advantages(scores: torch.Tensor, mask: torch.Tensor, eps: float = 1e-4
 
 
 @register_loss("grpo", data="groups", reference=True, schedule=Online(selection=Group()), token_level=True,
+               ratio=True,
                paper="Shao, Wang, Zhu, Xu, Song, Zhang, Li, Wu, Guo 2024, DeepSeekMath: Pushing the Limits of "
                      "Mathematical Reasoning in Open Language Models (arXiv 2402.03300)",
                paper_beta=0.04, epsilon=0.2)
@@ -833,21 +855,23 @@ def grpo_loss(lp: RankedLogps, beta: float, epsilon: float = 0.2) -> torch.Tenso
     """GRPO (outcome supervision), per group of G replies o_1..o_G to one prompt (the paper's Eq. 3):
     A_i = (r_i - mean(r)) / (std(r) + 1e-4)        (``group_advantages``; every token of o_i gets A_i)
     L = 1/G sum_i 1/|o_i| sum_t [ -min(rho_it A_i, clip(rho_it, 1 - eps, 1 + eps) A_i) + beta KL_it ],
-    rho_it = pi(o_it | q, o_i<t) / sg(pi(o_it | ...)),
+    rho_it = pi(o_it | q, o_i<t) / pi_old(o_it | ...)   (pi_old: the round's sampling policy, ``lp.old_tokens``),
     KL_it = pi_ref(o_it|.) / pi(o_it|.) - log(pi_ref(o_it|.) / pi(o_it|.)) - 1   (the k3 estimator, >= 0).
 
     Per-token log-probs of the policy and the reference (adapter disabled). beta = ``preference.beta``; the
     paper uses 0.04 (TRL's default is 0, no reference). Same as TRL 1.16's ``GRPOTrainer`` with
     ``loss_type="grpo"`` (the paper's per-reply token mean; TRL's default ``dapo`` averages over all tokens of
-    the batch instead) and ``scale_rewards="group"``.
+    the batch instead) and ``scale_rewards="group"``: the parity test runs TRL's ``_compute_loss`` on advantages
+    computed as TRL's ``_generate_and_score_completions`` does (transcribed, not called).
     """
     if lp.policy_tokens is None or lp.ref_tokens is None or lp.token_mask is None:
         raise ValueError("grpo needs per-token log-probs (policy_tokens / ref_tokens / token_mask)")
     tm = lp.token_mask.bool()
     adv = group_advantages(lp.scores, lp.mask)[:, :, None].detach()
     logp = torch.where(tm, lp.policy_tokens, torch.zeros_like(lp.policy_tokens))
+    old = logp.detach() if lp.old_tokens is None else torch.where(tm, lp.old_tokens, torch.zeros_like(logp))
     d = torch.where(tm, lp.ref_tokens - logp, torch.zeros_like(logp))  # log pi_ref - log pi
-    per_token = _clipped_surrogate(logp - logp.detach(), adv, epsilon) + beta * (torch.exp(d) - d - 1.0)
+    per_token = _clipped_surrogate(logp - old, adv, epsilon) + beta * (torch.exp(d) - d - 1.0)
     per_reply = torch.where(tm, per_token, torch.zeros_like(per_token)).sum(dim=2) / tm.sum(dim=2).clamp(min=1)
     return _group_mean(per_reply, lp.mask)
 
@@ -899,7 +923,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 @register_loss("ppo", data="groups", reference=True, schedule=Online(selection=Group()), token_level=True,
-               value_head=True,
+               value_head=True, ratio=True,
                paper="Ouyang et al. 2022, Training language models to follow instructions with human feedback "
                      "(arXiv 2203.02155); Schulman et al. 2017, Proximal Policy Optimization Algorithms "
                      "(arXiv 1707.06347)",
@@ -915,21 +939,23 @@ def ppo_loss(lp: RankedLogps, beta: float, epsilon: float = 0.2, gamma: float = 
     mean over all reply tokens of the batch, as TRL's PPOTrainer (0.x) and its defaults (gamma 1, lam 0.95,
     cliprange 0.2, cliprange_value 0.2, vf_coef 0.1; whitening with the unbiased variance). V is a scalar
     head on the policy's last hidden state, trained with the LoRA adapter (the shared-trunk critic of TRL's
-    value-head models); pi_old and V_old are this batch's own values, detached: one optimisation step per
-    batch, so rho = 1 and V = V_old in value and the clips keep the form only. The K replies per prompt are
-    independent trajectories. Not done: the ptx term (pretraining NLL mix).
+    value-head models); pi_old and V_old are the round's sampling policy and its values, snapshotted before
+    the round trained (``lp.old_tokens``, ``lp.old_values``; without them this batch's own, detached), so
+    the rewards, GAE and returns are the samples' over all of the round's optimiser steps (the whitening is
+    per batch) while rho and V move and the clips bound them. The K replies per prompt are independent trajectories. Not done: the ptx term
+    (pretraining NLL mix).
     """
     if lp.values is None or lp.policy_tokens is None or lp.ref_tokens is None or lp.token_mask is None:
         raise ValueError("ppo needs per-token log-probs and values (policy_tokens / ref_tokens / token_mask / values)")
     tm = lp.token_mask.bool()
     zero = torch.zeros_like(lp.policy_tokens)
     logp = torch.where(tm, lp.policy_tokens, zero)
-    old = logp.detach()
+    old = logp.detach() if lp.old_tokens is None else torch.where(tm, lp.old_tokens, zero)
     rewards = torch.where(tm, -beta * (old - lp.ref_tokens), zero)
     last = tm & ~torch.cat([tm[..., 1:], torch.zeros_like(tm[..., :1])], dim=-1)  # each reply's last real token
     rewards = rewards + torch.where(last, lp.scores[..., None].to(zero.dtype).expand_as(zero), zero)
     v = torch.where(tm, lp.values, zero)
-    v_old = v.detach()
+    v_old = v.detach() if lp.old_values is None else torch.where(tm, lp.old_values, zero)
     adv = gae(rewards, v_old, tm, gamma, lam)
     returns = adv + v_old
     real = adv[tm]

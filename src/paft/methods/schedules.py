@@ -81,13 +81,14 @@ class RejectionSampling(BestWorst):
 
 @dataclass(frozen=True)
 class Group(BestWorst):
-    """Policy-gradient methods (RLOO, GRPO, SPPO): ``candidates`` replies per prompt, all of them kept and trained
-    on as one scored group (data kind ``groups``) instead of a best-vs-worst pair."""
+    """Policy-gradient methods (RLOO, GRPO, PPO, SPPO): ``candidates`` replies per prompt (None:
+    ``preference.online.samples_per_prompt``), all of them kept and trained on as one scored group (data kind
+    ``groups``) instead of a best-vs-worst pair."""
 
-    candidates: int = 4
+    candidates: int | None = None
 
     def __post_init__(self):
-        if self.candidates < 2:
+        if self.candidates is not None and self.candidates < 2:
             raise ScheduleParamError(f"params.candidates (replies per prompt of a group) must be at least 2; got "
                                      f"{self.candidates}: a group of one has no baseline to compare against")
 

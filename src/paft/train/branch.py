@@ -130,7 +130,8 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
         reference = objective.reference = ReferenceLogps(path, cache=cfg.preference.reference_cache, model=frozen,
                                                          precision=partial(autocast, device, bf16))
     h = Harness(model, objective, tcfg, out_dir, name, report, cfg.run.seed, device, bf16, threads=threads,
-                report_to=cfg.run.report_to, thread_share=thread_share, reference=reference)
+                report_to=cfg.run.report_to, thread_share=thread_share, reference=reference,
+                drop_last=DATA_KINDS[branch.data].batch_estimate is not None)
     if schedule.kind == "staged":
         phases = train_staged(model=model, rows=rows, collator=collator, objective=objective, fit=h.fit, tcfg=tcfg,
                               out_dir=out_dir, stages=int(schedule.stages), report=report, name=name)
@@ -189,19 +190,23 @@ def preference_examples(cfg: PaftConfig, data_path: Path, source: str | None = N
 
     Pairs convert to unpaired rows for KTO ("binary") and to their rejected replies for NPO
     ("negatives"); unpaired rows given to a pairwise method are a one-line ``DataError`` naming
-    the method and the columns it needs; online methods take the prompts of any rows. KTO's KL
-    estimate pairs each completion with another row's prompt, so it needs at least 2 rows per
-    batch (a ``ConfigError`` otherwise).
+    the method and the columns it needs; online methods take the prompts of any rows. Data kinds whose
+    loss estimates across a batch's rows (``DataKind.batch_estimate``: KTO's KL, DRO's value) need
+    preference.batch_size >= 2 (a ``ConfigError``) and at least that many rows (a ``DataError``); their
+    last, smaller batch of an epoch is dropped.
     """
     p = cfg.preference
     spec = get_loss(p.method)
-    batch_estimate = {"binary": "its KL estimate pairs each completion with another row's prompt in the batch",
-                      "rewarded": "its value estimate is the batch's mean reward"}.get(spec.data)
+    batch_estimate = DATA_KINDS[spec.data].batch_estimate
     if batch_estimate and p.batch_size < 2:
         raise ConfigError(f"preference.method {p.method!r} needs preference.batch_size >= 2 ({batch_estimate}); "
                           f"got {p.batch_size}")
     examples = load_examples(str(data_path), "preference").examples
-    return examples_for_method(examples, spec.data, method=p.method, source=source or str(data_path))
+    rows = examples_for_method(examples, spec.data, method=p.method, source=source or str(data_path))
+    if batch_estimate and len(rows) < p.batch_size:  # every batch of fewer rows is dropped: nothing would train
+        raise DataError(f"{source or data_path}: {p.method} needs at least preference.batch_size={p.batch_size} rows "
+                        f"(batches are full: {batch_estimate}); got {len(rows)}")
+    return rows
 
 
 def _start_model(cfg: PaftConfig, adapter: str, model_dir: Path, init: Path | None, out_dir: Path, device: str):

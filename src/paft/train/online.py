@@ -9,7 +9,9 @@ the method's loss. Where samples come from, which replies are kept, the referenc
 method's schedule
 (``paft.methods.schedules.Online``): iterative DPO samples from the current policy and pairs best
 vs worst; RSO samples from the start policy and pairs among the replies rejection sampling
-accepts; self-rewarding judges its own samples with the previous round's model as reference.
+accepts; self-rewarding judges its own samples with the previous round's model as reference. Before a
+round trains, ratio methods (RLOO, GRPO, PPO) snapshot the sampling policy as pi_old
+(``PreferenceObjective.start_round``): the round's steps reuse its groups, so later steps are off-policy.
 
 Everything a round produced (samples, scores, pairs, stats) is written under
 ``out_dir/rounds/round-N/`` so rounds can be inspected and a killed run resumes.
@@ -39,6 +41,11 @@ def train_online(*, cfg, model, tok, objective, prompts: list[list[dict]], score
     reference = schedule.reference or o.reference
     kind = DATA_KINDS[objective.spec.data]
     collator = collator or kind.collator(tok.pad_token_id, None, d.max_length)
+    n_samples = schedule.candidates or o.samples_per_prompt
+    if n_samples != o.samples_per_prompt:  # the method's own params.candidates: say so, not silently
+        report({"branch": name, "note": f"{method} samples preference.params.candidates={n_samples} replies per "
+                                        f"prompt; preference.online.samples_per_prompt={o.samples_per_prompt} "
+                                        "is not used"})
     log: list[dict[str, Any]] = []
     for r in range(rounds):
         rd = out_dir / "rounds" / f"round-{r + 1}"
@@ -46,7 +53,6 @@ def train_online(*, cfg, model, tok, objective, prompts: list[list[dict]], score
             continue
         rng = random.Random(f"{cfg.run.seed}-{method}-round-{r}")
         chosen_prompts = rng.sample(prompts, min(o.prompts_per_round, len(prompts)))
-        n_samples = schedule.candidates or o.samples_per_prompt
         report({"branch": name, "note": f"round {r + 1}/{rounds}: sampling {n_samples} replies for "
                                         f"{len(chosen_prompts)} prompts"})
         flat_replies = generate_replies(
@@ -60,10 +66,7 @@ def train_online(*, cfg, model, tok, objective, prompts: list[list[dict]], score
         for pp, rs, sc in zip(chosen_prompts, replies, scores):
             idx = schedule.selection.select(sc, rng)
             ex = kind.from_samples(pp, [rs[i] for i in idx], [sc[i] for i in idx])
-            rec = {"prompt": pp, "replies": rs, "scores": sc, "used": idx}
-            if kind.unit == "pairs":  # which two replies were paired (a group trains on every reply in "used")
-                rec["pair"] = None if ex is None else {"chosen": ex.chosen, "rejected": ex.rejected}
-            records.append(rec)
+            records.append({"prompt": pp, "replies": rs, "scores": sc, "used": idx, **kind.record(ex)})
             if ex is not None:
                 examples.append(ex)
         write_text_atomic(rd / "samples.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in records))
@@ -71,20 +74,24 @@ def train_online(*, cfg, model, tok, objective, prompts: list[list[dict]], score
         info: dict[str, Any] = {"round": r + 1, "prompts": len(chosen_prompts), "samples": len(flat_replies),
                                 "mean_sample_score": mean_score, kind.unit: len(examples), "reference": reference}
         if not examples:
-            report({"branch": name, "warning": f"round {r + 1}: every prompt's replies scored equally; no "
-                                               f"{kind.unit}, nothing to train on this round"})
+            report({"branch": name, "warning": f"round {r + 1}: no {kind.unit} ({kind.unit_needs}); nothing to "
+                                               "train on this round"})
             info.update(train_loss=float("nan"), steps=0, wall_s=0.0)
             save_phase(model, rd, info)
             log.append(info)
             continue
         rows = [kind.encode(e, tok, d) for e in examples]
+        batches = list(collate_all(collator, rows, p.batch_size))
         if reference == "previous":
-            objective.reference.snapshot(model, collate_all(collator, rows, p.batch_size))
+            objective.reference.snapshot(model, batches)
+        # the sampling policy pi_old of ratio methods, frozen before the round's steps reuse its groups
+        objective.start_round(model, batches)
         report({"branch": name, "note": f"round {r + 1}/{rounds}: mean sample score {mean_score:.3f}, "
                                         f"{len(examples)} {kind.unit}"})
         res = fit(rows, collator, rd / "checkpoints", steps[r])
         if reference == "previous":
             objective.reference.release_snapshot()
+        objective.end_round()
         info.update(res)
         save_phase(model, rd, info)
         log.append(info)

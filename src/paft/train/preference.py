@@ -26,6 +26,8 @@ collator batches the rows and how the objective reads a batch:
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -39,6 +41,7 @@ from paft.methods.losses import PairLogps, RankedLogps, UnpairedLogps, get_loss
 from paft.methods.schedules import best_worst
 from paft.models.logps import (batch_sequence_logps, batch_token_logps, label_hidden, label_log_softmax, label_logps,
                                sequence_sums, token_matrix, trim_padding)
+from paft.train.reference import ReferenceLogps, reference_forward
 
 
 def _pairs(obj: "PreferenceObjective", model, batch):
@@ -58,13 +61,8 @@ def _token_level_pairs(obj: "PreferenceObjective", model, batch):
     """Pairs with each reply's sequential KL(pi_ref || pi_theta) (TDPO): the full next-token distributions of the
     policy and the reference (adapter disabled, or the frozen copy of full fine-tuning) at every reply position."""
     logprobs, targets, seq, n_seq = label_log_softmax(model, batch)
-    ref_model = getattr(obj.reference, "model", None)
-    with torch.no_grad():
-        if ref_model is not None:
-            ref_logprobs = label_log_softmax(ref_model, batch)[0]
-        else:
-            with model.disable_adapter():
-                ref_logprobs = label_log_softmax(model, batch)[0]
+    with reference_forward(model, getattr(obj.reference, "model", None)) as ref_model:
+        ref_logprobs = label_log_softmax(ref_model, batch)[0]
     kl = (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1)
     pick = lambda lps: lps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # noqa: E731
     logps, counts = sequence_sums(pick(logprobs), seq, n_seq)
@@ -108,21 +106,29 @@ def _ranked(obj: "PreferenceObjective", model, batch):
     if obj.spec.value_head:  # one decoder pass feeds the LM head and the value head
         hidden, targets, seq, n = label_hidden(model, batch)
         flat = (label_logps(model, hidden, targets), seq, n)
-        values = value_head(model)(hidden.float()).squeeze(-1)
+        values = _values(model, hidden)
     else:
         flat = batch_token_logps(model, batch, obj.full_logits)
     logps, counts = sequence_sums(*flat)
     lp = RankedLogps(policy=logps[rows], scores=batch["scores"].to(logps.dtype), mask=present, tokens=counts[rows])
-    if obj.spec.reference:
-        lp.ref = obj.reference_logps(model, batch).detach()[rows]
     if obj.spec.token_level:
         tokens, mask = token_matrix(*flat)
         gone = ~present[:, :, None]
         lp.policy_tokens, lp.token_mask = tokens[rows], mask[rows] & ~gone
-        if obj.spec.reference:
-            lp.ref_tokens = obj.reference_token_logps(model, batch).detach()[rows].to(tokens.dtype)
+        if obj.spec.reference:  # one reference forward: each reply's sum is the sum of its tokens
+            ref_tokens = obj.reference_token_logps(model, batch).detach()
+            lp.ref, lp.ref_tokens = ref_tokens.sum(-1)[rows], ref_tokens.to(tokens.dtype)[rows]
         if values is not None:
             lp.values = token_matrix(values, flat[1], flat[2])[0][rows]
+    elif obj.spec.reference:
+        lp.ref = obj.reference_logps(model, batch).detach()[rows]
+    if obj.old is not None:  # the round's sampling policy, frozen before it trained (``start_round``)
+        old = obj.old.tokens(model, batch)
+        lp.old = old.sum(-1).to(logps.dtype)[rows]
+        if obj.spec.token_level:
+            lp.old_tokens = old.to(logps.dtype)[rows]
+    if obj.old_values is not None:
+        lp.old_values = obj.old_values.tokens(model, batch).to(logps.dtype)[rows]
     return lp, _ranked_metrics(lp, obj.beta)
 
 
@@ -132,12 +138,27 @@ VALUE_HEAD = "paft_value_head"
 def attach_value_head(model) -> None:
     """Give ``model`` PPO's critic: a scalar linear head on the last hidden state, zero-initialised (V = 0 at the
     start), float32, trained with the adapter. A PEFT model saves only its adapter, so the head never reaches the
-    adapter folder that PAFT merges (a resumed run starts it from zero)."""
+    adapter folder that PAFT merges, nor the Trainer's checkpoints (which do hold its Adam moments): a resumed
+    run starts it from zero."""
     if getattr(model, VALUE_HEAD, None) is None:
         head = torch.nn.Linear(model.config.hidden_size, 1, device=model.device)
         torch.nn.init.zeros_(head.weight)
         torch.nn.init.zeros_(head.bias)
         model.add_module(VALUE_HEAD, head)
+
+
+def _values(model, hidden: torch.Tensor) -> torch.Tensor:
+    """V(s_t) at every position of ``hidden`` ([N, H] -> [N]), in float32: outside autocast, which would run the
+    head's matmul in bf16."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return value_head(model)(hidden.float()).squeeze(-1)
+
+
+def _value_lists(model, batch) -> list[list[float]]:
+    """Each sequence's V(s_t) at its label positions, in position order (``ReferenceLogps.snapshot``'s reader)."""
+    hidden, _, seq, n = label_hidden(model, batch)
+    values, mask = token_matrix(_values(model, hidden), seq, n)
+    return [row[m].tolist() for row, m in zip(values, mask)]
 
 
 def value_head(model) -> torch.nn.Module:
@@ -153,7 +174,10 @@ class DataKind:
     ``keep(row)`` (rows with nothing to learn are dropped) and ``logps(objective, model, batch)`` -> (the loss's
     log-probs, metrics) for preference kinds. Sampled kinds (online rounds; the file gives only prompts) also
     have ``from_samples(prompt, replies, scores)`` -> the example a round trains on (None: nothing to learn),
-    ``unit`` naming those examples."""
+    ``unit`` naming those examples, ``unit_needs`` what one needs (for the warning when a round has none) and
+    ``record(example)`` -> extra fields of the round's ``samples.jsonl`` record. ``batch_estimate``: why the
+    loss needs at least two rows per batch (an estimate across the batch's rows), None when it does not; such
+    kinds train on full batches only (an epoch's last, smaller one is dropped)."""
 
     encode: Callable | None
     collator: Callable[[int, int | None, int], Any]
@@ -161,6 +185,9 @@ class DataKind:
     keep: Callable[[Any], bool] = lambda row: True
     from_samples: Callable[[list, list[str], list[float]], Any] | None = None
     unit: str = "rows"
+    unit_needs: str = ""
+    record: Callable[[Any], dict] = lambda example: {}
+    batch_estimate: str | None = None
 
 
 def _encode_prompted(fn):
@@ -176,6 +203,11 @@ def _best_worst_pair(prompt, replies: list[str], scores: list[float]) -> Prefere
     return None if pair is None else PreferenceExample(prompt=prompt, chosen=pair[0], rejected=pair[1])
 
 
+def _pair_record(ex: PreferenceExample | None) -> dict:
+    """Which two replies were paired (a group trains on every reply in "used")."""
+    return {"pair": None if ex is None else {"chosen": ex.chosen, "rejected": ex.rejected}}
+
+
 def _group(prompt, replies: list[str], scores: list[float]) -> RankedExample | None:
     # equal rewards still train: the KL term (and, for RLOO, the KL-shaped reward) moves the policy
     return RankedExample(prompt=prompt, responses=list(replies), scores=list(scores)) if len(replies) >= 2 else None
@@ -186,15 +218,17 @@ DATA_KINDS: dict[str, DataKind] = {
                     keep=lambda r: any(t != IGNORE for t in r.labels[1:])),  # a reply cut off by max_length
     "pairs": DataKind(_encode_prompted(encode_pair), _pair_collator, _pairs),
     "online": DataKind(_encode_prompted(encode_pair), _pair_collator, _pairs, from_samples=_best_worst_pair,
-                       unit="pairs"),
+                       unit="pairs", unit_needs="every prompt's replies scored equally", record=_pair_record),
     "groups": DataKind(_encode_prompted(encode_ranked), lambda p, n, m: RankedCollator(p, n), _ranked,
-                       from_samples=_group, unit="groups"),
+                       from_samples=_group, unit="groups", unit_needs="a group needs at least 2 replies per prompt"),
     "binary": DataKind(_encode_prompted(encode_completion), lambda p, n, m: BinaryCollator(p, kl=True, max_length=m),
-                       _unpaired),
+                       _unpaired,
+                       batch_estimate="its KL estimate pairs each completion with another row's prompt in the batch"),
     "negatives": DataKind(_encode_prompted(encode_completion),
                           lambda p, n, m: BinaryCollator(p, kl=False, max_length=m), _unpaired),
     "rewarded": DataKind(_encode_prompted(encode_completion),
-                         lambda p, n, m: BinaryCollator(p, kl=False, max_length=m), _unpaired),
+                         lambda p, n, m: BinaryCollator(p, kl=False, max_length=m), _unpaired,
+                         batch_estimate="its value estimate is the batch's mean (a row alone has residual 0)"),
     "ranked": DataKind(_encode_prompted(encode_ranked), lambda p, n, m: RankedCollator(p, n), _ranked),
 }
 
@@ -207,6 +241,10 @@ class PreferenceObjective:
     # memoised / disk-cached reference log-probs (paft.train.reference); None: the adapter-disabled forward
     reference: Any = None
     full_logits: bool = False  # the plain path: full-vocabulary logits at every position
+    # during an online round of a ratio method (``LossSpec.ratio``): snapshots (``ReferenceLogps``) of the
+    # round's sampling policy pi_old, and of its value head V_old for PPO; None outside a round
+    old: Any = None
+    old_values: Any = None
 
     def __post_init__(self):
         self.spec = get_loss(self.method)
@@ -217,20 +255,41 @@ class PreferenceObjective:
         lp, metrics = self.kind.logps(self, model, batch)
         return self.spec.fn(lp, beta=self.beta, **self.kwargs).mean(), metrics
 
+    def start_round(self, model, batches: list) -> None:
+        """Before an online round trains on ``batches`` (sampled by the current policy): freeze that policy as
+        pi_old (and its values as V_old) for ratio methods. A round takes several optimiser steps on its
+        groups, so from the second on the ratio pi_theta / pi_old and its clip are real (TRL does the same
+        with ``num_iterations`` > 1). The snapshot computes in the training step's precision (the reference's
+        autocast), so rho at the first step is 1 up to float rounding."""
+        if not self.spec.ratio:
+            return
+        precision = self.reference.precision if self.reference is not None else contextlib.nullcontext
+        self.old = ReferenceLogps(None, cache=False, precision=precision)
+        self.old.snapshot(model, batches)
+        if self.spec.value_head:
+            self.old_values = ReferenceLogps(None, cache=False, precision=precision)
+            self.old_values.snapshot(model, batches, read=_value_lists)
+
+    def end_round(self) -> None:
+        """Drop the round's snapshots and the reference's per-token memo of its sampled replies."""
+        self.old = self.old_values = None
+        if self.reference is not None:
+            self.reference.forget_tokens()
+
     def reference_logps(self, model, batch) -> torch.Tensor:
         """Summed reference log-prob of each sequence of the batch (no gradient): cached, or the
         adapter-disabled forward."""
         if self.reference is not None:
             return self.reference(model, batch)
-        with torch.no_grad(), model.disable_adapter():
-            return batch_sequence_logps(model, batch, self.full_logits)[0].detach()
+        with reference_forward(model) as ref:
+            return batch_sequence_logps(ref, batch, self.full_logits)[0].detach()
 
     def reference_token_logps(self, model, batch) -> torch.Tensor:
         """Reference log-prob of every label token, [n, T] right-padded (``token_matrix``'s layout)."""
         if self.reference is not None:
             return self.reference.tokens(model, batch)
-        with torch.no_grad(), model.disable_adapter():
-            return token_matrix(*batch_token_logps(model, batch, self.full_logits))[0].detach()
+        with reference_forward(model) as ref:
+            return token_matrix(*batch_token_logps(ref, batch, self.full_logits))[0].detach()
 
 
 def _rows(batch, start: int, stop: int) -> dict[str, torch.Tensor]:

@@ -23,11 +23,12 @@ Staged and online methods (sDPO, iterative DPO with ``reference: previous``) use
 ``snapshot``: the reference of a stage is the policy at the stage's start, so its
 log-probs are computed eagerly for that stage's rows with the adapter *enabled*,
 kept in memory only (that model exists nowhere else), and looked up while the stage
-trains.
+trains. The same snapshot freezes an online round's sampling policy pi_old (RLOO, GRPO, PPO reuse a round's
+groups for several optimiser steps; ``paft.train.preference.PreferenceObjective.start_round``).
 
-Token-level methods (GRPO's per-token KL) ask ``tokens``: the reference log-prob of every label token,
-memoised per row the same way and saved under ``token_logps`` beside the sums (a row's sum is the
-sum of its tokens, so a token entry also fills the sum's).
+Token-level methods (GRPO's and PPO's per-token KL) ask ``tokens``: the reference log-prob of every label
+token, memoised in memory only and dropped at each online round's end (``forget_tokens``): sampled replies
+never recur, so writing them to the file would only grow it.
 """
 
 from __future__ import annotations
@@ -36,13 +37,26 @@ import contextlib
 import hashlib
 import json
 from pathlib import Path
-from typing import Callable, ContextManager, Iterable
+from typing import Callable, ContextManager, Iterable, Iterator
 
 import torch
 
 from paft.data.packing import is_packed, sequence_key
 from paft.io import cache_root, sha256_file, write_json_atomic
 from paft.models.logps import batch_sequence_logps, batch_token_logps, token_matrix, trim_padding
+
+
+@contextlib.contextmanager
+def reference_forward(model, frozen=None) -> Iterator:
+    """The model whose forward is the reference, under ``no_grad``: the frozen copy of the start weights (full
+    fine-tuning) when given, else ``model`` with its LoRA adapter disabled. Every reference forward goes
+    through here."""
+    with torch.no_grad():
+        if frozen is not None:
+            yield frozen
+        else:
+            with model.disable_adapter():
+                yield model
 
 
 def row_key(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> str:
@@ -67,6 +81,7 @@ class ReferenceLogps:
         self.path, self.cache = path, cache
         self.model, self.precision = model, precision
         self.values: dict[str, float] = {}
+        # per-token entries: memory only (online sampled replies never recur; ``forget_tokens`` at a round's end)
         self.token_values: dict[str, list[float]] = {}
         self.snapshot_values: dict[str, float] | None = None
         self.snapshot_tokens: dict[str, list[float]] | None = None
@@ -76,9 +91,8 @@ class ReferenceLogps:
             try:
                 data = json.loads(path.read_text())
                 self.values = {k: float(v) for k, v in data["logps"].items()}
-                self.token_values = {k: [float(x) for x in v] for k, v in data.get("token_logps", {}).items()}
             except (ValueError, KeyError, TypeError, AttributeError):
-                self.values, self.token_values = {}, {}  # unreadable cache: recompute (it is only a cache)
+                self.values = {}  # unreadable cache: recompute (it is only a cache)
 
     def __call__(self, model, batch: dict) -> torch.Tensor:
         """Summed reference log-prob of each sequence of ``batch`` (either layout of ``paft.models.logps``)."""
@@ -111,7 +125,8 @@ class ReferenceLogps:
 
     def tokens(self, model, batch: dict) -> torch.Tensor:
         """Reference log-prob of every label token, [n, T] right-padded with 0 (the layout of
-        ``paft.models.logps.token_matrix``)."""
+        ``paft.models.logps.token_matrix``). Memoised in memory only, never written to ``path``: token-level
+        losses train on online sampled replies, which never recur across runs."""
         device = batch["input_ids"].device
         keys = batch_keys(batch)
         if self.snapshot_tokens is not None:
@@ -127,38 +142,33 @@ class ReferenceLogps:
             if missing:  # the whole batch: a packed one cannot run a subset, and token rows are rarely reused
                 for k, v in zip(keys, self._token_forward(model, batch)):
                     table[k] = v
-                    if self.cache:
-                        self.values[k] = float(sum(v))
-                self._dirty = self.cache
         rows = [table[k] for k in keys]
         width = max((len(r) for r in rows), default=0)
         return torch.tensor([r + [0.0] * (width - len(r)) for r in rows], device=device, dtype=torch.float32)
 
-    @torch.no_grad()
     def _token_forward(self, model, batch: dict) -> list[list[float]]:
-        if self.model is not None:
-            return _token_lists(self.model, batch)
-        with model.disable_adapter():
-            return _token_lists(model, batch)
+        with reference_forward(model, self.model) as ref:
+            return _token_lists(ref, batch)
 
-    @torch.no_grad()
     def _forward(self, model, batch: dict) -> torch.Tensor:
-        """The reference forward: the frozen copy (full fine-tuning), else the policy with its adapter disabled."""
-        if self.model is not None:
-            return batch_sequence_logps(self.model, batch)[0].detach().float()
-        with model.disable_adapter():
-            return batch_sequence_logps(model, batch)[0].detach().float()
+        with reference_forward(model, self.model) as ref:
+            return batch_sequence_logps(ref, batch)[0].detach().float()
 
     @torch.no_grad()
-    def snapshot(self, model, batches: Iterable[dict[str, torch.Tensor]]) -> int:
-        """Freeze the current policy (adapter enabled) as the reference for the rows of ``batches``."""
+    def snapshot(self, model, batches: Iterable[dict[str, torch.Tensor]],
+                 read: Callable[[object, dict], list[list[float]]] | None = None) -> int:
+        """Freeze the current policy (adapter enabled, eval mode) for the rows of ``batches``: as the reference
+        (sDPO's stages, online reference "previous"), or as the sampling policy pi_old of an online round.
+        ``read(model, batch)`` -> each sequence's per-token values (default: its label-token log-probs; PPO's
+        V_old reads the value head the same way)."""
+        read = read or _token_lists
         was_training = model.training
         model.eval()
         table: dict[str, list[float]] = {}
         try:
             with self.precision():
                 for b in batches:
-                    for key, v in zip(batch_keys(b), _token_lists(model, b)):
+                    for key, v in zip(batch_keys(b), read(model, b)):
                         table[key] = v
         finally:
             model.train(was_training)
@@ -169,18 +179,21 @@ class ReferenceLogps:
     def release_snapshot(self) -> None:
         self.snapshot_values = self.snapshot_tokens = None
 
+    def forget_tokens(self) -> None:
+        """Drop the in-memory per-token memo (an online round's sampled replies)."""
+        self.token_values = {}
+
     def save(self) -> None:
         """Write the memo to ``path`` (merged with entries other runs wrote meanwhile)."""
         if self.path is None or not self.cache or not self._dirty:
             return
-        merged, tokens = dict(self.values), dict(self.token_values)
+        merged = dict(self.values)
         if self.path.is_file():
             try:
-                old = json.loads(self.path.read_text())
-                merged, tokens = {**old["logps"], **merged}, {**old.get("token_logps", {}), **tokens}
+                merged = {**json.loads(self.path.read_text())["logps"], **merged}
             except (ValueError, KeyError, TypeError, AttributeError):
                 pass
-        write_json_atomic(self.path, {"format": 1, "logps": merged, **({"token_logps": tokens} if tokens else {})})
+        write_json_atomic(self.path, {"format": 1, "logps": merged})
         self._dirty = False
 
 

@@ -218,10 +218,13 @@ def route_tensorboard(trainer: Trainer, log_dir: Path) -> None:
 
 
 def training_args(cfg: TrainConfig, out_dir: Path, *, seed: int, device: str, bf16: bool,
-                  n_examples: int, report_to: Iterable[str] = (), run_name: str | None = None) -> TrainingArguments:
+                  n_examples: int, report_to: Iterable[str] = (), run_name: str | None = None,
+                  drop_last: bool = False) -> TrainingArguments:
+    """``drop_last``: skip an epoch's last, smaller batch (an objective that estimates across a batch's rows)."""
     report_to = list(report_to)
     check_report_to(report_to)
-    steps_per_epoch = math.ceil(n_examples / (cfg.batch_size * cfg.grad_accum))
+    batches = n_examples // cfg.batch_size if drop_last else math.ceil(n_examples / cfg.batch_size)
+    steps_per_epoch = math.ceil(max(1, batches) / cfg.grad_accum)
     return TrainingArguments(
         output_dir=str(out_dir),
         per_device_train_batch_size=cfg.batch_size,
@@ -245,6 +248,7 @@ def training_args(cfg: TrainConfig, out_dir: Path, *, seed: int, device: str, bf
         disable_tqdm=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        dataloader_drop_last=drop_last,
     )
 
 
@@ -329,6 +333,7 @@ class Harness:
     report_to: Iterable[str] = ()
     thread_share: tuple[int, Any] | None = None
     reference: Any = None  # a ReferenceLogps whose memo is saved at every checkpoint
+    drop_last: bool = False  # skip each epoch's last, smaller batch (``DataKind.batch_estimate``)
     log_history: list[dict[str, Any]] = field(default_factory=list)
     t0: float = field(default_factory=time.perf_counter)
 
@@ -337,7 +342,8 @@ class Harness:
         t = self.tcfg if max_steps is None else self.tcfg.model_copy(update={"max_steps": max_steps})
         out_dir = Path(self.out_dir)
         args = training_args(t, ckpt_dir, seed=self.seed, device=self.device, bf16=self.bf16, n_examples=len(rows),
-                             report_to=self.report_to, run_name=f"{out_dir.resolve().parent.name}/{self.name}")
+                             report_to=self.report_to, run_name=f"{out_dir.resolve().parent.name}/{self.name}",
+                             drop_last=self.drop_last)
         progress = ProgressCallback(self.report, self.name)
         trainer = PaftTrainer(model=self.model, args=args, train_dataset=rows, data_collator=collator,
                               objective=self.objective, name=self.name, callbacks=[progress])
