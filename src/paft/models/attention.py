@@ -29,35 +29,20 @@ def packed_sdpa(module, query, key, value, attention_mask, paft_spans=None, **kw
     """``sdpa_attention_forward`` per document span ``(row, start, end, causal_only)`` of the packed batch."""
     if paft_spans is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    width = query.shape[2]
-    by_row: dict[int, list[tuple[int, int, int]]] = {}
+    rows, width = query.shape[0], query.shape[2]
+    pieces: list[list[torch.Tensor]] = [[] for _ in range(rows)]
+    filled = [0] * rows
     for r, s, e, causal in paft_spans:
-        by_row.setdefault(r, []).append((s, e, causal))
-    rows = []
-    # one split per row and tensor, not a slice per document: a slice's backward writes its gradient into a
-    # zeroed copy of the whole row, a split's backward concatenates the pieces once (same numbers, less traffic)
-    for r, (q, k, v) in enumerate(zip(query.split(1), key.split(1), value.split(1))):
-        segments, at = [], 0  # (start, end, causal_only), or None for causal_only where no document is (padding)
-        for s, e, causal in sorted(by_row.get(r, ())):
-            if s > at:
-                segments.append((at, s, None))
-            segments.append((s, e, causal))
-            at = e
-        if at < width:
-            segments.append((at, width, None))
-        sizes = [e - s for s, e, _ in segments]
-        pieces: list[torch.Tensor | None] = []
-        for (s, e, causal), qs, ks, vs in zip(segments, q.split(sizes, 2), k.split(sizes, 2), v.split(sizes, 2)):
-            if causal is None:
-                pieces.append(None)
-                continue
-            mask = None if causal else attention_mask[r:r + 1, :, s:e, s:e]
-            pieces.append(sdpa_attention_forward(module, qs, ks, vs, mask, **kwargs)[0])  # [1, L, H, D]
-        like = next((p for p in pieces if p is not None), query.transpose(1, 2)[:, :0])
-        # padding: never read by a target, its own output is zero
-        rows.append(torch.cat([p if p is not None else like.new_zeros(1, n, *like.shape[2:])
-                               for p, n in zip(pieces, sizes)], dim=1))
-    return torch.cat(rows, dim=0), None
+        mask = None if causal else attention_mask[r:r + 1, :, s:e, s:e]
+        out, _ = sdpa_attention_forward(module, query[r:r + 1, :, s:e], key[r:r + 1, :, s:e],
+                                        value[r:r + 1, :, s:e], mask, **kwargs)
+        pieces[r].append(out)  # [1, L, H, D]
+        filled[r] = e
+    heads, dim = query.shape[1], query.shape[3]
+    for r in range(rows):
+        if filled[r] < width:  # padding: never read by a target, its own output is zero
+            pieces[r].append(query.new_zeros(1, width - filled[r], heads, dim))
+    return torch.cat([torch.cat(p, dim=1) for p in pieces], dim=0), None
 
 
 AttentionInterface.register(NAME, packed_sdpa)
