@@ -38,6 +38,21 @@ def tiny_model(tiny_dir):
     return load_model(tiny_dir)
 
 
+@pytest.fixture()
+def lora_model(tiny_model):
+    """The tiny model with a LoRA adapter (r=4) whose B is non-zero, so the policy and the adapter-disabled
+    reference differ."""
+    from paft.config import LoraConfig
+    from paft.train.lora import attach_lora
+
+    model = attach_lora(tiny_model, LoraConfig(r=4, alpha=8), 0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return model
+
+
 @pytest.fixture(scope="session")
 def reward_dir(tmp_path_factory, tiny_dir):
     """A `paft reward`-shaped folder written directly (random head, perturbed LoRA): no training needed."""

@@ -4,14 +4,12 @@ log-probs, losses and gradients, for SFT, pairs and ranked lists, and the same r
 import pytest
 import torch
 
-from paft.config import LoraConfig
 from paft.data.collate import PairCollator, RankedCollator, SFTCollator
 from paft.data.formats import PreferenceExample, RankedExample, SFTExample
 from paft.data.packing import Doc, pack
 from paft.data.tokenize import IGNORE, encode_pair, encode_ranked, encode_sft
 from paft.models.attention import packing_unsupported
 from paft.models.logps import batch_sequence_logps, batch_token_logps
-from paft.train.lora import attach_lora
 from paft.train.preference import PreferenceObjective
 from paft.train.reference import ReferenceLogps, batch_keys
 from paft.train.sft import SFTObjective
@@ -31,16 +29,6 @@ def _ranked(n=3):
     return [RankedExample(prompt=[{"role": "user", "content": f"rank {i} " + "b " * (2 * i)}],
                           responses=["good " * (i + 1), "fine " * 2, "bad " * (3 - i)][: 2 + (i % 2)],
                           scores=[3.0, 2.0, 1.0][: 2 + (i % 2)]) for i in range(n)]
-
-
-@pytest.fixture()
-def lora_model(tiny_model):
-    model = attach_lora(tiny_model, LoraConfig(r=4, alpha=8), 0)
-    with torch.no_grad():  # a non-zero adapter, so policy and reference differ
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    return model
 
 
 def _loss_and_grads(model, objective, batch):

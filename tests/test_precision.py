@@ -54,11 +54,9 @@ def test_bf16_branch_computes_in_bf16_and_matches_fp32(tmp_path, branch, extra):
     assert loss16 != loss32  # the rounding is real: the two paths did not run the same arithmetic
 
 
-def test_reference_snapshot_computes_in_the_training_precision(tiny_model, tiny_tok):
+def test_reference_snapshot_computes_in_the_training_precision(lora_model, tiny_tok):
     """A stage or round snapshot runs outside the Trainer; under bf16 it must use the step's autocast, or a
     policy equal to its snapshot starts with a nonzero log-ratio (reviewer's finding on the autocast change)."""
-    from peft import LoraConfig, get_peft_model
-
     from paft.data.demo import preference_examples
     from paft.data.tokenize import encode_pair
     from paft.device import autocast
@@ -67,7 +65,7 @@ def test_reference_snapshot_computes_in_the_training_precision(tiny_model, tiny_
     from paft.train.preference import DATA_KINDS
     from paft.train.reference import ReferenceLogps
 
-    model = get_peft_model(tiny_model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model = lora_model
     rows = [encode_pair(e, tiny_tok, 128, 96) for e in preference_examples(6, 0)]
     batch = next(collate_all(DATA_KINDS["pairs"].collator(tiny_tok.pad_token_id, 512, 128), rows, 6))
     with torch.no_grad(), autocast("cpu", True):  # what the training step computes for the policy

@@ -261,18 +261,6 @@ def test_token_matrix_pads_each_sequence_in_position_order():
     torch.testing.assert_close((values * mask).sum(1), sequence_sums(logps, seq, 4)[0])
 
 
-def _lora(tiny_model):
-    from paft.config import LoraConfig
-    from paft.train.lora import attach_lora
-
-    model = attach_lora(tiny_model, LoraConfig(r=4, alpha=8), 0)
-    with torch.no_grad():  # a non-zero adapter, so "adapter disabled" and "policy" differ
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    return model
-
-
 def _group_batch(tok, packed=False):
     from paft.data.formats import RankedExample
     from paft.train.preference import DATA_KINDS
@@ -290,12 +278,12 @@ def _group_batch(tok, packed=False):
 
 @pytest.mark.parametrize("method", ["grpo", "ppo"])
 @pytest.mark.parametrize("packed", [False, True])
-def test_token_level_group_objectives_read_per_token_policy_and_reference(tiny_model, tiny_tok, packed, method):
+def test_token_level_group_objectives_read_per_token_policy_and_reference(lora_model, tiny_tok, packed, method):
     from paft.models.logps import sequence_logps
     from paft.train.preference import PreferenceObjective
     from paft.train.reference import ReferenceLogps
 
-    model = _lora(tiny_model)
+    model = lora_model
     plain = _group_batch(tiny_tok)
     batch = _group_batch(tiny_tok, packed) if packed else plain
     obj = PreferenceObjective(method, 0.04)
@@ -320,12 +308,12 @@ def test_token_level_group_objectives_read_per_token_policy_and_reference(tiny_m
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora" in n)
 
 
-def test_reference_token_memo_stays_in_memory_and_snapshots(tiny_model, tiny_tok, tmp_path):
+def test_reference_token_memo_stays_in_memory_and_snapshots(lora_model, tiny_tok, tmp_path):
     """Per-token reference entries (online sampled replies, which never recur) are memoised for the round only:
     never written to the cache file, which ``save`` rewrites whole."""
     from paft.train.reference import ReferenceLogps
 
-    model = _lora(tiny_model)
+    model = lora_model
     b = _group_batch(tiny_tok)
     path = tmp_path / "ref.json"
     a = ReferenceLogps(path)
@@ -420,7 +408,7 @@ def test_tdpo_closed_forms(beta):
         run("tdpo", lp, beta, variant=3)
 
 
-def test_tdpo_objective_computes_the_sequential_kl_from_full_distributions(tiny_model, tiny_tok):
+def test_tdpo_objective_computes_the_sequential_kl_from_full_distributions(lora_model, tiny_tok):
     """D(y) against a plain full-logits computation, and the DPO sums against the sequence log-prob readers."""
     from paft.data.collate import PairCollator
     from paft.data.formats import PreferenceExample
@@ -428,7 +416,7 @@ def test_tdpo_objective_computes_the_sequential_kl_from_full_distributions(tiny_
     from paft.models.logps import sequence_logps
     from paft.train.preference import PreferenceObjective
 
-    model = _lora(tiny_model)
+    model = lora_model
     ex = [PreferenceExample(prompt=[{"role": "user", "content": f"q {i}"}], chosen="yes " * (i + 1),
                             rejected="no " * (3 - i)) for i in range(3)]
     b = PairCollator(tiny_tok.pad_token_id)([encode_pair(e, tiny_tok, 96, 64) for e in ex])
@@ -454,13 +442,13 @@ def test_tdpo_objective_computes_the_sequential_kl_from_full_distributions(tiny_
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora" in n)
 
 
-def test_tdpo_packed_batch_gives_the_padded_values(tiny_model, tiny_tok):
+def test_tdpo_packed_batch_gives_the_padded_values(lora_model, tiny_tok):
     from paft.data.collate import PairCollator
     from paft.data.formats import PreferenceExample
     from paft.data.tokenize import encode_pair
     from paft.train.preference import PreferenceObjective
 
-    model = _lora(tiny_model)
+    model = lora_model
     rows = [encode_pair(PreferenceExample(prompt=[{"role": "user", "content": f"q {i}"}], chosen="yes " * (i + 1),
                                           rejected="no " * (3 - i)), tiny_tok, 96, 64) for i in range(3)]
     obj = PreferenceObjective("tdpo", 0.1)
@@ -644,12 +632,12 @@ def test_ppo_closed_form_value_and_gradients():
     torch.testing.assert_close(values.grad, gv)
 
 
-def test_ppo_value_head_trains_with_the_adapter_and_stays_out_of_the_adapter_folder(tiny_model, tiny_tok, tmp_path):
+def test_ppo_value_head_trains_with_the_adapter_and_stays_out_of_the_adapter_folder(lora_model, tiny_tok, tmp_path):
     from safetensors.torch import load_file
 
     from paft.train.preference import VALUE_HEAD, PreferenceObjective, attach_value_head
 
-    model = _lora(tiny_model)
+    model = lora_model
     attach_value_head(model)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any(VALUE_HEAD in n for n in trainable) and any("lora" in n for n in trainable)  # the optimizer sees both
@@ -679,14 +667,14 @@ def test_ppo_with_full_fine_tuning_is_a_config_error():
 
 
 @pytest.mark.parametrize("method", ["grpo", "ppo"])
-def test_a_second_step_on_a_round_s_groups_is_off_policy(tiny_model, tiny_tok, method):
+def test_a_second_step_on_a_round_s_groups_is_off_policy(lora_model, tiny_tok, method):
     """An online round takes several optimiser steps on its groups: pi_old (and PPO's V_old) is the snapshot taken
     before the round trained, so after one step rho = pi / pi_old != 1 (before, pi_old was the current policy)."""
     from paft.train.preference import PreferenceObjective, attach_value_head
     from paft.train.reference import ReferenceLogps
 
     torch.manual_seed(0)
-    model = _lora(tiny_model)
+    model = lora_model
     if method == "ppo":
         attach_value_head(model)
     batch = _group_batch(tiny_tok)
@@ -714,14 +702,14 @@ def test_a_second_step_on_a_round_s_groups_is_off_policy(tiny_model, tiny_tok, m
     assert obj.kind.logps(obj, model, batch)[0].old_tokens is None
 
 
-def test_grpo_after_a_step_clips_tokens_the_update_pushed_too_far(tiny_model, tiny_tok):
+def test_grpo_after_a_step_clips_tokens_the_update_pushed_too_far(lora_model, tiny_tok):
     """The clip engages in GRPO's own loss: after a large step the surrogate's gradient at tokens whose rho left
     the clip range in the advantage's direction is zero (beta 0: the surrogate only)."""
     from paft.methods.losses import group_advantages
     from paft.train.preference import PreferenceObjective
     from paft.train.reference import ReferenceLogps
 
-    model = _lora(tiny_model)
+    model = lora_model
     batch = _group_batch(tiny_tok)
     obj = PreferenceObjective("grpo", 0.0)
     obj.reference = ReferenceLogps(None)
@@ -742,12 +730,12 @@ def test_grpo_after_a_step_clips_tokens_the_update_pushed_too_far(tiny_model, ti
     assert (lp.policy_tokens.grad[tm & ~binding & (adv != 0)] != 0).all()
 
 
-def test_token_level_groups_run_the_reference_forward_once(tiny_model, tiny_tok, monkeypatch):
+def test_token_level_groups_run_the_reference_forward_once(lora_model, tiny_tok, monkeypatch):
     """GRPO/PPO read per-token reference log-probs; the per-reply sums come from them, not a second forward."""
     from paft.train.preference import PreferenceObjective
     from paft.train.reference import ReferenceLogps
 
-    model = _lora(tiny_model)
+    model = lora_model
     batch = _group_batch(tiny_tok)
     calls = []
     token_forward = ReferenceLogps._token_forward
@@ -764,10 +752,10 @@ def test_token_level_groups_run_the_reference_forward_once(tiny_model, tiny_tok,
     torch.testing.assert_close(lp.ref, (lp.ref_tokens * lp.token_mask).sum(-1))
 
 
-def test_ppo_values_stay_float32_under_bf16_autocast(tiny_model, tiny_tok):
+def test_ppo_values_stay_float32_under_bf16_autocast(lora_model, tiny_tok):
     from paft.train.preference import PreferenceObjective, attach_value_head
 
-    model = _lora(tiny_model)
+    model = lora_model
     attach_value_head(model)
     with torch.no_grad():
         torch.nn.init.normal_(getattr(model, "paft_value_head").weight, std=0.1)
@@ -778,11 +766,11 @@ def test_ppo_values_stay_float32_under_bf16_autocast(tiny_model, tiny_tok):
     assert lp.values.dtype == torch.float32
 
 
-def test_reference_forward_is_the_frozen_copy_else_the_adapter_disabled_model(tiny_model, tiny_tok):
+def test_reference_forward_is_the_frozen_copy_else_the_adapter_disabled_model(lora_model, tiny_tok):
     from paft.models.logps import batch_sequence_logps
     from paft.train.reference import reference_forward
 
-    model = _lora(tiny_model)
+    model = lora_model
     batch = _group_batch(tiny_tok)
     with reference_forward(model) as ref:
         assert ref is model and not torch.is_grad_enabled()

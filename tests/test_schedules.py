@@ -6,12 +6,11 @@ import random
 import pytest
 import torch
 
-from paft.config import LoraConfig, load_config
+from paft.config import load_config
 from paft.data.collate import PairCollator
 from paft.data.formats import PreferenceExample, unique_prompts
 from paft.data.tokenize import encode_pair
 from paft.pipeline import Run
-from paft.train.lora import attach_lora
 from paft.methods.schedules import best_worst, rejection_sample
 from paft.train.phases import split_steps
 from paft.train.reference import ReferenceLogps, reference_identity, row_key
@@ -20,16 +19,6 @@ from paft.train.reference import ReferenceLogps, reference_identity, row_key
 def _pairs(n=4):
     return [PreferenceExample(prompt=[{"role": "user", "content": f"question number {i}"}],
                               chosen="yes " * (i + 1), rejected="no " * (4 - i)) for i in range(n)]
-
-
-@pytest.fixture()
-def lora_model(tiny_model):
-    model = attach_lora(tiny_model, LoraConfig(r=4, alpha=8), 0)
-    with torch.no_grad():  # a non-zero adapter, so "adapter disabled" and "policy" differ
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    return model
 
 
 def _batch(tok, n=4):
