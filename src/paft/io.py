@@ -117,13 +117,18 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def _refuse_file(folder: Path) -> None:
+    """An output folder's path must not name a file: paft never replaces one (it is not a paft output)."""
+    if folder.exists() and not folder.is_dir():
+        raise PaftError(f"{folder}: is a file, not a folder; choose another --out")
+
+
 def check_output_dir(final: str | os.PathLike, force: bool = False) -> None:
     """``final`` can become an output folder: not a file (never replaced, --force or not: it is not a paft
     output), and absent unless ``force``. ``atomic_dir`` checks it; long jobs call it first, to fail before
     the work."""
     final = Path(final)
-    if final.exists() and not final.is_dir():
-        raise PaftError(f"{final}: is a file, not a folder; choose another --out")
+    _refuse_file(final)
     if output_exists(final) and not force:
         raise PaftError(f"{final}: output exists; pass --force to overwrite")
 
@@ -193,8 +198,7 @@ def lock_folder(folder: str | os.PathLike, command: str | None = None) -> Path:
     workers do not inherit it.
     """
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise PaftError(f"{folder}: is a file, not a folder; choose another --out")
+    _refuse_file(folder)
     path = folder / LOCK_NAME
     try:
         folder.mkdir(parents=True, exist_ok=True)
