@@ -15,6 +15,8 @@ from paft.eval.harness import HarnessSuite
 from paft.eval.judges import (harm_messages, harmlessness_metrics, load_harm_prompts, pairwise_judge,
                               pairwise_verdicts, refusal_judge, refusal_labels, rm_win_rate, win_rates)
 from paft.eval.metrics import completion_nll, exact_match, pair_logps, preference_scores
+from paft.merge.live import LiveMerge
+from paft.merge.mergekit_config import MergePlan
 from paft.models import load_model, load_tokenizer, resolve_model_dir
 from paft.models.folders import check_weights
 from paft.models.generation import generate_replies
@@ -27,10 +29,13 @@ class ModelSpec:
     path: Path  # an HF folder, or the base folder when ``adapter`` is set
     adapter: Path | None = None
     tokenizer: Path | None = None  # the model's own tokenizer folder; None: the tokenizer evaluate_models is given
+    plan: MergePlan | None = None  # a merge applied in memory to ``path`` (its base): no model folder is written
 
 
 def load_spec(spec: ModelSpec, cfg: PaftConfig, device: str):
     model = load_model(spec.path, cfg.model.dtype, device, cfg.model.trust_remote_code)
+    if spec.plan is not None:
+        model = LiveMerge(model, spec.path).apply(spec.plan)
     if spec.adapter is not None:
         from peft import PeftModel  # heavy: only when an adapter is evaluated
 
