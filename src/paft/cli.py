@@ -74,10 +74,18 @@ def _guard(fn):
 @app.command("run")
 @_guard
 def run_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = None, out: OutOpt = None,
-            force: ForceOpt = False):
+            force: ForceOpt = False,
+            seeds: Annotated[Optional[int], typer.Option(
+                "--seeds", help="repeat the run under N training seeds; mean ± std per model (run.seeds)")] = None):
     """The whole PAFT pipeline: branches in parallel, sequential baseline, sparsity, merge, eval, report."""
     start = time.perf_counter()
-    run, ui = _run(config, set_, preset, out, force, prepare=False)  # all() prepares
+    sets = [*(set_ or []), *([f"run.seeds={seeds}"] if seeds is not None else [])]
+    run, ui = _run(config, sets, preset, out, force, prepare=False)  # all() prepares
+    if run.cfg.run.seeds > 1:
+        report = _run_seeds(run.cfg, ui)
+        console.print(f"report: [bold]{report}[/], {report.with_suffix('.html')}  "
+                      f"({time.perf_counter() - start:.0f} s)", highlight=False)
+        return
     with ui:
         report = run.all()
     _print_summary(run)
@@ -380,6 +388,34 @@ def sweep_cmd(
         first = res.failed[0]
         raise PaftError(f"{len(res.failed)} of {len(df)} cells failed (first: {first['key']}: {first['error']}); "
                         f"run the same command again to retry them")
+
+
+def _run_seeds(cfg, ui) -> Path:
+    """`paft run --seeds N`: the run as a sweep over run.seed; prints each model's mean ± std."""
+    from paft.sweep import run_sweep
+    from paft.sweep.seeds import model_summary, seed_sweep
+
+    with ui:
+        res = run_sweep(seed_sweep(cfg), cfg.run.output_dir, ui=ui)
+    summary = model_summary(res.table)
+    if summary:
+        from paft.report.metrics import metric_info
+        from paft.report.style import LABELS
+
+        table = Table(title=f"held-out metrics, mean ± std over {len(summary['seeds'])} seeds")
+        table.add_column("model")
+        for m in summary["metrics"]:
+            table.add_column(metric_info(m).label, justify="right")
+        for model, row in summary["models"].items():
+            table.add_row(LABELS.get(model, model), *[
+                f"{row[m]['mean']:.3f} ± {row[m]['std'] or 0:.3f}" if row.get(m, {}).get("mean") is not None
+                else "–" for m in summary["metrics"]])
+        console.print(table)
+    if res.failed:
+        first = res.failed[0]
+        raise PaftError(f"{len(res.failed)} of {len(res.records)} seeds failed (first: {first['key']}: "
+                        f"{first['error']}); run the same command again to retry them")
+    return res.report
 
 
 def _print_summary(run) -> None:

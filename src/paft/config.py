@@ -337,6 +337,9 @@ class RunConfig(_Section):
     parallel: bool = Field(True, description="train the SFT and preference branches concurrently")
     sequential_baseline: bool = Field(True, description="also train SFT -> preference in sequence")
     seed: int = 0
+    seeds: int = Field(1, ge=1, description="`paft run`: repeat the run under this many training seeds (run.seed, "
+                                            "run.seed + 1, ...) as a sweep in RUN/cells/; the report gives each "
+                                            "model's mean ± std and marks differences within noise")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps (a GPU setting is checked when a "
                                             "command starts)")
     bf16: Literal["auto", True, False] = Field("auto", description="bf16 autocast for training (auto: if supported)")

@@ -17,9 +17,9 @@ from paft.io import write_bytes_atomic, write_text_atomic
 from paft.report import table, to_markdown
 from paft.report.html import page
 from paft.report.model import Figure, Section, Text
-from paft.sweep.spec import ExecutionSettings, Sweep
+from paft.sweep.seeds import ALPHA, model_summary, summary_tables
+from paft.sweep.spec import SEED_AXIS, ExecutionSettings, Sweep
 
-SEED_AXIS = "run.seed"
 # plotted by default, the first ones present (report.metrics in the sweep file overrides)
 DEFAULT_METRICS = ("paft/pref_accuracy", "paft/sft_exact_match", "sft/sft_nll", "sequential/pref_accuracy",
                    "sequential/sft_exact_match", "train/sft/final_loss", "train/preference/final_loss")
@@ -194,6 +194,22 @@ def summary_rows(df, columns: list[str], metrics: list[str]) -> tuple[list[str],
     return header, rows
 
 
+def _per_model_section(out: Path, df, columns: list[str]) -> Section | None:
+    """A seeds-only sweep (``paft run --seeds N``): every model's mean ± std and its difference from the
+    sequential baseline with a paired test over seeds (also written to ``seeds_summary.json``)."""
+    if columns != [SEED_AXIS]:
+        return None
+    summary = model_summary(df)
+    if summary is None:
+        return None
+    write_text_atomic(out / "seeds_summary.json", json.dumps(summary, indent=2, allow_nan=False, default=str))
+    means, diffs = summary_tables(summary)
+    ref = summary["reference"]
+    return Section(f"Per model, mean ± std over {len(summary['seeds'])} seeds", [
+        means, *([Text(f"Difference from `{ref}`, mean over seeds, with a paired t-test over seeds: a difference "
+                       f"with p ≥ {ALPHA} is within noise."), diffs] if diffs else [])])
+
+
 def write_sweep_report(out: Path, res: SweepResult, ex: ExecutionSettings) -> Path:
     df, sweep, metrics = res.table, res.sweep, res.metrics
     numeric, categorical = _axis_kinds(df, sweep.columns)
@@ -228,8 +244,10 @@ def write_sweep_report(out: Path, res: SweepResult, ex: ExecutionSettings) -> Pa
     failed = [(row["cell"], row["error"]) for _, row in df.iterrows() if row["status"] != "ok"]
 
     seeds = len(summary[0]) - len(metrics) - 1 if summary else 0  # the seed-count column: numbers from there on
+    per_model = _per_model_section(out, df, sweep.columns)
     report = Section(f"Sweep: {name}", [
         Text(intro),
+        *([per_model] if per_model else []),
         *([Section("Mean ± std over seeds", [table(*summary, num_from=seeds)])] if summary else []),
         Section("Cells", [table(cell_header, cell_rows, num_from=len(sweep.columns) + 2)]),
         *([Section("Failed cells", [*(Text(f"- `{k}`: {e} (traceback: `cells/{k}/error.txt`)") for k, e in failed),

@@ -17,6 +17,9 @@ from paft.config import (EXECUTION_KEYS, PRESETS, PaftConfig, check_key, config_
 from paft.errors import ConfigError
 
 
+SEED_AXIS = "run.seed"  # a sweep axis over it becomes mean ± std, not a dimension of the grid
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

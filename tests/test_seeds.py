@@ -1,0 +1,69 @@
+"""`paft run --seeds N`: the seed sweep, the per-model mean ± std, and the paired test of differences."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from paft.cli import app
+from paft.config import load_config
+from paft.errors import PaftError
+from paft.sweep.seeds import model_summary, paired_difference, seed_sweep
+
+
+def test_paired_difference_equals_the_hand_computed_t_test():
+    # d = [1, 1, 2]: mean 4/3, std sqrt(1/3), t = 4 with 2 dof; p = 2 (1 - F(4)), F(t) = 1/2 + t / (2 sqrt(2 + t^2))
+    d = paired_difference([1, 2, 3], [0, 1, 1])
+    assert d["mean"] == pytest.approx(4 / 3) and d["std"] == pytest.approx(math.sqrt(1 / 3)) and d["n"] == 3
+    assert d["p"] == pytest.approx(2 * (0.5 - 4 / (2 * math.sqrt(18))), rel=1e-9)  # 0.0572
+    assert d["within_noise"]  # p >= 0.05
+    assert not paired_difference([1, 2, 3, 4], [0, 1, 1, 2])["within_noise"]  # d = [1, 1, 2, 2]: p = 0.024
+    same = paired_difference([0.5, 0.6], [0.5, 0.6])
+    assert same["mean"] == 0 and same["p"] == 1.0 and same["within_noise"]
+    assert not paired_difference([0.7, 0.8], [0.5, 0.6])["within_noise"]  # a constant gap of 0.2
+    one = paired_difference([0.7], [0.5])
+    assert one["p"] is None and one["within_noise"] and one["std"] is None
+
+
+def test_model_summary_reads_model_columns_over_seeds():
+    df = pd.DataFrame({"cell": ["a", "b", "c"], "run.seed": [0, 1, 2], "status": ["ok"] * 3,
+                       "paft/pref_accuracy": [0.9, 0.8, 0.7], "sequential/pref_accuracy": [1.0, 1.0, 1.0],
+                       "paft/sft_nll": [0.3, 0.3, 0.3], "sequential/sft_nll": [0.2, 0.21, 0.22],
+                       "train/sft/steps": [40, 40, 40], "paft/eval_s": [1, 2, 3]})
+    s = model_summary(df)
+    assert s["seeds"] == [0, 1, 2] and s["metrics"] == ["sft_nll", "pref_accuracy"]
+    assert set(s["models"]) == {"paft", "sequential"}  # train/ and sparsity/ columns are not models
+    acc = s["models"]["paft"]["pref_accuracy"]
+    assert acc["mean"] == pytest.approx(0.8) and acc["std"] == pytest.approx(0.1) and acc["n"] == 3
+    assert acc["vs_reference"]["mean"] == pytest.approx(-0.2)
+    assert "vs_reference" not in s["models"]["sequential"]["pref_accuracy"]
+    assert model_summary(df.assign(**{"run.seed": [0, 0, 0]})) is None  # one seed: nothing to summarise
+
+
+def test_seed_sweep_cells_and_refusals(tmp_path):
+    cfg = load_config(preset="tiny", overrides=[f"run.output_dir={tmp_path / 'r'}", "run.seeds=3", "run.seed=5"])
+    sweep = seed_sweep(cfg)
+    assert [c.values["run.seed"] for c in sweep.cells] == [5, 6, 7] and sweep.columns == ["run.seed"]
+    assert all(c.config["run"]["seeds"] == 1 for c in sweep.cells)  # a cell is one run, not another sweep
+    assert all(c.config["sft"] == cfg.model_dump(mode="json")["sft"] for c in sweep.cells)
+    (tmp_path / "single").mkdir()
+    (tmp_path / "single" / "config.yaml").write_text("run: {}\n")
+    with pytest.raises(PaftError, match="holds a single run"):
+        seed_sweep(load_config(preset="tiny", overrides=[f"run.output_dir={tmp_path / 'single'}", "run.seeds=2"]))
+    res = CliRunner().invoke(app, ["run", "--preset", "tiny", "--seeds", "0", "--out", str(tmp_path / "z")])
+    assert res.exit_code == 1 and "run.seeds" in res.output
+
+
+@pytest.mark.slow
+def test_paft_run_seeds_end_to_end(tmp_path):
+    out = tmp_path / "seeds"
+    res = CliRunner().invoke(app, ["run", "--preset", "tiny", "--seeds", "2", "--out", str(out),
+                                   "--set", "eval.harness_tasks=[]", "--set", "eval.harmlessness=false"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "seeds_summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and {"paft", "sequential", "base"} <= set(summary["models"])
+    assert summary["models"]["paft"]["pref_accuracy"]["n"] == 2
+    assert len(list((out / "cells").glob("*/eval.json"))) == 2
+    assert "mean ± std over 2 seeds" in (out / "report.md").read_text()
