@@ -172,7 +172,8 @@ def test_html_delta_cells_carry_the_differences_and_their_colour(run_dir):
             assert float(value) == pytest.approx(a - b)
             want = {1: "good", -1: "bad", 0: "flat"}[tax["better"][ref][m][metric["key"]]]
             assert cls == want, (metric["key"], ref, m)
-            assert text.replace("−", "-") == f"{a - b:+.3f}" or "e" in text
+            noise = " ≈" if tax["within_noise"][ref][m][metric["key"]] else ""
+            assert text.replace("−", "-") == f"{a - b:+.3f}{noise}" or "e" in text
     # the sequential model's SFT exact match fell: red; the merge's rose: green
     assert re.search(r'class="num bad tax"[^>]*title="sequential SFT-&gt;pref − SFT only, SFT exact match"', table)
     assert re.search(r'class="num good tax"[^>]*title="PAFT merge − SFT only, SFT exact match"', table)
@@ -373,3 +374,20 @@ def test_tensorboard_logs_in_the_branch_folder_and_survive_a_resume(tmp_path, ti
     ea.Reload()
     assert {"train/loss", "train/nll"} <= set(ea.Tags()["scalars"])
     assert [e.step for e in ea.Scalars("train/nll")] == [1, 2, 3, 4]
+
+
+def test_differences_within_noise_are_marked_and_not_judged():
+    from paft.report.metrics import alignment_tax, within_noise
+
+    # 1.96 * sqrt(0.03^2 + 0.04^2) = 0.098: a 0.05 gap is noise, a 0.15 gap is not
+    assert within_noise(0.05, 0.03, 0.04) and not within_noise(0.15, 0.03, 0.04)
+    assert not within_noise(0.05, None, 0.04)  # no standard error: nothing is called noise
+    evals = {"sft": {"pref_accuracy": 0.50, "pref_accuracy_stderr": 0.03, "sft_nll": 0.2},
+             "preference": {"pref_accuracy": 0.95, "pref_accuracy_stderr": 0.04, "sft_nll": 2.0},
+             "paft": {"pref_accuracy": 0.90, "pref_accuracy_stderr": 0.04, "sft_nll": 0.3}}
+    tax = alignment_tax(evals)
+    assert tax["within_noise"]["preference"]["paft"]["pref_accuracy"]
+    assert tax["better"]["preference"]["paft"]["pref_accuracy"] == 0  # -0.05 within noise: not "worse"
+    assert not tax["within_noise"]["sft"]["paft"]["pref_accuracy"]
+    assert tax["better"]["sft"]["paft"]["pref_accuracy"] == 1
+    assert tax["better"]["sft"]["paft"]["sft_nll"] == -1  # no stderr saved: judged as before

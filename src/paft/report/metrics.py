@@ -133,22 +133,36 @@ def alignment_tax(evals: dict[str, dict]) -> dict[str, Any]:
     values = {m: {x.key: values[m].get(x.key) for x in metrics} for m in models}
     deltas: dict[str, dict] = {}
     better: dict[str, dict] = {}
+    noise: dict[str, dict] = {}
     for ref in REFERENCES:
         if ref not in values:
             continue
-        deltas[ref], better[ref] = {}, {}
+        deltas[ref], better[ref], noise[ref] = {}, {}, {}
         for m in models:
             if m == ref:
                 continue
-            d_row, b_row = {}, {}
+            d_row, b_row, n_row = {}, {}, {}
             for x in metrics:
                 a, b = values[m][x.key], values[ref][x.key]
                 d = None if a is None or b is None else a - b
                 d_row[x.key] = d
-                b_row[x.key] = 0 if d is None or x.higher is None or abs(d) < 1e-12 else \
+                n_row[x.key] = within_noise(d, stderr_of(evals[m], x.key), stderr_of(evals[ref], x.key))
+                b_row[x.key] = 0 if d is None or x.higher is None or abs(d) < 1e-12 or n_row[x.key] else \
                     (1 if (d > 0) == x.higher else -1)
-            deltas[ref][m], better[ref][m] = d_row, b_row
+            deltas[ref][m], better[ref][m], noise[ref][m] = d_row, b_row, n_row
     return {"models": models,
             "metrics": [{"key": x.key, "label": x.label, "higher_is_better": x.higher} for x in metrics],
-            "values": values, "deltas": deltas, "better": better}
+            "values": values, "deltas": deltas, "better": better, "within_noise": noise}
+
+
+NOISE_Z = 1.96  # a difference within 1.96 combined standard errors (95%) is reported as within noise
+
+
+def within_noise(d: float | None, se_a: float | None, se_b: float | None) -> bool:
+    """|d| < 1.96 sqrt(se_a^2 + se_b^2), the two estimates taken as independent (on the same held-out rows they
+    are positively correlated, so this is conservative: it calls some real differences noise, never the reverse).
+    False when either standard error is unknown."""
+    if d is None or se_a is None or se_b is None:
+        return False
+    return abs(d) < NOISE_Z * math.sqrt(se_a ** 2 + se_b ** 2)
 

@@ -103,8 +103,15 @@ def _deltas_table(tax: dict[str, Any]) -> Table | None:
         Column(Cell(f"{SHORT.get(m, m)} − {SHORT[ref]}", swatch=m), num=True,
                cls=("tax" if m in TAX_MODELS else "ctx") + (" sep" if i and cols[i - 1][0] != ref else ""))
         for i, (ref, m) in enumerate(cols)]
-    rows = [[_metric_cell(x)] + [Cell(fmt_delta(deltas[ref][m][x["key"]]), tone=TONES[better[ref][m][x["key"]]],
-                                      title=f"{LABELS.get(m, m)} − {LABELS[ref]}, {x['label']}",
+    noise = tax.get("within_noise") or {}
+
+    def quiet(ref: str, m: str, key: str) -> bool:
+        return bool(noise.get(ref, {}).get(m, {}).get(key))
+
+    rows = [[_metric_cell(x)] + [Cell(fmt_delta(deltas[ref][m][x["key"]]) + (" ≈" if quiet(ref, m, x["key"]) else ""),
+                                      tone=TONES[better[ref][m][x["key"]]],
+                                      title=f"{LABELS.get(m, m)} − {LABELS[ref]}, {x['label']}"
+                                      + (" (within noise)" if quiet(ref, m, x["key"]) else ""),
                                       delta=deltas[ref][m][x["key"]]) for ref, m in cols]
             for x in tax["metrics"]]
     return Table(columns, rows, cls="deltas")
@@ -120,8 +127,10 @@ def _metrics_section(ev: dict[str, Any], tax: dict[str, Any]) -> Section:
             Text("Each column is one model minus the SFT-only or the preference-only model; the sequential and PAFT "
                  "columns are the alignment tax (↑/↓: the better direction)."),
             deltas,
-            Text("Green: better, red: worse (given the metric's direction), grey: equal or no better direction; "
-                 "bold: the best model on a metric.", only="html")
+            Text("≈: within noise, the difference is under 1.96 combined standard errors of the two values (shown "
+                 "as ± in the table above)."),
+            Text("Green: better, red: worse (given the metric's direction), grey: equal, within noise or no better "
+                 "direction; bold: the best model on a metric.", only="html")
         ]))
     blocks.append(Text(f"Reward margin and accuracy: DPO implicit reward with `{ev.get('reference')}` as reference, "
                        f"beta {ev.get('beta')}. Preference accuracy: the model's own log p(chosen) > log p(rejected)."))

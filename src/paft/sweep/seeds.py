@@ -15,6 +15,9 @@ from typing import Any
 
 from paft.config import PaftConfig
 from paft.errors import PaftError
+from paft.report import table
+from paft.report.metrics import metric_info
+from paft.report.style import LABELS
 from paft.sweep.spec import SEED_AXIS, ExecutionSettings, Sweep, SweepSpec, expand
 
 SEEDS_FILE = "seeds.yaml"  # the sweep file name recorded for a seeds run (not written: sweep.yaml is)
@@ -95,10 +98,6 @@ def model_summary(df, metrics: tuple[str, ...] = HEADLINE, reference: str = REFE
 
 def summary_tables(summary: dict[str, Any]):
     """(means table, differences table) of :func:`model_summary` for the sweep report."""
-    from paft.report import table
-    from paft.report.metrics import metric_info
-    from paft.report.style import LABELS
-
     metrics, ref = summary["metrics"], summary["reference"]
     header = ["model", *[metric_info(m).label for m in metrics]]
 
