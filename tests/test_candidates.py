@@ -154,3 +154,13 @@ def test_set_takes_lists_and_single_values():
     assert (c.expo_alpha, c.average_alpha, c.average_blocks, c.merge_methods) == \
         ([0.3, 1.0], [0.2], [[0.0, 0.5, 1.0]], ["della"])
     assert load_config(preset="tiny", overrides=["candidates.expo_alpha=[0]"]).candidates.expo_alpha == [0.0]
+
+
+def test_a_candidate_merge_the_run_params_break_fails_before_any_evaluation(base, tmp_path):
+    _add_lora(AutoModelForCausalLM.from_pretrained(base), tmp_path / "sft" / "adapter", 1)
+    _add_lora(AutoModelForCausalLM.from_pretrained(base), tmp_path / "preference" / "adapter", 3)
+    cfg = load_config(preset="tiny", overrides=[f"model.name={base}", f"run.output_dir={tmp_path}",
+                                                "candidates.merge_methods=[breadcrumbs]", "merge.density=0.9",
+                                                "merge.params={gamma: 0.2}"])
+    with pytest.raises(ConfigError, match=r"candidates.merge_methods: paft_breadcrumbs: .*gamma \+ density must be <= 1"):
+        Run(cfg).candidate_specs()

@@ -27,7 +27,7 @@ from paft.eval.models import ModelSpec, evaluate_models
 from paft.io import (LOCK_NAME, lock_folder, package_versions, read_json, sha256_file, write_json_atomic,
                      write_text_atomic)
 from paft.merge.mergekit_config import plan_from_flags
-from paft.merge.standalone import run_merge
+from paft.merge.standalone import PreparedMerge, run_merge
 from paft.methods.candidates import CANDIDATES, MAIN_MODELS, branch_weights, candidate_name, method_params, settings
 from paft.methods.losses import get_loss
 from paft.models import load_tokenizer, resolve_model_dir
@@ -340,6 +340,7 @@ class Run:
                     plan = plan_from_flags(self.model_dir, [self.output("sft"), self.output("preference")],
                                            recipe.method, weights=m.weights, density=m.density,
                                            params=method_params(recipe.method, m.params), seed=m.seed, source=source)
+                PreparedMerge(plan).job()  # every tensor's merge arguments checked now, before any evaluation
                 record = {"name": name, "family": family.name, "setting": value, "what": family.what,
                           "weights": list(recipe.weights) if recipe.weights is not None else None}
                 found.append((record, ModelSpec(name, self.model_dir, plan=plan)))
