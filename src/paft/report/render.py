@@ -197,7 +197,7 @@ def _candidates_section(cand: dict[str, Any]) -> Section:
     for r in rows:
         c = r["cost"]
         name = Cell(LABELS.get(r["name"], r["name"]), swatch=r["name"] if r["family"] == "main" else "",
-                    title=r["what"])
+                    title=r["what"].replace("`", ""))
         body.append([name, r["family"], *(Cell(fmt_value(r["metrics"].get(x.key)),
                                                tone="best" if r["metrics"].get(x.key) == best.get(x.key) else "")
                                           for x in info),
