@@ -142,6 +142,10 @@ def test_tiny_run_with_full_sft_completes_through_merge_and_eval(tmp_path, paft_
     assert json.loads((out / "sparsity.json").read_text())["sft"]["kind"] == "full"
     models = json.loads((out / "eval.json").read_text())["models"]
     assert {"base", "sft", "preference", "sequential", "paft"} <= set(models)
+    # candidates over a full SFT model and the LoRA sequential adapter on it (closed forms: test_candidates.py)
+    cand = {r["name"]: r for r in json.loads((out / "candidates.json").read_text())["models"]}
+    assert {"expo_0.5", "average_0.5", "average_blocks_0-1", "paft_dare_ties"} <= set(cand)
+    assert cand["expo_0.5"]["metrics"]["sft_nll"] > 0
 
 
 # --------------------------------------------------------------------------- QLoRA

@@ -65,7 +65,7 @@ def test_merge_params_reach_the_engine_and_bad_ones_are_one_line(tmp_path):
     trained = adapter.stat().st_mtime_ns
     slerp = ["merge", *base, "--set", "merge.method=slerp", "--set", "merge.params={t: 0.3}"]
     refused = runner.invoke(app, slerp)
-    assert refused.exit_code == 1 and "--force to redo eval.json, merged; trained branches are kept" in _err(refused)
+    assert refused.exit_code == 1 and "--force to redo candidates.json, eval.json, merged; trained branches are kept" in _err(refused)
     ok = runner.invoke(app, [*slerp, "--force"])
     assert ok.exit_code == 0, ok.output
     assert adapter.stat().st_mtime_ns == trained  # branches kept, only the merge redone

@@ -43,6 +43,53 @@ def test_tiny_run_writes_every_output(tiny_run):
     assert "| PAFT merge |" in text and "Alignment tax" in text and "![metrics](metrics.png)" in text
 
 
+CANDIDATE_NAMES = ["expo_0.5", "average_0.5", "average_blocks_0-1", "paft_dare_ties", "paft_task_arithmetic",
+                   "paft_linear"]  # the defaults; ties is the run's merge.method (the paft model)
+
+
+def test_candidates_json_scores_every_candidate_and_costs_it(tiny_run):
+    cfg, out, report, _ = tiny_run
+    cand = json.loads((out / "candidates.json").read_text())
+    rows = {r["name"]: r for r in cand["models"]}
+    assert list(rows) == [*sorted(MODELS, key=["base", "sft", "preference", "sequential", "paft"].index),
+                          *CANDIDATE_NAMES]
+    ev = json.loads((out / "eval.json").read_text())["models"]
+    steps = {b: json.loads((out / b / "train_summary.json").read_text())["steps"]
+             for b in ("sft", "preference", "sequential")}
+    for name, row in rows.items():
+        assert set(row["metrics"]) == {"sft_exact_match", "sft_nll", "pref_accuracy", "reward_margin",
+                                       "reward_accuracy"}  # held-out only: no harness rows for candidates
+        if row["family"] == "main":
+            assert row["metrics"] == {k: ev[name][k] for k in row["metrics"]}
+        else:
+            assert row["metrics"]["sft_nll"] > 0 and row["cost"]["extra_s"] > 0
+    assert rows["expo_0.5"]["cost"]["train_steps"] == steps["sft"] + steps["sequential"] \
+        == rows["sequential"]["cost"]["train_steps"]
+    assert rows["paft_linear"]["cost"]["train_steps"] == steps["sft"] + steps["preference"]
+    assert rows["base"]["cost"]["train_steps"] == 0 and rows["average_0.5"]["setting"] == 0.5
+    assert "candidates" in json.loads((out / "timings.json").read_text())
+    rep = json.loads((out / "report.json").read_text())
+    assert [r["name"] for r in rep["candidates"]["models"]] == list(rows)
+    text = report.read_text()
+    assert "## Candidates" in text and "| expo_0.5 | expo |" in text and "arXiv 2404.16792" in text
+
+
+def test_a_changed_candidates_section_redoes_only_candidates_json(tiny_run, tmp_path):
+    import shutil
+
+    _, out, _, _ = tiny_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    sets = [f"run.output_dir={copy}", "candidates.expo_alpha=[1.0]", "candidates.merge_methods=[]"]
+    with pytest.raises(PaftError, match="--force to redo candidates.json; trained branches are kept"):
+        Run(load_config(preset="tiny", overrides=sets)).prepare()
+    before = (copy / "eval.json").stat().st_mtime_ns
+    Run(load_config(preset="tiny", overrides=[*sets, "run.force=true"])).all()
+    assert (copy / "eval.json").stat().st_mtime_ns == before
+    names = [r["name"] for r in json.loads((copy / "candidates.json").read_text())["models"]]
+    assert names[5:] == ["expo_1", "average_0.5", "average_blocks_0-1"]
+
+
 def test_branches_ran_in_parallel_processes(tiny_run):
     _, out, _, _ = tiny_run
     sft = json.loads((out / "sft" / "train_summary.json").read_text())

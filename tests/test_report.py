@@ -391,3 +391,26 @@ def test_differences_within_noise_are_marked_and_not_judged():
     assert not tax["within_noise"]["sft"]["paft"]["pref_accuracy"]
     assert tax["better"]["sft"]["paft"]["pref_accuracy"] == 1
     assert tax["better"]["sft"]["paft"]["sft_nll"] == -1  # no stderr saved: judged as before
+
+
+def test_candidates_section_lists_every_row_with_its_cost(tmp_path):
+    keys = ["sft_nll", "pref_accuracy"]
+
+    def row(name, family, nll, acc, steps, train_s, extra_s):
+        return {"name": name, "family": family, "setting": None, "what": f"{family} equation",
+                "metrics": {"sft_nll": nll, "pref_accuracy": acc},
+                "cost": {"branches": [], "train_steps": steps, "train_s": train_s, "extra_s": extra_s}}
+
+    cand = {"metrics": keys, "reference": "base", "beta": 0.1, "n_sft_eval": 8, "n_pref_eval": 6, "note": "held-out only",
+            "models": [row("sft", "main", 0.5, 0.4, 10, 12.0, 0.0), row("paft", "main", 0.6, 0.9, 20, 25.0, 1.5),
+                       row("paft_della", "paft", 0.45, 0.8, 20, 25.0, 3.25)],
+            "skipped": {"expo": "needs the sequential branch, not trained"}}
+    write_json_atomic(tmp_path / "candidates.json", cand)
+    md = write_report(tmp_path, load_config(preset="tiny")).read_text()
+    assert "## Candidates" in md and "6 preference pairs" in md
+    assert "| paft_della | paft | 0.450 | 0.800 | 20 | 25.0 | 3.2 |" in md  # 3.25 s to one decimal
+    assert "| PAFT merge | main | 0.600 | 0.900 | 20 | 25.0 | 1.5 |" in md
+    assert "Skipped `expo`: needs the sequential branch, not trained." in md and "`paft`: paft equation" in md
+    html = (tmp_path / "report.html").read_text()
+    assert re.search(r'class="num best"[^>]*>0\.450<', html) and re.search(r'class="num best"[^>]*>0\.900<', html)
+    assert json.loads((tmp_path / "report.json").read_text())["candidates"] == cand

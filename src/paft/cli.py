@@ -77,7 +77,8 @@ def run_cmd(config: ConfigArg = None, set_: SetOpt = None, preset: PresetOpt = N
             force: ForceOpt = False,
             seeds: Annotated[Optional[int], typer.Option(
                 "--seeds", help="repeat the run under N training seeds; mean ± std per model (run.seeds)")] = None):
-    """The whole PAFT pipeline: branches in parallel, sequential baseline, sparsity, merge, eval, report."""
+    """The whole PAFT pipeline: branches in parallel, sequential baseline, sparsity, merge, eval, candidates,
+    report."""
     start = time.perf_counter()
     sets = [*(set_ or []), *([f"run.seeds={seeds}"] if seeds is not None else [])]
     run, ui = _run(config, sets, preset, out, force, prepare=False)  # all() prepares
@@ -246,7 +247,8 @@ def eval_cmd(
         "--limit", help="rows per harness task, or a share below 1 (eval.harness_limit)")] = None,
     base: Annotated[Optional[str], typer.Option(
         "--base", help="base model of LoRA adapter folders, evaluated too as 'base' (model.name)")] = None):
-    """Evaluate a run's models (base, sft, preference, sequential, paft) and write the report; or model folders."""
+    """Evaluate a run's models (base, sft, preference, sequential, paft) and its training-free candidates
+    (candidates section), and write the report; or model folders."""
     overrides = list(set_ or [])
     if tasks is not None:
         overrides.append(f"eval.harness_tasks={tasks}")
@@ -263,6 +265,7 @@ def eval_cmd(
     run, ui = _run(inputs[0] if inputs else None, overrides, preset, out, force)
     with ui:
         run.evaluate()
+        run.candidates()
     run.report()
     _print_summary(run)
 

@@ -1,6 +1,7 @@
 """Run configuration: one YAML file, validated by pydantic, with errors that name the key.
 
-Sections: ``model``, ``data``, ``sft``, ``preference``, ``reward``, ``merge``, ``sparsity``, ``eval``, ``run``.
+Sections: ``model``, ``data``, ``sft``, ``preference``, ``reward``, ``merge``, ``sparsity``, ``eval``, ``candidates``,
+``run``.
 Every CLI flag maps to a key here (``--set section.key=value`` reaches any of them).
 """
 
@@ -332,6 +333,88 @@ class EvalConfig(_Section):
         return v
 
 
+class CandidatesConfig(_Section):
+    """Training-free alignment-tax candidates scored after the evaluation (paft.methods.candidates, docs/candidates.md):
+    merges of branches the run trained anyway, evaluated on the held-out metrics (``eval.heldout``) only."""
+
+    enabled: bool = Field(True, description="score the candidates (RUN/candidates.json); false, or every list "
+                                            "empty: the stage is skipped")
+    expo_alpha: list[float] = Field(
+        default_factory=lambda: [0.5],
+        description="ExPO: theta_seq + alpha (theta_seq - theta_sft), one candidate per alpha in [0, 10] (below 0 "
+                    "it is an average: average_alpha)")
+    average_alpha: list[float] = Field(
+        default_factory=lambda: [0.5],
+        description="weight averaging: (1 - alpha) theta_sft + alpha theta_seq, one candidate per alpha in [0, 1]")
+    average_blocks: list[list[float]] = Field(
+        default_factory=lambda: [[0.0, 1.0]],
+        description="per-block averaging: alpha anchors (>= 2, each in [0, 1]) interpolated from the bottom layer to "
+                    "the top; [0, 1]: SFT weights at the bottom, sequential at the top")
+    merge_methods: list[str] = Field(
+        default_factory=lambda: ["ties", "dare_ties", "task_arithmetic", "linear"],
+        description="merge methods applied to the PAFT deltas with the merge section's weights, density and params "
+                    "(merge.method itself is the run's paft model and is skipped)")
+
+    @field_validator("expo_alpha", "average_alpha", "merge_methods", mode="before")
+    @classmethod
+    def _one_value(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (int, float, str)) and not isinstance(v, bool) else v  # --set ...=0.3
+
+    @field_validator("average_blocks", mode="before")
+    @classmethod
+    def _one_gradient(cls, v: Any) -> Any:
+        return [v] if isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v) else v
+
+    @field_validator("expo_alpha")
+    @classmethod
+    def _expo(cls, v: list[float]) -> list[float]:
+        for a in v:
+            if a < 0:
+                raise ValueError(f"alpha {a} < 0 moves back toward theta_sft: that is averaging, list it under "
+                                 "candidates.average_alpha (1 + alpha)")
+            if a > 10:
+                raise ValueError(f"alpha {a} extrapolates more than 10x the alignment delta past theta_seq; "
+                                 "ExPO's useful range is a fraction of it or a few multiples")
+        return _distinct(v)
+
+    @field_validator("average_alpha")
+    @classmethod
+    def _average(cls, v: list[float]) -> list[float]:
+        for a in v:
+            if not 0 <= a <= 1:
+                raise ValueError(f"alpha {a} is outside [0, 1]: an average interpolates between theta_sft (0) and "
+                                 "theta_seq (1); past theta_seq it is ExPO (candidates.expo_alpha)")
+        return _distinct(v)
+
+    @field_validator("average_blocks")
+    @classmethod
+    def _blocks(cls, v: list[list[float]]) -> list[list[float]]:
+        for anchors in v:
+            if len(anchors) < 2:
+                raise ValueError(f"{anchors}: give at least 2 anchors (bottom and top layer); one alpha is "
+                                 "candidates.average_alpha")
+            if any(not 0 <= a <= 1 for a in anchors):
+                raise ValueError(f"{anchors}: every anchor is an averaging alpha in [0, 1]")
+        return _distinct(v)
+
+    @field_validator("merge_methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        for m in v:
+            if m not in MERGE_METHODS:
+                raise ValueError(f"unknown merge method {m!r}; known: {', '.join(sorted(MERGE_METHODS))}")
+        return _distinct(v)
+
+
+def _distinct(values: list) -> list:
+    seen = []
+    for x in values:
+        if x in seen:
+            raise ValueError(f"{x} is listed twice")
+        seen.append(x)
+    return values
+
+
 class RunConfig(_Section):
     output_dir: str = "runs/paft"
     parallel: bool = Field(True, description="train the SFT and preference branches concurrently")
@@ -376,6 +459,7 @@ class PaftConfig(_Section):
     merge: MergeConfig = MergeConfig()
     sparsity: SparsityConfig = SparsityConfig()
     eval: EvalConfig = EvalConfig()
+    candidates: CandidatesConfig = CandidatesConfig()
     run: RunConfig = RunConfig()
 
     def to_yaml(self) -> str:

@@ -1,5 +1,5 @@
 """The PAFT run: data -> SFT and preference branches (in parallel) -> sequential baseline ->
-sparsity -> merge -> evaluation -> report, in one output folder.
+sparsity -> merge -> evaluation -> training-free candidates -> report, in one output folder.
 
 Each stage writes its outputs atomically and is skipped when they exist, so a
 killed run resumes where it stopped (a branch killed mid-training resumes from its
@@ -27,7 +27,8 @@ from paft.eval.models import ModelSpec, evaluate_models
 from paft.io import (LOCK_NAME, lock_folder, package_versions, read_json, sha256_file, write_json_atomic,
                      write_text_atomic)
 from paft.merge.mergekit_config import plan_from_flags
-from paft.merge.standalone import run_merge
+from paft.merge.standalone import PreparedMerge, run_merge
+from paft.methods.candidates import CANDIDATES, MAIN_MODELS, branch_weights, candidate_name, method_params, settings
 from paft.methods.losses import get_loss
 from paft.models import load_tokenizer, resolve_model_dir
 from paft.models.folders import is_adapter, is_model
@@ -67,6 +68,10 @@ class Run:
 
     def _is_full(self, name: str) -> bool:
         return self.output(name).name == "model"
+
+    def _has_output(self, name: str) -> bool:
+        out = self.output(name)
+        return is_model(out) if out.name == "model" else is_adapter(out)
 
     # ------------------------------------------------------------------ setup
     def _kept(self) -> set[Path]:
@@ -254,9 +259,8 @@ class Run:
         if summary_path.exists():
             return read_json(summary_path, f"delete {self.merged_dir} and run the same command again to redo the merge")
         for name in ("sft", "preference"):
-            out = self.output(name)
-            if not (is_model(out) if out.name == "model" else is_adapter(out)):
-                raise PaftError(f"{out}: missing; train the {name} branch before merging")
+            if not self._has_output(name):
+                raise PaftError(f"{self.output(name)}: missing; train the {name} branch before merging")
         m = self.cfg.merge
         start = time.perf_counter()
         # a full fine-tuned branch's delta is W - W_base; a QLoRA adapter applies to the float base
@@ -306,6 +310,99 @@ class Run:
         self.ui.update("evaluate", len(specs), len(specs), "done")
         return res
 
+    # ------------------------------------------------------------------ training-free candidates
+    def candidate_specs(self) -> tuple[list[tuple[dict[str, Any], ModelSpec]], dict[str, str]]:
+        """Each configured candidate (``paft.methods.candidates``) the trained branches allow, as its record and a
+        ModelSpec merging it in memory; and the families skipped, with why."""
+        c, m = self.cfg.candidates, self.cfg.merge
+        found: list[tuple[dict[str, Any], ModelSpec]] = []
+        skipped: dict[str, str] = {}
+        for family in CANDIDATES.values():
+            values = settings(family, c)
+            missing = [b for b in family.needs if not self._has_output(b)]
+            if values and missing:
+                why = "; run.sequential_baseline is false" if "sequential" in missing and \
+                    not self.cfg.run.sequential_baseline else ""
+                skipped[family.name] = f"needs the {', '.join(missing)} branch, not trained{why}"
+                continue
+            for value in values:
+                recipe, name = family.recipe(value), candidate_name(family, value)
+                if recipe.method == m.method:
+                    continue  # the run's own merge: the paft model
+                source = f"candidates.{family.key}: {name}"
+                if recipe.weights is not None:  # over (theta_sft - base, theta_seq - base): a task-arithmetic merge
+                    weights = branch_weights(recipe.weights, self._is_full("sequential"))
+                    # the sequential adapter records the SFT model as its base (see sequential_model)
+                    plan = plan_from_flags(self.model_dir, [self.output("sft"), self.output("sequential")],
+                                           "task_arithmetic", weights=list(weights), allow_base_mismatch=True,
+                                           source=source)
+                else:
+                    plan = plan_from_flags(self.model_dir, [self.output("sft"), self.output("preference")],
+                                           recipe.method, weights=m.weights, density=m.density,
+                                           params=method_params(recipe.method, m.params), seed=m.seed, source=source)
+                PreparedMerge(plan).job()  # every tensor's merge arguments checked now, before any evaluation
+                record = {"name": name, "family": family.name, "setting": value, "what": family.what,
+                          "weights": list(recipe.weights) if recipe.weights is not None else None}
+                found.append((record, ModelSpec(name, self.model_dir, plan=plan)))
+        return found, skipped
+
+    def candidates(self) -> dict[str, Any] | None:
+        """Score the training-free candidates into candidates.json (once); None when none are configured."""
+        c = self.cfg.candidates
+        if not c.enabled or not any(settings(f, c) for f in CANDIDATES.values()):
+            return None
+        if not self.cfg.eval.heldout:
+            self.ui.log("candidates: skipped; they are scored on the held-out metrics and eval.heldout is false")
+            return None
+        return self._once(self.root / "candidates.json", self._compute_candidates, "candidates")
+
+    def _compute_candidates(self) -> dict[str, Any]:
+        self.data()
+        ev = self.evaluate()
+        found, skipped = self.candidate_specs()
+        # held-out metrics only: the harness, reward model, judge and harmlessness replies take minutes per model
+        e = self.cfg.eval.model_copy(update={"harness_tasks": [], "reward_model": None, "judge_model": None,
+                                             "harmlessness": False})
+        cfg = self.cfg.model_copy(update={"eval": e})
+        # the base first: the implicit-reward reference, as in eval.json
+        specs = [ModelSpec("base", self.model_dir)] + [spec for _, spec in found]
+
+        def progress(name, i, n):
+            self.ui.update("candidates", i, n, name)
+
+        res = evaluate_models(specs, cfg, self.tokenizer, self.eval_examples("sft"), self.eval_examples("preference"),
+                              device=self.device, reference="base", base_dir=self.model_dir, progress=progress)
+        self.ui.update("candidates", len(specs), len(specs), "done")
+        keys = [k for k in res["models"]["base"] if k != "eval_s"]
+        branches = {b: {"steps": s.get("steps"), "wall_s": s.get("wall_s")}
+                    for b in BRANCHES if (s := self._summary(b)) is not None}
+        merge_s = (read_json(self.root / "timings.json", "delete it") if (self.root / "timings.json").exists()
+                   else {}).get("merge")
+
+        def cost(needs, extra_s):
+            parts = [branches.get(b, {}) for b in needs]
+            steps = [p.get("steps") for p in parts]
+            wall = [p.get("wall_s") for p in parts]
+            return {"branches": list(needs), "train_steps": sum(steps) if None not in steps else None,
+                    "train_s": round(sum(wall), 2) if None not in wall else None, "extra_s": extra_s}
+
+        rows = [{"name": name, "family": "main", "setting": None, "what": what,
+                 "metrics": {k: ev["models"][name].get(k) for k in keys},
+                 "cost": cost(needs, (merge_s if name == "paft" else 0.0))}
+                for name, (what, needs) in MAIN_MODELS.items() if name in ev.get("models", {})]
+        for record, spec in found:
+            row = res["models"][spec.name]
+            rows.append({**record, "metrics": {k: row.get(k) for k in keys},
+                         "cost": cost(CANDIDATES[record["family"]].needs, row["eval_s"])})
+        return {"metrics": keys, "reference": res["reference"], "beta": res["beta"], "n_sft_eval": res["n_sft_eval"],
+                "n_pref_eval": res["n_pref_eval"], "branches": branches, "models": rows, "skipped": skipped,
+                "note": "held-out metrics only (eval.heldout): the harness, reward model, judge and harmlessness are "
+                        "not run for candidates; main models' metrics are eval.json's"}
+
+    def _summary(self, name: str) -> dict[str, Any] | None:
+        return read_summary(self.branch_dir(name)) if (self.branch_dir(name) / "train_summary.json").is_file() \
+            else None
+
     def provenance(self) -> dict[str, Any]:
         return self._once(self.root / "provenance.json", self._compute_provenance)
 
@@ -335,11 +432,13 @@ class Run:
         self.sparsity()
         self.merge()
         self.evaluate()
+        self.candidates()
         return self.report()
 
 
 # outputs made stale by a change in a config section that only later stages read
-_DOWNSTREAM = {"merge": ["merged", "eval.json"], "eval": ["eval.json"], "sparsity": ["sparsity.json"]}
+_DOWNSTREAM = {"merge": ["merged", "eval.json", "candidates.json"], "eval": ["eval.json", "candidates.json"],
+               "candidates": ["candidates.json"], "sparsity": ["sparsity.json"]}
 
 
 def _stale_outputs(sections: set[str]) -> list[str] | None:

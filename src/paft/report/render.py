@@ -15,7 +15,7 @@ from paft.config import PaftConfig
 from paft.io import package_versions, write_bytes_atomic, write_json_atomic, write_text_atomic
 from paft.report.html import page
 from paft.report.markdown import to_markdown
-from paft.report.metrics import alignment_tax, stderr_of
+from paft.report.metrics import alignment_tax, metric_info, stderr_of
 from paft.report.model import Cell, Code, Column, Figure, Section, Table, Text, table
 from paft.report.plots import metric_bars, sparsity_figure, training_curves
 from paft.report.style import ARROWS, DIRECTIONS, LABELS, MODELS, SHORT, TONES, fmt, fmt_delta, fmt_value
@@ -56,6 +56,8 @@ def collect(root: Path, cfg: PaftConfig | dict[str, Any]) -> dict[str, Any]:
         "eval": ev,
         "alignment_tax": alignment_tax(ev["models"]) if ev and ev.get("models") else None,
         "timings_s": _read(root / "timings.json"),
+        # candidates.json as written: rows "models" (main models, then each candidate) with metrics and cost
+        "candidates": _read(root / "candidates.json"),
     }
 
 
@@ -191,6 +193,43 @@ def _training_section(training: dict[str, dict], run_name: str) -> Section:
     return Section("Training", blocks, id="training", nav="Training")
 
 
+def _candidates_section(cand: dict[str, Any]) -> Section:
+    """Every main model and training-free candidate: held-out metrics and cost, HTML bolding each metric's best."""
+    rows, keys = cand["models"], cand["metrics"]
+    info = [metric_info(k) for k in keys]
+    best = {}
+    for x in info:
+        present = [r["metrics"].get(x.key) for r in rows if r["metrics"].get(x.key) is not None]
+        if x.higher is not None and len(set(present)) > 1:
+            best[x.key] = max(present) if x.higher else min(present)
+    body = []
+    for r in rows:
+        c = r["cost"]
+        name = Cell(LABELS.get(r["name"], r["name"]), swatch=r["name"] if r["family"] == "main" else "",
+                    title=r["what"].replace("`", ""))
+        body.append([name, r["family"], *(Cell(fmt_value(r["metrics"].get(x.key)),
+                                               tone="best" if r["metrics"].get(x.key) == best.get(x.key) else "")
+                                          for x in info),
+                     fmt(c["train_steps"]), *("–" if v is None else f"{v:.1f}" for v in (c["train_s"], c["extra_s"]))])
+    columns = [Column("model"), Column("family"), *(Column(_metric_cell({"key": x.key, "label": x.label,
+                                                                          "higher_is_better": x.higher}), num=True)
+                                                    for x in info),
+               Column("training steps", num=True), Column("training (s)", num=True), Column("extra (s)", num=True)]
+    families = {r["family"]: r["what"] for r in rows if r["family"] != "main"}
+    blocks: list = [
+        Text(f"Models made from the trained branches without training (docs/candidates.md), scored on "
+             f"{cand.get('n_sft_eval')} SFT rows and {cand.get('n_pref_eval')} preference pairs, implicit rewards "
+             f"against `{cand.get('reference')}`; {cand.get('note')}."),
+        Table(columns, body),
+        Text("Training steps and seconds: the trained branches each model needs, summed (the SFT and preference "
+             "branches train in parallel, so their seconds overlap in wall time). Extra: a candidate's in-memory "
+             "merge and held-out evaluation; the PAFT merge's merge stage."),
+        *(Text(f"`{f}`: {what}") for f, what in families.items()),
+        *(Text(f"Skipped `{f}`: {why}.") for f, why in (cand.get("skipped") or {}).items()),
+    ]
+    return Section("Candidates", blocks, id="candidates", nav="Candidates")
+
+
 def build_report(rep: dict[str, Any]) -> Section:
     """The report as one level-1 section, from report.json's content (``collect``)."""
     cfg, ev = rep["config"], rep.get("eval") or {}
@@ -198,6 +237,8 @@ def build_report(rep: dict[str, Any]) -> Section:
     sections = []
     if ev.get("models"):
         sections.append(_metrics_section(ev, rep.get("alignment_tax") or alignment_tax(ev["models"])))
+    if (rep.get("candidates") or {}).get("models"):
+        sections.append(_candidates_section(rep["candidates"]))
     if rep.get("sparsity"):
         sections.append(_sparsity_section(rep["sparsity"]))
     if rep.get("data"):
