@@ -65,5 +65,6 @@ def test_paft_run_seeds_end_to_end(tmp_path):
     summary = json.loads((out / "seeds_summary.json").read_text())
     assert summary["seeds"] == [0, 1] and {"paft", "sequential", "base"} <= set(summary["models"])
     assert summary["models"]["paft"]["pref_accuracy"]["n"] == 2
+    assert any(m.startswith("expo_") for m in summary["models"])  # the candidates get mean ± std too
     assert len(list((out / "cells").glob("*/eval.json"))) == 2
     assert "mean ± std over 2 seeds" in (out / "report.md").read_text()

@@ -106,13 +106,17 @@ def read_json(path: Path) -> Any:
 
 
 def cell_metrics(root: Path) -> dict[str, float]:
-    """Numbers a run folder holds: eval.json as MODEL/METRIC, train/BRANCH/*, sparsity/BRANCH/*."""
+    """Numbers a run folder holds: eval.json and candidates.json as MODEL/METRIC, train/BRANCH/*, sparsity/BRANCH/*."""
     out: dict[str, float] = {}
     ev = read_json(root / "eval.json") or {}
     for model, metrics in (ev.get("models") or {}).items():
         for k, v in metrics.items():
             if k != "eval_s":
                 _flatten(f"{model}/{k}", v, out)
+    for row in (read_json(root / "candidates.json") or {}).get("models") or []:  # the alignment-tax candidates
+        for k, v in (row.get("metrics") or {}).items():
+            if isinstance(row.get("name"), str) and f"{row['name']}/{k}" not in out:
+                _flatten(f"{row['name']}/{k}", v, out)
     for branch in ("sft", "preference", "sequential", "reward"):
         summary = read_json(root / branch / "train_summary.json")
         if not summary:
