@@ -151,7 +151,7 @@ def _add_lora(base, out, seed):
     peft.save_pretrained(out)
 
 
-SETS = ["eval.harness_tasks=[]", "eval.harmlessness=false", "candidates.enabled=false", "run.force=true",
+SETS = ["eval.harness_tasks=[]", "eval.harmlessness=false", "eval.max_examples=8", "eval.max_new_tokens=4", "candidates.enabled=false", "run.force=true",
         "tune.methods=[ties, task_arithmetic]"]
 
 
@@ -192,7 +192,7 @@ def test_tune_writes_the_picked_model_and_its_test_metrics(tuned):
     assert trials["pick"]["trial"] == pick_point("utopia", points, OBJ).index
     assert all(t["seconds"] > 0 for t in trials["trials"])
     ev = json.loads((root / "tune" / "eval.json").read_text())
-    assert list(ev["models"]) == ["paft_tuned"] and ev["n_sft_eval"] == 16 and ev["reference"] == "base"
+    assert list(ev["models"]) == ["paft_tuned"] and ev["n_sft_eval"] == 8 and ev["reference"] == "base"
     assert ev["pick"]["trial"] == trials["pick"]["trial"] and ev["cost"]["trials"] == 4
     assert f"picked trial {ev['pick']['trial']} of 4 by utopia" in output
     # the folder loads back, equals the in-memory merge of the picked parameters, and reproduces its dev metrics
