@@ -6,7 +6,7 @@ import io
 import math
 from typing import Any
 
-from paft.report.metrics import Metric
+from paft.report.metrics import Metric, metric_info
 from paft.report.sparsity_plot import plot_sparsity
 from paft.report.style import BRANCH_LABELS, COLORS, DEFAULT_COLOR, DIRECTIONS, SHORT
 
@@ -145,8 +145,6 @@ def _front_line(ax, pts: list[tuple[float, float]], color: str, label: str) -> N
 def frontier_plot(fr: dict[str, Any], tune: dict[str, Any] | None = None) -> bytes | None:
     """Left: every model on the held-out split, labelled, the front drawn, the tuned pick a star. Right (when the run
     was tuned): the trials on the dev split with their front and the pick."""
-    from paft.report.metrics import metric_info
-
     x, y = fr["x"], fr["y"]
     pts = [p for p in fr["points"] if p["metrics"].get(x) is not None and p["metrics"].get(y) is not None]
     if not pts:
