@@ -471,7 +471,7 @@ class Run:
 
         trials = run_study(out / "study.journal", t, score, first=default_trial(self.cfg),
                            progress=lambda i, n, note: self.ui.update("tune", i, n, note))
-        del live, scorer
+        del live, scorer, score  # the live model's memory, before the picked model is written and evaluated
         scored = [tr for tr in trials if tr.state.name == "COMPLETE"]
         if not scored:
             errors = [tr.user_attrs.get("error") for tr in trials if tr.user_attrs.get("error")]
