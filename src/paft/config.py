@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from paft.data.loading import dataset_preset
 from paft.errors import ConfigError, DataError
 from paft.methods.merging import MERGE_METHODS
+from paft.methods.remedies import REMEDIES
 
 PRESETS = ("default", "tiny")
 
@@ -360,8 +361,6 @@ class TrainedCandidatesConfig(_Section):
     @field_validator("names")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        from paft.methods.remedies import REMEDIES
-
         for name in v:
             if name not in REMEDIES:
                 hint = difflib.get_close_matches(name, list(REMEDIES), n=1)
