@@ -239,3 +239,21 @@ def test_tiny_run_trains_every_remedy_scores_it_and_resumes(tmp_path):
     stamps = {b: (out / b / "train_summary.json").stat().st_mtime_ns for b in names}
     Run(cfg).all()
     assert {b: (out / b / "train_summary.json").stat().st_mtime_ns for b in names} == stamps
+
+
+def test_online_start_full_takes_tau_as_the_sft_weights_minus_the_base(tiny_dir):
+    from paft.models import load_model
+    from paft.train.online_merge import online_start
+
+    def sft_model():  # a stand-in SFT model: the base with one weight moved
+        m = load_model(tiny_dir)
+        with torch.no_grad():
+            next(m.parameters()).add_(0.25)
+        return m
+
+    model, frozen, tau = online_start("full", tiny_dir, tiny_dir, sft_model, dtype="float32", device="cpu",
+                                      trust_remote_code=False, seed_name="online_dare")
+    first = next(iter(tau))
+    torch.testing.assert_close(tau[first], torch.full_like(tau[first], 0.25))
+    assert all(not torch.any(t) for n, t in tau.items() if n != first)
+    assert all(p.requires_grad for p in model.parameters()) and not any(p.requires_grad for p in frozen.parameters())
