@@ -216,7 +216,8 @@ def test_tiny_run_trains_every_remedy_scores_it_and_resumes(tmp_path):
     Run(cfg).all()
     cand = json.loads((out / "candidates.json").read_text())
     rows = {r["name"]: r for r in cand["models"]}
-    for model, family, branches in [("joint", "joint", ["joint"]), ("online_dare", "online_dare", ["sft", "online_dare"]),
+    for model, family, branches in [("joint", "joint", ["joint"]),
+                                    ("online_dare", "online_dare", ["sft", "online_dare"]),
                                     ("online_ties", "online_ties", ["sft", "online_ties"]),
                                     ("paft_no_l1", "no_l1", ["no_l1", "preference"])]:
         r = rows[model]

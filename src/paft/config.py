@@ -364,8 +364,8 @@ class TrainedCandidatesConfig(_Section):
         for name in v:
             if name not in REMEDIES:
                 hint = difflib.get_close_matches(name, list(REMEDIES), n=1)
-                raise ValueError(f"unknown trained candidate {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                                 + f"; known: {', '.join(REMEDIES)}")
+                raise ValueError(f"unknown trained candidate {name!r}"
+                                 + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; known: {', '.join(REMEDIES)}")
         return _distinct(v)
 
 
