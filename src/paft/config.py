@@ -23,6 +23,7 @@ from paft.data.loading import dataset_preset
 from paft.errors import ConfigError, DataError
 from paft.methods.merging import MERGE_METHODS
 from paft.methods.objectives import LOGLIK_METRICS, METRICS, parse_pick
+from paft.methods.remedies import REMEDIES
 
 PRESETS = ("default", "tiny")
 
@@ -337,6 +338,41 @@ class EvalConfig(_Section):
         return v
 
 
+class TrainedCandidatesConfig(_Section):
+    """Trained alignment-tax remedies (paft.methods.remedies, docs/trained-candidates.md): each name trains one more
+    branch, whose model is scored into candidates.json beside the training-free candidates."""
+
+    names: list[str] = Field(
+        default_factory=list,
+        description="remedies to train, each one more branch: joint (preference loss + gamma * NLL on SFT data, from "
+                    "the base), online_dare / online_ties (preference training from the SFT model, each optimizer "
+                    "step merged with the SFT delta), no_l1 (the SFT branch without L1, PAFT-merged); [] adds none")
+    joint_gamma: float = Field(1.0, gt=0, description="joint: weight gamma of the NLL term on the SFT batch")
+    online_density: float = Field(0.5, gt=0, le=1, description="online_dare: keep rate p of each step's update "
+                                                                "(kept entries rescaled by 1/p); online_ties: share "
+                                                                "of each step's update (and of the SFT delta) kept "
+                                                                "by magnitude")
+    online_tau_weight: float = Field(
+        1e-4, ge=0, lt=1, description="online_dare / online_ties: weight alpha of the SFT delta added at every step "
+                                      "(the step's own update gets 1 - alpha); the paper's alpha, small since it is "
+                                      "added once per step")
+
+    @field_validator("names", mode="before")
+    @classmethod
+    def _one_name(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v  # --set candidates.trained.names=joint
+
+    @field_validator("names")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if name not in REMEDIES:
+                hint = difflib.get_close_matches(name, list(REMEDIES), n=1)
+                raise ValueError(f"unknown trained candidate {name!r}"
+                                 + (f" (did you mean {hint[0]!r}?)" if hint else "") + f"; known: {', '.join(REMEDIES)}")
+        return _distinct(v)
+
+
 class CandidatesConfig(_Section):
     """Training-free alignment-tax candidates scored after the evaluation (paft.methods.candidates, docs/candidates.md):
     merges of branches the run trained anyway, evaluated on the held-out metrics (``eval.heldout``) only."""
@@ -358,6 +394,8 @@ class CandidatesConfig(_Section):
         default_factory=lambda: ["ties", "dare_ties", "task_arithmetic", "linear"],
         description="merge methods applied to the PAFT deltas with the merge section's weights, density and params "
                     "(merge.method itself is the run's paft model and is skipped)")
+    trained: TrainedCandidatesConfig = Field(default_factory=TrainedCandidatesConfig,
+                                             description="trained remedies: one more branch each")
 
     @field_validator("expo_alpha", "average_alpha", "merge_methods", mode="before")
     @classmethod

@@ -35,6 +35,7 @@ from paft.methods.candidates import (CANDIDATES, MAIN_MODELS, Recipe, branch_wei
                                      settings)
 from paft.methods.losses import get_loss
 from paft.methods.objectives import higher_is_better, pareto_front, pick_point
+from paft.methods.remedies import REMEDIES, remedy_branches
 from paft.models import load_model, load_tokenizer, resolve_model_dir
 from paft.models.folders import is_adapter, is_model
 from paft.progress import ProgressUI
@@ -47,7 +48,7 @@ from paft.workers import Job, WorkerPool
 # the data stage's outputs feed every later stage: redoing it alone could leave branches trained on other data
 REDO_DATA = "pass --force to redo the run from the data stage"
 
-# branch -> (data kind, the branch whose output it starts from)
+# branch -> (data kind, the branch whose output it starts from); Run.branches adds the configured trained remedies
 BRANCHES = {"sft": ("sft", None), "preference": ("preference", None), "sequential": ("preference", "sft")}
 
 
@@ -59,6 +60,11 @@ class Run:
         self.data_dir, self.merged_dir = self.root / "data", self.root / "merged"
         self.sequential_model_dir = self.root / "sequential" / "model"
         self._sources_checked = False  # data files compared with their recorded hashes (once per process)
+
+    @cached_property
+    def branches(self) -> dict[str, tuple[str, str | None]]:
+        """The branch table: the main branches, then one per trained remedy in ``candidates.trained.names``."""
+        return {**BRANCHES, **remedy_branches(self.cfg.candidates.trained.names)}
 
     # ------------------------------------------------------------------ paths
     def branch_dir(self, name: str) -> Path:
@@ -179,14 +185,14 @@ class Run:
 
     # ------------------------------------------------------------------ training
     def train(self, names: list[str]) -> dict[str, Any]:
-        """Train the named branches ("sft", "preference", "sequential"), in parallel where allowed."""
+        """Train the named branches ("sft", "preference", "sequential", trained remedies), in parallel where allowed."""
         todo = [n for n in names if not branch_done(self.branch_dir(n))]
         for name in todo:
-            after = BRANCHES[name][1]
+            after = self.branches[name][1]
             if after and after not in names and not branch_done(self.branch_dir(after)):
                 raise PaftError(f"branch {name!r} starts from {after!r}, which has not been trained")
         self.data()
-        preference = any(BRANCHES[n][0] == "preference" for n in todo)
+        preference = any(self.branches[n][0] == "preference" for n in todo)
         if preference:
             # data the preference method cannot use fails now, not after the SFT branch has trained
             preference_examples(self.cfg, self.data_dir / "preference_train.jsonl",
@@ -231,11 +237,12 @@ class Run:
         return summary
 
     def _branch_args(self, name: str) -> dict[str, Any]:
-        kind, after = BRANCHES[name]
+        kind, after = self.branches[name]
         return {"kind": kind, "cfg": self.cfg, "model_dir": self.model_dir,
                 "data_path": self.data_dir / f"{kind}_train.jsonl", "out_dir": self.branch_dir(name),
                 "init_adapter": self.output(after) if after else None, "name": name,
-                "reward_dir": self.root / "reward" if self.needs_reward_model() else None}
+                "reward_dir": self.root / "reward" if self.needs_reward_model() else None,
+                "remedy": name if name not in BRANCHES else None}
 
     def _train_parallel(self, names: list[str]) -> None:
         """Two worker processes from the same base, each with half the CPU threads (or its own GPU); a branch
@@ -251,7 +258,7 @@ class Run:
                                      "thread_share": (pool.threads, pool.active)}
 
             with self.ui.queue_listener(queue):
-                pool.run([Job(n, train_branch, place=place(n), after=BRANCHES[n][1]) for n in names])
+                pool.run([Job(n, train_branch, place=place(n), after=self.branches[n][1]) for n in names])
 
     # ------------------------------------------------------------------ analysis and merge
     def sparsity(self) -> dict[str, Any]:
@@ -345,6 +352,22 @@ class Run:
                 record = {"name": name, "family": family.name, "setting": value, "what": family.what,
                           "weights": list(recipe.weights) if recipe.weights is not None else None}
                 found.append((record, ModelSpec(name, self.model_dir, plan=plan)))
+        for r in (REMEDIES[n] for n in c.trained.names):  # trained remedies: their branch's model, or its PAFT merge
+            missing = [b for b in (r.merge or (r.branch,)) if not self._has_output(b)]
+            if missing:
+                skipped[r.name] = f"needs the {', '.join(missing)} branch, not trained"
+                continue
+            if r.merge:
+                plan = plan_from_flags(self.model_dir, [self.output(b) for b in r.merge], m.method, weights=m.weights,
+                                       density=m.density, params=m.params, seed=m.seed,
+                                       source=f"candidates.trained: {r.name}")
+                PreparedMerge(plan).job()
+                spec = ModelSpec(r.model, self.model_dir, plan=plan)
+            elif self._is_full(r.branch):
+                spec = ModelSpec(r.model, self.output(r.branch))
+            else:
+                spec = ModelSpec(r.model, self.model_dir, self.adapter(r.branch))
+            found.append(({"name": r.model, "family": r.name, "setting": None, "what": r.what, "weights": None}, spec))
         return found, skipped
 
     def recipe_plan(self, recipe: Recipe, source: str, weights: list[float] | None = None,
@@ -365,7 +388,7 @@ class Run:
     def candidates(self) -> dict[str, Any] | None:
         """Score the training-free candidates into candidates.json (once); None when none are configured."""
         c = self.cfg.candidates
-        if not c.enabled or not any(settings(f, c) for f in CANDIDATES.values()):
+        if not c.enabled or not (any(settings(f, c) for f in CANDIDATES.values()) or c.trained.names):
             return None
         if not self.cfg.eval.heldout:
             self.ui.log("candidates: skipped; they are scored on the held-out metrics and eval.heldout is false")
@@ -391,7 +414,7 @@ class Run:
         self.ui.update("candidates", len(specs), len(specs), "done")
         keys = [k for k in res["models"]["base"] if k != "eval_s"]
         branches = {b: {"steps": s.get("steps"), "wall_s": s.get("wall_s")}
-                    for b in BRANCHES if (s := self._summary(b)) is not None}
+                    for b in self.branches if (s := self._summary(b)) is not None}
         merge_s = (read_json(self.root / "timings.json", "delete it") if (self.root / "timings.json").exists()
                    else {}).get("merge")
 
@@ -409,7 +432,7 @@ class Run:
         for record, spec in found:
             row = res["models"][spec.name]
             rows.append({**record, "metrics": {k: row.get(k) for k in keys},
-                         "cost": cost(CANDIDATES[record["family"]].needs, row["eval_s"])})
+                         "cost": cost(_needs(record["family"]), row["eval_s"])})
         return {"metrics": keys, "reference": res["reference"], "beta": res["beta"], "n_sft_eval": res["n_sft_eval"],
                 "n_pref_eval": res["n_pref_eval"], "branches": branches, "models": rows, "skipped": skipped,
                 "note": "held-out metrics only (eval.heldout): the harness, reward model, judge and harmlessness are "
@@ -539,6 +562,7 @@ class Run:
         self.data()
         self.provenance()
         names = ["sft", "preference"] + (["sequential"] if self.cfg.run.sequential_baseline else [])
+        names += [n for n in self.branches if n not in BRANCHES]  # trained remedies: one more branch each
         self.train(names)
         self.sparsity()
         self.merge()
@@ -547,6 +571,11 @@ class Run:
         if self.cfg.tune.trials > 0:
             self.tune()
         return self.report()
+
+
+def _needs(family: str) -> tuple[str, ...]:
+    """The trained branches a candidate family (or trained remedy) reuses: its cost."""
+    return CANDIDATES[family].needs if family in CANDIDATES else REMEDIES[family].needs
 
 
 # outputs made stale by a change in a config section that only later stages read

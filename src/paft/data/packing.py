@@ -158,7 +158,9 @@ def is_packed(batch: dict) -> bool:
 def real_tokens(batch: dict) -> torch.Tensor | int:
     """The tokens a batch runs through the model, padding excluded, as a 0-d tensor on the batch's device (no
     host sync): each packed document's span (a shared prompt counted once), else the 2D attention mask's ones;
-    without a mask, every token."""
+    without a mask, every token. A batch of sub-batches (joint training's ``{"pref": ..., "sft": ...}``): their sum."""
+    if "input_ids" not in batch:
+        return sum(real_tokens(b) for b in batch.values() if isinstance(b, dict))
     if is_packed(batch):
         spans = batch["doc_spans"]
         return (spans[:, 2] - spans[:, 1]).sum()

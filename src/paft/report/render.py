@@ -222,7 +222,8 @@ def _candidates_section(cand: dict[str, Any]) -> Section:
                Column("training steps", num=True), Column("training (s)", num=True), Column("extra (s)", num=True)]
     families = {r["family"]: r["what"] for r in rows if r["family"] != "main"}
     blocks: list = [
-        Text(f"Models made from the trained branches without training (docs/candidates.md), scored on "
+        Text(f"Models made from the trained branches without training (docs/candidates.md), and trained remedies "
+             f"(docs/trained-candidates.md), scored on "
              f"{cand.get('n_sft_eval')} SFT rows and {cand.get('n_pref_eval')} preference pairs, implicit rewards "
              f"against `{cand.get('reference')}`; {cand.get('note')}."),
         Table(columns, body),

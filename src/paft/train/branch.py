@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from paft.config import PaftConfig, TrainConfig
+from paft.config import PaftConfig, TrainConfig, set_dotted, validate_config
 from paft.data.formats import examples_for_method, unique_prompts
 from paft.data.loading import load_examples
 from paft.device import autocast, resolve_bf16
@@ -21,14 +21,17 @@ from paft.errors import ConfigError, DataError
 from paft.merge.mergekit_config import plan_from_flags
 from paft.merge.standalone import run_merge
 from paft.methods.losses import get_loss
+from paft.methods.remedies import REMEDIES, Remedy
 from paft.methods.schedules import Online, Schedule
 from paft.models import load_model, load_tokenizer
 from paft.models.folders import is_adapter, is_model
 from paft.models.loading import nf4_compute_dtype, require_bitsandbytes
 from paft.models.attention import packing_unsupported
 from paft.scoring import build_scorer
+from paft.train.joint import JointObjective, joint_collator, joint_rows
 from paft.train.lora import attach_adapter, keep_frozen_copy
 from paft.train.online import train_online
+from paft.train.online_merge import OnlineMerge, online_start, trainable
 from paft.train.phases import train_staged
 from paft.train.preference import DATA_KINDS, PreferenceObjective, attach_value_head
 from paft.train.reference import ReferenceLogps, reference_cache_path, reference_identity
@@ -48,6 +51,7 @@ class Branch:
     reference: bool  # the objective needs reference log-probs
     keeps_start: bool  # full fine-tuning needs a frozen copy of the start weights (L1's W_base, the reference)
     value_head: bool = False  # the objective trains a value head beside the adapter (PPO)
+    sft_examples: list | None = None  # a joint branch's SFT rows: each preference row trains with one (train.joint)
 
 
 def _sft_branch(cfg: PaftConfig, data_path: Path) -> Branch:
@@ -65,7 +69,33 @@ def _preference_branch(cfg: PaftConfig, data_path: Path) -> Branch:
                   keeps_start=objective.spec.reference, value_head=objective.spec.value_head)
 
 
-BRANCH_KINDS: dict[str, Callable[[PaftConfig, Path], Branch]] = {"sft": _sft_branch, "preference": _preference_branch}
+def _offline(branch: Branch, what: str) -> Branch:
+    if branch.schedule.kind != "offline" or branch.value_head:
+        raise ConfigError(f"candidates.trained.names: {what} trains with an offline preference.method (one fit on the "
+                          f"file's rows); {branch.objective.method!r} is {branch.schedule.kind}")
+    return branch
+
+
+def _joint_branch(cfg: PaftConfig, data_path: Path) -> Branch:
+    """The preference branch with an NLL term on the run's SFT split (``data_path``'s folder: RUN/data)."""
+    b = _offline(_preference_branch(cfg, data_path), "joint")
+    sft = load_examples(str(Path(data_path).parent / "sft_train.jsonl"), "sft").examples
+    nll = SFTObjective(0.0, full_logits=not cfg.preference.completion_logits)
+    return replace(b, objective=JointObjective(b.objective, nll, cfg.candidates.trained.joint_gamma), sft_examples=sft)
+
+
+BRANCH_KINDS: dict[str, Callable[[PaftConfig, Path], Branch]] = {"sft": _sft_branch, "preference": _preference_branch,
+                                                                  "joint": _joint_branch}
+
+
+def remedy_config(cfg: PaftConfig, remedy: Remedy) -> PaftConfig:
+    """``cfg`` with the remedy's ``overrides`` set (no_l1: ``sft.l1_lambda = 0``)."""
+    if not remedy.overrides:
+        return cfg
+    data = cfg.model_dump(mode="json")
+    for key, value in remedy.overrides:
+        set_dotted(data, key, value)
+    return validate_config(data, f"candidates.trained {remedy.name}")
 
 
 def build_rows(branch: Branch, tok, cfg: PaftConfig, data_path: Path, report: Report, name: str) -> tuple[list, int]:
@@ -87,7 +117,8 @@ def build_rows(branch: Branch, tok, cfg: PaftConfig, data_path: Path, report: Re
 def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, out_dir: Path, *,
                  device: str = "cpu", threads: int | None = None, init_adapter: Path | None = None,
                  report: Report = no_report, name: str | None = None,
-                 thread_share: tuple[int, Any] | None = None, reward_dir: Path | None = None) -> dict[str, Any]:
+                 thread_share: tuple[int, Any] | None = None, reward_dir: Path | None = None,
+                 remedy: str | None = None) -> dict[str, Any]:
     """Train ``kind`` ("sft" or "preference") and write ``out_dir/adapter`` (PEFT format), or ``out_dir/model``
     (a Hugging Face folder) when the branch's ``adapter`` is ``full``.
 
@@ -97,26 +128,46 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
     adapter start is merged into the float base on disk first, ``out_dir/start``). A run killed
     mid-way resumes from the last checkpoint under ``out_dir/checkpoints`` (staged and online
     methods: from their last finished stage or round, then its checkpoint). ``reward_dir``: the
-    run's reward model, the default scorer of online methods.
+    run's reward model, the default scorer of online methods. ``remedy``: a trained alignment-tax remedy
+    (``paft.methods.remedies.REMEDIES``): its config overrides, objective and per-step online merge.
     """
     start_training(threads, cfg.run.report_to)  # a missing logger fails before the model loads
     name = name or kind
+    row = REMEDIES[remedy] if remedy else None
+    cfg = remedy_config(cfg, row) if row else cfg
+    section = row.section if row else kind  # the config section of its training knobs
     nf4 = None  # qlora: the compute dtype of the 4-bit layers
-    if getattr(cfg, kind).adapter == "qlora":  # the config section is named as the branch kind
-        require_bitsandbytes(f"{kind}.adapter")  # before data or model load
+    if getattr(cfg, section).adapter == "qlora" and not (row and row.online):
+        require_bitsandbytes(f"{section}.adapter")  # before data or model load
         nf4 = str(nf4_compute_dtype(device)).removeprefix("torch.")
-    branch = BRANCH_KINDS[kind](cfg, data_path)
+    branch = BRANCH_KINDS[row.objective if row else kind](cfg, data_path)
+    if row and row.online:
+        branch = _offline(branch, row.name)
     tcfg, objective, schedule = branch.tcfg, branch.objective, branch.schedule
     tok = load_tokenizer(model_dir, cfg.model.trust_remote_code)
-    model = _start_model(cfg, tcfg.adapter, model_dir, init_adapter, out_dir, device)
-    frozen = keep_frozen_copy(model) if tcfg.adapter == "full" and branch.keeps_start else None
-    model = attach_adapter(model, tcfg, cfg.run.seed)
+    callbacks = []
+    if row and row.online:  # continues the SFT branch's parameters; every step merged with the SFT delta
+        t = cfg.candidates.trained
+        model, frozen, tau = online_start(
+            tcfg.adapter, model_dir, init_adapter,
+            lambda: _start_model(cfg, tcfg.adapter, model_dir, init_adapter, out_dir, device),
+            dtype=cfg.model.dtype, device=device, trust_remote_code=cfg.model.trust_remote_code, seed_name=row.name)
+        callbacks.append(OnlineMerge(trainable(model), tau, row.online, t.online_density, t.online_tau_weight,
+                                     cfg.run.seed))
+    else:
+        model = _start_model(cfg, tcfg.adapter, model_dir, init_adapter, out_dir, device)
+        frozen = keep_frozen_copy(model) if tcfg.adapter == "full" and branch.keeps_start else None
+        model = attach_adapter(model, tcfg, cfg.run.seed)
     if branch.value_head:
         attach_value_head(model)
 
     pack_length = _pack_length(tcfg, model, cfg.data.max_length, report, name)
     rows, dropped = build_rows(branch, tok, cfg, data_path, report, name)
     collator = DATA_KINDS[branch.data].collator(tok.pad_token_id, pack_length, cfg.data.max_length)
+    if branch.sft_examples is not None:  # joint: each preference row trains with an SFT row, in one batch
+        sft_branch = replace(branch, data="sft", examples=branch.sft_examples)
+        rows = joint_rows(rows, build_rows(sft_branch, tok, cfg, data_path, report, name)[0])
+        collator = joint_collator(branch.data)(tok.pad_token_id, pack_length, cfg.data.max_length)
 
     bf16 = resolve_bf16(cfg.run.bf16, device)
     reference = None
@@ -124,14 +175,14 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
         path = None
         if cfg.preference.reference_cache:
             # a 4-bit base, and its compute dtype, give other reference log-probs than the float base
-            kind_key = f"qlora/{nf4}" if nf4 else tcfg.adapter
+            kind_key = f"qlora/{nf4}" if nf4 else tcfg.adapter  # online LoRA: the SFT model, as the sequential one
             path = reference_cache_path(reference_identity(model_dir, dtype=cfg.model.dtype, bf16=bf16,
                                                            init_adapter=init_adapter, adapter=kind_key))
         reference = objective.reference = ReferenceLogps(path, cache=cfg.preference.reference_cache, model=frozen,
                                                          precision=partial(autocast, device, bf16))
     h = Harness(model, objective, tcfg, out_dir, name, report, cfg.run.seed, device, bf16, threads=threads,
                 report_to=cfg.run.report_to, thread_share=thread_share, reference=reference,
-                drop_last=DATA_KINDS[branch.data].batch_estimate is not None)
+                drop_last=DATA_KINDS[branch.data].batch_estimate is not None, callbacks=callbacks)
     if schedule.kind == "staged":
         phases = train_staged(model=model, rows=rows, collator=collator, objective=objective, fit=h.fit, tcfg=tcfg,
                               out_dir=out_dir, stages=int(schedule.stages), report=report, name=name)
@@ -152,6 +203,8 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
         "schedule": schedule.kind, "steps": phases["steps"], "examples": len(rows), "dropped_no_reply_tokens": dropped,
         "train_loss": phases["train_loss"], "init_adapter": str(init_adapter) if init_adapter else None,
     }
+    if row:
+        summary["remedy"] = row.name
     if nf4:
         summary["nf4_compute_dtype"] = nf4
     if schedule.kind != "offline":

@@ -334,6 +334,7 @@ class Harness:
     thread_share: tuple[int, Any] | None = None
     reference: Any = None  # a ReferenceLogps whose memo is saved at every checkpoint
     drop_last: bool = False  # skip each epoch's last, smaller batch (``DataKind.batch_estimate``)
+    callbacks: list = field(default_factory=list)  # more TrainerCallbacks of every fit (online merging)
     log_history: list[dict[str, Any]] = field(default_factory=list)
     t0: float = field(default_factory=time.perf_counter)
 
@@ -346,7 +347,7 @@ class Harness:
                              drop_last=self.drop_last)
         progress = ProgressCallback(self.report, self.name)
         trainer = PaftTrainer(model=self.model, args=args, train_dataset=rows, data_collator=collator,
-                              objective=self.objective, name=self.name, callbacks=[progress])
+                              objective=self.objective, name=self.name, callbacks=[progress, *self.callbacks])
         progress.tokens = trainer.tokens_seen
         # TensorBoard events: OUT/tb, or OUT/tb/stages/stage-2 etc. for a staged or online schedule's fits
         route_tensorboard(trainer, out_dir / "tb" / Path(ckpt_dir).parent.relative_to(out_dir))
