@@ -201,7 +201,7 @@ def test_run_data_stage_reads_a_preset_from_its_local_file(tmp_path, saferlhf_fi
     run = Run(cfg)
     run.prepare()
     summary = run.data()["preference"]
-    assert summary["format"] == "beavertails" and summary["train"] + summary["eval"] == len(SAFERLHF)
+    assert summary["format"] == "beavertails" and summary["train"] + summary["dev"] + summary["eval"] == len(SAFERLHF)
     assert summary["duplicates"] == len(rows) - len(SAFERLHF) and summary["eval_overlap"] == 0
     assert summary["sha256"]  # the local file's hash, for provenance
     rows_out = [json.loads(x) for split in ("train", "eval")

@@ -289,6 +289,48 @@ def _eval_folders(inputs, overrides, preset, out, force, base) -> None:
     console.print(f"eval: [bold]{path}[/]", highlight=False)
 
 
+@app.command("tune")
+@_guard
+def tune_cmd(run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="a finished run folder")],
+             trials: Annotated[Optional[int], typer.Option("--trials", help="candidates to score (tune.trials); "
+                                                                            "more than before extends the study")] = None,
+             set_: SetOpt = None,
+             force: Annotated[bool, typer.Option("--force", help="redo the tune from scratch (RUN/tune only; a "
+                                                                 "changed tune section needs it)")] = False):
+    """Tune the merge on the run's dev split (Optuna, multi-objective), write the picked model to RUN/tune/model and
+    its held-out metrics to RUN/tune/eval.json, and re-render the report (docs/tune.md)."""
+    quiet_libraries()
+    from paft.config import parse_override, set_dotted, validate_config
+    from paft.pipeline import Run
+
+    if not (run_dir / "config.yaml").is_file():
+        raise PaftError(f"{run_dir}: not a paft run folder (no config.yaml); `paft run` makes one")
+    data = read_run_config(run_dir)  # without run.force: the recorded run is tuned, never wiped
+    overrides = [*(set_ or []), *([f"tune.trials={trials}"] if trials is not None else []),
+                 f"run.output_dir={run_dir}"]  # the folder may have moved since the run
+    for item in overrides:
+        set_dotted(data, *parse_override(item))
+    cfg = validate_config(data, f"{run_dir / 'config.yaml'} with --set/--trials")
+    if cfg.tune.trials <= 0:
+        raise PaftError(f"tune.trials: {run_dir} records 0 trials; pass --trials N")
+    run = Run(cfg, ProgressUI(enabled=True, log_every_s=cfg.run.log_every_s))
+    run.prepare(redo=("tune",) if force else ())
+    with run.ui:
+        res = run.tune()
+    md = run.report()
+    pick = res["pick"]
+    console.print(f"picked trial {pick['trial']} of {pick['trials']} by {pick['rule']}: "
+                  + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in pick["params"].items()),
+                  highlight=False, soft_wrap=True)
+    if pick.get("note"):
+        console.print(f"[yellow]{pick['note']}", highlight=False)
+    test = res["models"]["paft_tuned"]
+    console.print("held-out (test): " + ", ".join(f"{k} {v:.4f}" for k, v in test.items()
+                                                   if isinstance(v, float) and k != "eval_s"), highlight=False)
+    console.print(f"model: [bold]{run.tune_dir / 'model'}[/]; trials: {run.tune_dir / 'trials.json'}; report: {md}",
+                  highlight=False, soft_wrap=True)
+
+
 @app.command("report")
 @_guard
 def report_cmd(target: Annotated[Optional[Path], typer.Argument(

@@ -1,7 +1,7 @@
 """Run configuration: one YAML file, validated by pydantic, with errors that name the key.
 
 Sections: ``model``, ``data``, ``sft``, ``preference``, ``reward``, ``merge``, ``sparsity``, ``eval``, ``candidates``,
-``run``.
+``tune``, ``run``.
 Every CLI flag maps to a key here (``--set section.key=value`` reaches any of them).
 """
 
@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from paft.data.loading import dataset_preset
 from paft.errors import ConfigError, DataError
 from paft.methods.merging import MERGE_METHODS
+from paft.methods.objectives import LOGLIK_METRICS, METRICS, parse_pick
 from paft.methods.remedies import REMEDIES
 
 PRESETS = ("default", "tiny")
@@ -86,6 +87,9 @@ class DataConfig(_Section):
     max_length: int = Field(256, gt=8, description="tokens of prompt + completion; longer rows are truncated")
     max_prompt_length: int = Field(192, gt=0)
     skip_invalid: bool = Field(False, description="skip malformed rows (and report the count) instead of stopping")
+    dev_size: int = Field(32, ge=0, description="rows per dataset carved from the training rows into a dev split "
+                                                "({kind}_dev.jsonl; `paft tune` scores on it), no prompt shared with "
+                                                "the training or held-out rows; 0: none")
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> "DataConfig":
@@ -453,6 +457,86 @@ def _distinct(values: list) -> list:
     return values
 
 
+#: the candidate families a tune searches besides the merge methods: one alpha each (paft.methods.candidates)
+TUNE_ALPHA_FAMILIES = ("expo", "average")
+
+
+class TuneConfig(_Section):
+    """Merge tuning (``paft tune RUN``, and a stage of ``paft run`` when ``trials`` > 0; docs/tune.md): an Optuna
+    multi-objective search over merge method x weights x density (and ExPO/averaging alpha), each candidate merged
+    in memory and scored on the dev split (``data.dev_size``); the picked point is written and tested."""
+
+    trials: int = Field(12, ge=0, description="candidates scored on the dev split; 0: `paft run` skips the stage")
+    methods: list[str] = Field(
+        default_factory=lambda: ["ties", "dare_ties", "task_arithmetic"],
+        description="searched: merge methods of the PAFT deltas (merge.md; weights and density searched) and the "
+                    "alpha families expo, average (they need run.sequential_baseline)")
+    weight_range: list[float] = Field(default_factory=lambda: [0.0, 1.5],
+                                      description="[low, high] of each branch weight (w_sft, w_pref)")
+    density_range: list[float] = Field(default_factory=lambda: [0.2, 1.0],
+                                       description="[low, high] of the density, for methods that trim (0 < low)")
+    alpha_range: list[float] = Field(default_factory=lambda: [0.0, 1.0],
+                                     description="[low, high] of ExPO's alpha (averaging's alpha is always [0, 1])")
+    sampler: Literal["nsga2", "tpe"] = Field("nsga2", description="Optuna sampler: nsga2 (NSGAIISampler) or tpe "
+                                                                  "(TPESampler), both multi-objective")
+    objectives: list[str] = Field(
+        default_factory=lambda: ["sft_nll", "pref_accuracy"],
+        description="dev metrics to optimise, first the SFT one, then the preference one: "
+                    + ", ".join(LOGLIK_METRICS) + " (log-likelihood metrics: no generation)")
+    pick: str = Field("utopia", description="rule picking the written point from the Pareto front: utopia, or "
+                                            "sft_tolerance:X (docs/tune.md)")
+    timeout_s: float | None = Field(None, gt=0, description="stop asking for new trials after this many seconds "
+                                                            "(a resumed tune counts anew); unset: none")
+    seed: int = Field(0, description="sampler seed (a resumed study continues with seed + trials so far)")
+
+    @field_validator("methods", "objectives", mode="before")
+    @classmethod
+    def _one_name(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: list[str]) -> list[str]:
+        known = [*(m for m, s in MERGE_METHODS.items() if s.family), *TUNE_ALPHA_FAMILIES]
+        if not v:
+            raise ValueError("list at least one method to search")
+        for m in v:
+            if m not in known:
+                hint = difflib.get_close_matches(m, known, n=1)
+                why = " (its weights do not scale the deltas)" if m in MERGE_METHODS else ""
+                raise ValueError(f"cannot search {m!r}{why}; known: {', '.join(known)}"
+                                 + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+        return _distinct(v)
+
+    @field_validator("weight_range", "density_range", "alpha_range")
+    @classmethod
+    def _range(cls, v: list[float], info) -> list[float]:
+        if len(v) != 2 or v[0] > v[1]:
+            raise ValueError(f"{v}: give [low, high] with low <= high")
+        if info.field_name == "density_range" and not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(f"{v}: a density keeps a share of the entries, 0 < low <= high <= 1")
+        if info.field_name == "alpha_range" and not 0 <= v[0] <= v[1] <= 10:
+            raise ValueError(f"{v}: ExPO's alpha lies in [0, 10] (below 0 it is an average)")
+        return v
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, v: list[str]) -> list[str]:
+        if len(v) < 2:
+            raise ValueError("give at least two objectives: an SFT metric, then a preference metric")
+        for k in v:
+            if k not in LOGLIK_METRICS:
+                known = f" (a metric of eval.json, but it needs generation)" if k in METRICS else ""
+                raise ValueError(f"unknown objective {k!r}{known}; known: {', '.join(LOGLIK_METRICS)}")
+        return _distinct(v)
+
+    @field_validator("pick")
+    @classmethod
+    def _pick(cls, v: str) -> str:
+        parse_pick(v)  # its ValueError names the rule and the fix
+        return v
+
+
 class RunConfig(_Section):
     output_dir: str = "runs/paft"
     parallel: bool = Field(True, description="train the SFT and preference branches concurrently")
@@ -498,6 +582,7 @@ class PaftConfig(_Section):
     sparsity: SparsityConfig = SparsityConfig()
     eval: EvalConfig = EvalConfig()
     candidates: CandidatesConfig = CandidatesConfig()
+    tune: TuneConfig = TuneConfig()
     run: RunConfig = RunConfig()
 
     def to_yaml(self) -> str:
@@ -554,6 +639,10 @@ def read_run_config(root: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: run config is a {type(data).__name__}, not a mapping of sections (model, data, "
                           f"...); the file is damaged: {fix}")
+    # run.force is how the folder was made, not a setting to replay: read back into `paft tune RUN` or a rerun, it
+    # would wipe the very run it names
+    if isinstance(data.get("run"), dict):
+        data["run"].pop("force", None)
     return data
 
 

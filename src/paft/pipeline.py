@@ -1,5 +1,6 @@
 """The PAFT run: data -> SFT and preference branches (in parallel) -> sequential baseline ->
-sparsity -> merge -> evaluation -> training-free candidates -> report, in one output folder.
+sparsity -> merge -> evaluation -> training-free candidates -> merge tuning (``tune.trials`` > 0) -> report, in one
+output folder.
 
 Each stage writes its outputs atomically and is skipped when they exist, so a
 killed run resumes where it stopped (a branch killed mid-training resumes from its
@@ -24,14 +25,18 @@ from paft.data.prepare import check_sources_unchanged, prepare_data
 from paft.device import resolve_device
 from paft.errors import ConfigError, PaftError
 from paft.eval.models import ModelSpec, evaluate_models
+from paft.eval.tune import DevScorer, default_trial, run_study, trial_merge, trial_rows
 from paft.io import (LOCK_NAME, lock_folder, package_versions, read_json, sha256_file, write_json_atomic,
                      write_text_atomic)
+from paft.merge.live import LiveMerge
 from paft.merge.mergekit_config import plan_from_flags
 from paft.merge.standalone import PreparedMerge, run_merge
-from paft.methods.candidates import CANDIDATES, MAIN_MODELS, branch_weights, candidate_name, method_params, settings
+from paft.methods.candidates import (CANDIDATES, MAIN_MODELS, Recipe, branch_weights, candidate_name, method_params,
+                                     settings)
 from paft.methods.losses import get_loss
+from paft.methods.objectives import higher_is_better, pareto_front, pick_point
 from paft.methods.remedies import REMEDIES, remedy_branches
-from paft.models import load_tokenizer, resolve_model_dir
+from paft.models import load_model, load_tokenizer, resolve_model_dir
 from paft.models.folders import is_adapter, is_model
 from paft.progress import ProgressUI
 from paft.report import write_report
@@ -84,11 +89,13 @@ class Run:
         """What --force and a redo never remove: the config's input files inside the folder, and the lock."""
         return _input_paths(self.cfg, self.root) | {(self.root / LOCK_NAME).resolve()}
 
-    def prepare(self, check_device: bool = True) -> None:
+    def prepare(self, check_device: bool = True, redo: tuple[str, ...] = ()) -> None:
         """Lock, create or reopen the output folder; refuse a different config unless forced. ``check_device``:
         a ``run.device`` this machine lacks fails now, before any data or model work (merge, sparsity and report
-        need none: they run on the CPU)."""
+        need none: they run on the CPU). ``redo``: outputs (names in the folder) removed once it is locked."""
         lock_folder(self.root)  # a second paft process on this folder stops here, naming the holder
+        for name in redo:
+            _remove_outputs(self.root / name, self._kept())
         if check_device:
             _ = self.device
         cfg_path = self.root / "config.yaml"
@@ -100,9 +107,13 @@ class Run:
                 if not self.cfg.run.force:
                     raise
                 theirs = None  # damaged: --force starts the folder over, since no output can be vouched for
-            if theirs != mine:
-                diff = sorted(_diff_keys(theirs, mine)) if theirs is not None else []
-                stale = _stale_outputs({k.split(".")[0] for k in diff}) if theirs is not None else None
+            diff = sorted(_diff_keys(theirs, mine)) if theirs is not None else []
+            stale = _stale_outputs({k.split(".")[0] for k in diff}) if theirs is not None else None
+            if stale is not None:  # only outputs that exist need redoing
+                stale = [n for n in stale if (self.root / n).exists()]
+            if theirs != mine and (set(diff) <= RESUMABLE_KEYS or stale == []):
+                pass  # nothing the change affects exists yet (more tune trials extend the study)
+            elif theirs != mine:
                 if not self.cfg.run.force:
                     what = ("redo " + ", ".join(stale) + "; trained branches are kept") if stale is not None \
                         else "overwrite it"
@@ -336,17 +347,7 @@ class Run:
                 recipe, name = family.recipe(value), candidate_name(family, value)
                 if recipe.method == m.method:
                     continue  # the run's own merge: the paft model
-                source = f"candidates.{family.key}: {name}"
-                if recipe.weights is not None:  # over (theta_sft - base, theta_seq - base): a task-arithmetic merge
-                    weights = branch_weights(recipe.weights, self._is_full("sequential"))
-                    # the sequential adapter records the SFT model as its base (see sequential_model)
-                    plan = plan_from_flags(self.model_dir, [self.output("sft"), self.output("sequential")],
-                                           "task_arithmetic", weights=list(weights), allow_base_mismatch=True,
-                                           source=source)
-                else:
-                    plan = plan_from_flags(self.model_dir, [self.output("sft"), self.output("preference")],
-                                           recipe.method, weights=m.weights, density=m.density,
-                                           params=method_params(recipe.method, m.params), seed=m.seed, source=source)
+                plan = self.recipe_plan(recipe, f"candidates.{family.key}: {name}")
                 PreparedMerge(plan).job()  # every tensor's merge arguments checked now, before any evaluation
                 record = {"name": name, "family": family.name, "setting": value, "what": family.what,
                           "weights": list(recipe.weights) if recipe.weights is not None else None}
@@ -368,6 +369,21 @@ class Run:
                 spec = ModelSpec(r.model, self.model_dir, self.adapter(r.branch))
             found.append(({"name": r.model, "family": r.name, "setting": None, "what": r.what, "weights": None}, spec))
         return found, skipped
+
+    def recipe_plan(self, recipe: Recipe, source: str, weights: list[float] | None = None,
+                    density: float | None = None):
+        """The merge plan of a candidate recipe (``paft.methods.candidates``): its weights over ``(theta_sft - base,
+        theta_seq - base)`` as a task-arithmetic merge of the branch outputs, or its method on the SFT and preference
+        deltas with ``weights`` and ``density`` (default: the ``merge`` section's)."""
+        m = self.cfg.merge
+        if recipe.weights is not None:
+            w = branch_weights(recipe.weights, self._is_full("sequential"))
+            # the sequential adapter records the SFT model as its base (see sequential_model)
+            return plan_from_flags(self.model_dir, [self.output("sft"), self.output("sequential")], "task_arithmetic",
+                                   weights=list(w), allow_base_mismatch=True, source=source)
+        return plan_from_flags(self.model_dir, [self.output("sft"), self.output("preference")], recipe.method,
+                               weights=list(weights or m.weights), density=m.density if density is None else density,
+                               params=method_params(recipe.method, m.params), seed=m.seed, source=source)
 
     def candidates(self) -> dict[str, Any] | None:
         """Score the training-free candidates into candidates.json (once); None when none are configured."""
@@ -422,6 +438,101 @@ class Run:
                 "note": "held-out metrics only (eval.heldout): the harness, reward model, judge and harmlessness are "
                         "not run for candidates; main models' metrics are eval.json's"}
 
+    # ------------------------------------------------------------------ merge tuning
+    @property
+    def tune_dir(self) -> Path:
+        return self.root / "tune"
+
+    def tune(self) -> dict[str, Any]:
+        """Tune the merge on the dev split (``tune`` section, paft.eval.tune), write the picked model to
+        RUN/tune/model and its held-out (test) metrics to RUN/tune/eval.json; resumes a killed or extended study."""
+        t, out = self.cfg.tune, self.tune_dir
+        if t.trials <= 0:
+            raise ConfigError("tune.trials: 0 trials; give the number of candidates to score (--trials N)")
+        eval_path = out / "eval.json"
+        if eval_path.exists():
+            done = read_json(eval_path, f"delete {out} and run the same command again to redo the tune")
+            if done.get("pick", {}).get("trials", 0) >= t.trials:
+                return done
+        for name in ("sft", "preference", *(["sequential"] if set(t.methods) & {"expo", "average"} else [])):
+            if not self._has_output(name):
+                raise PaftError(f"{self.output(name)}: missing; tune.methods {', '.join(t.methods)} merge the {name} "
+                                "branch: train it first (paft run), or drop expo/average from tune.methods")
+        self.data()
+        dev = {}
+        for kind in ("sft", "preference"):
+            path = self.data_dir / f"{kind}_dev.jsonl"
+            if not path.is_file():
+                raise PaftError(f"{path}: missing; this run's data stage predates the dev split (data.dev_size): redo "
+                                "the run with --force to carve one")
+            dev[kind] = load_examples(str(path), kind).examples if path.stat().st_size > 1 else []
+        start = time.perf_counter()
+        result = self._compute_tune(dev)
+        self._timed("tune", start)
+        return result
+
+    def _tune_plan(self, params: dict[str, Any], source: str):
+        tm = trial_merge(params)
+        return self.recipe_plan(tm.recipe, source, weights=tm.weights, density=tm.density)
+
+    def _compute_tune(self, dev: dict[str, list]) -> dict[str, Any]:
+        t, out = self.cfg.tune, self.tune_dir
+        out.mkdir(parents=True, exist_ok=True)
+        scorer = DevScorer(self.cfg, self.tokenizer, dev["sft"], dev["preference"])
+        live = LiveMerge(load_model(self.model_dir, self.cfg.model.dtype, self.device,
+                                    self.cfg.model.trust_remote_code).eval(), self.model_dir)
+        began = time.perf_counter()
+        # the dev metrics of the base (the implicit-reward reference) and of each branch: the rule's anchors
+        references = {"base": scorer.set_reference(live.model)}
+        for name in ("sft", "preference"):
+            plan = plan_from_flags(self.model_dir, [self.output(name)], "task_arithmetic", weights=[1.0],
+                                   source=f"tune: the {name} branch")
+            references[name] = scorer(live.apply(plan))
+
+        def score(params):
+            return scorer(live.apply(self._tune_plan(params, f"tune trial {params}")))
+
+        trials = run_study(out / "study.journal", t, score, first=default_trial(self.cfg),
+                           progress=lambda i, n, note: self.ui.update("tune", i, n, note))
+        del live, scorer, score  # the live model's memory, before the picked model is written and evaluated
+        scored = [tr for tr in trials if tr.state.name == "COMPLETE"]
+        if not scored:
+            errors = [tr.user_attrs.get("error") for tr in trials if tr.user_attrs.get("error")]
+            raise PaftError(f"tune: none of {len(trials)} trials was scored" + (f" (first: {errors[0]})" if errors
+                                                                                 else "") + "; check the tune section")
+        points = [tr.user_attrs["metrics"] for tr in scored]
+        front = {scored[i].number for i in pareto_front(points, t.objectives)}
+        pick = pick_point(t.pick, points, t.objectives, references["sft"])
+        best = scored[pick.index]
+        tune_s = round(time.perf_counter() - began, 2)
+        record = {"rule": t.pick, "trial": best.number, "params": best.params, "dev_metrics": points[pick.index],
+                  "note": pick.note, "trials": len(trials)}
+        write_json_atomic(out / "trials.json", {
+            "objectives": t.objectives, "directions": {k: "max" if higher_is_better(k) else "min" for k in t.objectives},
+            "sampler": t.sampler, "n_dev": {k: len(v) for k, v in dev.items()}, "references": references,
+            "pick": record, "search_s": tune_s, "trials": trial_rows(trials, front)})
+        # the picked point as a model folder, then its held-out (test) metrics: the test split is read only here
+        start = time.perf_counter()
+        merge = run_merge(self._tune_plan(best.params, f"tune: picked trial {best.number}"), out / "model", force=True)
+        e = self.cfg.eval.model_copy(update={"harness_tasks": [], "reward_model": None, "judge_model": None,
+                                             "harmlessness": False})
+        res = evaluate_models([ModelSpec("base", self.model_dir), ModelSpec("paft_tuned", out / "model")],
+                              self.cfg.model_copy(update={"eval": e}), self.tokenizer, self.eval_examples("sft"),
+                              self.eval_examples("preference"), device=self.device, reference="base",
+                              base_dir=self.model_dir)
+        needs = trial_merge(best.params).needs
+        steps = [(self._summary(b) or {}).get("steps") for b in needs]
+        wall = [(self._summary(b) or {}).get("wall_s") for b in needs]
+        res.update(models={"paft_tuned": res["models"]["paft_tuned"]},
+                   samples={"paft_tuned": res["samples"].get("paft_tuned", [])}, pick=record,
+                   merge={k: merge.get(k) for k in ("method", "tensors_merged") if k in merge},
+                   cost={"branches": list(needs), "train_steps": sum(steps) if None not in steps else None,
+                         "train_s": round(sum(wall), 2) if None not in wall else None,
+                         "extra_s": round(tune_s + time.perf_counter() - start, 2), "trials": len(trials)},
+                   note="held-out (test) metrics of the picked point only; the search saw the dev split")
+        write_json_atomic(out / "eval.json", res)
+        return res
+
     def _summary(self, name: str) -> dict[str, Any] | None:
         return read_summary(self.branch_dir(name)) if (self.branch_dir(name) / "train_summary.json").is_file() \
             else None
@@ -457,6 +568,8 @@ class Run:
         self.merge()
         self.evaluate()
         self.candidates()
+        if self.cfg.tune.trials > 0:
+            self.tune()
         return self.report()
 
 
@@ -466,8 +579,11 @@ def _needs(family: str) -> tuple[str, ...]:
 
 
 # outputs made stale by a change in a config section that only later stages read
-_DOWNSTREAM = {"merge": ["merged", "eval.json", "candidates.json"], "eval": ["eval.json", "candidates.json"],
-               "candidates": ["candidates.json"], "sparsity": ["sparsity.json"]}
+_DOWNSTREAM = {"merge": ["merged", "eval.json", "candidates.json", "tune"],
+               "eval": ["eval.json", "candidates.json", "tune"], "candidates": ["candidates.json"],
+               "tune": ["tune"], "sparsity": ["sparsity.json"]}
+# keys whose change keeps every output: more tune trials extend the study in RUN/tune
+RESUMABLE_KEYS = {"tune.trials", "tune.timeout_s"}
 
 
 def _stale_outputs(sections: set[str]) -> list[str] | None:

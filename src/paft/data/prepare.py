@@ -1,5 +1,8 @@
 """The run's data stage: each dataset of the config's ``data`` section loaded, validated and split into
-training and held-out examples, written as canonical JSONL (``{kind}_train.jsonl``, ``{kind}_eval.jsonl``).
+training and held-out examples, written as canonical JSONL (``{kind}_train.jsonl``, ``{kind}_eval.jsonl``), and a
+dev split carved from the training rows (``{kind}_dev.jsonl``, ``data.dev_size`` rows) that merge tuning scores
+on: no dev prompt occurs in the held-out rows or in the rows left for training, so choosing a merge on the dev
+split never looks at the test split.
 
 Degenerate data is reported, not trained on silently: preference pairs whose chosen and rejected replies
 are the same carry no preference signal (DPO's loss is ln 2 whatever the weights) and are dropped (all of
@@ -12,13 +15,14 @@ The pipeline writes them into the run folder; ``paft eval`` takes the held-out e
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 from paft.data.demo import demo_splits
-from paft.data.formats import PreferenceExample, RankedExample
+from paft.data.formats import PreferenceExample, RankedExample, SFTExample
 from paft.data.loading import hash_source, load_examples, split_examples
 from paft.errors import DataError
 from paft.io import write_text_atomic
@@ -124,15 +128,51 @@ def _overlap(train: list, held: list) -> int:
     return sum(_key(e) in keys for e in held)
 
 
+def prompt_key(example) -> str:
+    """The prompt of an example as text to compare: its turns before the reply, system turns left out (two rows
+    asking the same thing under another system prompt still share their prompt)."""
+    turns = example.messages[:-1] if isinstance(example, SFTExample) else example.prompt
+    return json.dumps([t for t in turns or [] if t.get("role") != "system"], sort_keys=True, ensure_ascii=False)
+
+
+def carve_dev(train: list, held: list, size: int, seed: int) -> tuple[list, list]:
+    """(train, dev): about ``size`` rows moved from ``train`` into a dev split, whole prompt groups at a time.
+
+    A prompt that also occurs in ``held`` never goes to dev, and every row of a dev prompt leaves ``train``, so the
+    dev split shares no prompt with either. Groups are drawn in a seeded order; one that would overshoot ``size``
+    is passed over for a smaller one. At most half the training rows go to dev."""
+    if size <= 0 or not train:
+        return train, []
+    banned = {prompt_key(e) for e in held}
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(train):
+        groups.setdefault(prompt_key(e), []).append(i)
+    order = [k for k in groups if k not in banned]
+    random.Random(seed).shuffle(order)
+    cap = min(size, len(train) // 2)
+    chosen: set[int] = set()
+    for key in order:
+        if len(chosen) + len(groups[key]) <= cap:
+            chosen.update(groups[key])
+        if len(chosen) == cap:
+            break
+    return [e for i, e in enumerate(train) if i not in chosen], [e for i, e in enumerate(train) if i in chosen]
+
+
 def prepare_data(data, out_dir: Path, *, seed: int, ranked: bool = False,
                  log: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:
     """Split both datasets and write them under ``out_dir``; the summary of each (source, hashes, sizes)."""
     summary = {}
     for kind in KINDS:
         train, held, info = split_source(data, kind, seed=seed, ranked=ranked, log=log)
+        train, dev = carve_dev(train, held, data.dev_size, seed)
+        if data.dev_size and len(dev) < data.dev_size:
+            log(f"[yellow]data.dev_size: {len(dev)} {kind} dev rows, not {data.dev_size} (at most half the training "
+                "rows, whole prompt groups, none with a held-out prompt)")
         write_examples(out_dir / f"{kind}_train.jsonl", train)
         write_examples(out_dir / f"{kind}_eval.jsonl", held)
-        summary[kind] = {**info, "train": len(train), "eval": len(held)}
+        write_examples(out_dir / f"{kind}_dev.jsonl", dev)
+        summary[kind] = {**info, "train": len(train), "eval": len(held), "dev": len(dev)}
     return summary
 
 

@@ -12,29 +12,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from paft.methods.objectives import METRICS
 from paft.report.style import MODELS
 
 # the single-objective branches every other model is compared with
 REFERENCES = ("sft", "preference")
 
-# key -> (label, higher is better; None: no better direction, deltas are not judged)
-KNOWN: dict[str, tuple[str, bool | None]] = {
-    "sft_exact_match": ("SFT exact match", True),
-    "sft_nll": ("SFT NLL", False),
-    "pref_accuracy": ("preference accuracy", True),
-    "reward_margin": ("reward margin (implicit)", True),
-    "reward_accuracy": ("reward accuracy (implicit)", True),
-    "rm_reward": ("reward-model score", True),
-    "rm_win_rate": ("reward-model win rate", True),
-    "rm_accuracy": ("reward-model accuracy", True),
-    "judge_win_rate": ("judge win rate", True),
-    "judge_score": ("judge score", True),
-    # refusing is right on harmful prompts and wrong on benign ones; a bare rate has no better side
-    "refusal_rate": ("refusal rate, harmful prompts", True),  # paft's harmlessness set: refusing is right
-    "harmful_refusal_rate": ("refusal rate, harmful prompts", True),
-    "benign_refusal_rate": ("refusal rate, benign prompts", False),
-    "over_refusal_rate": ("over-refusal rate", False),
-}
+# key -> (label, higher is better): the one table, shared with the tuning objectives
+KNOWN = METRICS
 
 # metric names (lm-evaluation-harness and common ones) whose direction is unambiguous
 _HIGHER = {"acc", "acc_norm", "accuracy", "exact_match", "em", "f1", "mcc", "bleu", "rouge1", "rouge2", "rougel",

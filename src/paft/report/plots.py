@@ -6,7 +6,7 @@ import io
 import math
 from typing import Any
 
-from paft.report.metrics import Metric
+from paft.report.metrics import Metric, metric_info
 from paft.report.sparsity_plot import plot_sparsity
 from paft.report.style import BRANCH_LABELS, COLORS, DEFAULT_COLOR, DIRECTIONS, SHORT
 
@@ -129,3 +129,61 @@ def sparsity_figure(sparsity: dict[str, dict]) -> bytes:
     buf = io.BytesIO()
     plot_sparsity(sparsity, buf, by_type=True, width=WIDTH_IN, dpi=DPI)
     return buf.getvalue()
+
+
+def _front_line(ax, pts: list[tuple[float, float]], color: str, label: str) -> None:
+    """The Pareto front as a step line: sorted by x, each point's y held until the next point's x (or reached there
+    first when y falls along the front), so the steps bound the region the front dominates."""
+    pts = sorted(pts)
+    if not pts:
+        return
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    rising = len(ys) < 2 or ys[-1] >= ys[0]
+    ax.step(xs, ys, where="post" if rising else "pre", color=color, lw=1.4, alpha=0.8, label=label, zorder=1)
+
+
+def frontier_plot(fr: dict[str, Any], tune: dict[str, Any] | None = None) -> bytes | None:
+    """Left: every model on the held-out split, labelled, the front drawn, the tuned pick a star. Right (when the run
+    was tuned): the trials on the dev split with their front and the pick."""
+    x, y = fr["x"], fr["y"]
+    pts = [p for p in fr["points"] if p["metrics"].get(x) is not None and p["metrics"].get(y) is not None]
+    if not pts:
+        return None
+    trials = [t for t in (tune or {}).get("trials", []) if t.get("metrics") and t["state"] == "COMPLETE"]
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2 if trials else 1, figsize=(WIDTH_IN, 4.6), squeeze=False)
+    word = {True: "higher is better", False: "lower is better"}
+    xl = f"{metric_info(x).label} ({word[fr['x_higher_is_better']]})"
+    yl = f"{metric_info(y).label} ({word[fr['y_higher_is_better']]})"
+    ax = axes[0, 0]
+    # a model of the run keeps its report colour; each other family gets one of matplotlib's tab10 in turn
+    families = list(dict.fromkeys(p["family"] for p in pts if p["name"] not in COLORS and p["family"] != "tuned"))
+    cycle = plt.get_cmap("tab10").colors
+    for p in pts:
+        tuned = p["family"] == "tuned"
+        color = COLORS.get(p["name"]) or ("#d62728" if tuned else cycle[families.index(p["family"]) % len(cycle)])
+        ax.scatter(p["metrics"][x], p["metrics"][y], s=180 if tuned else 40, marker="*" if tuned else "o",
+                   color=color, edgecolor="black" if p["on_front"] else "none", lw=0.8, zorder=3)
+        ax.annotate(SHORT.get(p["name"], p["name"]), (p["metrics"][x], p["metrics"][y]), fontsize=7.5,
+                    xytext=(4, 3), textcoords="offset points")
+    _front_line(ax, [(p["metrics"][x], p["metrics"][y]) for p in pts if p["on_front"]], "#2b8a3e", "Pareto front")
+    ax.set(xlabel=xl, ylabel=yl, title="Held-out split: every model and candidate")
+    ax.legend(fontsize=8, frameon=False)
+    if trials:
+        ax = axes[0, 1]
+        xs = [t["metrics"].get(x) for t in trials]
+        ys = [t["metrics"].get(y) for t in trials]
+        ax.scatter(xs, ys, s=22, color="#8c959f", label="trial", zorder=2)
+        _front_line(ax, [(a, b) for a, b, t in zip(xs, ys, trials) if t["on_front"] and a is not None and b is not None],
+                    "#2b8a3e", "Pareto front (dev)")
+        pick = (tune.get("pick") or {}).get("trial")
+        for t, a, b in zip(trials, xs, ys):
+            if t["number"] == pick:
+                ax.scatter(a, b, s=180, marker="*", color="#d62728", zorder=3, label=f"pick ({tune['pick']['rule']})")
+            elif t.get("default"):
+                ax.scatter(a, b, s=50, marker="s", color=COLORS["paft"], zorder=3, label="the run's merge")
+        ax.set(xlabel=xl, ylabel=yl, title=f"Dev split: {len(trials)} tune trials")
+        ax.legend(fontsize=8, frameon=False)
+    fig.suptitle("Alignment-tax frontier", fontsize=11)
+    fig.tight_layout()
+    return _png(fig)

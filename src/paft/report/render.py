@@ -13,11 +13,12 @@ import yaml
 
 from paft.config import PaftConfig
 from paft.io import package_versions, write_bytes_atomic, write_json_atomic, write_text_atomic
+from paft.report.frontier import frontier, frontier_section
 from paft.report.html import page
 from paft.report.markdown import to_markdown
 from paft.report.metrics import alignment_tax, metric_info, stderr_of
 from paft.report.model import Cell, Code, Column, Figure, Section, Table, Text, table
-from paft.report.plots import metric_bars, sparsity_figure, training_curves
+from paft.report.plots import frontier_plot, metric_bars, sparsity_figure, training_curves
 from paft.report.style import ARROWS, DIRECTIONS, LABELS, MODELS, SHORT, TONES, fmt, fmt_delta, fmt_value
 
 # the five headline metrics the `paft run` summary table prints: key, header, higher is better
@@ -44,7 +45,7 @@ def collect(root: Path, cfg: PaftConfig | dict[str, Any]) -> dict[str, Any]:
     sparsity = _read(root / "sparsity.json") or {}
     ev = _read(root / "eval.json")
     keep = ("overall", "by_type", "by_layer", "histogram")  # not the per-tensor rows: they are in sparsity.json
-    return {
+    rep = {
         "config": cfg.model_dump(mode="json") if isinstance(cfg, PaftConfig) else cfg,
         "run_dir": str(root),
         "versions": (_read(root / "provenance.json") or {}).get("versions") or package_versions(),
@@ -58,7 +59,11 @@ def collect(root: Path, cfg: PaftConfig | dict[str, Any]) -> dict[str, Any]:
         "timings_s": _read(root / "timings.json"),
         # candidates.json as written: rows "models" (main models, then each candidate) with metrics and cost
         "candidates": _read(root / "candidates.json"),
+        # tune/trials.json as written: the trials on the dev split, their front and the pick
+        "tune": _read(root / "tune" / "trials.json"),
     }
+    rep["frontier"] = frontier(rep, _read(root / "tune" / "eval.json"))
+    return rep
 
 
 def _metric_cell(x: dict[str, Any]) -> Cell:
@@ -240,6 +245,8 @@ def build_report(rep: dict[str, Any]) -> Section:
         sections.append(_metrics_section(ev, rep.get("alignment_tax") or alignment_tax(ev["models"])))
     if (rep.get("candidates") or {}).get("models"):
         sections.append(_candidates_section(rep["candidates"]))
+    if rep.get("frontier"):
+        sections.append(frontier_section(rep["frontier"], rep.get("tune")))
     if rep.get("sparsity"):
         sections.append(_sparsity_section(rep["sparsity"]))
     if rep.get("data"):
@@ -276,6 +283,8 @@ def render_images(rep: dict[str, Any]) -> dict[str, bytes]:
         out["training.png"] = training_curves(rep["training"])
     if rep.get("sparsity"):
         out["sparsity.png"] = sparsity_figure(rep["sparsity"])
+    if rep.get("frontier"):
+        out["frontier.png"] = frontier_plot(rep["frontier"], rep.get("tune"))
     return {k: v for k, v in out.items() if v}
 
 
