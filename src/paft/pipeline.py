@@ -35,7 +35,8 @@ from paft.models.folders import is_adapter, is_model
 from paft.progress import ProgressUI
 from paft.report import write_report
 from paft.sparsity import model_sparsity
-from paft.train.branch import branch_done, branch_output, preference_examples, read_summary, train_branch
+from paft.train.branch import branch_done, branch_output, preference_examples, read_summary
+from paft.train.launch import run_branch
 from paft.train.reward import reward_pairs, train_reward
 from paft.workers import Job, WorkerPool
 
@@ -189,8 +190,8 @@ class Run:
                 self._train_parallel(todo)
             else:
                 for name in todo:
-                    train_branch(**self._branch_args(name), threads=self.cfg.run.threads, device=self.device,
-                                 report=self.ui.branch_report)
+                    run_branch(**self._branch_args(name), threads=self.cfg.run.threads, device=self.device,
+                               gpus=self._gpus(), report=self.ui.branch_report)
             self._timed("train:" + "+".join(todo), start)
         return {n: read_summary(self.branch_dir(n)) for n in names}
 
@@ -229,18 +230,22 @@ class Run:
     def _train_parallel(self, names: list[str]) -> None:
         """Two worker processes from the same base, each with half the CPU threads (or its own GPU); a branch
         that ends hands its threads to the one still running, its process to the next (sequential after SFT)."""
-        gpus = [str(i) for i in range(torch.cuda.device_count())] if self.device.startswith("cuda") else []
+        gpus = self._gpus()
         with WorkerPool(2, self.cfg.run.threads or torch.get_num_threads(), gpus if len(gpus) >= 2 else [],
                         fresh=False) as pool:
             queue = pool.manager.Queue()  # progress messages from the workers
 
             def place(name):  # arguments taken when the branch starts: the sequential one's start is SFT's output
+                # a slot's GPUs (CUDA_VISIBLE_DEVICES of a branch group): the sequential branch takes SFT's slot
                 return lambda slot: {**self._branch_args(name), "threads": slot.threads, "report": queue.put,
                                      "device": f"cuda:{slot.gpus[0]}" if slot.gpus else self.device,
-                                     "thread_share": (pool.threads, pool.active)}
+                                     "gpus": slot.gpus, "thread_share": (pool.threads, pool.active)}
 
             with self.ui.queue_listener(queue):
-                pool.run([Job(n, train_branch, place=place(n), after=BRANCHES[n][1]) for n in names])
+                pool.run([Job(n, run_branch, place=place(n), after=BRANCHES[n][1]) for n in names])
+
+    def _gpus(self) -> list[str]:
+        return [str(i) for i in range(torch.cuda.device_count())] if self.device.startswith("cuda") else []
 
     # ------------------------------------------------------------------ analysis and merge
     def sparsity(self) -> dict[str, Any]:

@@ -53,7 +53,7 @@ def steps_for(tcfg, rows_per_phase: float, phases: int) -> list[int]:
     """Per-phase steps: ``max_steps`` split over the phases, or ``epochs`` over each phase's rows."""
     if tcfg.max_steps > 0:
         return split_steps(tcfg.max_steps, phases)
-    per = max(1, math.ceil(rows_per_phase / (tcfg.batch_size * tcfg.grad_accum) * tcfg.epochs))
+    per = max(1, math.ceil(rows_per_phase / tcfg.batch_size * tcfg.epochs))  # batch_size: global
     return [per] * phases
 
 
