@@ -96,7 +96,7 @@ def test_two_ranks_dpo_packed_with_reference_cache_match_one_process(data_run, t
     monkeypatch.setenv("PAFT_CACHE", str(tmp_path / "cache-2"))
     two = train(data_run, "preference", "dpo-2", [*steps, "run.processes=2"])
     assert_same_training(one, two)
-    rows = 3 * 4  # steps x global batch, each row seen once
+    rows = 3 * 4 * 2  # steps x global batch x (chosen, rejected): each sequence computed once
     for s in (one[0], two[0]):
         assert s["reference_cache"]["computed"] == rows and s["reference_cache"]["hits"] == 0
     files = list((tmp_path / "cache-2" / "reference").glob("*.json"))
@@ -148,18 +148,41 @@ def _paft(args, cwd, env=None):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["local", "ray"])
-def test_paft_run_with_two_processes_per_branch(tmp_path, backend):
+def test_paft_run_with_two_processes_per_branch(tmp_path):
     """The whole tiny run with both branches as 2-rank groups at once (and the sequential baseline on SFT's
-    slot), on this machine or on a local Ray instance; the report is written and every branch had 2 ranks."""
+    slot when SFT ends); every branch had 2 ranks and the report is written."""
     out = tmp_path / "run"
     t0 = time.time()
     p = _paft(["run", "--preset", "tiny", "--out", str(out), "--set", "run.processes=2", "--set", "run.threads=2",
-               "--set", f"run.backend={backend}", "--set", "run.report_to=[]"], tmp_path)
+               "--set", "run.report_to=[]"], tmp_path)
     wall = time.time() - t0
     assert p.returncode == 0, p.stderr[-3000:]
     for b in ("sft", "preference", "sequential"):
         s = json.loads((out / b / "train_summary.json").read_text())
         assert s["processes"] == 2 and s["steps"] == 8
-    assert (out / "report.html").is_file() or (out / "report.md").is_file()
-    print(f"paft run --preset tiny, 2 processes per branch, backend {backend}: {wall:.0f} s")
+    assert (out / "report.html").is_file()
+    print(f"paft run --preset tiny, 2 processes per branch: {wall:.0f} s")
+
+
+@pytest.mark.slow
+def test_ray_backend_trains_the_branches_as_groups(tmp_path):
+    """run.backend ray on a local Ray instance (4 logical CPUs: both 2-rank branches fit at once): each branch is
+    a Ray task that launches its group; the sequential branch starts after SFT, from SFT's adapter."""
+    ray = pytest.importorskip("ray")
+    from paft.pipeline import Run
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        cfg = load_config(preset="tiny", overrides=[f"run.output_dir={tmp_path / 'run'}", *FAST, "run.backend=ray",
+                                                    "run.processes=2", "sft.max_steps=3", "preference.max_steps=3"])
+        run = Run(cfg)
+        run.prepare()
+        t0 = time.time()
+        summaries = run.train(["sft", "preference", "sequential"])
+        wall = time.time() - t0
+    finally:
+        ray.shutdown()
+    for b, s in summaries.items():
+        assert s["processes"] == 2 and s["steps"] == 3, b
+    assert summaries["sequential"]["init_adapter"] == str(tmp_path / "run" / "sft" / "adapter")
+    print(f"run.backend ray, 3 branches x 2 processes: {wall:.0f} s")

@@ -38,7 +38,7 @@ from paft.sparsity import model_sparsity
 from paft.train.branch import branch_done, branch_output, preference_examples, read_summary
 from paft.train.launch import run_branch
 from paft.train.reward import reward_pairs, train_reward
-from paft.workers import Job, WorkerPool
+from paft.workers import Job, RayPool, WorkerPool, visible_gpus
 
 # the data stage's outputs feed every later stage: redoing it alone could leave branches trained on other data
 REDO_DATA = "pass --force to redo the run from the data stage"
@@ -186,7 +186,9 @@ class Run:
             self.reward()  # the online method's scorer: a reward model trained on the run's preference pairs
         start = time.perf_counter()
         if todo:
-            if self.cfg.run.parallel and len(todo) > 1:
+            if self.cfg.run.backend == "ray":
+                self._train_ray(todo)
+            elif self.cfg.run.parallel and len(todo) > 1:
                 self._train_parallel(todo)
             else:
                 for name in todo:
@@ -238,14 +240,36 @@ class Run:
             def place(name):  # arguments taken when the branch starts: the sequential one's start is SFT's output
                 # a slot's GPUs (CUDA_VISIBLE_DEVICES of a branch group): the sequential branch takes SFT's slot
                 return lambda slot: {**self._branch_args(name), "threads": slot.threads, "report": queue.put,
-                                     "device": f"cuda:{slot.gpus[0]}" if slot.gpus else self.device,
+                                     "device": f"cuda:{gpus.index(slot.gpus[0])}" if slot.gpus else self.device,
                                      "gpus": slot.gpus, "thread_share": (pool.threads, pool.active)}
 
             with self.ui.queue_listener(queue):
                 pool.run([Job(n, run_branch, place=place(n), after=BRANCHES[n][1]) for n in names])
 
+    def _train_ray(self, names: list[str]) -> None:
+        """Each branch a Ray task holding its processes' CPUs (and GPUs, one per process, on one node), which
+        trains it as ``run_branch`` does here; concurrent as ``run.parallel`` allows, the sequential branch after
+        SFT. The run folder must be on storage every node sees; merge and evaluation run here."""
+        with RayPool(self.cfg.run.ray_address, "run.backend") as pool:
+            cuda = self.cfg.run.device != "cpu" and pool.ray.cluster_resources().get("GPU", 0) > 0
+            queue = pool.queue()
+
+            def place(name):
+                return lambda slot: {**self._branch_args(name), "threads": slot.threads, "report": queue.put,
+                                     "device": self.cfg.run.device if cuda else "cpu"}
+
+            def resources(job):
+                n = self.cfg.run.processes_for(job.name)
+                return float(n), float(n if cuda else 0)
+
+            jobs = [Job(n, run_branch, place=place(n),
+                        after=BRANCHES[n][1] if self.cfg.run.parallel or i == 0 else names[i - 1])
+                    for i, n in enumerate(names)]
+            with self.ui.queue_listener(queue):
+                pool.run(jobs, resources)
+
     def _gpus(self) -> list[str]:
-        return [str(i) for i in range(torch.cuda.device_count())] if self.device.startswith("cuda") else []
+        return visible_gpus() if self.device.startswith("cuda") else []
 
     # ------------------------------------------------------------------ analysis and merge
     def sparsity(self) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import Any
 
 from paft import errors
 from paft.config import PaftConfig, read_yaml
-from paft.device import resolve_bf16
+from paft.device import resolve_bf16, resolve_device
 from paft.errors import ConfigError, PaftError
 from paft.io import write_json_atomic
 from paft.train import ranks
@@ -41,6 +41,7 @@ def run_branch(*, kind: str, cfg: PaftConfig, name: str, out_dir: Path, device: 
     """Train branch ``name`` with its ``run.processes``: in this process, or as an accelerate process group on
     ``gpus`` (CUDA) or on ``threads`` CPU threads split between its ranks."""
     n = cfg.run.processes_for(name)
+    device = resolve_device(device)  # a Ray task resolves run.device on its own node
     if n == 1:
         return train_branch(kind=kind, cfg=cfg, name=name, out_dir=out_dir, device=device, threads=threads,
                             report=report, thread_share=thread_share, **branch_args)
