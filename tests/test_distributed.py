@@ -186,3 +186,55 @@ def test_ray_backend_trains_the_branches_as_groups(tmp_path):
         assert s["processes"] == 2 and s["steps"] == 3, b
     assert summaries["sequential"]["init_adapter"] == str(tmp_path / "run" / "sft" / "adapter")
     print(f"run.backend ray, 3 branches x 2 processes: {wall:.0f} s")
+
+
+# --------------------------------------------------------------------------- config and launch command (fast)
+
+
+def test_the_global_batch_must_divide_by_processes_and_accumulation():
+    from paft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"sft.batch_size 6 is the global batch: it must divide by run.processes "
+                                          r"\(2 for sft\) x sft.grad_accum \(2\); use a multiple of 4"):
+        load_config(preset="tiny", overrides=["sft.batch_size=6", "sft.grad_accum=2", "run.processes={sft: 2}"])
+    with pytest.raises(ConfigError, match="run.processes"):
+        load_config(preset="tiny", overrides=["run.processes={reward: 2}"])  # the reward model trains in one
+    with pytest.raises(ConfigError, match="at least 1"):
+        load_config(preset="tiny", overrides=["run.processes=0"])
+    c = load_config(preset="tiny", overrides=["run.processes={sft: 2, sequential: 4}"]).run
+    assert [c.processes_for(b) for b in ("sft", "preference", "sequential")] == [2, 1, 4]
+
+
+def test_scale_out_keys_do_not_change_a_runs_identity():
+    """A run folder resumes under another process count, launcher config or backend."""
+    from paft.config import config_identity
+
+    a = load_config(preset="tiny")
+    b = load_config(preset="tiny", overrides=["run.processes=2", "run.backend=ray", "run.ray_address=h:6379",
+                                              "run.accelerate_config=x.yaml"])
+    assert config_identity(a) == config_identity(b)
+
+
+def test_the_accelerate_command(tmp_path):
+    from paft.train.launch import accelerate_command
+
+    cmd = accelerate_command(2, tmp_path / "launch.json", cpu=True, threads=1, bf16=False, port=29555)
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and "--multi_gpu" in cmd
+    assert cmd[cmd.index("--num_processes") + 1] == "2" and cmd[-3:] == ["-m", "paft.train.launch",
+                                                                         str(tmp_path / "launch.json")]
+    cmd = accelerate_command(4, tmp_path / "l.json", cpu=False, threads=4, bf16=True, config_file="fsdp.yaml")
+    assert "--multi_gpu" not in cmd and cmd[cmd.index("--config_file") + 1] == "fsdp.yaml"
+    assert cmd[cmd.index("--mixed_precision") + 1] == "bf16"
+
+
+@pytest.mark.slow
+def test_a_ranks_one_line_error_reaches_the_caller(data_run):
+    """A bad input found inside the group (here: a missing accelerate config is caught before; a missing data
+    file inside the ranks) is the same one-line error a single process raises."""
+    from paft.errors import DataError
+    from paft.train.launch import run_branch
+
+    cfg = load_config(preset="tiny", overrides=[f"run.output_dir={data_run.root}", *FAST, "run.processes=2"])
+    with pytest.raises(DataError, match="nowhere.jsonl"):
+        run_branch(kind="sft", cfg=cfg, name="sft", model_dir=data_run.model_dir,
+                   data_path=data_run.root / "nowhere.jsonl", out_dir=data_run.root / "bad", threads=2)
