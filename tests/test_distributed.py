@@ -238,3 +238,13 @@ def test_a_ranks_one_line_error_reaches_the_caller(data_run):
     with pytest.raises(DataError, match="nowhere.jsonl"):
         run_branch(kind="sft", cfg=cfg, name="sft", model_dir=data_run.model_dir,
                    data_path=data_run.root / "nowhere.jsonl", out_dir=data_run.root / "bad", threads=2)
+
+
+def test_an_online_method_is_refused_as_a_group(tmp_path):
+    from paft.errors import ConfigError
+    from paft.train.launch import launch_branch
+
+    cfg = load_config(preset="tiny", overrides=["preference.method=iterative-dpo", "run.processes=2"])
+    with pytest.raises(ConfigError, match=r"online method 'iterative-dpo'.*run.processes: \{preference: 1\}"):
+        launch_branch(2, kind="preference", cfg=cfg, name="preference", out_dir=tmp_path, device="cpu", threads=2,
+                      gpus=(), report=print)

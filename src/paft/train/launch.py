@@ -28,6 +28,7 @@ from paft.config import PaftConfig, read_yaml
 from paft.device import resolve_bf16, resolve_device
 from paft.errors import ConfigError, PaftError
 from paft.io import write_json_atomic
+from paft.methods.losses import get_loss
 from paft.train import ranks
 from paft.train.branch import train_branch
 from paft.train.trainer import Report, no_report
@@ -82,6 +83,10 @@ def check_accelerate_config(cfg: PaftConfig, name: str, kind: str) -> str | None
 def launch_branch(n: int, *, kind: str, cfg: PaftConfig, name: str, out_dir: Path, device: str,
                   threads: int | None, gpus: tuple[str, ...], report: Report, **branch_args) -> dict[str, Any]:
     config_file = check_accelerate_config(cfg, name, kind)
+    if kind == "preference" and get_loss(cfg.preference.method).schedule.kind == "online":
+        # each rank would sample and score every round's prompts itself: not sharded yet
+        raise ConfigError(f"run.processes: {name} uses the online method {cfg.preference.method!r}, which trains in "
+                          f"one process for now; set run.processes: {{{name}: 1}}")
     cuda = device.startswith("cuda")
     if cuda and gpus and len(gpus) < n:
         raise ConfigError(f"run.processes: branch {name} asks for {n} processes, one per GPU, but has "
