@@ -63,6 +63,9 @@ def assert_same_training(a, b):
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=TOL)
     # the adapter trained: a test of two untrained adapters would pass trivially
     assert max((wa[k].abs().max() for k in wa if "lora_B" in k)) > 0
+    print(f"{oa.name} vs {ob.name}: max |loss diff| {max(abs(x['loss'] - y['loss']) for x, y in zip(la, lb)):.1e}, "
+          f"max |grad-norm diff| {max(abs(x['grad_norm'] - y['grad_norm']) for x, y in zip(la, lb)):.1e}, "
+          f"max |adapter diff| {max(float((wa[k] - wb[k]).abs().max()) for k in wa):.1e} over {len(la)} steps")
 
 
 def test_grad_accumulation_matches_the_larger_batch(data_run):

@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +104,6 @@ def launch_branch(n: int, *, kind: str, cfg: PaftConfig, name: str, out_dir: Pat
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[:n])
     elif not cuda:
         env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU branch group never initialises CUDA
-    tail: deque[str] = deque(maxlen=20)
     error: dict[str, str] | None = None
     with open(out_dir / "launch.log", "a") as log, _group_process(cmd, env, log) as proc:
         for line in proc.stdout:
@@ -115,13 +113,13 @@ def launch_branch(n: int, *, kind: str, cfg: PaftConfig, name: str, out_dir: Pat
                 error = json.loads(line[len(ERROR):])
             else:
                 log.write(line)
-                tail.append(line.rstrip())
         rc = proc.wait()
     if error:  # the rank's own error class (ConfigError, DataError, ...), in one line
         cls = getattr(errors, error["type"], PaftError)
         raise (cls if isinstance(cls, type) and issubclass(cls, PaftError) else PaftError)(error["message"])
-    if rc != 0:
-        last = next((t for t in reversed(tail) if t.strip()), "")
+    if rc != 0:  # the last line the ranks wrote (stderr goes straight to the log): the error, mostly
+        lines = (out_dir / "launch.log").read_text(errors="replace").splitlines()
+        last = next((t for t in reversed(lines) if t.strip() and "Warning" not in t), "")
         raise PaftError(f"branch {name}: accelerate launch of {n} processes exited with code {rc} ({last[-300:]}); "
                         f"all ranks' output: {out_dir / 'launch.log'}")
     return json.loads((out_dir / "train_summary.json").read_text())
