@@ -239,7 +239,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             f"{s}.lora.alpha=32" for s in ("sft", "preference")] + [
             f"data.max_length={spec['max_length']}", f"data.max_prompt_length={spec['max_prompt_length']}",
             f"sft.l1_lambda={spec.get('l1', 0.0)}", "preference.method=dpo", "preference.beta=0.1",
-            f"run.bf16={spec['bf16']}", "run.report_to=[]", f"run.output_dir={work / 'run'}"]
+            f"run.bf16={spec['bf16']}", "run.report_to=[]", f"run.output_dir={work / 'run'}",
+            f"model.name={spec.get('model', 'smollm2-135m')}"]
         sets += [f"{s}.{k}={v}" for s in ("sft", "preference") for k, v in spec.get("paft_sets", {}).items()]
         cfg = load_config(None, overrides=sets)
         from paft.models import resolve_model_dir
@@ -254,7 +255,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
         from paft.models import resolve_model_dir
 
-        model_dir = resolve_model_dir("smollm2-135m")
+        model_dir = resolve_model_dir(spec.get("model", "smollm2-135m"))  # gpu_check.py: a random-init folder
         tok = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(spec["device"])
         rows = [json.loads(line) for line in Path(spec["data"]["trl_" + spec["task"]]).read_text().splitlines()]
@@ -279,7 +280,10 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=Dataset.from_list(rows),
                                  processing_class=tok, peft_config=LoraConfig(**_lora_kwargs()))
         trainer.train()
-    return clock.summary(spec["warmup"])
+    out = clock.summary(spec["warmup"])
+    if spec["device"].startswith("cuda"):
+        out["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return out
 
 
 def run_child(spec: dict[str, Any]) -> dict[str, Any]:

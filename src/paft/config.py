@@ -123,8 +123,10 @@ class TrainConfig(_Section):
     learning_rate: float = Field(2e-4, gt=0)
     max_steps: int = Field(60, description="optimizer steps; -1 to use epochs")
     epochs: float = Field(1.0, gt=0)
-    batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
+    batch_size: int = Field(8, gt=0, description="rows per optimizer step, over all processes and accumulation "
+                                                 "steps (each process's micro-batch: batch_size / run.processes / "
+                                                 "grad_accum)")
+    grad_accum: int = Field(1, gt=0, description="micro-batches accumulated per optimizer step")
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     lr_scheduler: str = Field("cosine", description=", ".join(LR_SCHEDULERS))
@@ -537,6 +539,9 @@ class TuneConfig(_Section):
         return v
 
 
+BranchName = Literal["sft", "preference", "sequential"]
+
+
 class RunConfig(_Section):
     output_dir: str = "runs/paft"
     parallel: bool = Field(True, description="train the SFT and preference branches concurrently")
@@ -555,6 +560,35 @@ class RunConfig(_Section):
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "dvclive", "trackio"]] = Field(
         ["tensorboard"], description="training-log integrations of the Trainer (TensorBoard logs go to "
                                      "RUN/BRANCH/tb); [] or none: off")
+    processes: int | dict[BranchName, int] = Field(
+        1, description="processes (ranks) per branch, an int for all or a mapping {sft: 4, preference: 4, ...}; "
+                       "above 1 a branch runs through `accelerate launch` (docs/scaleout.md)")
+    accelerate_config: str | dict[BranchName, str] | None = Field(
+        None, description="accelerate config YAML (DDP, FSDP, DeepSpeed) for a branch of several processes; a path "
+                          "or a per-branch mapping; none: accelerate's plain multi-process (DDP) launch")
+    backend: Literal["local", "ray"] = Field("local", description="where branches run: this machine, or a Ray "
+                                                                  "cluster (one node per branch)")
+    ray_address: str | None = Field(None, description="Ray cluster address for backend ray (else RAY_ADDRESS, "
+                                                      "else a local Ray instance)")
+
+    @field_validator("processes")
+    @classmethod
+    def _processes(cls, v: Any) -> Any:
+        for n in (v.values() if isinstance(v, dict) else [v]):
+            if n < 1:
+                raise ValueError(f"processes must be at least 1; got {n}")
+        return v
+
+    def processes_for(self, branch: str) -> int:
+        """Processes of ``branch`` (sft, preference, sequential; the reward model and the trained candidates'
+        branches train in one: their callbacks and joint batches are not checked across ranks)."""
+        if branch not in ("sft", "preference", "sequential"):
+            return 1
+        return self.processes.get(branch, 1) if isinstance(self.processes, dict) else self.processes
+
+    def accelerate_config_for(self, branch: str) -> str | None:
+        c = self.accelerate_config
+        return c.get(branch) if isinstance(c, dict) else c
 
     @field_validator("device")
     @classmethod
@@ -585,6 +619,17 @@ class PaftConfig(_Section):
     tune: TuneConfig = TuneConfig()
     run: RunConfig = RunConfig()
 
+    @model_validator(mode="after")
+    def _global_batches(self) -> "PaftConfig":
+        # train.batch_size is the global batch of an optimizer step: per-device = batch_size / processes / grad_accum
+        for branch, section in (("sft", "sft"), ("preference", "preference"), ("sequential", "preference")):
+            t, n = getattr(self, section), self.run.processes_for(branch)
+            if t.batch_size % (n * t.grad_accum):
+                raise ValueError(f"{section}.batch_size {t.batch_size} is the global batch: it must divide by "
+                                 f"run.processes ({n} for {branch}) x {section}.grad_accum ({t.grad_accum}); "
+                                 f"use a multiple of {n * t.grad_accum}")
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -592,7 +637,8 @@ class PaftConfig(_Section):
 # --------------------------------------------------------------------------- identity
 
 # run keys that change how a run executes, not what it computes (the output folder may move)
-EXECUTION_KEYS = ("output_dir", "force", "parallel", "threads", "device", "report_to", "log_every_s")
+EXECUTION_KEYS = ("output_dir", "force", "parallel", "threads", "device", "report_to", "log_every_s", "processes",
+                  "accelerate_config", "backend", "ray_address")
 
 
 def config_identity(config: PaftConfig | dict[str, Any]) -> dict[str, Any]:

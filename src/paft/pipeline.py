@@ -41,9 +41,10 @@ from paft.models.folders import is_adapter, is_model
 from paft.progress import ProgressUI
 from paft.report import write_report
 from paft.sparsity import model_sparsity
-from paft.train.branch import branch_done, branch_output, preference_examples, read_summary, train_branch
+from paft.train.branch import branch_done, branch_output, preference_examples, read_summary
+from paft.train.launch import run_branch
 from paft.train.reward import reward_pairs, train_reward
-from paft.workers import Job, WorkerPool
+from paft.workers import Job, RayPool, WorkerPool, visible_gpus
 
 # the data stage's outputs feed every later stage: redoing it alone could leave branches trained on other data
 REDO_DATA = "pass --force to redo the run from the data stage"
@@ -202,12 +203,14 @@ class Run:
             self.reward()  # the online method's scorer: a reward model trained on the run's preference pairs
         start = time.perf_counter()
         if todo:
-            if self.cfg.run.parallel and len(todo) > 1:
+            if self.cfg.run.backend == "ray":
+                self._train_ray(todo)
+            elif self.cfg.run.parallel and len(todo) > 1:
                 self._train_parallel(todo)
             else:
                 for name in todo:
-                    train_branch(**self._branch_args(name), threads=self.cfg.run.threads, device=self.device,
-                                 report=self.ui.branch_report)
+                    run_branch(**self._branch_args(name), threads=self.cfg.run.threads, device=self.device,
+                               gpus=self._gpus(), report=self.ui.branch_report)
             self._timed("train:" + "+".join(todo), start)
         return {n: read_summary(self.branch_dir(n)) for n in names}
 
@@ -247,18 +250,44 @@ class Run:
     def _train_parallel(self, names: list[str]) -> None:
         """Two worker processes from the same base, each with half the CPU threads (or its own GPU); a branch
         that ends hands its threads to the one still running, its process to the next (sequential after SFT)."""
-        gpus = [str(i) for i in range(torch.cuda.device_count())] if self.device.startswith("cuda") else []
+        gpus = self._gpus()
         with WorkerPool(2, self.cfg.run.threads or torch.get_num_threads(), gpus if len(gpus) >= 2 else [],
                         fresh=False) as pool:
             queue = pool.manager.Queue()  # progress messages from the workers
 
             def place(name):  # arguments taken when the branch starts: the sequential one's start is SFT's output
+                # a slot's GPUs (CUDA_VISIBLE_DEVICES of a branch group): the sequential branch takes SFT's slot
                 return lambda slot: {**self._branch_args(name), "threads": slot.threads, "report": queue.put,
-                                     "device": f"cuda:{slot.gpus[0]}" if slot.gpus else self.device,
-                                     "thread_share": (pool.threads, pool.active)}
+                                     "device": f"cuda:{gpus.index(slot.gpus[0])}" if slot.gpus else self.device,
+                                     "gpus": slot.gpus, "thread_share": (pool.threads, pool.active)}
 
             with self.ui.queue_listener(queue):
-                pool.run([Job(n, train_branch, place=place(n), after=self.branches[n][1]) for n in names])
+                pool.run([Job(n, run_branch, place=place(n), after=self.branches[n][1]) for n in names])
+
+    def _train_ray(self, names: list[str]) -> None:
+        """Each branch a Ray task holding its processes' CPUs (and GPUs, one per process, on one node), which
+        trains it as ``run_branch`` does here; concurrent as ``run.parallel`` allows, the sequential branch after
+        SFT. The run folder must be on storage every node sees; merge and evaluation run here."""
+        with RayPool(self.cfg.run.ray_address, "run.backend") as pool:
+            cuda = self.cfg.run.device != "cpu" and pool.ray.cluster_resources().get("GPU", 0) > 0
+            queue = pool.queue()
+
+            def place(name):
+                return lambda slot: {**self._branch_args(name), "threads": slot.threads, "report": queue.put,
+                                     "device": self.cfg.run.device if cuda else "cpu"}
+
+            def resources(job):
+                n = self.cfg.run.processes_for(job.name)
+                return float(n), float(n if cuda else 0)
+
+            jobs = [Job(n, run_branch, place=place(n),
+                        after=self.branches[n][1] if self.cfg.run.parallel or i == 0 else names[i - 1])
+                    for i, n in enumerate(names)]
+            with self.ui.queue_listener(queue):
+                pool.run(jobs, resources)
+
+    def _gpus(self) -> list[str]:
+        return visible_gpus() if self.device.startswith("cuda") else []
 
     # ------------------------------------------------------------------ analysis and merge
     def sparsity(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""One worker pool for what runs in parallel: a run's branches, a sweep's local cells.
+"""One worker pool for what runs in parallel: a run's branches, a sweep's local cells; and its Ray twin.
 
 A slot runs one job at a time, with its share of the CPU threads and GPUs. A job is a module-level
 function and its arguments (they pickle: workers are spawned), plus those it takes from its slot
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import os
 import signal
 import threading
 import traceback
@@ -186,3 +187,96 @@ def _sigterm_raises():
 
 def _exit(signum, frame):
     raise SystemExit(128 + signum)
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids a local worker may be pinned to (respecting the caller's CUDA_VISIBLE_DEVICES)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        import torch  # heavy: only when a job may use a GPU
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:
+        return []
+
+
+def import_ray(key: str):
+    try:
+        import ray
+    except ImportError:
+        raise PaftError(f"{key} 'ray' needs Ray: pip install 'paft[ray]' (or pip install ray)") from None
+    return ray
+
+
+def _call(fn, args, kwargs):
+    quiet_libraries()
+    return fn(*args, **kwargs)
+
+
+class RayPool:
+    """The worker pool's jobs as Ray tasks on a cluster: ``with RayPool(address, key) as pool: pool.run(jobs,
+    resources)``. Each job is a task with its CPUs and GPUs (Ray sets its CUDA_VISIBLE_DEVICES; a task of
+    several GPUs lands on one node), in a fresh worker process (``max_calls=1``); ``after`` orders jobs as
+    in ``WorkerPool``. ``address``: the cluster's (else RAY_ADDRESS), else a Ray instance of this machine, which
+    the pool starts and stops. Outputs must go to storage every node sees."""
+
+    def __init__(self, address: str | None, key: str):
+        self.ray = import_ray(key)
+        self.address = address or os.environ.get("RAY_ADDRESS")
+
+    def __enter__(self) -> "RayPool":
+        self.own = not self.ray.is_initialized()
+        if self.own:
+            self.ray.init(address=self.address, include_dashboard=False, log_to_driver=False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.own:
+            self.ray.shutdown()
+
+    def queue(self):
+        """A queue that pickles into a task on any node (progress messages), read with ``get()`` here."""
+        from ray.util.queue import Queue
+
+        return Queue()
+
+    def run(self, jobs: list[Job], resources: Callable[[Job], tuple[float, float]], *,
+            on_start: Callable[[Job], None] = lambda job: None,
+            on_done: Callable[[Job, Any], None] = lambda job, result: None,
+            on_error: Callable[[Job, Exception], None] | None = None) -> None:
+        """Run ``jobs`` as ``after`` allows, each with ``resources(job)`` = (CPUs, GPUs); a job's error is raised
+        (a ``PaftError`` as itself, in one line) unless ``on_error`` takes it; any error cancels the others."""
+        ray = self.ray
+        pending, running = list(jobs), {}
+        try:
+            while pending or running:
+                unfinished = {j.name for j in pending} | {j.name for j in running.values()}
+                for i, job in enumerate([j for j in pending if j.after not in unfinished]):
+                    cpus, gpus = resources(job)
+                    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_calls=1)(_call)
+                    slot = Slot(i, max(1, int(cpus)))  # the GPUs: Ray's CUDA_VISIBLE_DEVICES in the task
+                    running[task.remote(job.fn, job.args, {**job.kwargs, **job.place(slot)})] = job
+                    pending.remove(job)
+                    on_start(job)
+                if not running:
+                    raise PaftError(f"jobs {[j.name for j in pending]} wait on jobs that never run")
+                ready, _ = ray.wait(list(running), num_returns=1)
+                for ref in ready:
+                    job = running.pop(ref)
+                    try:
+                        value = ray.get(ref)
+                    except Exception as exc:  # RayTaskError wraps the job's own error; a dead worker has none
+                        cause = getattr(exc, "cause", None)
+                        err = cause if isinstance(cause, PaftError) else exc
+                        if on_error is None:
+                            raise err from None
+                        on_error(job, err)
+                    else:
+                        on_done(job, value)
+        except BaseException:
+            for ref in list(running):
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
+            raise

@@ -26,10 +26,11 @@ from paft.errors import ConfigError, PaftError
 from paft.io import lock_folder, usable_cores, write_text_atomic
 from paft.models import resolve_model_dir
 from paft.progress import ProgressUI
-from paft.sweep.backends import import_ray, run_local, run_ray
+from paft.sweep.backends import run_local, run_ray
 from paft.sweep.cell import read_json
 from paft.sweep.results import SweepResult, pick_metrics, results_table, write_results, write_sweep_report
 from paft.sweep.spec import Cell, ExecutionSettings, Sweep, load_sweep
+from paft.workers import import_ray
 
 def _finished(root: Path, cell: Cell, mode: str) -> dict[str, Any] | None:
     rec = read_json(root / "cell.json")
@@ -50,7 +51,7 @@ def run_sweep(path: str | Path | Sweep, out: str | Path | None = None, *, overri
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, "paft sweep", ExecutionSettings, "option")) from None
     if ex.backend == "ray":
-        import_ray()  # a missing Ray fails before anything runs
+        import_ray("sweep.backend")  # a missing Ray fails before anything runs
     out = Path(out or Path("sweeps") / (spec.name or Path(sweep.source).stem)).resolve()
     ui = ui or ProgressUI(enabled=False)
     lock_folder(out)  # a second sweep into this folder stops here, naming the holder

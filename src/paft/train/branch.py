@@ -33,6 +33,7 @@ from paft.train.lora import attach_adapter, keep_frozen_copy
 from paft.train.online import train_online
 from paft.train.online_merge import OnlineMerge, online_start, trainable
 from paft.train.phases import train_staged
+from paft.train import ranks
 from paft.train.preference import DATA_KINDS, PreferenceObjective, attach_value_head
 from paft.train.reference import ReferenceLogps, reference_cache_path, reference_identity
 from paft.train.sft import SFTObjective
@@ -210,8 +211,9 @@ def train_branch(kind: str, cfg: PaftConfig, model_dir: Path, data_path: Path, o
     if schedule.kind != "offline":
         summary["phases"] = phases.get("stages") or phases.get("rounds")
     if reference is not None:
-        summary["reference_cache"] = {"path": str(reference.path) if reference.path else None,
-                                      "hits": reference.hits, "computed": reference.misses}
+        summary["reference_cache"] = {"path": str(reference.path) if reference.path else None,  # over all ranks
+                                      "hits": int(ranks.all_sum(reference.hits)),
+                                      "computed": int(ranks.all_sum(reference.misses))}
     return h.finish(summary)
 
 
@@ -251,8 +253,11 @@ def preference_examples(cfg: PaftConfig, data_path: Path, source: str | None = N
     p = cfg.preference
     spec = get_loss(p.method)
     batch_estimate = DATA_KINDS[spec.data].batch_estimate
-    if batch_estimate and p.batch_size < 2:
-        raise ConfigError(f"preference.method {p.method!r} needs preference.batch_size >= 2 ({batch_estimate}); "
+    # the estimate runs over one process's micro-batch: batch_size / processes / grad_accum rows
+    split = max(cfg.run.processes_for(b) for b in ("preference", "sequential")) * p.grad_accum
+    if batch_estimate and p.batch_size < 2 * split:
+        raise ConfigError(f"preference.method {p.method!r} needs micro-batches of >= 2 rows ({batch_estimate}): "
+                          f"preference.batch_size >= 2 x run.processes x preference.grad_accum = {2 * split}; "
                           f"got {p.batch_size}")
     examples = load_examples(str(data_path), "preference").examples
     rows = examples_for_method(examples, spec.data, method=p.method, source=source or str(data_path))

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from paft.errors import ConfigError
 from paft.io import atomic_dir, write_json_atomic
+from paft.train import ranks
 
 # fit(rows, collator, ckpt_dir, max_steps) -> {"train_loss", "steps", "wall_s"}
 Fit = Callable[[list, Any, Path, int], dict[str, Any]]
@@ -27,9 +28,11 @@ def split_steps(total: int, parts: int) -> list[int]:
 
 
 def save_phase(model, d: Path, info: dict[str, Any]) -> None:
-    with atomic_dir(d / "adapter", force=True) as tmp:
-        model.save_pretrained(tmp)
-    write_json_atomic(d / "done.json", info)
+    if ranks.is_main():  # a branch of several processes: rank 0 writes, the others wait for it
+        with atomic_dir(d / "adapter", force=True) as tmp:
+            model.save_pretrained(tmp)
+        write_json_atomic(d / "done.json", info)
+    ranks.barrier()
 
 
 def resumed(model, d: Path, log: list) -> bool:
@@ -53,7 +56,7 @@ def steps_for(tcfg, rows_per_phase: float, phases: int) -> list[int]:
     """Per-phase steps: ``max_steps`` split over the phases, or ``epochs`` over each phase's rows."""
     if tcfg.max_steps > 0:
         return split_steps(tcfg.max_steps, phases)
-    per = max(1, math.ceil(rows_per_phase / (tcfg.batch_size * tcfg.grad_accum) * tcfg.epochs))
+    per = max(1, math.ceil(rows_per_phase / tcfg.batch_size * tcfg.epochs))  # batch_size: global
     return [per] * phases
 
 

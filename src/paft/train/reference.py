@@ -44,6 +44,7 @@ import torch
 from paft.data.packing import is_packed, sequence_key
 from paft.io import cache_root, sha256_file, write_json_atomic
 from paft.models.logps import batch_sequence_logps, batch_token_logps, token_matrix, trim_padding
+from paft.train import ranks
 
 
 @contextlib.contextmanager
@@ -184,8 +185,20 @@ class ReferenceLogps:
         self.token_values = {}
 
     def save(self) -> None:
-        """Write the memo to ``path`` (merged with entries other runs wrote meanwhile)."""
-        if self.path is None or not self.cache or not self._dirty:
+        """Write the memo to ``path`` (merged with entries other runs wrote meanwhile). In a branch of several
+        ranks every rank calls it (a collective): each computed the rows of its own share of the batches, the
+        memos are gathered into every rank's, and rank 0 alone writes the file."""
+        if self.path is None or not self.cache:
+            return
+        if ranks.world_size() > 1:
+            shares = ranks.gather((self._dirty, self.values if self._dirty else {}))
+            for _, values in shares:
+                self.values.update(values)
+            self._dirty = any(dirty for dirty, _ in shares)
+            if not ranks.is_main():
+                self._dirty = False
+                return
+        if not self._dirty:
             return
         merged = dict(self.values)
         if self.path.is_file():

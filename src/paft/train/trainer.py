@@ -31,6 +31,7 @@ from paft.data.packing import real_tokens
 from paft.errors import ConfigError, PaftError
 from paft.io import atomic_dir, save_error, write_json_atomic
 from paft.progress import quiet_libraries
+from paft.train import ranks
 
 
 Report = Callable[[dict[str, Any]], None]  # a progress sink: a rich progress bar, or a queue from a child process
@@ -49,6 +50,11 @@ class TrainingDiverged(PaftError):
 
 
 class PaftTrainer(Trainer):
+    # the objectives return a per-micro-batch mean: ``training_step`` divides it by the accumulation steps (left
+    # to transformers' default, a model that accepts loss kwargs would mark it pre-scaled, and grad_accum=k would
+    # train with k times the gradient)
+    loss_is_scaled_for_ga = False
+
     def __init__(self, *args, objective: Objective, name: str = "training", **kwargs):
         super().__init__(*args, **kwargs)
         self.objective = objective
@@ -62,14 +68,28 @@ class PaftTrainer(Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def tokens_seen(self) -> int:
-        """Real (non-pad) tokens of this ``train()``'s batches so far; syncs with the device, so read it rarely."""
-        return int(self._tokens)
+        """Real (non-pad) tokens of this ``train()``'s batches so far, over all ranks (a collective: every rank
+        calls it, at the Trainer's log steps); syncs with the device, so read it rarely."""
+        return int(ranks.all_sum(int(self._tokens)))
+
+    def _get_num_items_in_batch(self, batch_samples: list, device):
+        """The scored tokens of an optimizer step's micro-batches on every rank, for objectives that normalise by
+        them (``tokens``: SFT's token mean over the whole step, whatever the ranks and accumulation split)."""
+        count = getattr(self.objective, "count", None)
+        if count is None:
+            return None
+        return ranks.all_sum(sum(count(b) for b in batch_samples))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        kw = {}
+        if num_items_in_batch is not None:
+            # gradients are averaged over (accumulation steps x ranks) micro-batches: each normalises by its share
+            kw["tokens"] = num_items_in_batch / (self.current_gradient_accumulation_steps
+                                                 * self.accelerator.num_processes)
         # accelerate's bf16/fp16 autocast wraps only model.forward; the objectives call the decoder and the LM head
         # themselves (completion positions, packed rows), so without this they would run in fp32
         with self.accelerator.autocast():
-            loss, metrics = self.objective(model, inputs)
+            loss, metrics = _wrapped_call(model, lambda inner: self.objective(inner, inputs, **kw))
         if model.training and not torch.isfinite(loss.detach()).all():
             raise TrainingDiverged(f"{self.branch}: loss is {float(loss.detach().float().mean())} at step "
                                    f"{self.state.global_step + 1}; training diverged (lower the learning rate, "
@@ -119,6 +139,24 @@ class PaftTrainer(Trainer):
         super().log(logs, start_time)
 
 
+def _wrapped_call(model, run: Callable[[Any], Any]) -> Any:
+    """``run(inner)`` as the forward of a DDP/FSDP-wrapped ``model``: the objectives call the decoder and LM head
+    themselves, and a wrapper only syncs gradients (DDP) or gathers shards (FSDP) around its own forward, so the
+    objective runs as that forward, with ``inner`` the PEFT model it wraps. Unwrapped: ``run(model)``."""
+    inner = getattr(model, "module", None)
+    if inner is None:
+        return run(model)
+    saved = inner.__dict__.get("forward")  # accelerate's autocast may have patched the instance's forward
+    inner.forward = lambda: run(inner)
+    try:
+        return model()
+    finally:
+        if saved is None:
+            del inner.forward
+        else:
+            inner.forward = saved
+
+
 class ProgressCallback(TrainerCallback):
     """Forwards step, loss and real tokens per second to a ``Report`` sink.
 
@@ -134,17 +172,19 @@ class ProgressCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kw):
         self.t0 = time.perf_counter()
-        self.report({"branch": self.name, "step": state.global_step, "total": state.max_steps})
+        if state.is_world_process_zero:
+            self.report({"branch": self.name, "step": state.global_step, "total": state.max_steps})
 
     def on_log(self, args, state, control, logs=None, **kw):
         if logs:
             self.last = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
-        n, dt = self.tokens(), time.perf_counter() - self.t0
+        n, dt = self.tokens(), time.perf_counter() - self.t0  # every rank: the token count is a collective
         self.tokens_per_s = n / dt if n > 0 and dt > 0 else None
 
     def on_step_end(self, args, state, control, **kw):
-        self.report({"branch": self.name, "step": state.global_step, "total": state.max_steps,
-                     "loss": self.last.get("loss"), "tokens_per_s": self.tokens_per_s})
+        if state.is_world_process_zero:  # one progress line per branch, not one per rank
+            self.report({"branch": self.name, "step": state.global_step, "total": state.max_steps,
+                         "loss": self.last.get("loss"), "tokens_per_s": self.tokens_per_s})
 
 
 class ThreadShareCallback(TrainerCallback):
@@ -223,11 +263,11 @@ def training_args(cfg: TrainConfig, out_dir: Path, *, seed: int, device: str, bf
     """``drop_last``: skip an epoch's last, smaller batch (an objective that estimates across a batch's rows)."""
     report_to = list(report_to)
     check_report_to(report_to)
-    batches = n_examples // cfg.batch_size if drop_last else math.ceil(n_examples / cfg.batch_size)
-    steps_per_epoch = math.ceil(max(1, batches) / cfg.grad_accum)
+    # cfg.batch_size is the global batch of an optimizer step (the config checks it divides evenly)
+    steps_per_epoch = max(1, n_examples // cfg.batch_size if drop_last else math.ceil(n_examples / cfg.batch_size))
     return TrainingArguments(
         output_dir=str(out_dir),
-        per_device_train_batch_size=cfg.batch_size,
+        per_device_train_batch_size=max(1, cfg.batch_size // (ranks.world_size() * cfg.grad_accum)),
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.learning_rate,
         max_steps=cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(steps_per_epoch * cfg.epochs)),
@@ -356,8 +396,13 @@ class Harness:
         if self.reference is not None:
             trainer.add_callback(SaveReferenceCallback(self.reference))
         trainer.remove_callback(PrinterCallback)  # paft shows progress bars; logs go to log_history.json
+        self.trainer = trainer
         t0 = time.perf_counter()
-        ckpt = last_checkpoint(ckpt_dir, self.report, self.name)
+        # rank 0 removes an incomplete checkpoint before the others look
+        ckpt = last_checkpoint(ckpt_dir, self.report, self.name) if ranks.is_main() else None
+        ranks.barrier()
+        if not ranks.is_main():
+            ckpt = last_checkpoint(ckpt_dir)
         state = json.loads((Path(ckpt) / "trainer_state.json").read_text()) if ckpt else {}
         if state.get("global_step", 0) >= args.max_steps:
             # killed after its final checkpoint: the Trainer would train one step past max_steps, so load it instead
@@ -372,16 +417,40 @@ class Harness:
                 "wall_s": round(time.perf_counter() - t0, 2)}
 
     def save(self, output: Path, tok) -> Path:
-        """The model (a PEFT adapter, or a full model folder) and its tokenizer, written atomically to ``output``."""
-        with atomic_dir(output, force=True) as tmp:
-            self.model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
+        """The model (a PEFT adapter, or a full model folder) and its tokenizer, written atomically to ``output``
+        by rank 0 (FSDP / ZeRO-3 shards are gathered first, by every rank)."""
+        trainer = getattr(self, "trainer", None)
+        state = None
+        if trainer is not None and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+            state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # a collective
+        if ranks.is_main():
+            with atomic_dir(output, force=True) as tmp:
+                self.model.save_pretrained(tmp, **({"state_dict": state} if state is not None else {}))
+                tok.save_pretrained(tmp)
+        ranks.barrier()
         return output
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
-        """``summary`` plus wall time, threads, device and bf16, written with the log history to ``out_dir``."""
+        """``summary`` plus wall time, threads, device, bf16, processes and peak device memory, written with the
+        log history to ``out_dir`` (by rank 0)."""
         summary = {**summary, "wall_s": round(time.perf_counter() - self.t0, 2),
-                   "threads": self.threads or torch.get_num_threads(), "device": self.device, "bf16": self.bf16}
-        write_json_atomic(Path(self.out_dir) / "log_history.json", self.log_history)
-        write_json_atomic(Path(self.out_dir) / "train_summary.json", summary)
+                   "threads": self.threads or torch.get_num_threads(), "device": self.device, "bf16": self.bf16,
+                   "processes": ranks.world_size(), **memory_peaks(self.device)}
+        if ranks.is_main():
+            write_json_atomic(Path(self.out_dir) / "log_history.json", self.log_history)
+            write_json_atomic(Path(self.out_dir) / "train_summary.json", summary)
+        ranks.barrier()
         return summary
+
+
+def memory_peaks(device: str) -> dict[str, float]:
+    """Peak resident memory of this process and, on CUDA, peak allocated device memory (GiB; the largest rank's
+    in a process group)."""
+    import resource
+
+    out = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        out["peak_device_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    if ranks.world_size() > 1:
+        out = {k: max(v[k] for v in ranks.gather(out)) for k in out}
+    return out
