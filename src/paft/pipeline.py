@@ -295,8 +295,11 @@ class Run:
 
     def _compute_sparsity(self) -> dict[str, Any]:
         s = self.cfg.sparsity
+        # the trained remedies' deltas too: no_l1's is the plain SFT delta PAFT's sparsity claim is measured against
+        # (the sequential adapter is a delta on the SFT model, not on the base: left out)
+        names = ["sft", "preference", *(n for n in self.branches if n not in BRANCHES)]
         out = {name: model_sparsity(self.output(name), self.model_dir, s.absolute, s.relative)
-               for name in ("sft", "preference") if self.output(name).exists()}
+               for name in names if self.output(name).exists()}
         if not out:
             raise PaftError(f"{self.root}: no trained branch adapters to analyse; run `paft sft`/`paft align` first")
         return out
@@ -609,7 +612,7 @@ def _needs(family: str) -> tuple[str, ...]:
 
 # outputs made stale by a change in a config section that only later stages read
 _DOWNSTREAM = {"merge": ["merged", "eval.json", "candidates.json", "tune"],
-               "eval": ["eval.json", "candidates.json", "tune"], "candidates": ["candidates.json"],
+               "eval": ["eval.json", "candidates.json", "tune"], "candidates": ["candidates.json", "sparsity.json"],
                "tune": ["tune"], "sparsity": ["sparsity.json"]}
 # keys whose change keeps every output: more tune trials extend the study in RUN/tune
 RESUMABLE_KEYS = {"tune.trials", "tune.timeout_s"}

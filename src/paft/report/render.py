@@ -13,6 +13,7 @@ import yaml
 
 from paft.config import PaftConfig
 from paft.io import package_versions, write_bytes_atomic, write_json_atomic, write_text_atomic
+from paft.methods.remedies import REMEDIES
 from paft.report.frontier import frontier, frontier_section
 from paft.report.html import page
 from paft.report.markdown import to_markdown
@@ -25,7 +26,8 @@ from paft.report.style import ARROWS, DIRECTIONS, LABELS, MODELS, SHORT, TONES, 
 METRICS = [("sft_exact_match", "SFT exact match", True), ("sft_nll", "SFT NLL", False),
            ("pref_accuracy", "pref. accuracy", True), ("reward_margin", "reward margin", True),
            ("reward_accuracy", "reward accuracy", True)]
-BRANCHES = ("sft", "preference", "sequential", "reward")
+# the main branches, then the trained remedies (candidates.trained) present in the folder
+BRANCHES = ("sft", "preference", "sequential", "reward", *(r.branch for r in REMEDIES.values()))
 TAX_MODELS = ("sequential", "paft")  # trained on both objectives: their differences are the alignment tax
 
 
