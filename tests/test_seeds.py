@@ -68,3 +68,41 @@ def test_paft_run_seeds_end_to_end(tmp_path):
     assert any(m.startswith("expo_") for m in summary["models"])  # the candidates get mean ± std too
     assert len(list((out / "cells").glob("*/eval.json"))) == 2
     assert "mean ± std over 2 seeds" in (out / "report.md").read_text()
+
+
+def _findings_table(pref_sparsity, nol1_sparsity, sft_sparsity, sft_nll, nol1_nll, tuned, seq):
+    import pandas as pd
+
+    rows = []
+    for i in range(3):
+        rows.append({"status": "ok", "run.seed": i,
+                     "sparsity/preference/rel<=0.001": pref_sparsity[i], "sparsity/no_l1/rel<=0.001": nol1_sparsity[i],
+                     "sparsity/sft/rel<=0.001": sft_sparsity[i],
+                     "sft/sft_nll": sft_nll[i], "sft_no_l1/sft_nll": nol1_nll[i],
+                     "sft/sft_exact_match": 0.5, "sft_no_l1/sft_exact_match": 0.5,
+                     "paft_tuned/sft_nll": tuned[0][i], "paft_tuned/pref_accuracy": tuned[1][i],
+                     "sequential/sft_nll": seq[0][i], "sequential/pref_accuracy": seq[1][i]})
+    return pd.DataFrame(rows)
+
+
+def test_findings_verdicts_follow_the_paired_differences():
+    from paft.sweep.findings import findings
+
+    # (a) DPO sparser (+0.1 each seed, with spread); (b) L1 sparser, NLL equal within noise; (c) tuned better on NLL
+    df = _findings_table([0.5, 0.52, 0.49], [0.4, 0.41, 0.40], [0.7, 0.72, 0.69], [0.30, 0.31, 0.29],
+                         [0.31, 0.29, 0.30], ([0.2, 0.21, 0.22], [0.9, 0.9, 0.9]), ([0.3, 0.3, 0.31], [1.0, 1.0, 1.0]))
+    f = findings(df)
+    assert f["a"]["verdict"] == "holds" and f["a"]["sparsity"]["mean"] == pytest.approx(0.1, abs=1e-9)
+    assert f["b"]["verdict"] == "holds" and f["b"]["lost"] == []
+    assert f["c"]["verdict"] == "holds" and f["c"]["seeds_dominated"] == 0 and f["c"]["better"] == ["sft_nll"]
+    # the baseline better on both objectives in every seed: dominated, the finding does not hold
+    df = _findings_table([0.3, 0.31, 0.29], [0.4, 0.41, 0.40], [0.4, 0.41, 0.40], [0.40, 0.41, 0.42],
+                         [0.30, 0.30, 0.31], ([0.4, 0.41, 0.42], [0.8, 0.8, 0.81]), ([0.3, 0.3, 0.31], [1.0, 1.0, 1.0]))
+    f = findings(df)
+    assert f["a"]["verdict"] == "does not hold"
+    assert f["b"]["verdict"] == "not shown"  # sparsity difference 0: within noise
+    assert f["c"]["verdict"] == "does not hold" and f["c"]["seeds_dominated"] == 3
+    # without the no_l1 candidate or a tune, the findings say what setting produces them
+    f = findings(df.drop(columns=[c for c in df.columns if "no_l1" in c or "paft_tuned" in c]))
+    assert f["a"]["verdict"] == "missing" and "no_l1" in f["a"]["why"]
+    assert f["c"]["verdict"] == "missing" and "tune.trials" in f["c"]["why"]

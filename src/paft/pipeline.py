@@ -395,12 +395,19 @@ class Run:
                                        source=f"candidates.trained: {r.name}")
                 PreparedMerge(plan).job()
                 spec = ModelSpec(r.model, self.model_dir, plan=plan)
-            elif self._is_full(r.branch):
-                spec = ModelSpec(r.model, self.output(r.branch))
             else:
-                spec = ModelSpec(r.model, self.model_dir, self.adapter(r.branch))
+                spec = self._branch_spec(r.model, r.branch)
             found.append(({"name": r.model, "family": r.name, "setting": None, "what": r.what, "weights": None}, spec))
+            if r.alone:  # the remedy's branch on its own (no_l1: the SFT branch without L1, beside the L1 one)
+                found.append(({"name": r.alone, "family": r.name, "setting": None, "what": r.what, "weights": None,
+                               "needs": (r.branch,)}, self._branch_spec(r.alone, r.branch)))
         return found, skipped
+
+    def _branch_spec(self, model: str, branch: str) -> ModelSpec:
+        """A trained branch's own model: its full folder, or its adapter on the base."""
+        if self._is_full(branch):
+            return ModelSpec(model, self.output(branch))
+        return ModelSpec(model, self.model_dir, self.adapter(branch))
 
     def recipe_plan(self, recipe: Recipe, source: str, weights: list[float] | None = None,
                     density: float | None = None):
@@ -463,8 +470,8 @@ class Run:
                 for name, (what, needs) in MAIN_MODELS.items() if name in ev.get("models", {})]
         for record, spec in found:
             row = res["models"][spec.name]
-            rows.append({**record, "metrics": {k: row.get(k) for k in keys},
-                         "cost": cost(_needs(record["family"]), row["eval_s"])})
+            needs = record.pop("needs", None) or _needs(record["family"])  # a row may name its own branches
+            rows.append({**record, "metrics": {k: row.get(k) for k in keys}, "cost": cost(needs, row["eval_s"])})
         return {"metrics": keys, "reference": res["reference"], "beta": res["beta"], "n_sft_eval": res["n_sft_eval"],
                 "n_pref_eval": res["n_pref_eval"], "branches": branches, "models": rows, "skipped": skipped,
                 "note": "held-out metrics only (eval.heldout): the harness, reward model, judge and harmlessness are "

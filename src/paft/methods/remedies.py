@@ -31,6 +31,7 @@ class Remedy:
     overrides: tuple[tuple[str, Any], ...] = ()  # dotted config keys set for this branch only
     merge: tuple[str, ...] = ()  # branches merged with the run's merge section into its model; () its own output
     needs: tuple[str, ...] = ()  # trained branches its cost adds up (its own branch included)
+    alone: str | None = None  # a merged remedy's branch scored on its own too, as this model (no_l1: plain SFT)
 
     @property
     def branch(self) -> str:
@@ -62,7 +63,7 @@ REMEDIES: dict[str, Remedy] = {r.name: r for r in (
            "branch exactly as the paft model (the PAFT paper's 'parallel merge without sparsity' baseline: "
            "PAFT, A Parallel Training Paradigm for Effective LLM Fine-Tuning, arXiv 2406.17923).",
            data="sft", section="sft", objective="sft", overrides=(("sft.l1_lambda", 0.0),),
-           merge=("no_l1", "preference"), needs=("no_l1", "preference")),
+           merge=("no_l1", "preference"), needs=("no_l1", "preference"), alone="sft_no_l1"),
 )}
 
 

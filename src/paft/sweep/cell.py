@@ -16,6 +16,7 @@ from typing import Any
 from paft.config import PaftConfig
 from paft.errors import PaftError
 from paft.io import write_json_atomic, write_text_atomic
+from paft.methods.remedies import REMEDIES
 from paft.progress import quiet_libraries
 
 
@@ -117,7 +118,12 @@ def cell_metrics(root: Path) -> dict[str, float]:
         for k, v in (row.get("metrics") or {}).items():
             if isinstance(row.get("name"), str) and f"{row['name']}/{k}" not in out:
                 _flatten(f"{row['name']}/{k}", v, out)
-    for branch in ("sft", "preference", "sequential", "reward"):
+    tuned = (read_json(root / "tune" / "eval.json") or {}).get("models") or {}  # paft tune's pick, on the test split
+    for model, metrics in tuned.items():
+        for k, v in metrics.items():
+            if k != "eval_s" and f"{model}/{k}" not in out:
+                _flatten(f"{model}/{k}", v, out)
+    for branch in ("sft", "preference", "sequential", "reward", *REMEDIES):
         summary = read_json(root / branch / "train_summary.json")
         if not summary:
             continue

@@ -17,6 +17,7 @@ from paft.io import write_bytes_atomic, write_text_atomic
 from paft.report import table, to_markdown
 from paft.report.html import page
 from paft.report.model import Figure, Section, Text
+from paft.sweep.findings import findings, findings_section
 from paft.sweep.seeds import ALPHA, model_summary, summary_tables
 from paft.sweep.spec import SEED_AXIS, ExecutionSettings, Sweep
 
@@ -205,9 +206,11 @@ def _per_model_section(out: Path, df, columns: list[str]) -> Section | None:
     write_text_atomic(out / "seeds_summary.json", json.dumps(summary, indent=2, allow_nan=False, default=str))
     means, diffs = summary_tables(summary)
     ref = summary["reference"]
+    found = findings(df)
+    write_text_atomic(out / "findings.json", json.dumps(found, indent=2, allow_nan=False, default=str))
     return Section(f"Per model, mean ± std over {len(summary['seeds'])} seeds", [
         means, *([Text(f"Difference from `{ref}`, mean over seeds, with a paired t-test over seeds: a difference "
-                       f"with p ≥ {ALPHA} is within noise."), diffs] if diffs else [])])
+                       f"with p ≥ {ALPHA} is within noise."), diffs] if diffs else []), findings_section(found)])
 
 
 def write_sweep_report(out: Path, res: SweepResult, ex: ExecutionSettings) -> Path:
