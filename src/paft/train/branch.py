@@ -31,7 +31,7 @@ from paft.train.lora import attach_adapter, keep_frozen_copy
 from paft.train.online import train_online
 from paft.train.phases import train_staged
 from paft.train.preference import DATA_KINDS, PreferenceObjective, attach_value_head
-from paft.train.reference import ReferenceLogps, reference_cache_path, reference_identity
+from paft.models.reference import ReferenceLogps, reference_cache_path, reference_identity
 from paft.train.sft import SFTObjective
 from paft.train.trainer import Harness, Objective, Report, no_report, start_training
 
