@@ -216,3 +216,27 @@ def test_report_marks_differences_within_noise(both_paths):
             marked += 1
             assert tax["better"]["preference"]["sft"][key] == 0
     assert marked >= 1
+
+
+def test_a_run_report_shows_the_within_noise_marks(both_paths, tmp_path):
+    """eval.json rows as the fast path writes them, through the report: report.json's alignment tax and
+    report.md's table mark the differences within noise."""
+    import json
+
+    from paft.io import write_json_atomic
+    from paft.report import write_report
+    from test_report import make_run  # the saved-JSON run folder of the report tests
+
+    rows = both_paths[True]["models"]
+    root = make_run(tmp_path / "run")
+    models = {"base": rows["base"], "sft": rows["sft"], "preference": rows["base"], "sequential": rows["sft"],
+              "paft": rows["sft"]}
+    data = json.loads((root / "eval.json").read_text())
+    write_json_atomic(root / "eval.json", {**data, "models": models})
+    write_report(root, load_config(root / "config.yaml"))
+    tax = json.loads((root / "report.json").read_text())["alignment_tax"]
+    assert tax["within_noise"]["preference"]["paft"]["pref_accuracy"] == (
+        abs(rows["sft"]["pref_accuracy"] - rows["base"]["pref_accuracy"])
+        < 1.96 * math.hypot(rows["sft"]["pref_accuracy_stderr"], rows["base"]["pref_accuracy_stderr"]))
+    assert any(v for m in tax["within_noise"]["preference"].values() for v in m.values())
+    assert " ≈" in (root / "report.md").read_text()

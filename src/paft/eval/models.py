@@ -199,10 +199,11 @@ def _cpu_threads(n: int):
 def eval_reference_identity(spec: ModelSpec, cfg: PaftConfig, device: str) -> str | None:
     """Key of the on-disk cache of the reference's held-out log-probs: its weights (as training's reference cache
     keys them: base files, adapter hash), dtype and device kind, marked ``eval`` (evaluation runs without training's
-    autocast). None for an in-memory merge, whose weights no file names: its log-probs are kept for the call only.
+    autocast). None for an in-memory merge, whose weights no file names, and for weights not in safetensors files:
+    their log-probs are kept for the call only.
     The rows themselves are keyed by their tokens (``paft.models.reference``), so other data, another tokenizer or
     other length limits never read a stale value."""
-    if spec.plan is not None:
+    if spec.plan is not None or not any(Path(spec.path).glob("*.safetensors")):  # no weight files to key it by
         return None
     weights = reference_identity(spec.path, dtype=cfg.model.dtype, bf16=False, init_adapter=spec.adapter)
     kind = device.split(":")[0]
@@ -256,13 +257,14 @@ def evaluate_models(specs: list[ModelSpec], cfg: PaftConfig, tok, sft_eval: list
     if fast:
         extras.token_budget = budget
     threads = _cpu_threads(eval_threads(cfg)) if fast and device == "cpu" else contextlib.nullcontext()
-    encoded: dict[int, tuple[list, list]] = {}  # per tokenizer: the held-out rows, tokenized once
+    # per tokenizer: the held-out rows, tokenized once (the tokenizer is kept, so its id is never reused)
+    encoded: dict[int, tuple[Any, list, list]] = {}
 
     def rows(mtok) -> tuple[list, list]:
         if id(mtok) not in encoded:
-            encoded[id(mtok)] = ([encode_sft(x, mtok, d.max_length) for x in sft_eval],
+            encoded[id(mtok)] = (mtok, [encode_sft(x, mtok, d.max_length) for x in sft_eval],
                                  [encode_pair(x, mtok, d.max_length, d.max_prompt_length) for x in pref_eval])
-        return encoded[id(mtok)]
+        return encoded[id(mtok)][1:]
 
     ref_lp, results, samples, harness_details, reply_samples = None, {}, {}, {}, {}
     # the implicit-reward reference first, then the judge's reference: the others are scored against them

@@ -10,11 +10,11 @@ of the same logits); tests/test_eval_fast.py checks them equal.
 
 from __future__ import annotations
 
+import inspect
 import re
 from contextlib import contextmanager, nullcontext
 
 import torch
-from transformers import DynamicCache, GenerationConfig
 
 
 @contextmanager
@@ -89,10 +89,18 @@ _GREEDY_CHANGERS = ("repetition_penalty", "encoder_repetition_penalty", "no_repe
 
 
 def _plain_greedy(model) -> bool:
-    """Whether greedy decoding of ``model`` is the argmax of its logits (no logits processor in its config)."""
+    """Whether ``_greedy`` decodes ``model`` as ``generate`` would: greedy is the argmax of its logits (no logits
+    processor in its generation config) and its forward takes ``logits_to_keep``."""
     config = getattr(model, "generation_config", None)
     if config is None or not hasattr(model, "config"):
         return False
+    try:  # the loop asks for the last position's logits only
+        if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+            return False
+    except (TypeError, ValueError):
+        return False
+    from transformers import GenerationConfig  # heavy: only when replies are generated
+
     default = GenerationConfig()
     return all(getattr(config, key, None) == getattr(default, key, None) for key in _GREEDY_CHANGERS)
 
@@ -116,6 +124,8 @@ def _greedy(model, ids: list[list[int]], *, max_new_tokens: int, token_budget: i
     """Greedy continuations of the token sequences ``ids`` (each up to and including its first ``eos``), as
     ``model.generate(do_sample=False)`` picks them: left-padded batches of similar lengths, a KV cache, logits at
     the last position only, and a row leaves the batch and the cache as soon as it has produced ``eos``."""
+    from transformers import DynamicCache
+
     device = next(model.parameters()).device
     out: list[list[int]] = [[] for _ in ids]
     for batch in _budget_batches([len(x) for x in ids], token_budget, max_new_tokens):
