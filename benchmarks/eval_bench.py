@@ -100,7 +100,7 @@ def compare(plain: dict, fast: dict) -> dict[str, float]:
 def components(spec, cfg, tok, sft, pairs, device: str) -> dict[str, dict[str, float]]:
     """Seconds of each held-out metric on one model, plain vs fast (reference cache not used)."""
     from paft.data.tokenize import encode_pair, encode_sft
-    from paft.eval.metrics import completion_nll, exact_match, packed_nll, packed_pair_logps, pair_logps
+    from paft.eval.metrics import completion_nll, exact_match, sorted_nll, packed_pair_logps, pair_logps
     from paft.eval.models import load_spec
 
     e, d = cfg.eval, cfg.data
@@ -123,7 +123,7 @@ def components(spec, cfg, tok, sft, pairs, device: str) -> dict[str, dict[str, f
                                                           token_budget=budget))
     clock("sft_nll", "plain", lambda: completion_nll(model, tok, sft, max_length=d.max_length,
                                                      batch_size=e.batch_size))
-    clock("sft_nll", "fast", lambda: packed_nll(model, sft_rows, pad_id=tok.pad_token_id, token_budget=budget))
+    clock("sft_nll", "fast", lambda: sorted_nll(model, sft_rows, pad_id=tok.pad_token_id, token_budget=budget))
     gen = dict(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, max_prompt_tokens=d.max_prompt_length)
     clock("exact_match", "plain", lambda: exact_match(model, tok, sft, **gen))
     clock("exact_match", "fast", lambda: exact_match(model, tok, sft, **gen, token_budget=budget))

@@ -13,8 +13,8 @@ from paft.config import load_config
 from paft.data.demo import demo_splits
 from paft.data.formats import PreferenceExample
 from paft.data.tokenize import encode_pair, encode_sft
-from paft.eval.metrics import (binomial_stderr, completion_nll, mean_stderr, packed_nll, packed_pair_logps,
-                               pair_logps, ratio_stderr)
+from paft.eval.metrics import (binomial_stderr, completion_nll, mean_stderr, packed_pair_logps, pair_logps,
+                               ratio_stderr, sorted_nll)
 
 
 def _multi_turn_pairs(n: int) -> list[PreferenceExample]:
@@ -50,15 +50,26 @@ def test_packed_pair_logps_equal_the_padded_rows(tiny_model, tiny_tok, heldout):
     assert ((packed[:, 0] > packed[:, 1]) == (plain[:, 0] > plain[:, 1])).all()
 
 
-def test_packed_nll_equals_the_padded_rows(tiny_model, tiny_tok, heldout):
+def test_sorted_nll_equals_the_padded_rows(tiny_model, tiny_tok, heldout):
     sft, _ = heldout
     plain = completion_nll(tiny_model, tiny_tok, sft, max_length=96, batch_size=3)
     rows = [encode_sft(e, tiny_tok, 96) for e in sft]
-    packed = packed_nll(tiny_model, rows, pad_id=tiny_tok.pad_token_id, token_budget=100)
-    assert packed.mean == pytest.approx(plain.mean, abs=1e-5)
-    assert torch.allclose(packed.totals.float(), plain.totals.float(), atol=1e-3)
-    assert torch.equal(packed.counts.float(), plain.counts.float())
     assert plain.mean == pytest.approx((plain.totals.sum() / plain.counts.sum()).item(), rel=1e-6)
+    for budget in (4096, 150):  # one forward; several, by length
+        fast = sorted_nll(tiny_model, rows, pad_id=tiny_tok.pad_token_id, token_budget=budget)
+        assert fast.mean == pytest.approx(plain.mean, abs=1e-5)
+        assert torch.allclose(fast.totals.float(), plain.totals.float(), atol=1e-3)
+        assert torch.equal(fast.counts.float(), plain.counts.float())
+
+
+def test_token_budget_batches():
+    from paft.data.collate import packed_batches, padded_batches
+
+    lengths = [5, 30, 12, 7, 12, 40]
+    assert padded_batches(lengths, 60) == [[5], [1, 2], [4, 3, 0]]  # rows x longest <= 60, longest first
+    assert padded_batches(lengths, 60, extra=10) == [[5], [1], [2, 4], [3, 0]]
+    assert packed_batches(lengths, 45) == [[5], [1, 2], [4, 3, 0]]  # tokens in all <= 45
+    assert packed_batches([50, 3], 45) == [[0], [1]]  # over the budget: alone
 
 
 def test_cached_greedy_decoding_picks_generate_s_tokens(tiny_model, tiny_tok):

@@ -18,8 +18,8 @@ from paft.errors import ConfigError, ModelError, PaftError
 from paft.eval.harness import HarnessSuite
 from paft.eval.judges import (harm_messages, harmlessness_metrics, load_harm_prompts, pairwise_judge,
                               pairwise_verdicts, refusal_judge, refusal_labels, rm_win_rate, win_rates)
-from paft.eval.metrics import (binomial_stderr, chat_examples, completion_nll, exact_match, packed_nll,
-                               packed_pair_logps, pair_logps, preference_scores)
+from paft.eval.metrics import (binomial_stderr, chat_examples, completion_nll, exact_match, packed_pair_logps,
+                               pair_logps, preference_scores, sorted_nll)
 from paft.io import usable_cores
 from paft.merge.live import LiveMerge
 from paft.merge.mergekit_config import MergePlan
@@ -282,8 +282,8 @@ def evaluate_models(specs: list[ModelSpec], cfg: PaftConfig, tok, sft_eval: list
                 em, gen = exact_match(model, mtok, sft_eval, max_new_tokens=e.max_new_tokens,
                                       batch_size=e.batch_size, max_prompt_tokens=d.max_prompt_length,
                                       token_budget=budget if fast else None)
-                if packs:
-                    nll = packed_nll(model, rows(mtok)[0], pad_id=mtok.pad_token_id, token_budget=budget)
+                if fast:
+                    nll = sorted_nll(model, rows(mtok)[0], pad_id=mtok.pad_token_id, token_budget=budget)
                 else:
                     nll = completion_nll(model, mtok, sft_eval, max_length=d.max_length, batch_size=e.batch_size)
                 if unpaired:

@@ -16,6 +16,8 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from paft.data.collate import padded_batches
+
 
 @contextmanager
 def eval_mode(model):
@@ -105,19 +107,6 @@ def _plain_greedy(model) -> bool:
     return all(getattr(config, key, None) == getattr(default, key, None) for key in _GREEDY_CHANGERS)
 
 
-def _budget_batches(lengths: list[int], budget: int, extra: int = 0) -> list[list[int]]:
-    """Indices, longest first, in batches whose rows times (the batch's longest + ``extra``) stay within ``budget``
-    tokens (a row over it alone): padded to the batch's longest, so sorted batches pad little."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and (len(batches[-1]) + 1) * (lengths[batches[-1][0]] + extra) <= budget:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
-
-
 @torch.no_grad()
 def _greedy(model, ids: list[list[int]], *, max_new_tokens: int, token_budget: int, eos: int | None, pad: int,
             progress=None) -> list[list[int]]:
@@ -128,7 +117,7 @@ def _greedy(model, ids: list[list[int]], *, max_new_tokens: int, token_budget: i
 
     device = next(model.parameters()).device
     out: list[list[int]] = [[] for _ in ids]
-    for batch in _budget_batches([len(x) for x in ids], token_budget, max_new_tokens):
+    for batch in padded_batches([len(x) for x in ids], token_budget, max_new_tokens):
         width = max(len(ids[i]) for i in batch)
         input_ids = torch.tensor([[pad] * (width - len(ids[i])) + ids[i] for i in batch], device=device)
         mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in batch], device=device)
