@@ -72,7 +72,7 @@ def test_qlora_without_bitsandbytes_says_how_to_install(monkeypatch):
 
 
 def test_reference_cache_key_includes_the_adapter_kind(tiny_dir):
-    from paft.train.reference import reference_identity
+    from paft.models.reference import reference_identity
 
     keys = {a: reference_identity(tiny_dir, dtype="float32", bf16=False, init_adapter=None, adapter=a)
             for a in ("lora", "qlora", "full")}

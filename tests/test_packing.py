@@ -11,7 +11,7 @@ from paft.data.tokenize import IGNORE, encode_pair, encode_ranked, encode_sft
 from paft.models.attention import packing_unsupported
 from paft.models.logps import batch_sequence_logps, batch_token_logps
 from paft.train.preference import PreferenceObjective
-from paft.train.reference import ReferenceLogps, batch_keys
+from paft.models.reference import ReferenceLogps, batch_keys
 from paft.train.sft import SFTObjective
 
 

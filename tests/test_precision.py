@@ -63,7 +63,7 @@ def test_reference_snapshot_computes_in_the_training_precision(lora_model, tiny_
     from paft.models.logps import batch_sequence_logps
     from paft.train.phases import collate_all
     from paft.train.preference import DATA_KINDS
-    from paft.train.reference import ReferenceLogps
+    from paft.models.reference import ReferenceLogps
 
     model = lora_model
     rows = [encode_pair(e, tiny_tok, 128, 96) for e in preference_examples(6, 0)]

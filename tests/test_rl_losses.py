@@ -281,7 +281,7 @@ def _group_batch(tok, packed=False):
 def test_token_level_group_objectives_read_per_token_policy_and_reference(lora_model, tiny_tok, packed, method):
     from paft.models.logps import sequence_logps
     from paft.train.preference import PreferenceObjective
-    from paft.train.reference import ReferenceLogps
+    from paft.models.reference import ReferenceLogps
 
     model = lora_model
     plain = _group_batch(tiny_tok)
@@ -311,7 +311,7 @@ def test_token_level_group_objectives_read_per_token_policy_and_reference(lora_m
 def test_reference_token_memo_stays_in_memory_and_snapshots(lora_model, tiny_tok, tmp_path):
     """Per-token reference entries (online sampled replies, which never recur) are memoised for the round only:
     never written to the cache file, which ``save`` rewrites whole."""
-    from paft.train.reference import ReferenceLogps
+    from paft.models.reference import ReferenceLogps
 
     model = lora_model
     b = _group_batch(tiny_tok)
@@ -671,7 +671,7 @@ def test_a_second_step_on_a_round_s_groups_is_off_policy(lora_model, tiny_tok, m
     """An online round takes several optimiser steps on its groups: pi_old (and PPO's V_old) is the snapshot taken
     before the round trained, so after one step rho = pi / pi_old != 1 (before, pi_old was the current policy)."""
     from paft.train.preference import PreferenceObjective, attach_value_head
-    from paft.train.reference import ReferenceLogps
+    from paft.models.reference import ReferenceLogps
 
     torch.manual_seed(0)
     model = lora_model
@@ -707,7 +707,7 @@ def test_grpo_after_a_step_clips_tokens_the_update_pushed_too_far(lora_model, ti
     the clip range in the advantage's direction is zero (beta 0: the surrogate only)."""
     from paft.methods.losses import group_advantages
     from paft.train.preference import PreferenceObjective
-    from paft.train.reference import ReferenceLogps
+    from paft.models.reference import ReferenceLogps
 
     model = lora_model
     batch = _group_batch(tiny_tok)
@@ -733,7 +733,7 @@ def test_grpo_after_a_step_clips_tokens_the_update_pushed_too_far(lora_model, ti
 def test_token_level_groups_run_the_reference_forward_once(lora_model, tiny_tok, monkeypatch):
     """GRPO/PPO read per-token reference log-probs; the per-reply sums come from them, not a second forward."""
     from paft.train.preference import PreferenceObjective
-    from paft.train.reference import ReferenceLogps
+    from paft.models.reference import ReferenceLogps
 
     model = lora_model
     batch = _group_batch(tiny_tok)
@@ -768,7 +768,7 @@ def test_ppo_values_stay_float32_under_bf16_autocast(lora_model, tiny_tok):
 
 def test_reference_forward_is_the_frozen_copy_else_the_adapter_disabled_model(lora_model, tiny_tok):
     from paft.models.logps import batch_sequence_logps
-    from paft.train.reference import reference_forward
+    from paft.models.reference import reference_forward
 
     model = lora_model
     batch = _group_batch(tiny_tok)

@@ -13,7 +13,7 @@ from paft.data.tokenize import encode_pair
 from paft.pipeline import Run
 from paft.methods.schedules import best_worst, rejection_sample
 from paft.train.phases import split_steps
-from paft.train.reference import ReferenceLogps, reference_identity, row_key
+from paft.models.reference import ReferenceLogps, reference_identity, row_key
 
 
 def _pairs(n=4):

@@ -319,6 +319,10 @@ class EvalConfig(_Section):
     harmlessness: bool = Field(True, description="refusal rate on paft's shipped harmful prompts (and over-refusal "
                                                  "on benign ones): judged when judge_model is set, else a "
                                                  "refusal-phrase heuristic")
+    fast: bool = Field(True, description="the fast path (same numbers): held-out rows tokenized once, the prompt of a "
+                                         "pair computed once (packed rows), greedy replies in token-budget batches "
+                                         "with a KV cache, the reference's log-probs cached on disk, all CPU cores; "
+                                         "false: the plain path")
 
     @field_validator("harness_tasks", mode="before")
     @classmethod

@@ -451,7 +451,7 @@ class Run:
         res = evaluate_models(specs, cfg, self.tokenizer, self.eval_examples("sft"), self.eval_examples("preference"),
                               device=self.device, reference="base", base_dir=self.model_dir, progress=progress)
         self.ui.update("candidates", len(specs), len(specs), "done")
-        keys = [k for k in res["models"]["base"] if k != "eval_s"]
+        keys = [k for k in res["models"]["base"] if k != "eval_s" and not k.endswith("_stderr")]
         branches = {b: {"steps": s.get("steps"), "wall_s": s.get("wall_s")}
                     for b in self.branches if (s := self._summary(b)) is not None}
         merge_s = (read_json(self.root / "timings.json", "delete it") if (self.root / "timings.json").exists()

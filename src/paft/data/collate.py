@@ -140,3 +140,32 @@ class RankedCollator:
             "list_index": torch.tensor(index, dtype=torch.long),
             "scores": torch.tensor(scores, dtype=torch.float32),
         }
+
+
+def padded_batches(lengths: list[int], budget: int, extra: int = 0) -> list[list[int]]:
+    """Indices, longest first, in batches whose rows times (the batch's longest + ``extra``) stay within ``budget``
+    tokens (a row over it alone): right- or left-padded to the batch's longest, sorted batches pad little."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * (lengths[batches[-1][0]] + extra) <= budget:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def packed_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices, longest first, in batches of at most ``budget`` tokens in all (an item over it alone): packed rows
+    (``paft.data.packing``) hold no padding, so a batch costs its tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    used = 0
+    for i in order:
+        if batches and used + lengths[i] <= budget:
+            batches[-1].append(i)
+            used += lengths[i]
+        else:
+            batches.append([i])
+            used = lengths[i]
+    return batches

@@ -25,7 +25,7 @@ Keys of a packed batch:
 - ``pred_index`` [N]: flat index r * T + t of the hidden state that predicts target n;
 - ``targets`` [N]: the target token; ``target_seq`` [N]: its logical sequence (0..S-1), sorted;
 - ``sequence_tokens`` [S]: tokens of each logical sequence in the plain layout (trunk + branch);
-- ``sequence_keys``: list of S reference-cache keys, equal to ``paft.train.reference.row_key`` of
+- ``sequence_keys``: list of S reference-cache keys, equal to ``paft.models.reference.row_key`` of
   the plain layout's row, so cached reference log-probs are shared by both layouts;
 - ``doc_spans`` [D, 4]: (row, start, end, 1 if the document has no branches) of each document, so
   attention can run per document (``paft.models.attention``) instead of over whole rows.
@@ -59,7 +59,7 @@ class Doc:
 
 def sequence_key(ids: list[int], labels: list[int]) -> str:
     """Reference-cache key of a sequence: a hash of its int64 tokens, then which of them are scored.
-    ``paft.train.reference.row_key`` gives a padded row's real tokens to it, so both layouts share keys."""
+    ``paft.models.reference.row_key`` gives a padded row's real tokens to it, so both layouts share keys."""
     tokens = np.asarray(ids, dtype=np.int64).tobytes()
     scored = (np.asarray(labels, dtype=np.int64) != IGNORE).tobytes()
     return hashlib.blake2b(tokens + b"|" + scored, digest_size=16).hexdigest()

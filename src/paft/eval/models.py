@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,16 +13,21 @@ from typing import Any, Callable
 from paft.config import PaftConfig, ScorerConfig
 from paft.data.demo import SYSTEM
 from paft.data.formats import PreferenceExample, RankedExample, ranked_to_pairs, unique_prompts
+from paft.data.tokenize import encode_pair, encode_sft
 from paft.errors import ConfigError, ModelError, PaftError
 from paft.eval.harness import HarnessSuite
 from paft.eval.judges import (harm_messages, harmlessness_metrics, load_harm_prompts, pairwise_judge,
                               pairwise_verdicts, refusal_judge, refusal_labels, rm_win_rate, win_rates)
-from paft.eval.metrics import completion_nll, exact_match, pair_logps, preference_scores
+from paft.eval.metrics import (binomial_stderr, chat_examples, completion_nll, exact_match, packed_pair_logps,
+                               pair_logps, preference_scores, sorted_nll)
+from paft.io import usable_cores
 from paft.merge.live import LiveMerge
 from paft.merge.mergekit_config import MergePlan
 from paft.models import load_model, load_tokenizer, resolve_model_dir
+from paft.models.attention import attn_implementation, packing_unsupported
 from paft.models.folders import check_weights
 from paft.models.generation import generate_replies
+from paft.models.reference import ReferenceLogps, reference_cache_path, reference_identity
 from paft.scoring import build_scorer
 
 
@@ -114,11 +122,12 @@ class _Extras:
             self.harm_prompts = harm_messages(self.harm, SYSTEM)
         self.ref_replies: list[str] | None = None
         self.ref_rewards: list[float] | None = None
+        self.token_budget: int | None = None  # the fast path's greedy batches (``generate_replies``)
 
     def metrics(self, is_ref: bool, model, tok, cfg: PaftConfig) -> tuple[dict, dict]:
         e, d = cfg.eval, cfg.data
         gen = dict(max_new_tokens=e.reply_max_new_tokens or e.max_new_tokens, batch_size=e.batch_size,
-                   max_prompt_tokens=d.max_prompt_length)
+                   max_prompt_tokens=d.max_prompt_length, token_budget=self.token_budget)
         row: dict[str, Any] = {}
         samples: dict[str, Any] = {}
         if self.prompts:
@@ -166,9 +175,51 @@ class _Extras:
         return out
 
 
+def eval_threads(cfg: PaftConfig) -> int:
+    """CPU threads of the fast evaluation: ``run.threads``, else ``OMP_NUM_THREADS`` (a sweep cell's share of the
+    machine), else every core this process may run on (its affinity mask)."""
+    if cfg.run.threads:
+        return cfg.run.threads
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else usable_cores()
+
+
+@contextlib.contextmanager
+def _cpu_threads(n: int):
+    import torch  # already loaded by paft.eval.metrics
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def eval_reference_identity(spec: ModelSpec, cfg: PaftConfig, device: str) -> str | None:
+    """Key of the on-disk cache of the reference's held-out log-probs: its weights (as training's reference cache
+    keys them: base files, adapter hash), dtype and device kind, marked ``eval`` (evaluation runs without training's
+    autocast). None for an in-memory merge, whose weights no file names, and for weights not in safetensors files:
+    their log-probs are kept for the call only.
+    The rows themselves are keyed by their tokens (``paft.models.reference``), so other data, another tokenizer or
+    other length limits never read a stale value."""
+    if spec.plan is not None or not any(Path(spec.path).glob("*.safetensors")):  # no weight files to key it by
+        return None
+    weights = reference_identity(spec.path, dtype=cfg.model.dtype, bf16=False, init_adapter=spec.adapter)
+    kind = device.split(":")[0]
+    return hashlib.sha256(f"eval|{weights}|{kind}".encode()).hexdigest()[:24]
+
+
+def _packs(model, max_length: int) -> bool:
+    """Whether the fast path's packed layout runs on ``model``: per-document SDPA attention and one mask for every
+    layer (eager attention would materialise a [tokens x tokens] score matrix per head; flash takes no mask)."""
+    return attn_implementation(model) == "sdpa" and packing_unsupported(model, max_length) is None
+
+
 def evaluate_models(specs: list[ModelSpec], cfg: PaftConfig, tok, sft_eval: list, pref_eval: list, *,
                     device: str = "cpu", reference: str | None = None, base_dir: Path | None = None,
-                    progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+                    progress: Callable[[str, int, int], None] | None = None,
+                    fast: bool | None = None) -> dict[str, Any]:
     """Metrics per model; implicit rewards use ``reference`` (a spec name, default the first) as pi_ref.
 
     The preference metrics need pairs: held-out ranked lists count as their best-vs-worst pairs;
@@ -178,8 +229,15 @@ def evaluate_models(specs: list[ModelSpec], cfg: PaftConfig, tok, sft_eval: list
     each model's row; their tasks, data and models are checked and loaded before the first model,
     so a bad name fails at once. ``base_dir``: the base of a reward model whose adapter names none.
     ``tok`` serves every spec without a ``tokenizer`` of its own.
+
+    ``fast`` (default ``eval.fast``): held-out rows tokenized once per tokenizer, the packed layout for pair
+    log-probs and NLL (``paft.eval.metrics``), greedy replies in token-budget batches with a KV cache
+    (``paft.models.generation``), the reference's pair log-probs cached on disk (``eval_reference_identity``) and
+    reused by every later call on the same data (candidates, searches), and all usable CPU threads. False: the
+    plain path, the same numbers (tests/test_eval_fast.py), kept for comparison (benchmarks/eval_bench.py).
     """
     e, d = cfg.eval, cfg.data
+    fast = e.fast if fast is None else fast
     if any(isinstance(x, RankedExample) for x in pref_eval):  # ranked lists: best vs worst of each
         pref_eval = ranked_to_pairs([x for x in pref_eval if isinstance(x, RankedExample)])
     sft_eval, pref_eval = sft_eval[: e.max_examples], pref_eval[: e.max_examples]
@@ -195,43 +253,72 @@ def evaluate_models(specs: list[ModelSpec], cfg: PaftConfig, tok, sft_eval: list
                                    batch_size=e.harness_batch_size or e.batch_size,
                                    chat_template=e.harness_chat_template)
     extras = _Extras(cfg, [s.name for s in specs], reply_source, sft_eval, device, base_dir)
+    budget = e.batch_size * d.max_length  # tokens per forward: the plain path's widest batch
+    if fast:
+        extras.token_budget = budget
+    threads = _cpu_threads(eval_threads(cfg)) if fast and device == "cpu" else contextlib.nullcontext()
+    # per tokenizer: the held-out rows, tokenized once (the tokenizer is kept, so its id is never reused)
+    encoded: dict[int, tuple[Any, list, list]] = {}
+
+    def rows(mtok) -> tuple[list, list]:
+        if id(mtok) not in encoded:
+            encoded[id(mtok)] = (mtok, [encode_sft(x, mtok, d.max_length) for x in sft_eval],
+                                 [encode_pair(x, mtok, d.max_length, d.max_prompt_length) for x in pref_eval])
+        return encoded[id(mtok)][1:]
+
     ref_lp, results, samples, harness_details, reply_samples = None, {}, {}, {}, {}
     # the implicit-reward reference first, then the judge's reference: the others are scored against them
     order = sorted(specs, key=lambda s: (s.name != reference, s.name != e.judge_reference))
-    for i, spec in enumerate(order):
-        start = time.perf_counter()
-        model = load_spec(spec, cfg, device)
-        mtok = load_eval_tokenizer(spec.tokenizer, cfg) if spec.tokenizer is not None else tok
-        if progress:
-            progress(spec.name, i, len(order))
-        row: dict[str, Any] = {}
-        if e.heldout:
-            em, gen = exact_match(model, mtok, sft_eval, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size,
-                                  max_prompt_tokens=d.max_prompt_length)
-            nll = completion_nll(model, mtok, sft_eval, max_length=d.max_length, batch_size=e.batch_size)
-            if unpaired:
-                pref = {"pref_accuracy": None, "reward_margin": None, "reward_accuracy": None}
-            else:
-                lp = pair_logps(model, mtok, pref_eval, max_length=d.max_length,
-                                max_prompt_length=d.max_prompt_length, batch_size=e.batch_size)
-                if spec.name == reference:
-                    ref_lp = lp
-                scores = preference_scores(lp, ref_lp, beta)
-                pref = {"pref_accuracy": scores.accuracy, "reward_margin": scores.reward_margin,
-                        "reward_accuracy": scores.reward_accuracy}
-            row.update({"sft_exact_match": em, "sft_nll": nll, **pref})
-            samples[spec.name] = gen[:8]
-        if suite is not None:
-            flat, details = suite.run(model, mtok)
-            row.update(flat)
-            harness_details[spec.name] = details
-        extra_row, extra_samples = extras.metrics(spec.name == e.judge_reference, model, mtok, cfg)
-        row.update(extra_row)
-        if extra_samples:
-            reply_samples[spec.name] = extra_samples
-        row["eval_s"] = round(time.perf_counter() - start, 2)
-        results[spec.name] = row
-        del model
+    with threads:
+        for i, spec in enumerate(order):
+            start = time.perf_counter()
+            model = load_spec(spec, cfg, device)
+            mtok = load_eval_tokenizer(spec.tokenizer, cfg) if spec.tokenizer is not None else tok
+            if progress:
+                progress(spec.name, i, len(order))
+            row: dict[str, Any] = {}
+            if e.heldout:
+                packs = fast and _packs(model, d.max_length)
+                em, gen = exact_match(model, mtok, sft_eval, max_new_tokens=e.max_new_tokens,
+                                      batch_size=e.batch_size, max_prompt_tokens=d.max_prompt_length,
+                                      token_budget=budget if fast else None)
+                if fast:
+                    nll = sorted_nll(model, rows(mtok)[0], pad_id=mtok.pad_token_id, token_budget=budget)
+                else:
+                    nll = completion_nll(model, mtok, sft_eval, max_length=d.max_length, batch_size=e.batch_size)
+                if unpaired:
+                    pref = {"pref_accuracy": None, "reward_margin": None, "reward_accuracy": None}
+                else:
+                    if packs:
+                        forward = None
+                        if spec.name == reference:  # read from / written to the reference cache
+                            ident = eval_reference_identity(spec, cfg, device)
+                            forward = ReferenceLogps(reference_cache_path(ident) if ident else None, model=model)
+                        lp = packed_pair_logps(model, rows(mtok)[1], pad_id=mtok.pad_token_id, token_budget=budget,
+                                               forward=forward)
+                        if forward is not None:
+                            forward.save()
+                    else:
+                        lp = pair_logps(model, mtok, pref_eval, max_length=d.max_length,
+                                        max_prompt_length=d.max_prompt_length, batch_size=e.batch_size)
+                    if spec.name == reference:
+                        ref_lp = lp
+                    pref = preference_scores(lp, ref_lp, beta).metrics()
+                row.update({"sft_exact_match": em,
+                            "sft_exact_match_stderr": binomial_stderr(em, len(chat_examples(sft_eval))),
+                            "sft_nll": nll.mean, "sft_nll_stderr": nll.stderr, **pref})
+                samples[spec.name] = gen[:8]
+            if suite is not None:
+                flat, details = suite.run(model, mtok)
+                row.update(flat)
+                harness_details[spec.name] = details
+            extra_row, extra_samples = extras.metrics(spec.name == e.judge_reference, model, mtok, cfg)
+            row.update(extra_row)
+            if extra_samples:
+                reply_samples[spec.name] = extra_samples
+            row["eval_s"] = round(time.perf_counter() - start, 2)
+            results[spec.name] = row
+            del model
     out = {"models": {s.name: results[s.name] for s in specs}, "reference": reference, "beta": beta,
            "n_sft_eval": len(sft_eval) if e.heldout else 0, "n_pref_eval": len(pref_eval) if e.heldout else 0,
            "samples": samples}

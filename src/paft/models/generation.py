@@ -1,14 +1,22 @@
 """Replies of a causal LM to chat prompts, and the phrase heuristic that tells a refusal.
 
-One generation loop for evaluation (greedy) and online training (sampled, k per prompt).
+One entry point for evaluation (greedy) and online training (sampled, k per prompt): ``generate_replies``.
+Greedy replies with a ``token_budget`` take paft's own decoding loop (``_greedy``): prompts sorted by length
+into batches of at most that many tokens (fewer, fuller batches, little left padding), a KV cache, the LM
+head at the last position only, and rows dropped from the batch (and its cache) once they end, so a batch
+no longer decodes until its longest reply is done. The tokens are the ones ``model.generate`` picks (argmax
+of the same logits); tests/test_eval_fast.py checks them equal.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 from contextlib import contextmanager, nullcontext
 
 import torch
+
+from paft.data.collate import padded_batches
 
 
 @contextmanager
@@ -25,7 +33,8 @@ def eval_mode(model):
 
 def generate_replies(model, tok, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int,
                      max_prompt_tokens: int, k: int = 1, temperature: float | None = None, top_p: float = 1.0,
-                     seed: int = 0, use_adapter: bool = True, progress=None) -> list[str]:
+                     seed: int = 0, use_adapter: bool = True, progress=None,
+                     token_budget: int | None = None) -> list[str]:
     """Replies to chat prompts (each a message list ending with a user turn), whitespace-stripped, ``k`` per prompt
     in prompt order (prompt 0's k replies, then prompt 1's...).
 
@@ -33,9 +42,21 @@ def generate_replies(model, tok, prompts: list[list[dict]], *, max_new_tokens: i
     The chat template with its generation prompt is applied (as ``paft.data.tokenize.prompt_text``); prompts
     are left-padded so every row's reply starts at the same position, and truncated to ``max_prompt_tokens``.
     The model runs in eval mode (restored after), its PEFT adapter disabled when ``use_adapter`` is False.
+    ``token_budget``: greedy replies (one per prompt) come from ``_greedy``, batches of at most that many
+    prompt + reply tokens instead of ``batch_size`` prompts (a model whose generation config changes greedy
+    decoding, a repetition penalty say, keeps ``model.generate``).
     """
     if not prompts:
         return []
+    if token_budget and temperature is None and k == 1 and _plain_greedy(model):
+        ctx = nullcontext() if use_adapter or not hasattr(model, "disable_adapter") else model.disable_adapter()
+        with eval_mode(model), ctx:
+            texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+            ids = [tok(t, add_special_tokens=False, truncation=True, max_length=max_prompt_tokens)["input_ids"]
+                   for t in texts]
+            out = _greedy(model, ids, max_new_tokens=max_new_tokens, token_budget=token_budget,
+                          eos=tok.eos_token_id, pad=tok.pad_token_id, progress=progress)
+        return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
     device = next(model.parameters()).device
     side, tok.padding_side = tok.padding_side, "left"
     sampling = {"do_sample": False} if temperature is None else {
@@ -61,6 +82,68 @@ def generate_replies(model, tok, prompts: list[list[dict]], *, max_new_tokens: i
     finally:
         tok.padding_side = side
     return replies
+
+
+# generation-config settings that change which token greedy decoding picks (logits processors)
+_GREEDY_CHANGERS = ("repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size", "bad_words_ids",
+                    "min_length", "min_new_tokens", "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens",
+                    "begin_suppress_tokens", "sequence_bias", "exponential_decay_length_penalty")
+
+
+def _plain_greedy(model) -> bool:
+    """Whether ``_greedy`` decodes ``model`` as ``generate`` would: greedy is the argmax of its logits (no logits
+    processor in its generation config) and its forward takes ``logits_to_keep``."""
+    config = getattr(model, "generation_config", None)
+    if config is None or not hasattr(model, "config"):
+        return False
+    try:  # the loop asks for the last position's logits only
+        if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+            return False
+    except (TypeError, ValueError):
+        return False
+    from transformers import GenerationConfig  # heavy: only when replies are generated
+
+    default = GenerationConfig()
+    return all(getattr(config, key, None) == getattr(default, key, None) for key in _GREEDY_CHANGERS)
+
+
+@torch.no_grad()
+def _greedy(model, ids: list[list[int]], *, max_new_tokens: int, token_budget: int, eos: int | None, pad: int,
+            progress=None) -> list[list[int]]:
+    """Greedy continuations of the token sequences ``ids`` (each up to and including its first ``eos``), as
+    ``model.generate(do_sample=False)`` picks them: left-padded batches of similar lengths, a KV cache, logits at
+    the last position only, and a row leaves the batch and the cache as soon as it has produced ``eos``."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    out: list[list[int]] = [[] for _ in ids]
+    for batch in padded_batches([len(x) for x in ids], token_budget, max_new_tokens):
+        width = max(len(ids[i]) for i in batch)
+        input_ids = torch.tensor([[pad] * (width - len(ids[i])) + ids[i] for i in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in batch], device=device)
+        position = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=model.config)
+        # the cache positionally: transformers renamed the argument (past_key_values -> cache) within 5.x
+        logits = model(input_ids, mask, position, cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        live, last = list(batch), position[:, -1]
+        for step in range(max_new_tokens):
+            token = logits.argmax(-1)
+            for i, t in zip(live, token.tolist()):
+                out[i].append(t)
+            ended = token == eos if eos is not None else torch.zeros_like(token, dtype=torch.bool)
+            if step == max_new_tokens - 1 or bool(ended.all()):
+                break
+            if bool(ended.any()):  # finished rows leave the batch and the cache
+                keep = (~ended).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                live = [live[j] for j in keep.tolist()]
+                mask, token, last = mask[keep], token[keep], last[keep]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            last = last + 1
+            logits = model(token[:, None], mask, last[:, None], cache, use_cache=True).logits[:, -1]
+        if progress:
+            progress(len(batch))
+    return out
 
 
 # lower-case, straight apostrophes; a reply containing any of these counts as a refusal (heuristic)

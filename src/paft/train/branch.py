@@ -35,7 +35,7 @@ from paft.train.online_merge import OnlineMerge, online_start, trainable
 from paft.train.phases import train_staged
 from paft.train import ranks
 from paft.train.preference import DATA_KINDS, PreferenceObjective, attach_value_head
-from paft.train.reference import ReferenceLogps, reference_cache_path, reference_identity
+from paft.models.reference import ReferenceLogps, reference_cache_path, reference_identity
 from paft.train.sft import SFTObjective
 from paft.train.trainer import Harness, Objective, Report, no_report, start_training
 

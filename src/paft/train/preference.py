@@ -41,7 +41,7 @@ from paft.methods.losses import PairLogps, RankedLogps, UnpairedLogps, get_loss
 from paft.methods.schedules import best_worst
 from paft.models.logps import (batch_sequence_logps, batch_token_logps, label_hidden, label_log_softmax, label_logps,
                                sequence_sums, token_matrix, trim_padding)
-from paft.train.reference import ReferenceLogps, reference_forward
+from paft.models.reference import ReferenceLogps, reference_forward
 
 
 def _pairs(obj: "PreferenceObjective", model, batch):
@@ -238,7 +238,7 @@ class PreferenceObjective:
     method: str = "dpo"
     beta: float = 0.1
     params: dict[str, Any] = field(default_factory=dict)
-    # memoised / disk-cached reference log-probs (paft.train.reference); None: the adapter-disabled forward
+    # memoised / disk-cached reference log-probs (paft.models.reference); None: the adapter-disabled forward
     reference: Any = None
     full_logits: bool = False  # the plain path: full-vocabulary logits at every position
     # during an online round of a ratio method (``LossSpec.ratio``): snapshots (``ReferenceLogps``) of the
