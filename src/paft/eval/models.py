@@ -185,7 +185,7 @@ def eval_threads(cfg: PaftConfig) -> int:
 
 
 @contextlib.contextmanager
-def _cpu_threads(n: int):
+def cpu_threads(n: int):
     import torch  # already loaded by paft.eval.metrics
 
     before = torch.get_num_threads()
@@ -210,7 +210,7 @@ def eval_reference_identity(spec: ModelSpec, cfg: PaftConfig, device: str) -> st
     return hashlib.sha256(f"eval|{weights}|{kind}".encode()).hexdigest()[:24]
 
 
-def _packs(model, max_length: int) -> bool:
+def packs_pairs(model, max_length: int) -> bool:
     """Whether the fast path's packed layout runs on ``model``: per-document SDPA attention and one mask for every
     layer (eager attention would materialise a [tokens x tokens] score matrix per head; flash takes no mask)."""
     return attn_implementation(model) == "sdpa" and packing_unsupported(model, max_length) is None
@@ -256,7 +256,7 @@ def evaluate_models(specs: list[ModelSpec], cfg: PaftConfig, tok, sft_eval: list
     budget = e.batch_size * d.max_length  # tokens per forward: the plain path's widest batch
     if fast:
         extras.token_budget = budget
-    threads = _cpu_threads(eval_threads(cfg)) if fast and device == "cpu" else contextlib.nullcontext()
+    threads = cpu_threads(eval_threads(cfg)) if fast and device == "cpu" else contextlib.nullcontext()
     # per tokenizer: the held-out rows, tokenized once (the tokenizer is kept, so its id is never reused)
     encoded: dict[int, tuple[Any, list, list]] = {}
 
@@ -278,7 +278,7 @@ def evaluate_models(specs: list[ModelSpec], cfg: PaftConfig, tok, sft_eval: list
                 progress(spec.name, i, len(order))
             row: dict[str, Any] = {}
             if e.heldout:
-                packs = fast and _packs(model, d.max_length)
+                packs = fast and packs_pairs(model, d.max_length)
                 em, gen = exact_match(model, mtok, sft_eval, max_new_tokens=e.max_new_tokens,
                                       batch_size=e.batch_size, max_prompt_tokens=d.max_prompt_length,
                                       token_budget=budget if fast else None)

@@ -9,6 +9,7 @@ merge plan); this module owns the search space, the loop and the dev scoring. do
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -19,7 +20,9 @@ from typing import Any, Callable
 from paft.config import TUNE_ALPHA_FAMILIES, PaftConfig, TuneConfig
 from paft.data.formats import PreferenceExample, RankedExample, ranked_to_pairs
 from paft.errors import ConfigError, PaftError
-from paft.eval.metrics import completion_nll, pair_logps, preference_scores
+from paft.data.tokenize import encode_pair, encode_sft
+from paft.eval.metrics import completion_nll, packed_pair_logps, pair_logps, preference_scores, sorted_nll
+from paft.eval.models import cpu_threads, eval_threads, packs_pairs
 from paft.methods.candidates import CANDIDATES, Recipe
 from paft.methods.merging import MERGE_METHODS
 from paft.methods.objectives import higher_is_better
@@ -96,21 +99,44 @@ class DevScorer:
         self.ref_lp = self._pair_logps(model) if self.pref else None
         return self(model)
 
+    def _encoded(self):
+        """The dev rows tokenized once (every trial scores the same rows with the same tokenizer)."""
+        if getattr(self, "_rows", None) is None:
+            d = self.cfg.data
+            self._rows = ([encode_sft(x, self.tok, d.max_length) for x in self.sft],
+                          [encode_pair(x, self.tok, d.max_length, d.max_prompt_length) for x in self.pref])
+        return self._rows
+
+    def _budget(self) -> int:
+        return self.cfg.eval.batch_size * self.cfg.data.max_length
+
     def _pair_logps(self, model):
-        d = self.cfg.data
+        d, e = self.cfg.data, self.cfg.eval
+        if e.fast and packs_pairs(model, d.max_length):  # the evaluation's fast path: the prompt once per pair
+            return packed_pair_logps(model, self._encoded()[1], pad_id=self.tok.pad_token_id,
+                                     token_budget=self._budget())
         return pair_logps(model, self.tok, self.pref, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-                          batch_size=self.cfg.eval.batch_size)
+                          batch_size=e.batch_size)
 
     def __call__(self, model) -> dict[str, float]:
         d, e = self.cfg.data, self.cfg.eval
         out: dict[str, float] = {}
-        if self.sft:
-            out["sft_nll"] = completion_nll(model, self.tok, self.sft, max_length=d.max_length,
-                                            batch_size=e.batch_size)
-        if self.pref:
-            s = preference_scores(self._pair_logps(model), self.ref_lp, e.beta or self.cfg.preference.beta)
-            out.update(pref_accuracy=s.accuracy, reward_margin=s.reward_margin, reward_accuracy=s.reward_accuracy)
+        threads = cpu_threads(eval_threads(self.cfg)) if e.fast and _on_cpu(model) else contextlib.nullcontext()
+        with threads:
+            if self.sft:
+                nll = sorted_nll(model, self._encoded()[0], pad_id=self.tok.pad_token_id, token_budget=self._budget()) \
+                    if e.fast else completion_nll(model, self.tok, self.sft, max_length=d.max_length,
+                                                  batch_size=e.batch_size)
+                out["sft_nll"] = nll.mean
+            if self.pref:
+                s = preference_scores(self._pair_logps(model), self.ref_lp, e.beta or self.cfg.preference.beta)
+                out.update(pref_accuracy=s.accuracy, reward_margin=s.reward_margin,
+                           reward_accuracy=s.reward_accuracy)
         return out
+
+
+def _on_cpu(model) -> bool:
+    return next(model.parameters()).device.type == "cpu"
 
 
 def _optuna():

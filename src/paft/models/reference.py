@@ -44,7 +44,7 @@ import torch
 from paft.data.packing import is_packed, sequence_key
 from paft.io import cache_root, sha256_file, write_json_atomic
 from paft.models.logps import batch_sequence_logps, batch_token_logps, token_matrix, trim_padding
-from paft.train import ranks
+from paft import ranks
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ from paft.train.lora import attach_adapter, keep_frozen_copy
 from paft.train.online import train_online
 from paft.train.online_merge import OnlineMerge, online_start, trainable
 from paft.train.phases import train_staged
-from paft.train import ranks
+from paft import ranks
 from paft.train.preference import DATA_KINDS, PreferenceObjective, attach_value_head
 from paft.models.reference import ReferenceLogps, reference_cache_path, reference_identity
 from paft.train.sft import SFTObjective

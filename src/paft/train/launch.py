@@ -28,7 +28,7 @@ from paft.device import resolve_bf16, resolve_device
 from paft.errors import ConfigError, PaftError
 from paft.io import write_json_atomic
 from paft.methods.losses import get_loss
-from paft.train import ranks
+from paft import ranks
 from paft.train.branch import train_branch
 from paft.train.trainer import Report, no_report
 

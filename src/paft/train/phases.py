@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from paft.errors import ConfigError
 from paft.io import atomic_dir, write_json_atomic
-from paft.train import ranks
+from paft import ranks
 
 # fit(rows, collator, ckpt_dir, max_steps) -> {"train_loss", "steps", "wall_s"}
 Fit = Callable[[list, Any, Path, int], dict[str, Any]]

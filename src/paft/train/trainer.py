@@ -31,7 +31,7 @@ from paft.data.packing import real_tokens
 from paft.errors import ConfigError, PaftError
 from paft.io import atomic_dir, save_error, write_json_atomic
 from paft.progress import quiet_libraries
-from paft.train import ranks
+from paft import ranks
 
 
 Report = Callable[[dict[str, Any]], None]  # a progress sink: a rich progress bar, or a queue from a child process
