@@ -120,7 +120,7 @@ def components(spec, cfg, tok, sft, pairs, device: str) -> dict[str, dict[str, f
     clock("pair_logps", "plain", lambda: pair_logps(model, tok, pairs, max_length=d.max_length,
                                                     max_prompt_length=d.max_prompt_length, batch_size=e.batch_size))
     clock("pair_logps", "fast", lambda: packed_pair_logps(model, pair_rows, pad_id=tok.pad_token_id,
-                                                          token_budget=budget))
+                                                          token_budget=budget, pack_length=2 * d.max_length))
     clock("sft_nll", "plain", lambda: completion_nll(model, tok, sft, max_length=d.max_length,
                                                      batch_size=e.batch_size))
     clock("sft_nll", "fast", lambda: sorted_nll(model, sft_rows, pad_id=tok.pad_token_id, token_budget=budget))
