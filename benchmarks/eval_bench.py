@@ -234,7 +234,8 @@ def run(args, work: Path) -> None:
     out = args.out / f"eval_bench-{'cuda' if device.startswith('cuda') else 'cpu'}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
-    print(f"eval_speedup_cold={ratios['cold']} eval_speedup_warm={ratios['warm']} per_model_speedup={ratios['per_model']}")
+    print(f"eval_speedup_cold={ratios['cold']} eval_speedup_warm={ratios['warm']} "
+          f"per_model_speedup={ratios['per_model']}")
 
 
 if __name__ == "__main__":
