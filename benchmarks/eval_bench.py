@@ -13,7 +13,8 @@ Each repeat evaluates every model with ``evaluate_models(..., fast=False)`` (the
 ``eval.batch_size`` rows per forward, ``model.generate``) and ``fast=True`` twice: cold (an empty reference
 cache, as a run's first evaluation) and warm (the cache the cold call wrote, as every later evaluation on the same
 data: candidates.json, a merge search); the order of the paths alternates between repeats. Wall time of each
-whole call and each model's ``eval_s`` are recorded; the figure is the median over repeats. The fast path's
+whole call, its process CPU time (steadier than wall time on a shared machine; about threads x wall on a
+quiet one) and each model's ``eval_s`` are recorded; the figure is the median over repeats. The fast path's
 metrics are compared with the plain path's (they must agree: same accuracies, NLL and margins to float
 rounding). ``--components`` also times pair log-probs, NLL and exact match apart on the base model.
 
@@ -120,7 +121,7 @@ def components(spec, cfg, tok, sft, pairs, device: str) -> dict[str, dict[str, f
     clock("pair_logps", "plain", lambda: pair_logps(model, tok, pairs, max_length=d.max_length,
                                                     max_prompt_length=d.max_prompt_length, batch_size=e.batch_size))
     clock("pair_logps", "fast", lambda: packed_pair_logps(model, pair_rows, pad_id=tok.pad_token_id,
-                                                          token_budget=budget))
+                                                          token_budget=budget, pack_length=2 * d.max_length))
     clock("sft_nll", "plain", lambda: completion_nll(model, tok, sft, max_length=d.max_length,
                                                      batch_size=e.batch_size))
     clock("sft_nll", "fast", lambda: sorted_nll(model, sft_rows, pad_id=tok.pad_token_id, token_budget=budget))
@@ -191,6 +192,7 @@ def run(args, work: Path) -> None:
           f"device {device}, {torch.get_num_threads()} torch threads", flush=True)
     ref_cache = Path(os.environ["PAFT_CACHE"]) / "reference"
     times: dict[str, list[float]] = {"plain": [], "fast_cold": [], "fast_warm": []}
+    cpu: dict[str, list[float]] = {k: [] for k in times}  # process CPU time: steadier than wall on a shared machine
     per_model: dict[str, dict[str, list[float]]] = {k: {} for k in times}
     results: dict[str, dict] = {}
     for r in range(args.repeats):
@@ -198,16 +200,18 @@ def run(args, work: Path) -> None:
         for path in order:
             if path == "fast_cold":
                 shutil.rmtree(ref_cache, ignore_errors=True)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             res = evaluate_models(specs, cfg, tok, sft, pairs, device=device, fast=path != "plain")
             wall = time.perf_counter() - start
             times[path].append(wall)
+            cpu[path].append(time.process_time() - cpu_start)
             for name, row in res["models"].items():
                 per_model[path].setdefault(name, []).append(row["eval_s"])
             results[path] = res
-            print(f"  repeat {r + 1}/{args.repeats} {path:9s} {wall:8.1f} s  "
+            print(f"  repeat {r + 1}/{args.repeats} {path:9s} {wall:8.1f} s ({cpu[path][-1]:.1f} s CPU)  "
                   + " ".join(f"{n}={row['eval_s']:.1f}" for n, row in res["models"].items()), flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
+    cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
     model_med = {k: {n: statistics.median(v) for n, v in d.items()} for k, d in per_model.items()}
     others = [n for n in model_med["plain"] if n != "base"]  # evaluated models beside the reference
 
@@ -218,23 +222,28 @@ def run(args, work: Path) -> None:
                      / statistics.median(model_med[path][n] for n in others), 2)
 
     ratios = {"cold": round(med["plain"] / med["fast_cold"], 2), "warm": round(med["plain"] / med["fast_warm"], 2),
-              "per_model": per_model_ratio("fast_cold")}
+              "per_model": per_model_ratio("fast_cold"),
+              "cold_cpu": round(cpu_med["plain"] / cpu_med["fast_cold"], 2),
+              "warm_cpu": round(cpu_med["plain"] / cpu_med["fast_warm"], 2)}
     check = compare(results["plain"], results["fast_cold"])
     parts = components(specs[0], cfg, tok, sft, pairs, device) if args.components else None
     print(f"median wall: plain {med['plain']:.1f} s, fast cold {med['fast_cold']:.1f} s, fast warm "
-          f"{med['fast_warm']:.1f} s")
+          f"{med['fast_warm']:.1f} s; CPU: plain {cpu_med['plain']:.1f} s, fast cold {cpu_med['fast_cold']:.1f} s, "
+          f"fast warm {cpu_med['fast_warm']:.1f} s")
     print(f"metrics, fast vs plain, largest |difference| over models: {check}")
     if parts:
         print("components on the base model (s): " + ", ".join(f"{k} {v}" for k, v in parts.items()))
     report = {"machine": machine(device), "args": {k: str(v) for k, v in vars(args).items()}, "data": lengths,
-              "models": [s.name for s in specs], "wall_s": times, "median_wall_s": med, "per_model_median_s": model_med,
+              "models": [s.name for s in specs], "wall_s": times, "median_wall_s": med, "cpu_s": cpu,
+              "median_cpu_s": cpu_med, "per_model_median_s": model_med,
               "speedup": ratios, "metric_check": check, "components_s": parts,
               "metrics": {k: results[k]["models"] for k in ("plain", "fast_cold")}}
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"eval_bench-{'cuda' if device.startswith('cuda') else 'cpu'}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
-    print(f"eval_speedup_cold={ratios['cold']} eval_speedup_warm={ratios['warm']} per_model_speedup={ratios['per_model']}")
+    print(f"eval_speedup_cold={ratios['cold']} eval_speedup_warm={ratios['warm']} "
+          f"per_model_speedup={ratios['per_model']} (CPU time: cold {ratios['cold_cpu']}, warm {ratios['warm_cpu']})")
 
 
 if __name__ == "__main__":

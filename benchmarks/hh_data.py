@@ -72,7 +72,8 @@ def make_pairs(tok, n: int, seed: int, prompt_tokens: tuple[int, int] = (100, 30
         per = max(20, budget // turns)
         prompt = [{"role": "user" if i % 2 == 0 else "assistant", "content": _text(rng, tok, per - 10, per)}
                   for i in range(turns)]
-        rows.append({"prompt": prompt, "chosen": _text(rng, tok, *reply_tokens), "rejected": _text(rng, tok, *reply_tokens)})
+        rows.append({"prompt": prompt, "chosen": _text(rng, tok, *reply_tokens),
+                     "rejected": _text(rng, tok, *reply_tokens)})
     return rows
 
 

@@ -43,8 +43,10 @@ def test_packed_pair_logps_equal_the_padded_rows(tiny_model, tiny_tok, heldout):
     plain = pair_logps(tiny_model, tiny_tok, pairs, max_length=96, max_prompt_length=64, batch_size=4)
     rows = [encode_pair(e, tiny_tok, 96, 64) for e in pairs]
     longest = max(len(r.prompt_ids) + len(r.chosen_ids) + len(r.rejected_ids) for r in rows)
-    for budget in (4096, longest - 1):  # one forward; one per pair, the longest alone over its budget
-        packed = packed_pair_logps(tiny_model, rows, pad_id=tiny_tok.pad_token_id, token_budget=budget)
+    # one forward in one row; one forward in rows of up to 2 pairs; one per pair, the longest alone over its budget
+    for budget, pack_length in ((4096, None), (4096, longest + 40), (longest - 1, None)):
+        packed = packed_pair_logps(tiny_model, rows, pad_id=tiny_tok.pad_token_id, token_budget=budget,
+                                   pack_length=pack_length)
         assert packed.shape == plain.shape == (len(pairs), 2)
         assert torch.allclose(packed, plain, atol=1e-4, rtol=0), (packed - plain).abs().max()
     assert ((packed[:, 0] > packed[:, 1]) == (plain[:, 0] > plain[:, 1])).all()

@@ -151,15 +151,16 @@ def pair_logps(model, tok, examples: list[PreferenceExample], *, max_length: int
 
 @torch.no_grad()
 def packed_pair_logps(model, rows: list[EncodedPair], *, pad_id: int, token_budget: int,
-                      forward=None) -> torch.Tensor:
+                      forward=None, pack_length: int | None = None) -> torch.Tensor:
     """``pair_logps`` of encoded pairs in the packed layout: each pair one document (its prompt once, chosen and
     rejected as two branches attending to it), pairs sorted by length into forwards of at most ``token_budget``
-    tokens. ``forward(model, batch)`` -> each sequence's summed log-prob (default ``batch_sequence_logps``; a
-    ``paft.models.reference.ReferenceLogps`` serves cached reference log-probs)."""
+    tokens, laid out in rows of at most ``pack_length`` (default the budget; a row's attention mask is
+    [pack_length x pack_length]). ``forward(model, batch)`` -> each sequence's summed log-prob (default
+    ``batch_sequence_logps``; a ``paft.models.reference.ReferenceLogps`` serves cached reference log-probs)."""
     device = next(model.parameters()).device
     forward = forward or (lambda m, b: batch_sequence_logps(m, b)[0])
     out = torch.zeros(len(rows), 2)
-    collate = PairCollator(pad_id, token_budget)
+    collate = PairCollator(pad_id, pack_length or token_budget)
     lengths = [len(r.prompt_ids) + len(r.chosen_ids) + len(r.rejected_ids) for r in rows]
     for idx in packed_batches(lengths, token_budget):
         lp = forward(model, _to(collate([rows[i] for i in idx]), device)).float().cpu()

@@ -294,8 +294,9 @@ def evaluate_models(specs: list[ModelSpec], cfg: PaftConfig, tok, sft_eval: list
                         if spec.name == reference:  # read from / written to the reference cache
                             ident = eval_reference_identity(spec, cfg, device)
                             forward = ReferenceLogps(reference_cache_path(ident) if ident else None, model=model)
+                        # rows of 2 x max_length: the [T x T] masks stay small however large the budget
                         lp = packed_pair_logps(model, rows(mtok)[1], pad_id=mtok.pad_token_id, token_budget=budget,
-                                               forward=forward)
+                                               forward=forward, pack_length=2 * d.max_length)
                         if forward is not None:
                             forward.save()
                     else:
