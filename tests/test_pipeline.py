@@ -25,7 +25,7 @@ def tiny_run(tmp_path_factory, paft_cache):
 
 def test_tiny_run_writes_every_output(tiny_run):
     cfg, out, report, wall = tiny_run
-    assert wall < 60
+    assert wall < 300  # a guard against a hang, not a timing (timings: benchmarks/); shared CI cores vary 5x
     for name in ("config.yaml", "provenance.json", "sparsity.json", "eval.json", "report.md", "report.json",
                  "metrics.png", "training.png", "data/sft_train.jsonl", "merged/model.safetensors"):
         assert (out / name).is_file(), name
@@ -133,7 +133,7 @@ def test_rerun_resumes_without_retraining(tiny_run):
     before = (out / "sft" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
     start = time.perf_counter()
     Run(cfg).all()
-    assert time.perf_counter() - start < 15
+    assert time.perf_counter() - start < 60  # nothing retrained (mtime below); a guard against a hang
     assert (out / "sft" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == before
 
 
@@ -181,7 +181,7 @@ def test_error_in_a_parallel_branch_reaches_the_user(tmp_path, tiny_dir):
     start = time.perf_counter()
     with pytest.raises(PaftError, match="no chat template"):
         run.train(["sft", "preference"])
-    assert time.perf_counter() - start < 30
+    assert time.perf_counter() - start < 120  # the error arrives, not a hang
 
 
 def test_sft_rows_without_reply_tokens_are_reported_not_silently_dropped(tmp_path, paft_cache):

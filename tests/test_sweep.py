@@ -136,7 +136,7 @@ def test_second_call_skips_every_finished_cell(grid_sweep):
     start = time.perf_counter()
     res = CliRunner().invoke(app, ["sweep", str(path), "--out", str(out)])
     assert res.exit_code == 0, res.output
-    assert time.perf_counter() - start < 15
+    assert time.perf_counter() - start < 60  # nothing reran (the line below); a guard against a hang
     assert "0 ran, 4 skipped" in res.output
     assert {p: p.stat().st_mtime_ns for p in out.glob("cells/*/cell.json")} == stamps
 
