@@ -187,9 +187,15 @@ def _data_section(data: dict[str, dict]) -> Section:
 
 
 def _training_section(training: dict[str, dict], run_name: str) -> Section:
+    def gib(x):
+        return "–" if x is None else f"{x:.2f}"
+
+    # peak memory of the branch's (rank 0) process, and of its GPU where it trained on one (train_summary.json)
     rows = [[name, s.get("steps"), s.get("examples", "–"), fmt(s.get("train_loss")), s.get("wall_s"),
-             s.get("threads", "–"), s.get("device", "–")] for name, s in training.items()]
-    nums = ("steps", "examples", "mean train loss", "wall (s)", "threads at start")
+             s.get("threads", "–"), s.get("processes", 1), gib(s.get("peak_rss_gib")), gib(s.get("peak_device_gib")),
+             s.get("device", "–")] for name, s in training.items()]
+    nums = ("steps", "examples", "mean train loss", "wall (s)", "threads at start", "processes", "peak RSS (GiB)",
+            "peak GPU memory (GiB)")
     blocks = [Table([Column("branch"), *(Column(h, num=True) for h in nums), Column("device")], rows)]
     tb = [n for n, s in training.items() if s.get("tensorboard")]
     if tb:
