@@ -253,3 +253,18 @@ def test_a_run_report_shows_the_within_noise_marks(both_paths, tmp_path):
         < 1.96 * math.hypot(rows["sft"]["pref_accuracy_stderr"], rows["base"]["pref_accuracy_stderr"]))
     assert any(v for m in tax["within_noise"]["preference"].values() for v in m.values())
     assert " ≈" in (root / "report.md").read_text()
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_reference_that_is_not_scored_still_sets_the_implicit_rewards(tiny_dir, tiny_tok, heldout, adapter_dir,
+                                                                        both_paths, fast):
+    """Candidates and tune already hold the base's metrics (eval.json): it gives only its pair log-probs."""
+    from paft.eval.models import ModelSpec, evaluate_models
+
+    sft, pairs = heldout
+    specs = [ModelSpec("base", tiny_dir), ModelSpec("sft", tiny_dir, adapter_dir)]
+    res = evaluate_models(specs, _cfg(), tiny_tok, sft, pairs, fast=fast, score_reference=False)
+    assert list(res["models"]) == ["sft"]
+    want = both_paths[fast]["models"]["sft"]
+    for k in ("sft_nll", "pref_accuracy", "reward_margin", "reward_accuracy"):
+        assert res["models"]["sft"][k] == pytest.approx(want[k], abs=1e-6), k

@@ -448,10 +448,14 @@ class Run:
         def progress(name, i, n):
             self.ui.update("candidates", i, n, name)
 
+        # the base's own metrics are eval.json's: here it gives only the implicit rewards' reference log-probs
         res = evaluate_models(specs, cfg, self.tokenizer, self.eval_examples("sft"), self.eval_examples("preference"),
-                              device=self.device, reference="base", base_dir=self.model_dir, progress=progress)
+                              device=self.device, reference="base", base_dir=self.model_dir, progress=progress,
+                              score_reference=False)
         self.ui.update("candidates", len(specs), len(specs), "done")
-        keys = [k for k in res["models"]["base"] if k != "eval_s" and not k.endswith("_stderr")]
+        first = next(iter(res["models"].values()), None)
+        keys = [k for k in first if k != "eval_s" and not k.endswith("_stderr")] if first else \
+            ["sft_exact_match", "sft_nll", "pref_accuracy", "reward_margin", "reward_accuracy"]
         branches = {b: {"steps": s.get("steps"), "wall_s": s.get("wall_s")}
                     for b in self.branches if (s := self._summary(b)) is not None}
         merge_s = (read_json(self.root / "timings.json", "delete it") if (self.root / "timings.json").exists()
@@ -558,7 +562,7 @@ class Run:
         res = evaluate_models([ModelSpec("base", self.model_dir), ModelSpec("paft_tuned", out / "model")],
                               self.cfg.model_copy(update={"eval": e}), self.tokenizer, self.eval_examples("sft"),
                               self.eval_examples("preference"), device=self.device, reference="base",
-                              base_dir=self.model_dir)
+                              base_dir=self.model_dir, score_reference=False)  # the base's metrics: eval.json
         needs = trial_merge(best.params).needs
         steps = [(self._summary(b) or {}).get("steps") for b in needs]
         wall = [(self._summary(b) or {}).get("wall_s") for b in needs]

@@ -219,7 +219,7 @@ def packs_pairs(model, max_length: int) -> bool:
 def evaluate_models(specs: list[ModelSpec], cfg: PaftConfig, tok, sft_eval: list, pref_eval: list, *,
                     device: str = "cpu", reference: str | None = None, base_dir: Path | None = None,
                     progress: Callable[[str, int, int], None] | None = None,
-                    fast: bool | None = None) -> dict[str, Any]:
+                    fast: bool | None = None, score_reference: bool = True) -> dict[str, Any]:
     """Metrics per model; implicit rewards use ``reference`` (a spec name, default the first) as pi_ref.
 
     The preference metrics need pairs: held-out ranked lists count as their best-vs-worst pairs;
@@ -235,6 +235,9 @@ def evaluate_models(specs: list[ModelSpec], cfg: PaftConfig, tok, sft_eval: list
     (``paft.models.generation``), the reference's pair log-probs cached on disk (``eval_reference_identity``) and
     reused by every later call on the same data (candidates, searches), and all usable CPU threads. False: the
     plain path, the same numbers (tests/test_eval_fast.py), kept for comparison (benchmarks/eval_bench.py).
+
+    ``score_reference`` False: the reference gives only its pair log-probs (the implicit rewards' pi_ref, from the
+    reference cache when it is there) and gets no row: for callers that already hold its metrics (candidates, tune).
     """
     e, d = cfg.eval, cfg.data
     fast = e.fast if fast is None else fast
@@ -277,6 +280,12 @@ def evaluate_models(specs: list[ModelSpec], cfg: PaftConfig, tok, sft_eval: list
             if progress:
                 progress(spec.name, i, len(order))
             row: dict[str, Any] = {}
+            if not score_reference and spec.name == reference:
+                if e.heldout and not unpaired:
+                    ref_lp = _reference_pair_logps(spec, model, mtok, rows(mtok)[1], pref_eval, cfg, device, fast,
+                                                   budget)
+                del model
+                continue
             if e.heldout:
                 packs = fast and packs_pairs(model, d.max_length)
                 em, gen = exact_match(model, mtok, sft_eval, max_new_tokens=e.max_new_tokens,
@@ -320,7 +329,8 @@ def evaluate_models(specs: list[ModelSpec], cfg: PaftConfig, tok, sft_eval: list
             row["eval_s"] = round(time.perf_counter() - start, 2)
             results[spec.name] = row
             del model
-    out = {"models": {s.name: results[s.name] for s in specs}, "reference": reference, "beta": beta,
+    out = {"models": {s.name: results[s.name] for s in specs if s.name in results}, "reference": reference,
+           "beta": beta,
            "n_sft_eval": len(sft_eval) if e.heldout else 0, "n_pref_eval": len(pref_eval) if e.heldout else 0,
            "samples": samples}
     if unpaired and e.heldout:
@@ -333,3 +343,17 @@ def evaluate_models(specs: list[ModelSpec], cfg: PaftConfig, tok, sft_eval: list
     if reply_samples:
         out["reply_samples"] = reply_samples
     return out
+
+
+def _reference_pair_logps(spec: ModelSpec, model, tok, encoded: list, pref_eval: list, cfg: PaftConfig, device: str,
+                          fast: bool, budget: int):
+    """The reference's [N, 2] pair log-probs alone, as ``evaluate_models`` computes them (and caches them)."""
+    d, e = cfg.data, cfg.eval
+    if fast and packs_pairs(model, d.max_length):
+        ident = eval_reference_identity(spec, cfg, device)
+        forward = ReferenceLogps(reference_cache_path(ident) if ident else None, model=model)
+        lp = packed_pair_logps(model, encoded, pad_id=tok.pad_token_id, token_budget=budget, forward=forward)
+        forward.save()
+        return lp
+    return pair_logps(model, tok, pref_eval, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+                      batch_size=e.batch_size)
