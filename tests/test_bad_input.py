@@ -412,7 +412,7 @@ def test_skip_invalid_skips_an_invalid_json_line_and_counts_it(tmp_path):
     assert result.exit_code == 0, result.output
     assert "skipped 2 invalid rows" in " ".join(result.output.split())
     summary = json.loads((out / "data" / "summary.json").read_text())["sft"]
-    assert summary["skipped"] == 2 and summary["train"] + summary["eval"] == 12
+    assert summary["skipped"] == 2 and summary["train"] + summary["dev"] + summary["eval"] == 12
     assert "line 4: invalid JSON" in summary["skipped_errors"][0]
     assert "line 8: invalid JSON: expected an object, got list" in summary["skipped_errors"][1]
 

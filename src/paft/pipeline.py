@@ -112,7 +112,7 @@ class Run:
             stale = _stale_outputs({k.split(".")[0] for k in diff}) if theirs is not None else None
             if stale is not None:  # only outputs that exist need redoing
                 stale = [n for n in stale if (self.root / n).exists()]
-            if theirs != mine and (set(diff) <= RESUMABLE_KEYS or stale == []):
+            if theirs is not None and theirs != mine and (set(diff) <= RESUMABLE_KEYS or stale == []):
                 pass  # nothing the change affects exists yet (more tune trials extend the study)
             elif theirs != mine:
                 if not self.cfg.run.force:
