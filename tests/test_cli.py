@@ -63,9 +63,12 @@ def test_merge_params_reach_the_engine_and_bad_ones_are_one_line(tmp_path):
     assert runner.invoke(app, ["align", *base]).exit_code == 0
     adapter = tmp_path / "run" / "sft" / "adapter" / "adapter_model.safetensors"
     trained = adapter.stat().st_mtime_ns
+    # no merge exists yet: a changed merge section makes nothing stale, so no --force is needed
+    first = runner.invoke(app, ["merge", *base, "--set", "merge.method=slerp", "--set", "merge.params={t: 0.5}"])
+    assert first.exit_code == 0, first.output
     slerp = ["merge", *base, "--set", "merge.method=slerp", "--set", "merge.params={t: 0.3}"]
-    refused = runner.invoke(app, slerp)
-    assert refused.exit_code == 1 and "--force to redo candidates.json, eval.json, merged; trained branches are kept" in _err(refused)
+    refused = runner.invoke(app, slerp)  # now the merge exists: redoing it is asked for
+    assert refused.exit_code == 1 and "--force to redo merged; trained branches are kept" in _err(refused)
     ok = runner.invoke(app, [*slerp, "--force"])
     assert ok.exit_code == 0, ok.output
     assert adapter.stat().st_mtime_ns == trained  # branches kept, only the merge redone
