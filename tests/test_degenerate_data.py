@@ -46,9 +46,9 @@ def test_equal_pairs_dropped_counted_and_warned(tmp_path):
     summary = prepare_data(_data(tmp_path, pairs), tmp_path / "out", seed=0, log=logs.append)
     p = summary["preference"]
     assert p["equal_pairs"] == 3 and p["duplicates"] == 0 and p["eval_overlap"] == 0
-    assert p["train"] + p["eval"] == 7
-    kept = _read(tmp_path, "preference_train.jsonl", "preference") + _read(tmp_path, "preference_eval.jsonl",
-                                                                             "preference")
+    assert p["train"] + p["dev"] + p["eval"] == 7  # the dev split (data.dev_size) comes from the training rows
+    kept = [e for split in ("train", "dev", "eval") if (tmp_path / "out" / f"preference_{split}.jsonl").stat().st_size > 1
+            for e in _read(tmp_path, f"preference_{split}.jsonl", "preference")]
     assert sorted(e.prompt[-1]["content"] for e in kept) == [f"question {i}" for i in (0, 1, 3, 4, 6, 7, 9)]
     assert any("dropped 3 of 10 preference pairs with chosen == rejected" in m and "pref.jsonl" in m for m in logs)
 
@@ -67,9 +67,10 @@ def test_duplicates_dropped_before_the_split_so_no_held_out_row_is_in_train(tmp_
     sft = [_sft(i) for i in range(8)] + [_sft(0)] * 3 + [_sft(1)] * 2
     summary = prepare_data(_data(tmp_path, [_pair(i) for i in range(10)], sft=sft), tmp_path / "out", seed=3)
     s = summary["sft"]
-    assert s["duplicates"] == 5 and s["train"] + s["eval"] == 8 and s["eval_overlap"] == 0
+    assert s["duplicates"] == 5 and s["train"] + s["dev"] + s["eval"] == 8 and s["eval_overlap"] == 0
     train, held = (_keys(_read(tmp_path, f"sft_{x}.jsonl", "sft")) for x in ("train", "eval"))
-    assert len(set(train)) == len(train) and not set(train) & set(held) and len(set(train) | set(held)) == 8
+    assert len(set(train)) == len(train) and not set(train) & set(held)
+    assert len(set(train) | set(held)) == 8 - s["dev"]
 
 
 def test_separate_eval_file_overlap_reported_and_warned(tmp_path):
@@ -79,7 +80,7 @@ def test_separate_eval_file_overlap_reported_and_warned(tmp_path):
     pairs = [_pair(i) for i in range(10)] + [_pair(3)]
     summary = prepare_data(_data(tmp_path, pairs, eval_path=eval_path), tmp_path / "out", seed=0, log=logs.append)
     p = summary["preference"]
-    assert (p["train"], p["eval"], p["duplicates"], p["eval_equal_pairs"], p["eval_overlap"]) == (10, 4, 1, 1, 2)
+    assert (p["train"] + p["dev"], p["eval"], p["duplicates"], p["eval_equal_pairs"], p["eval_overlap"]) == (10, 4, 1, 1, 2)
     assert any("held.jsonl: 2 of its 4 held-out rows also occur in" in m for m in logs)
     md = to_markdown(build_report({"config": load_config(preset="tiny").model_dump(mode="json"), "data": summary}))
     row = next(line for line in md.splitlines() if line.startswith("| preference "))

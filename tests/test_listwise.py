@@ -475,7 +475,7 @@ def test_tiny_align_with_a_listwise_method(name, tmp_path, paft_cache):
     assert (out / "preference" / "adapter" / "adapter_config.json").is_file()
     summary = json.loads((out / "preference" / "train_summary.json").read_text())
     assert summary["data_kind"] == "ranked" and summary["steps"] == 4 and math.isfinite(summary["train_loss"])
-    assert summary["examples"] == load_config(preset="tiny").data.demo.preference_train
+    assert summary["examples"] == json.loads((out / "data" / "summary.json").read_text())["preference"]["train"]
     first = json.loads((out / "data" / "preference_train.jsonl").read_text().splitlines()[0])
     assert set(first) == {"prompt", "responses", "scores"} and len(first["responses"]) == 4
     logged = json.loads((out / "preference" / "log_history.json").read_text())
