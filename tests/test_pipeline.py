@@ -81,7 +81,7 @@ def test_a_changed_candidates_section_redoes_only_candidates_json(tiny_run, tmp_
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     sets = [f"run.output_dir={copy}", "candidates.expo_alpha=[1.0]", "candidates.merge_methods=[]"]
-    with pytest.raises(PaftError, match="--force to redo candidates.json; trained branches are kept"):
+    with pytest.raises(PaftError, match="--force to redo candidates.json, sparsity.json; trained branches are kept"):
         Run(load_config(preset="tiny", overrides=sets)).prepare()
     before = (copy / "eval.json").stat().st_mtime_ns
     Run(load_config(preset="tiny", overrides=[*sets, "run.force=true"])).all()

@@ -154,7 +154,7 @@ def test_paft_reward_writes_summary_eval_and_adapter(reward_run):
     out, _, res = reward_run
     summary = json.loads((out / "reward" / "train_summary.json").read_text())
     ev = json.loads((out / "reward" / "reward_eval.json").read_text())
-    assert summary["steps"] == STEPS and summary["examples"] == 64 and summary["kind"] == "reward"
+    assert summary["steps"] == STEPS and summary["examples"] == 64 - 8 and summary["kind"] == "reward"
     assert math.isfinite(summary["train_loss"]) and summary["wall_s"] > 0
     assert ev["pairs"] == summary["eval_pairs"] == 16
     assert 0 <= ev["accuracy"] <= 1 and ev["accuracy"] == summary["eval_accuracy"]

@@ -798,7 +798,7 @@ def test_dro_batches_are_full_an_epoch_s_last_row_alone_is_dropped(tmp_path):
     held.write_text(json.dumps({"prompt": "held out", "completion": "yes", "reward": 1.0}) + "\n")
     over = [f"run.output_dir={tmp_path / 'run'}", "preference.method=dro", "preference.max_steps=-1",
             "preference.epochs=2", "preference.batch_size=2", "preference.grad_accum=1", f"data.preference.path={f}",
-            f"data.preference.eval_path={held}"]
+            f"data.preference.eval_path={held}", "data.dev_size=0"]
     cfg = load_config(preset="tiny", overrides=over)
     args = training_args(cfg.preference, tmp_path / "ck", seed=0, device="cpu", bf16=False, n_examples=5,
                          drop_last=True)

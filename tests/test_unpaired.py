@@ -174,7 +174,7 @@ def test_canonical_jsonl_round_trips_unpaired_rows(tmp_path):
     assert load_examples(str(tmp_path / "p.jsonl"), "preference").examples == unpaired
     # the pipeline's data stage: unpaired input -> canonical train/eval files that load back the same
     cfg = load_config(preset="tiny", overrides=[f"run.output_dir={tmp_path}/run", f"data.preference.path={UNPAIRED}",
-                                                "data.preference.eval_size=0.25"])
+                                                "data.preference.eval_size=0.25", "data.dev_size=0"])
     run = Run(cfg)
     run.prepare()
     summary = run.data()
@@ -516,6 +516,7 @@ def test_tiny_run_with_kto(tmp_path, paft_cache):
     for branch in ("preference", "sequential"):
         summary = json.loads((out / branch / "train_summary.json").read_text())
         assert summary["data_kind"] == "binary" and summary["steps"] == cfg.preference.max_steps
-        assert summary["examples"] == 2 * cfg.data.demo.preference_train  # every pair became two rows
+        # every training pair (the demo's, less the dev split) became two rows
+        assert summary["examples"] == 2 * (cfg.data.demo.preference_train - cfg.data.dev_size)
         logged = json.loads((out / branch / "log_history.json").read_text())
         assert any("kl" in h and "rewards/desirable" in h for h in logged)
