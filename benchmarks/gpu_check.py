@@ -74,20 +74,7 @@ def build_model(out: Path, arch: str) -> Path:
 
 
 def write_data(out: Path, tok, pairs: int) -> dict[str, Path]:
-    rows = train_bench.make_pairs(tok, pairs, seed=0)
-    data = {"dpo": out / "pairs.jsonl", "sft": out / "sft.jsonl", "trl_dpo": out / "trl_pairs.jsonl",
-            "trl_sft": out / "trl_sft.jsonl"}
-    data["dpo"].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data["sft"].write_text("".join(json.dumps({"messages": r["prompt"] + [{"role": "assistant", "content": r["chosen"]}]})
-                                   + "\n" for r in rows))
-    data["trl_dpo"].write_text("".join(json.dumps({"prompt": r["prompt"],
-                                                   "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                                                   "rejected": [{"role": "assistant", "content": r["rejected"]}]})
-                                       + "\n" for r in rows))
-    data["trl_sft"].write_text("".join(json.dumps({"prompt": r["prompt"],
-                                                   "completion": [{"role": "assistant", "content": r["chosen"]}]})
-                                       + "\n" for r in rows))
-    return data
+    return train_bench.write_data(out, train_bench.make_pairs(tok, pairs, seed=0))
 
 
 def missing(*modules: str) -> str | None:

@@ -241,6 +241,24 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     return res
 
 
+def write_data(out: Path, rows: list[dict[str, Any]]) -> dict[str, Path]:
+    """The same pairs as paft's files (pairs, SFT chats) and TRL's conversational formats (the same messages, so
+    both tools apply the same chat template); gpu_check.py writes its data with it too."""
+    data = {"dpo": out / "pairs.jsonl", "sft": out / "sft.jsonl", "trl_dpo": out / "trl_pairs.jsonl",
+            "trl_sft": out / "trl_sft.jsonl"}
+    data["dpo"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data["sft"].write_text("".join(json.dumps({"messages": r["prompt"] + [{"role": "assistant", "content": r["chosen"]}]})
+                                   + "\n" for r in rows))
+    data["trl_dpo"].write_text("".join(json.dumps({"prompt": r["prompt"],
+                                                   "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                                                   "rejected": [{"role": "assistant", "content": r["rejected"]}]})
+                                       + "\n" for r in rows))
+    data["trl_sft"].write_text("".join(json.dumps({"prompt": r["prompt"],
+                                                   "completion": [{"role": "assistant", "content": r["chosen"]}]})
+                                       + "\n" for r in rows))
+    return data
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=64)
@@ -274,19 +292,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(resolve_model_dir("smollm2-135m"))
     rows = make_pairs(tok, args.pairs, seed=0)
-    data = {"dpo": args.out / "pairs.jsonl", "sft": args.out / "sft.jsonl",
-            "trl_dpo": args.out / "trl_pairs.jsonl", "trl_sft": args.out / "trl_sft.jsonl"}
-    data["dpo"].write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data["sft"].write_text("".join(json.dumps({"messages": r["prompt"] + [{"role": "assistant", "content": r["chosen"]}]})
-                                   + "\n" for r in rows))
-    # TRL's conversational formats: the same messages, so both tools apply the same chat template
-    data["trl_dpo"].write_text("".join(json.dumps({"prompt": r["prompt"],
-                                                   "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                                                   "rejected": [{"role": "assistant", "content": r["rejected"]}]})
-                                       + "\n" for r in rows))
-    data["trl_sft"].write_text("".join(json.dumps({"prompt": r["prompt"],
-                                                   "completion": [{"role": "assistant", "content": r["chosen"]}]})
-                                       + "\n" for r in rows))
+    data = write_data(args.out, rows)
     lengths = token_lengths(tok, rows)
     print(f"data: {len(rows)} pairs; prompt tokens median {lengths['prompt_median']} "
           f"({lengths['prompt_min']}-{lengths['prompt_max']}), reply {lengths['reply_median']} "

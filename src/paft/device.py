@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from paft.errors import ConfigError
 
@@ -55,3 +57,19 @@ def autocast(device: str, bf16: bool):
     import torch  # lazy: this module is imported by the CLI before torch is needed
 
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Torch's intra-op threads set to ``n`` for the block, restored after (None: unchanged)."""
+    if n is None:
+        yield
+        return
+    import torch  # lazy: as in resolve_device
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -14,6 +14,7 @@ from paft.config import PaftConfig, ScorerConfig
 from paft.data.demo import SYSTEM
 from paft.data.formats import PreferenceExample, RankedExample, ranked_to_pairs, unique_prompts
 from paft.data.tokenize import encode_pair, encode_sft
+from paft.device import torch_threads
 from paft.errors import ConfigError, ModelError, PaftError
 from paft.eval.harness import HarnessSuite
 from paft.eval.judges import (harm_messages, harmlessness_metrics, load_harm_prompts, pairwise_judge,
@@ -184,18 +185,6 @@ def eval_threads(cfg: PaftConfig) -> int:
     return int(env) if env.isdigit() and int(env) > 0 else usable_cores()
 
 
-@contextlib.contextmanager
-def cpu_threads(n: int):
-    import torch  # already loaded by paft.eval.metrics
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def eval_reference_identity(spec: ModelSpec, cfg: PaftConfig, device: str) -> str | None:
     """Key of the on-disk cache of the reference's held-out log-probs: its weights (as training's reference cache
     keys them: base files, adapter hash), dtype and device kind, marked ``eval`` (evaluation runs without training's
@@ -259,7 +248,7 @@ def evaluate_models(specs: list[ModelSpec], cfg: PaftConfig, tok, sft_eval: list
     budget = e.batch_size * d.max_length  # tokens per forward: the plain path's widest batch
     if fast:
         extras.token_budget = budget
-    threads = cpu_threads(eval_threads(cfg)) if fast and device == "cpu" else contextlib.nullcontext()
+    threads = torch_threads(eval_threads(cfg)) if fast and device == "cpu" else contextlib.nullcontext()
     # per tokenizer: the held-out rows, tokenized once (the tokenizer is kept, so its id is never reused)
     encoded: dict[int, tuple[Any, list, list]] = {}
 

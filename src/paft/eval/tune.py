@@ -22,7 +22,8 @@ from paft.data.formats import PreferenceExample, RankedExample, ranked_to_pairs
 from paft.errors import ConfigError, PaftError
 from paft.data.tokenize import encode_pair, encode_sft
 from paft.eval.metrics import completion_nll, packed_pair_logps, pair_logps, preference_scores, sorted_nll
-from paft.eval.models import cpu_threads, eval_threads, packs_pairs
+from paft.device import torch_threads
+from paft.eval.models import eval_threads, packs_pairs
 from paft.methods.candidates import CANDIDATES, Recipe
 from paft.methods.merging import MERGE_METHODS
 from paft.methods.objectives import higher_is_better
@@ -121,7 +122,7 @@ class DevScorer:
     def __call__(self, model) -> dict[str, float]:
         d, e = self.cfg.data, self.cfg.eval
         out: dict[str, float] = {}
-        threads = cpu_threads(eval_threads(self.cfg)) if e.fast and _on_cpu(model) else contextlib.nullcontext()
+        threads = torch_threads(eval_threads(self.cfg)) if e.fast and _on_cpu(model) else contextlib.nullcontext()
         with threads:
             if self.sft:
                 nll = sorted_nll(model, self._encoded()[0], pad_id=self.tok.pad_token_id, token_budget=self._budget()) \

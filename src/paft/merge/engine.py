@@ -20,12 +20,12 @@ import struct
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from paft.device import torch_threads as limit_threads
 from paft.errors import PaftError
 from paft.io import usable_cores
 from paft.merge.deltas import INDEX_FILE, SINGLE_FILE, StateDir
@@ -48,20 +48,6 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
 def default_workers() -> int:
     """Threads for the tensor pool: the usable cores, at most 4 (each in-flight tensor costs memory)."""
     return max(1, min(4, usable_cores()))
-
-
-@contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """Give torch ``n`` intra-op threads for the block (the pool already runs one tensor per core)."""
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 INFLIGHT_NUMEL = 1 << 25  # entries in flight at once (a tensor larger than this runs alone)
@@ -310,7 +296,7 @@ class MergeJob:
         workers = default_workers() if workers is None else max(1, int(workers))
         if torch_threads is None and workers > 1:
             torch_threads = max(1, torch.get_num_threads() // workers)
-        with _torch_threads(torch_threads if workers > 1 else None):
+        with limit_threads(torch_threads if workers > 1 else None):
             yield from ordered_map(fn or self.work, self.names, workers,
                                    cost=lambda n: math.prod(self.base.shape(n)) if n in self._merged else 0)
 
@@ -330,7 +316,7 @@ class MergeJob:
         try:
             if get_method(self.method).streams:
                 with ThreadPoolExecutor(workers, thread_name_prefix="paft-merge") as pool, \
-                        _torch_threads(1 if workers > 1 else None):
+                        limit_threads(1 if workers > 1 else None):
                     for done, name in enumerate(self.names, start=1):
                         if name in self._merged:
                             TensorMerge(self, name, pool).write(writer)
