@@ -101,8 +101,9 @@ def findings(df, objectives: tuple[str, ...] = DEFAULT_OBJECTIVES) -> dict[str, 
         c["seeds_dominated"] = int(dominated)
         worse = [m for m, d in diffs.items() if not d["within_noise"] and not _better(d, m)]
         better = [m for m, d in diffs.items() if not d["within_noise"] and _better(d, m)]
-        # dominated in the mean only when significantly worse on one objective and not better on any
-        c["verdict"] = "does not hold" if worse and not better and dominated == n else "holds"
+        # holds: significantly better on an objective (so not dominated); does not hold: significantly worse on one,
+        # better on none, and dominated in every seed; otherwise the seeds cannot tell (not shown)
+        c["verdict"] = "holds" if better else ("does not hold" if worse and dominated == n else "not shown")
         c["better"], c["worse"] = better, worse
     out["c"] = c
     return out
