@@ -271,35 +271,21 @@ def evaluate_models(specs: list[ModelSpec], cfg: PaftConfig, tok, sft_eval: list
             row: dict[str, Any] = {}
             if not score_reference and spec.name == reference:
                 if e.heldout and not unpaired:
-                    ref_lp = _reference_pair_logps(spec, model, mtok, rows(mtok)[1], pref_eval, cfg, device, fast,
-                                                   budget)
+                    ref_lp = heldout_pair_logps(model, mtok, rows(mtok)[1], pref_eval, cfg, fast=fast, budget=budget,
+                                                cache=spec, device=device)
                 del model
                 continue
             if e.heldout:
-                packs = fast and packs_pairs(model, d.max_length)
                 em, gen = exact_match(model, mtok, sft_eval, max_new_tokens=e.max_new_tokens,
                                       batch_size=e.batch_size, max_prompt_tokens=d.max_prompt_length,
                                       token_budget=budget if fast else None)
-                if fast:
-                    nll = sorted_nll(model, rows(mtok)[0], pad_id=mtok.pad_token_id, token_budget=budget)
-                else:
-                    nll = completion_nll(model, mtok, sft_eval, max_length=d.max_length, batch_size=e.batch_size)
+                nll = heldout_nll(model, mtok, rows(mtok)[0], sft_eval, cfg, fast=fast, budget=budget)
                 if unpaired:
                     pref = {"pref_accuracy": None, "reward_margin": None, "reward_accuracy": None}
                 else:
-                    if packs:
-                        forward = None
-                        if spec.name == reference:  # read from / written to the reference cache
-                            ident = eval_reference_identity(spec, cfg, device)
-                            forward = ReferenceLogps(reference_cache_path(ident) if ident else None, model=model)
-                        # rows of 2 x max_length: the [T x T] masks stay small however large the budget
-                        lp = packed_pair_logps(model, rows(mtok)[1], pad_id=mtok.pad_token_id, token_budget=budget,
-                                               forward=forward, pack_length=2 * d.max_length)
-                        if forward is not None:
-                            forward.save()
-                    else:
-                        lp = pair_logps(model, mtok, pref_eval, max_length=d.max_length,
-                                        max_prompt_length=d.max_prompt_length, batch_size=e.batch_size)
+                    # the reference's log-probs are read from / written to the reference cache
+                    lp = heldout_pair_logps(model, mtok, rows(mtok)[1], pref_eval, cfg, fast=fast, budget=budget,
+                                            cache=spec if spec.name == reference else None, device=device)
                     if spec.name == reference:
                         ref_lp = lp
                     pref = preference_scores(lp, ref_lp, beta).metrics()
@@ -334,15 +320,30 @@ def evaluate_models(specs: list[ModelSpec], cfg: PaftConfig, tok, sft_eval: list
     return out
 
 
-def _reference_pair_logps(spec: ModelSpec, model, tok, encoded: list, pref_eval: list, cfg: PaftConfig, device: str,
-                          fast: bool, budget: int):
-    """The reference's [N, 2] pair log-probs alone, as ``evaluate_models`` computes them (and caches them)."""
+def heldout_nll(model, tok, encoded: list, examples: list, cfg: PaftConfig, *, fast: bool, budget: int):
+    """Held-out completion NLL as the evaluation computes it: length-sorted token-budget batches of the encoded rows
+    (``fast``), else the plain padded path; the same numbers either way."""
+    if fast:
+        return sorted_nll(model, encoded, pad_id=tok.pad_token_id, token_budget=budget)
+    return completion_nll(model, tok, examples, max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size)
+
+
+def heldout_pair_logps(model, tok, encoded: list, examples: list, cfg: PaftConfig, *, fast: bool, budget: int,
+                       cache: ModelSpec | None = None, device: str = "cpu"):
+    """[N, 2] pair log-probs as the evaluation computes them: the packed layout (the prompt once per pair) where
+    ``fast`` and the model allow it, else padded rows. ``cache``: the reference model, whose log-probs are read
+    from and written to the on-disk reference cache (packed path only)."""
     d, e = cfg.data, cfg.eval
     if fast and packs_pairs(model, d.max_length):
-        ident = eval_reference_identity(spec, cfg, device)
-        forward = ReferenceLogps(reference_cache_path(ident) if ident else None, model=model)
-        lp = packed_pair_logps(model, encoded, pad_id=tok.pad_token_id, token_budget=budget, forward=forward)
-        forward.save()
+        forward = None
+        if cache is not None:
+            ident = eval_reference_identity(cache, cfg, device)
+            forward = ReferenceLogps(reference_cache_path(ident) if ident else None, model=model)
+        # rows of 2 x max_length: the [T x T] masks stay small however large the budget
+        lp = packed_pair_logps(model, encoded, pad_id=tok.pad_token_id, token_budget=budget, forward=forward,
+                               pack_length=2 * d.max_length)
+        if forward is not None:
+            forward.save()
         return lp
-    return pair_logps(model, tok, pref_eval, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+    return pair_logps(model, tok, examples, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
                       batch_size=e.batch_size)

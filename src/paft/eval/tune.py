@@ -21,9 +21,9 @@ from paft.config import TUNE_ALPHA_FAMILIES, PaftConfig, TuneConfig
 from paft.data.formats import PreferenceExample, RankedExample, ranked_to_pairs
 from paft.errors import ConfigError, PaftError
 from paft.data.tokenize import encode_pair, encode_sft
-from paft.eval.metrics import completion_nll, packed_pair_logps, pair_logps, preference_scores, sorted_nll
+from paft.eval.metrics import preference_scores
 from paft.device import torch_threads
-from paft.eval.models import eval_threads, packs_pairs
+from paft.eval.models import eval_threads, heldout_nll, heldout_pair_logps
 from paft.methods.candidates import CANDIDATES, Recipe
 from paft.methods.merging import MERGE_METHODS
 from paft.methods.objectives import higher_is_better
@@ -112,23 +112,17 @@ class DevScorer:
         return self.cfg.eval.batch_size * self.cfg.data.max_length
 
     def _pair_logps(self, model):
-        d, e = self.cfg.data, self.cfg.eval
-        if e.fast and packs_pairs(model, d.max_length):  # the evaluation's fast path: the prompt once per pair
-            return packed_pair_logps(model, self._encoded()[1], pad_id=self.tok.pad_token_id,
-                                     token_budget=self._budget())
-        return pair_logps(model, self.tok, self.pref, max_length=d.max_length, max_prompt_length=d.max_prompt_length,
-                          batch_size=e.batch_size)
+        return heldout_pair_logps(model, self.tok, self._encoded()[1], self.pref, self.cfg, fast=self.cfg.eval.fast,
+                                  budget=self._budget())
 
     def __call__(self, model) -> dict[str, float]:
-        d, e = self.cfg.data, self.cfg.eval
+        e = self.cfg.eval
         out: dict[str, float] = {}
         threads = torch_threads(eval_threads(self.cfg)) if e.fast and _on_cpu(model) else contextlib.nullcontext()
         with threads:
             if self.sft:
-                nll = sorted_nll(model, self._encoded()[0], pad_id=self.tok.pad_token_id, token_budget=self._budget()) \
-                    if e.fast else completion_nll(model, self.tok, self.sft, max_length=d.max_length,
-                                                  batch_size=e.batch_size)
-                out["sft_nll"] = nll.mean
+                out["sft_nll"] = heldout_nll(model, self.tok, self._encoded()[0], self.sft, self.cfg, fast=e.fast,
+                                             budget=self._budget()).mean
             if self.pref:
                 s = preference_scores(self._pair_logps(model), self.ref_lp, e.beta or self.cfg.preference.beta)
                 out.update(pref_accuracy=s.accuracy, reward_margin=s.reward_margin,
