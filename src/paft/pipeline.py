@@ -34,7 +34,7 @@ from paft.merge.standalone import PreparedMerge, run_merge
 from paft.methods.candidates import (CANDIDATES, MAIN_MODELS, Recipe, branch_weights, candidate_name, method_params,
                                      settings)
 from paft.methods.losses import get_loss
-from paft.methods.objectives import higher_is_better, pareto_front, pick_point
+from paft.methods.objectives import HELDOUT_METRICS, higher_is_better, pareto_front, pick_point
 from paft.methods.remedies import REMEDIES, remedy_branches
 from paft.models import load_model, load_tokenizer, resolve_model_dir
 from paft.models.folders import is_adapter, is_model
@@ -454,8 +454,7 @@ class Run:
                               score_reference=False)
         self.ui.update("candidates", len(specs), len(specs), "done")
         first = next(iter(res["models"].values()), None)
-        keys = [k for k in first if k != "eval_s" and not k.endswith("_stderr")] if first else \
-            ["sft_exact_match", "sft_nll", "pref_accuracy", "reward_margin", "reward_accuracy"]
+        keys = [k for k in first if k != "eval_s" and not k.endswith("_stderr")] if first else list(HELDOUT_METRICS)
         branches = {b: {"steps": s.get("steps"), "wall_s": s.get("wall_s")}
                     for b in self.branches if (s := self._summary(b)) is not None}
         merge_s = (read_json(self.root / "timings.json", "delete it") if (self.root / "timings.json").exists()

@@ -33,6 +33,8 @@ METRICS: dict[str, tuple[str, bool | None]] = {
 
 #: metrics computed from log-likelihoods alone (no generation): what tuning scores a candidate on in seconds
 LOGLIK_METRICS = ("sft_nll", "pref_accuracy", "reward_margin", "reward_accuracy")
+#: the held-out metrics every evaluated model gets (eval.heldout), in the order tables show them
+HELDOUT_METRICS = ("sft_exact_match", *LOGLIK_METRICS)
 
 Point = Mapping[str, "float | None"]
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from paft.config import PaftConfig
 from paft.errors import PaftError
+from paft.methods.objectives import HELDOUT_METRICS
 from paft.report import table
 from paft.report.metrics import metric_info
 from paft.report.style import LABELS
@@ -58,7 +59,7 @@ def paired_difference(a: list[float], b: list[float]) -> dict[str, Any]:
 
 
 #: the per-model table's metrics (eval.json keys), in this order, where the cells have them
-HEADLINE = ("sft_exact_match", "sft_nll", "pref_accuracy", "reward_margin", "reward_accuracy")
+HEADLINE = HELDOUT_METRICS
 REFERENCE = "sequential"  # the baseline each model's difference is tested against
 _NOT_MODELS = ("train", "sparsity")
 
