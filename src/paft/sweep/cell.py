@@ -107,21 +107,16 @@ def read_json(path: Path) -> Any:
 
 
 def cell_metrics(root: Path) -> dict[str, float]:
-    """Numbers a run folder holds: eval.json and candidates.json as MODEL/METRIC, train/BRANCH/*, sparsity/BRANCH/*."""
+    """Numbers a run folder holds: eval.json, candidates.json and tune/eval.json as MODEL/METRIC (the first file
+    naming a model wins), train/BRANCH/*, sparsity/BRANCH/*."""
     out: dict[str, float] = {}
-    ev = read_json(root / "eval.json") or {}
-    for model, metrics in (ev.get("models") or {}).items():
+    models = list(((read_json(root / "eval.json") or {}).get("models") or {}).items())
+    models += [(row.get("name"), row.get("metrics") or {})  # the alignment-tax candidates
+               for row in (read_json(root / "candidates.json") or {}).get("models") or []]
+    models += list(((read_json(root / "tune" / "eval.json") or {}).get("models") or {}).items())  # paft tune's pick
+    for model, metrics in models:
         for k, v in metrics.items():
-            if k != "eval_s":
-                _flatten(f"{model}/{k}", v, out)
-    for row in (read_json(root / "candidates.json") or {}).get("models") or []:  # the alignment-tax candidates
-        for k, v in (row.get("metrics") or {}).items():
-            if isinstance(row.get("name"), str) and f"{row['name']}/{k}" not in out:
-                _flatten(f"{row['name']}/{k}", v, out)
-    tuned = (read_json(root / "tune" / "eval.json") or {}).get("models") or {}  # paft tune's pick, on the test split
-    for model, metrics in tuned.items():
-        for k, v in metrics.items():
-            if k != "eval_s" and f"{model}/{k}" not in out:
+            if isinstance(model, str) and k != "eval_s" and f"{model}/{k}" not in out:
                 _flatten(f"{model}/{k}", v, out)
     for branch in ("sft", "preference", "sequential", "reward", *REMEDIES):
         summary = read_json(root / branch / "train_summary.json")
