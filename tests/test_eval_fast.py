@@ -99,6 +99,90 @@ def test_cached_greedy_decoding_picks_generate_s_tokens(tiny_model, tiny_tok):
         assert got == want
 
 
+def _greedy_targets(tiny_model, tiny_tok, n_hits: int, n_rows: int = 12):
+    """Demo SFT rows on a tiny model with scaled-up weights (its argmax moves from token to token): ``n_hits`` rows'
+    targets replaced by the model's own greedy replies (hits: replies that decode to whole characters, as a
+    trained model's do; a random model's byte tokens re-tokenize differently), the rest left (misses)."""
+    from paft.data.formats import SFTExample
+    from paft.models.generation import generate_replies
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            p.normal_(0, 0.5)
+    _, sft = demo_splits("sft", 0, 64, 0)
+    replies = generate_replies(tiny_model, tiny_tok, [e.messages[:-1] for e in sft], max_new_tokens=6, batch_size=4,
+                               max_prompt_tokens=64, token_budget=4096)
+    clean = [i for i, r in enumerate(replies) if r and "\ufffd" not in r][:n_hits]
+    assert len(clean) == n_hits
+    misses = [i for i in range(len(sft)) if i not in clean][: n_rows - n_hits]
+    return [SFTExample(messages=sft[i].messages[:-1] + [{"role": "assistant", "content": replies[i]}])
+            for i in clean] + [sft[i] for i in misses]
+
+
+def test_exact_match_read_off_the_nll_forward_equals_generating_every_row(tiny_model, tiny_tok, monkeypatch):
+    """The teacher-forced verdicts (``exact_match(teacher=...)``) equal greedy generation's on rows that hit and
+    rows that miss, and generate only the rows they leave open plus the report's samples."""
+    import paft.eval.metrics as metrics
+    from paft.eval.metrics import MISS, exact_match, teacher_forced_replies
+
+    sft = _greedy_targets(tiny_model, tiny_tok, 6)
+    rows = [encode_sft(e, tiny_tok, 96) for e in sft]
+    nll = sorted_nll(tiny_model, rows, pad_id=tiny_tok.pad_token_id, token_budget=150, argmax=True)
+    plain = sorted_nll(tiny_model, rows, pad_id=tiny_tok.pad_token_id, token_budget=150)
+    assert nll.mean == plain.mean and [len(a) for a in nll.argmax] == [int(c) for c in plain.counts]
+    gen = dict(max_new_tokens=6, batch_size=4, max_prompt_tokens=64, token_budget=4096)
+    want, want_samples = exact_match(tiny_model, tiny_tok, sft, **gen)
+    known = teacher_forced_replies(tiny_tok, sft, rows, nll.argmax, max_new_tokens=6, max_prompt_tokens=64)
+    targets = [e.messages[-1]["content"].strip() for e in sft]
+    for k, s in zip(known, want_samples):  # every decided verdict is generation's
+        if isinstance(k, str):
+            assert k == s["reply"]
+        elif k is MISS:
+            assert s["reply"] != s["target"]
+    decided_hits = sum(isinstance(k, str) and k == t for k, t in zip(known, targets))
+    assert decided_hits >= 5 and sum(k is MISS for k in known) >= 4  # most rows need no generation
+    generated = []
+    real = metrics.generate_replies
+    monkeypatch.setattr(metrics, "generate_replies", lambda m, t, prompts, **kw: generated.append(len(prompts))
+                        or real(m, t, prompts, **kw))
+    monkeypatch.setattr(metrics, "SAMPLES", 2)
+    got, samples = exact_match(tiny_model, tiny_tok, sft, **gen, teacher=(rows, nll.argmax))
+    assert got == want == pytest.approx(sum(s["reply"] == s["target"] for s in want_samples) / len(sft))
+    assert 0 < want < 1
+    assert samples == want_samples[:2]
+    assert generated == [sum(k is None for k in known[2:]) + 2]
+
+
+def test_teacher_forced_verdicts_on_hand_made_argmax(tiny_tok):
+    """Each case of ``teacher_forced_replies`` on a row whose argmax is written by hand."""
+    from paft.data.formats import SFTExample
+    from paft.eval.metrics import MISS, teacher_forced_replies
+
+    target = "seven birds sang"
+    chat = SFTExample(messages=[{"role": "user", "content": "who sang?"}, {"role": "assistant", "content": target}])
+    row = encode_sft(chat, tiny_tok, 96)
+    ref = [t for t in row.labels if t != -100]
+    eos = tiny_tok.eos_token_id
+    assert eos in ref
+    content = ref[: ref.index(eos)]
+    other = next(t for t in range(50, 5000)  # a token whose text cannot begin the target
+                 if tiny_tok.decode([t]).strip() and not target.startswith(tiny_tok.decode([t]).lstrip()))
+    prefix_tok = tiny_tok(" seven", add_special_tokens=False)["input_ids"]
+
+    def verdict(picks, max_new=8, max_prompt=64):
+        picks = picks + [other] * (len(ref) - len(picks))
+        return teacher_forced_replies(tiny_tok, [chat], [row], [picks], max_new_tokens=max_new,
+                                      max_prompt_tokens=max_prompt)[0]
+
+    assert verdict(ref, max_new=len(content) + 1) == target  # follows the reference to its end: a hit
+    assert verdict(content[:1] + [eos]) == tiny_tok.decode(content[:1]).strip()  # ends early: that reply
+    assert verdict(content, max_new=2) == tiny_tok.decode(content[:2]).strip()  # cut at max_new_tokens
+    assert verdict([other]) is MISS  # leaves the reference with text that cannot begin it
+    assert verdict(prefix_tok[:1] + [other]) is (None if content[0] != prefix_tok[0] else MISS)
+    assert verdict(ref, max_prompt=3) is None  # the generation prompt is cut: not the encoded row's prompt
+
+
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory, tiny_dir):
     """A LoRA adapter on the tiny model with non-zero B: a second model to evaluate."""

@@ -1,7 +1,10 @@
 """Held-out metrics shared by `paft eval` and the run's eval step.
 
 - ``sft_exact_match``: greedy reply (``paft.models.generation.generate_replies``) equals the reference reply,
-  whitespace-stripped.
+  whitespace-stripped. The fast path reads most rows' verdicts off the NLL forward instead of generating them
+  (``teacher_forced_replies``: greedy decoding follows the reference exactly as long as the argmax at each
+  reference position is the reference token; lm-evaluation-harness's ``is_greedy`` is the same check) and
+  generates only the rows that check leaves open, plus the report's sample rows.
 - ``sft_nll``: mean per-token NLL of held-out SFT completions (teacher-forced).
 - ``pref_accuracy``: share of held-out pairs where the model itself gives the chosen reply a higher
   summed log-probability than the rejected one (reference-free: the base model has a score too).
@@ -30,9 +33,12 @@ import torch
 
 from paft.data.collate import PairCollator, SFTCollator, packed_batches, padded_batches
 from paft.data.formats import PreferenceExample, SFTExample
-from paft.data.tokenize import Encoded, EncodedPair, encode_pair, encode_sft
-from paft.models.generation import generate_replies
-from paft.models.logps import batch_sequence_logps, sequence_logps, sequence_sums, token_logps
+from paft.data.tokenize import IGNORE, Encoded, EncodedPair, encode_pair, encode_sft, prompt_text
+from paft.models.generation import generate_replies, plain_greedy
+from paft.models.logps import (batch_sequence_logps, label_hidden, label_logps_argmax, sequence_logps, sequence_sums,
+                               token_logps)
+
+SAMPLES = 8  # greedy replies kept per model for the report
 
 
 def _batches(items, size):
@@ -67,22 +73,105 @@ def chat_examples(examples: list[SFTExample]) -> list[SFTExample]:
 
 
 def exact_match(model, tok, examples: list[SFTExample], *, max_new_tokens: int, batch_size: int,
-                max_prompt_tokens: int, progress=None, token_budget: int | None = None) -> tuple[float, list[dict]]:
+                max_prompt_tokens: int, progress=None, token_budget: int | None = None,
+                teacher: tuple[list[Encoded], list[list[int]]] | None = None) -> tuple[float, list[dict]]:
     """Greedy generation against the last assistant turn of each chat example (``token_budget``: the batched
-    cached loop of ``generate_replies``)."""
-    chats = chat_examples(examples)
+    cached loop of ``generate_replies``). Returns the hit rate and a sample per row (prompt, target, reply).
+
+    ``teacher``: ``examples``' encoded rows and the argmax at their label positions (``sorted_nll(argmax=True)``):
+    a row's verdict is read off them where they decide it (``teacher_forced_replies``) and only the other rows are
+    generated, plus the first ``SAMPLES`` (their replies are the report's samples); the samples then hold those
+    first rows only. Same verdicts as generating every row (tests/test_eval_fast.py)."""
+    index = [i for i, e in enumerate(examples) if e.messages and e.messages[-1]["role"] == "assistant"]
+    chats = [examples[i] for i in index]
     if not chats:
         return float("nan"), []
-    replies = generate_replies(model, tok, [e.messages[:-1] for e in chats], max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, max_prompt_tokens=max_prompt_tokens, progress=progress,
-                               token_budget=token_budget)
-    samples, hits = [], 0
-    for e, reply in zip(chats, replies):
-        target = e.messages[-1]["content"].strip()
-        hits += reply == target
-        samples.append({"prompt": e.messages[-2]["content"] if len(e.messages) > 1 else "",
-                        "target": target, "reply": reply})
+    targets = [e.messages[-1]["content"].strip() for e in chats]
+    gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, max_prompt_tokens=max_prompt_tokens,
+               progress=progress, token_budget=token_budget)
+    if teacher is not None and plain_greedy(model):
+        rows, argmax = teacher
+        known = teacher_forced_replies(tok, chats, [rows[i] for i in index], [argmax[i] for i in index],
+                                       max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens)
+        todo = [j for j, k in enumerate(known) if k is None or j < SAMPLES]
+        for j, reply in zip(todo, generate_replies(model, tok, [chats[j].messages[:-1] for j in todo], **gen)):
+            known[j] = reply
+        hits = sum(k == t for k, t in zip(known, targets))
+        keep = range(min(SAMPLES, len(chats)))
+    else:
+        known = generate_replies(model, tok, [e.messages[:-1] for e in chats], **gen)
+        hits = sum(k == t for k, t in zip(known, targets))
+        keep = range(len(chats))
+    samples = [{"prompt": chats[j].messages[-2]["content"] if len(chats[j].messages) > 1 else "",
+                "target": targets[j], "reply": known[j]} for j in keep]
     return hits / len(chats), samples
+
+
+class _Miss:
+    """A verdict without a reply: greedy decoding provably leaves the reference (``teacher_forced_replies``)."""
+
+    def __eq__(self, other) -> bool:
+        return False
+
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return "MISS"
+
+
+MISS = _Miss()
+
+
+def teacher_forced_replies(tok, chats: list[SFTExample], rows: list[Encoded], argmax: list[list[int]], *,
+                           max_new_tokens: int, max_prompt_tokens: int) -> list:
+    """What greedy decoding replies to each chat, as far as one teacher-forced forward over its reference tells.
+
+    Greedy decoding from the generation prompt picks, at each step, the argmax given the tokens so far; while
+    they are the reference's, that is the argmax the forward over prompt + reference computed at that position.
+    So the reply is known when the argmax follows the reference up to the end-of-sequence token or
+    ``max_new_tokens`` (a hit when it decodes to the reference, or an early end), and a miss is certain
+    when it leaves the reference with a token whose text cannot begin the reference's remaining text. Per chat:
+    the reply (str), ``MISS`` (certainly not the reference; reply unknown) or None (generate it). None also where
+    the encoded row's prompt is not the generation prompt's tokens (template, truncation), or the
+    tokenizer's decode is not a concatenation of its tokens' texts (``clean_up_tokenization_spaces``)."""
+    eos = tok.eos_token_id
+    special = set(tok.all_special_ids)
+    cleanup = bool(getattr(tok, "clean_up_tokenization_spaces", False))
+    prompts = [tok(prompt_text(tok, c.messages[:-1]), add_special_tokens=False, truncation=True,
+                   max_length=max_prompt_tokens)["input_ids"] for c in chats]
+    out: list = []
+    for chat, row, am, prompt in zip(chats, rows, argmax, prompts):
+        labels = row.labels
+        end = len(labels)
+        while end > 0 and labels[end - 1] == IGNORE:
+            end -= 1
+        start = end
+        while start > 0 and labels[start - 1] != IGNORE:  # the last assistant turn: the trailing label run
+            start -= 1
+        if start == end or list(row.input_ids[:start]) != prompt or len(am) < end - start:
+            out.append(None)
+            continue
+        ref, picks = list(row.input_ids[start:end]), am[len(am) - (end - start):]
+        target = chat.messages[-1]["content"].strip()
+        tokens: list[int] = []
+        done = False
+        for j in range(min(max_new_tokens, len(ref))):
+            tokens.append(picks[j])
+            if picks[j] == eos or picks[j] != ref[j]:
+                done = picks[j] == eos
+                break
+        else:
+            done = len(tokens) == max_new_tokens  # else the reference ended before eos (a truncated row)
+        text = tok.decode(tokens, skip_special_tokens=True)
+        if done:
+            out.append(text.strip())
+            continue
+        head = text.lstrip()
+        could_match = (not head or target.startswith(head)
+                       or (head.startswith(target) and not head[len(target):].strip()))
+        unsure = cleanup or "\ufffd" in text or any(t in special for t in tokens)
+        out.append(None if could_match or unsure else MISS)
+    return out
 
 
 @dataclass
@@ -92,6 +181,7 @@ class NLL:
     mean: float
     totals: torch.Tensor
     counts: torch.Tensor
+    argmax: list[list[int]] | None = None  # per row: the argmax at each label position (``sorted_nll(argmax=True)``)
 
     @property
     def stderr(self) -> float | None:
@@ -121,17 +211,27 @@ def _to(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def sorted_nll(model, rows: list[Encoded], *, pad_id: int, token_budget: int) -> NLL:
+def sorted_nll(model, rows: list[Encoded], *, pad_id: int, token_budget: int, argmax: bool = False) -> NLL:
     """``completion_nll`` of encoded SFT rows, sorted by length into right-padded batches of at most
     ``token_budget`` tokens (rows x the longest): few forwards, little padding. (Packing them as pairs are packed
-    measured 7 % slower on the demo's 48 short rows: an attention call per example, and little padding to save.)"""
+    measured 7 % slower on the demo's 48 short rows: an attention call per example, and little padding to save.)
+    ``argmax``: also each row's argmax token at its label positions (``exact_match``'s ``teacher``)."""
     device = next(model.parameters()).device
     totals, counts = torch.zeros(len(rows), dtype=torch.float64), torch.zeros(len(rows), dtype=torch.float64)
+    picks: list[list[int]] = [[] for _ in rows]
     collate = SFTCollator(pad_id)
     for idx in padded_batches([len(r.input_ids) for r in rows], token_budget):
-        row_sum, row_count = batch_sequence_logps(model, _to(collate([rows[i] for i in idx]), device))
+        batch = _to(collate([rows[i] for i in idx]), device)
+        if argmax:
+            hidden, targets, seq, n = label_hidden(model, batch)
+            logps, top = label_logps_argmax(model, hidden, targets)
+            for j, t in zip(seq.tolist(), top.tolist()):  # each row's positions in order
+                picks[idx[j]].append(t)
+            row_sum, row_count = sequence_sums(logps, seq, n)
+        else:
+            row_sum, row_count = batch_sequence_logps(model, batch)
         totals[idx], counts[idx] = -row_sum.double().cpu(), row_count.double().cpu()
-    return NLL((totals.sum() / counts.sum().clamp(min=1)).item(), totals, counts)
+    return NLL((totals.sum() / counts.sum().clamp(min=1)).item(), totals, counts, picks if argmax else None)
 
 
 @torch.no_grad()

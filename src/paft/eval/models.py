@@ -19,8 +19,8 @@ from paft.errors import ConfigError, ModelError, PaftError
 from paft.eval.harness import HarnessSuite
 from paft.eval.judges import (harm_messages, harmlessness_metrics, load_harm_prompts, pairwise_judge,
                               pairwise_verdicts, refusal_judge, refusal_labels, rm_win_rate, win_rates)
-from paft.eval.metrics import (binomial_stderr, chat_examples, completion_nll, exact_match, packed_pair_logps,
-                               pair_logps, preference_scores, sorted_nll)
+from paft.eval.metrics import (SAMPLES, binomial_stderr, chat_examples, completion_nll, exact_match,
+                               packed_pair_logps, pair_logps, preference_scores, sorted_nll)
 from paft.io import usable_cores
 from paft.merge.live import LiveMerge
 from paft.merge.mergekit_config import MergePlan
@@ -276,10 +276,12 @@ def evaluate_models(specs: list[ModelSpec], cfg: PaftConfig, tok, sft_eval: list
                 del model
                 continue
             if e.heldout:
+                # fast: the NLL forward's argmax decides most exact-match rows (``exact_match``'s teacher)
+                nll = heldout_nll(model, mtok, rows(mtok)[0], sft_eval, cfg, fast=fast, budget=budget, argmax=fast)
                 em, gen = exact_match(model, mtok, sft_eval, max_new_tokens=e.max_new_tokens,
                                       batch_size=e.batch_size, max_prompt_tokens=d.max_prompt_length,
-                                      token_budget=budget if fast else None)
-                nll = heldout_nll(model, mtok, rows(mtok)[0], sft_eval, cfg, fast=fast, budget=budget)
+                                      token_budget=budget if fast else None,
+                                      teacher=(rows(mtok)[0], nll.argmax) if fast else None)
                 if unpaired:
                     pref = {"pref_accuracy": None, "reward_margin": None, "reward_accuracy": None}
                 else:
@@ -292,7 +294,7 @@ def evaluate_models(specs: list[ModelSpec], cfg: PaftConfig, tok, sft_eval: list
                 row.update({"sft_exact_match": em,
                             "sft_exact_match_stderr": binomial_stderr(em, len(chat_examples(sft_eval))),
                             "sft_nll": nll.mean, "sft_nll_stderr": nll.stderr, **pref})
-                samples[spec.name] = gen[:8]
+                samples[spec.name] = gen[:SAMPLES]
             if suite is not None:
                 flat, details = suite.run(model, mtok)
                 row.update(flat)
@@ -320,11 +322,13 @@ def evaluate_models(specs: list[ModelSpec], cfg: PaftConfig, tok, sft_eval: list
     return out
 
 
-def heldout_nll(model, tok, encoded: list, examples: list, cfg: PaftConfig, *, fast: bool, budget: int):
+def heldout_nll(model, tok, encoded: list, examples: list, cfg: PaftConfig, *, fast: bool, budget: int,
+                argmax: bool = False):
     """Held-out completion NLL as the evaluation computes it: length-sorted token-budget batches of the encoded rows
-    (``fast``), else the plain padded path; the same numbers either way."""
+    (``fast``; ``argmax``: with each row's argmax at its label positions), else the plain padded path; the same
+    numbers either way."""
     if fast:
-        return sorted_nll(model, encoded, pad_id=tok.pad_token_id, token_budget=budget)
+        return sorted_nll(model, encoded, pad_id=tok.pad_token_id, token_budget=budget, argmax=argmax)
     return completion_nll(model, tok, examples, max_length=cfg.data.max_length, batch_size=cfg.eval.batch_size)
 
 

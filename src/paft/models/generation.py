@@ -48,7 +48,7 @@ def generate_replies(model, tok, prompts: list[list[dict]], *, max_new_tokens: i
     """
     if not prompts:
         return []
-    if token_budget and temperature is None and k == 1 and _plain_greedy(model):
+    if token_budget and temperature is None and k == 1 and plain_greedy(model):
         ctx = nullcontext() if use_adapter or not hasattr(model, "disable_adapter") else model.disable_adapter()
         with eval_mode(model), ctx:
             texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
@@ -90,7 +90,7 @@ _GREEDY_CHANGERS = ("repetition_penalty", "encoder_repetition_penalty", "no_repe
                     "begin_suppress_tokens", "sequence_bias", "exponential_decay_length_penalty")
 
 
-def _plain_greedy(model) -> bool:
+def plain_greedy(model) -> bool:
     """Whether ``_greedy`` decodes ``model`` as ``generate`` would: greedy is the argmax of its logits (no logits
     processor in its generation config) and its forward takes ``logits_to_keep``."""
     config = getattr(model, "generation_config", None)

@@ -113,6 +113,13 @@ def label_logps(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return _target_logps(_split(model)[1], hidden, targets)
 
 
+def label_logps_argmax(model, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``label_logps`` and the argmax token at each of those positions (what greedy decoding would pick there,
+    given the reference tokens before it): the exact-match check of ``paft.eval.metrics`` reads it."""
+    logits = _split(model)[1](hidden).float()
+    return -F.cross_entropy(logits, targets, reduction="none"), logits.argmax(-1)
+
+
 def sequence_sums(logps: torch.Tensor, seq: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed value and token count of each sequence, from ``batch_token_logps``' flat output."""
     total = torch.zeros(n, device=logps.device, dtype=logps.dtype).index_add(0, seq, logps)
