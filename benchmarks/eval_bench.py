@@ -128,6 +128,12 @@ def components(spec, cfg, tok, sft, pairs, device: str) -> dict[str, dict[str, f
     gen = dict(max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, max_prompt_tokens=d.max_prompt_length)
     clock("exact_match", "plain", lambda: exact_match(model, tok, sft, **gen))
     clock("exact_match", "fast", lambda: exact_match(model, tok, sft, **gen, token_budget=budget))
+    # the evaluation's fast path: NLL and exact match from one forward (its argmax), generating the rows it leaves
+    # open and the report's samples
+    clock("sft_nll+exact_match", "fast", lambda: exact_match(
+        model, tok, sft, **gen, token_budget=budget,
+        teacher=(sft_rows, sorted_nll(model, sft_rows, pad_id=tok.pad_token_id, token_budget=budget,
+                                      argmax=True).argmax)))
     return out
 
 

@@ -68,6 +68,7 @@ def test_pick_rule_syntax():
 @pytest.mark.parametrize("key,value,msg", [
     ("tune.objectives", "[sft_nll, judge_win_rate]", "tune.objectives.*judge_win_rate.*needs generation"),
     ("tune.objectives", "[sft_nll]", "tune.objectives.*at least two"),
+    ("tune.objectives", "[sft_nll, harness/paft_arith/accc]", "tune.objectives.*harness/paft_arith/accc.*acc_norm"),
     ("tune.methods", "[tiess]", "tune.methods.*cannot search 'tiess'.*did you mean 'ties'"),
     ("tune.methods", "[slerp]", "tune.methods.*slerp.*weights do not scale"),
     ("tune.weight_range", "[1.5, 0]", "tune.weight_range.*low <= high"),
@@ -81,6 +82,42 @@ def test_bad_tune_settings_fail_in_one_line_naming_the_key(key, value, msg):
     with pytest.raises(ConfigError, match=msg) as err:
         load_config(preset="tiny", overrides=[f"{key}={value}"])
     assert "\n" not in str(err.value)
+
+
+def test_a_harness_objective_is_read_with_its_metric_s_direction():
+    from paft.methods.objectives import harness_objective, higher_is_better
+
+    cfg = load_config(preset="tiny", overrides=[
+        "tune.objectives=[sft_nll, pref_accuracy, harness/paft_arith/acc, harness/wikitext/word_perplexity]"])
+    assert cfg.tune.objectives[2:] == ["harness/paft_arith/acc", "harness/wikitext/word_perplexity"]
+    assert harness_objective("harness/gsm8k/exact_match,strict-match") == ("gsm8k", "exact_match,strict-match")
+    assert harness_objective("harness/paft_arith") is None and harness_objective("sft_nll") is None
+    assert higher_is_better("harness/paft_arith/acc") and not higher_is_better("harness/wikitext/word_perplexity")
+    # front and pick over three objectives, the harness one among them
+    pts = [{"sft_nll": 1.0, "pref_accuracy": 0.5, "harness/t/acc": 0.2},
+           {"sft_nll": 1.0, "pref_accuracy": 0.5, "harness/t/acc": 0.4},  # dominates 0 on the harness metric alone
+           {"sft_nll": 2.0, "pref_accuracy": 0.9, "harness/t/acc": 0.1}]
+    assert pareto_front(pts, ["sft_nll", "pref_accuracy", "harness/t/acc"]) == [1, 2]
+
+
+def test_dev_scorer_adds_the_harness_task_s_metrics(tiny_dir, tiny_tok, tiny_model):
+    """A harness objective's value on a trial is lm-eval's number for that model (the suite run directly)."""
+    from paft.data.demo import demo_splits
+    from paft.eval.harness import HarnessSuite
+    from paft.eval.tune import DevScorer
+
+    cfg = load_config(preset="tiny", overrides=["tune.objectives=[sft_nll, pref_accuracy, harness/paft_arith/acc]",
+                                                "eval.harness_limit=12"])
+    _, sft = demo_splits("sft", 0, 4, 0)
+    _, pref = demo_splits("preference", 0, 4, 0)
+    scorer = DevScorer(cfg, tiny_tok, sft, pref)
+    got = scorer.set_reference(tiny_model)
+    want, _ = HarnessSuite.build(["paft_arith"], limit=12).run(tiny_model, tiny_tok)
+    assert got["harness/paft_arith/acc"] == want["harness/paft_arith/acc"]
+    assert {"sft_nll", "pref_accuracy"} <= set(got)
+    with pytest.raises(ConfigError, match="tune.objectives: .*nosuchtask"):
+        DevScorer(load_config(preset="tiny", overrides=["tune.objectives=[sft_nll, harness/nosuchtask/acc]"]),
+                  tiny_tok, sft, pref)
 
 
 # ---------------------------------------------------------------- the dev split

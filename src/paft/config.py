@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from paft.data.loading import dataset_preset
 from paft.errors import ConfigError, DataError
 from paft.methods.merging import MERGE_METHODS
-from paft.methods.objectives import LOGLIK_METRICS, METRICS, parse_pick
+from paft.methods.objectives import HIGHER_NAMES, LOGLIK_METRICS, LOWER_NAMES, METRICS, harness_objective, parse_pick
 from paft.methods.remedies import REMEDIES
 
 PRESETS = ("default", "tiny")
@@ -488,7 +488,8 @@ class TuneConfig(_Section):
     objectives: list[str] = Field(
         default_factory=lambda: ["sft_nll", "pref_accuracy"],
         description="dev metrics to optimise, first the SFT one, then the preference one: "
-                    + ", ".join(LOGLIK_METRICS) + " (log-likelihood metrics: no generation)")
+                    + ", ".join(LOGLIK_METRICS) + " (log-likelihood metrics: no generation), or an lm-eval task's "
+                    "harness/TASK/METRIC (scored on the task's own rows, not a dev split; docs/tune.md)")
     pick: str = Field("utopia", description="rule picking the written point from the Pareto front: utopia, or "
                                             "sft_tolerance:X (docs/tune.md)")
     timeout_s: float | None = Field(None, gt=0, description="stop asking for new trials after this many seconds "
@@ -531,9 +532,10 @@ class TuneConfig(_Section):
         if len(v) < 2:
             raise ValueError("give at least two objectives: an SFT metric, then a preference metric")
         for k in v:
-            if k not in LOGLIK_METRICS:
+            if k not in LOGLIK_METRICS and harness_objective(k) is None:
                 known = f" (a metric of eval.json, but it needs generation)" if k in METRICS else ""
-                raise ValueError(f"unknown objective {k!r}{known}; known: {', '.join(LOGLIK_METRICS)}")
+                raise ValueError(f"unknown objective {k!r}{known}; known: {', '.join(LOGLIK_METRICS)}, or "
+                                 f"harness/TASK/METRIC with METRIC one of {', '.join(sorted(HIGHER_NAMES | LOWER_NAMES))}")
         return _distinct(v)
 
     @field_validator("pick")

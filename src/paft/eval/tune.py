@@ -21,12 +21,13 @@ from paft.config import TUNE_ALPHA_FAMILIES, PaftConfig, TuneConfig
 from paft.data.formats import PreferenceExample, RankedExample, ranked_to_pairs
 from paft.errors import ConfigError, PaftError
 from paft.data.tokenize import encode_pair, encode_sft
+from paft.eval.harness import HarnessSuite
 from paft.eval.metrics import preference_scores
 from paft.device import torch_threads
 from paft.eval.models import eval_threads, heldout_nll, heldout_pair_logps
 from paft.methods.candidates import CANDIDATES, Recipe
 from paft.methods.merging import MERGE_METHODS
-from paft.methods.objectives import higher_is_better
+from paft.methods.objectives import harness_objective, higher_is_better
 
 STUDY = "paft-tune"
 
@@ -79,7 +80,9 @@ def default_trial(cfg: PaftConfig) -> dict[str, Any] | None:
 
 class DevScorer:
     """The tune objectives of a model on the dev split: SFT completion NLL and the preference-pair metrics,
-    batched log-likelihoods only. Implicit rewards take the model scored by :meth:`set_reference` (the base)."""
+    batched log-likelihoods only. Implicit rewards take the model scored by :meth:`set_reference` (the base).
+    A ``harness/TASK/METRIC`` objective runs that lm-eval task (its own rows, up to ``eval.harness_limit``: lm-eval
+    tasks have no dev split of paft's) and adds all its ``harness/...`` metrics."""
 
     def __init__(self, cfg: PaftConfig, tok, sft_dev: list, pref_dev: list):
         self.cfg, self.tok = cfg, tok
@@ -90,10 +93,22 @@ class DevScorer:
         if "sft_nll" in objectives and not self.sft:
             raise ConfigError("data.dev_size: the run's SFT dev split (data/sft_dev.jsonl) is empty; tuning scores "
                               "sft_nll on it: set data.dev_size > 0 and redo the run with --force")
-        if any(k != "sft_nll" for k in objectives) and not self.pref:
+        pair_keys = [k for k in objectives if k != "sft_nll" and harness_objective(k) is None]
+        if pair_keys and not self.pref:
             raise ConfigError("data.dev_size: the run's preference dev split holds no pairs; tune.objectives "
-                              f"{', '.join(k for k in objectives if k != 'sft_nll')} need preference pairs")
+                              f"{', '.join(pair_keys)} need preference pairs")
         self.ref_lp = None
+        # harness objectives: their tasks built once (data loaded, names checked) and run on every trial
+        tasks = list(dict.fromkeys(h[0] for h in map(harness_objective, objectives) if h is not None))
+        self.suite = None
+        if tasks:
+            e = cfg.eval
+            try:
+                self.suite = HarnessSuite.build(tasks, limit=e.harness_limit,
+                                                batch_size=e.harness_batch_size or e.batch_size,
+                                                chat_template=e.harness_chat_template)
+            except PaftError as exc:
+                raise type(exc)(f"tune.objectives: {exc}") from None
 
     def set_reference(self, model) -> dict[str, float]:
         """Score the implicit-reward reference (the base) and keep its pair log-probs."""
@@ -127,6 +142,8 @@ class DevScorer:
                 s = preference_scores(self._pair_logps(model), self.ref_lp, e.beta or self.cfg.preference.beta)
                 out.update(pref_accuracy=s.accuracy, reward_margin=s.reward_margin,
                            reward_accuracy=s.reward_accuracy)
+        if self.suite is not None:
+            out.update(self.suite.run(model, self.tok)[0])
         return out
 
 

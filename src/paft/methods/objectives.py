@@ -36,11 +36,31 @@ LOGLIK_METRICS = ("sft_nll", "pref_accuracy", "reward_margin", "reward_accuracy"
 #: the held-out metrics every evaluated model gets (eval.heldout), in the order tables show them
 HELDOUT_METRICS = ("sft_exact_match", *LOGLIK_METRICS)
 
+#: metric names (lm-evaluation-harness's and common ones) whose direction is unambiguous: the report reads
+#: ``harness/TASK/METRIC`` keys by them, and a tune may optimise a harness metric named here
+HIGHER_NAMES = frozenset({"acc", "acc_norm", "accuracy", "exact_match", "em", "f1", "mcc", "bleu", "rouge1", "rouge2",
+                          "rougel", "rougelsum", "chrf", "mc1", "mc2", "win_rate", "pass@1", "pass@k",
+                          "exact_match_flex"})
+LOWER_NAMES = frozenset({"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "nll", "loss", "ppl",
+                         "ter", "wer", "cer", "error", "error_rate"})
+
 Point = Mapping[str, "float | None"]
+
+
+def harness_objective(key: str) -> tuple[str, str] | None:
+    """``harness/TASK/METRIC`` -> (task, metric), the metric one of ``HIGHER_NAMES`` / ``LOWER_NAMES`` (a filter
+    after a comma, as lm-eval names them, allowed); None for any other key."""
+    parts = key.split("/")
+    if len(parts) != 3 or parts[0] != "harness" or not parts[1]:
+        return None
+    return (parts[1], parts[2]) if parts[2].partition(",")[0] in HIGHER_NAMES | LOWER_NAMES else None
 
 
 def higher_is_better(key: str) -> bool:
     """The direction of an objective; a metric without one cannot be optimised."""
+    harness = harness_objective(key)
+    if harness is not None:
+        return harness[1].partition(",")[0] in HIGHER_NAMES
     higher = METRICS.get(key, (key, None))[1]
     if higher is None:
         raise KeyError(f"{key!r} has no better direction; objectives: "

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from paft.methods.objectives import METRICS
+from paft.methods.objectives import HIGHER_NAMES, LOWER_NAMES, METRICS
 from paft.report.style import MODELS
 
 # the single-objective branches every other model is compared with
@@ -21,11 +21,7 @@ REFERENCES = ("sft", "preference")
 # key -> (label, higher is better): the one table, shared with the tuning objectives
 KNOWN = METRICS
 
-# metric names (lm-evaluation-harness and common ones) whose direction is unambiguous
-_HIGHER = {"acc", "acc_norm", "accuracy", "exact_match", "em", "f1", "mcc", "bleu", "rouge1", "rouge2", "rougel",
-           "rougelsum", "chrf", "mc1", "mc2", "win_rate", "pass@1", "pass@k", "exact_match_flex"}
-_LOWER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "nll", "loss", "ppl", "ter", "wer",
-          "cer", "error", "error_rate"}
+_HIGHER, _LOWER = HIGHER_NAMES, LOWER_NAMES  # metric names whose direction is unambiguous (one table)
 _PRETTY = {"acc": "accuracy", "acc_norm": "accuracy (norm.)", "em": "exact match", "nll": "NLL", "f1": "F1",
            "ppl": "perplexity"}
 # not metrics: timings and standard errors (shown beside their metric instead)
