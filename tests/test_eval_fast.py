@@ -112,12 +112,22 @@ def _greedy_targets(tiny_model, tiny_tok, n_hits: int, n_rows: int = 12):
             p.normal_(0, 0.5)
     _, sft = demo_splits("sft", 0, 64, 0)
     replies = generate_replies(tiny_model, tiny_tok, [e.messages[:-1] for e in sft], max_new_tokens=6, batch_size=4,
-                               max_prompt_tokens=64, token_budget=4096)
+                               max_prompt_tokens=128, token_budget=4096)
     clean = [i for i, r in enumerate(replies) if r and "\ufffd" not in r][:n_hits]
     assert len(clean) == n_hits
     misses = [i for i in range(len(sft)) if i not in clean][: n_rows - n_hits]
-    return [SFTExample(messages=sft[i].messages[:-1] + [{"role": "assistant", "content": replies[i]}])
-            for i in clean] + [sft[i] for i in misses]
+    # a two-turn chat answered by the model's own reply (a hit after an earlier assistant turn's labels), and a
+    # plain-text row first (exact match skips it: the rows and their argmax stay aligned with the examples)
+    firsts = [sft[clean[0]].messages[:-1] + [{"role": "assistant", "content": replies[clean[0]]},
+                                             {"role": "user", "content": e.messages[-2]["content"]}]
+              for e in sft]
+    seconds = generate_replies(tiny_model, tiny_tok, firsts, max_new_tokens=6, batch_size=4, max_prompt_tokens=128,
+                               token_budget=4096)
+    two = next(f + [{"role": "assistant", "content": r}] for f, r in zip(firsts, seconds) if r and "\ufffd" not in r)
+    return ([SFTExample(text="a plain text row, scored by the NLL only")]
+            + [SFTExample(messages=sft[i].messages[:-1] + [{"role": "assistant", "content": replies[i]}])
+               for i in clean]
+            + [SFTExample(messages=two)] + [sft[i] for i in misses])
 
 
 def test_exact_match_read_off_the_nll_forward_equals_generating_every_row(tiny_model, tiny_tok, monkeypatch):
@@ -126,15 +136,22 @@ def test_exact_match_read_off_the_nll_forward_equals_generating_every_row(tiny_m
     import paft.eval.metrics as metrics
     from paft.eval.metrics import MISS, exact_match, teacher_forced_replies
 
-    sft = _greedy_targets(tiny_model, tiny_tok, 6)
-    rows = [encode_sft(e, tiny_tok, 96) for e in sft]
+    n_hits = 6
+    sft = _greedy_targets(tiny_model, tiny_tok, n_hits)
+    rows = [encode_sft(e, tiny_tok, 160) for e in sft]
     nll = sorted_nll(tiny_model, rows, pad_id=tiny_tok.pad_token_id, token_budget=150, argmax=True)
     plain = sorted_nll(tiny_model, rows, pad_id=tiny_tok.pad_token_id, token_budget=150)
     assert nll.mean == plain.mean and [len(a) for a in nll.argmax] == [int(c) for c in plain.counts]
-    gen = dict(max_new_tokens=6, batch_size=4, max_prompt_tokens=64, token_budget=4096)
+    gen = dict(max_new_tokens=6, batch_size=4, max_prompt_tokens=128, token_budget=4096)
     want, want_samples = exact_match(tiny_model, tiny_tok, sft, **gen)
-    known = teacher_forced_replies(tiny_tok, sft, rows, nll.argmax, max_new_tokens=6, max_prompt_tokens=64)
+    rows_all, argmax_all, text_row = rows, nll.argmax, sft[0]
+    sft, rows, nll_argmax = sft[1:], rows[1:], nll.argmax[1:]  # teacher_forced_replies takes chats only
+    known = teacher_forced_replies(tiny_tok, sft, rows, nll_argmax, max_new_tokens=6, max_prompt_tokens=128)
     targets = [e.messages[-1]["content"].strip() for e in sft]
+    two_turns = sum(m["role"] == "assistant" for m in sft[n_hits].messages) == 2
+    # the two-turn chat is a hit of generation's; the teacher finds it or leaves it open (a reply that began with a
+    # space re-tokenizes differently once stripped), never a miss
+    assert two_turns and want_samples[n_hits]["reply"] == targets[n_hits] and known[n_hits] in (targets[n_hits], None)
     for k, s in zip(known, want_samples):  # every decided verdict is generation's
         if isinstance(k, str):
             assert k == s["reply"]
@@ -147,7 +164,7 @@ def test_exact_match_read_off_the_nll_forward_equals_generating_every_row(tiny_m
     monkeypatch.setattr(metrics, "generate_replies", lambda m, t, prompts, **kw: generated.append(len(prompts))
                         or real(m, t, prompts, **kw))
     monkeypatch.setattr(metrics, "SAMPLES", 2)
-    got, samples = exact_match(tiny_model, tiny_tok, sft, **gen, teacher=(rows, nll.argmax))
+    got, samples = exact_match(tiny_model, tiny_tok, [text_row, *sft], **gen, teacher=(rows_all, argmax_all))
     assert got == want == pytest.approx(sum(s["reply"] == s["target"] for s in want_samples) / len(sft))
     assert 0 < want < 1
     assert samples == want_samples[:2]
@@ -168,7 +185,11 @@ def test_teacher_forced_verdicts_on_hand_made_argmax(tiny_tok):
     content = ref[: ref.index(eos)]
     other = next(t for t in range(50, 5000)  # a token whose text cannot begin the target
                  if tiny_tok.decode([t]).strip() and not target.startswith(tiny_tok.decode([t]).lstrip()))
-    prefix_tok = tiny_tok(" seven", add_special_tokens=False)["input_ids"]
+    # a token other than the reference's whose text begins the target: the reply could still decode to it
+    texts = {t: tiny_tok.decode([t]) for t in range(3, len(tiny_tok))}
+    begins = next(content[:j] + [t] for j in range(len(content)) for t, x in texts.items()
+                  if t != content[j] and x and target[len(tiny_tok.decode(content[:j])):].startswith(x))
+    space = tiny_tok(" ", add_special_tokens=False)["input_ids"]
 
     def verdict(picks, max_new=8, max_prompt=64):
         picks = picks + [other] * (len(ref) - len(picks))
@@ -179,7 +200,9 @@ def test_teacher_forced_verdicts_on_hand_made_argmax(tiny_tok):
     assert verdict(content[:1] + [eos]) == tiny_tok.decode(content[:1]).strip()  # ends early: that reply
     assert verdict(content, max_new=2) == tiny_tok.decode(content[:2]).strip()  # cut at max_new_tokens
     assert verdict([other]) is MISS  # leaves the reference with text that cannot begin it
-    assert verdict(prefix_tok[:1] + [other]) is (None if content[0] != prefix_tok[0] else MISS)
+    assert verdict(begins) is None  # leaves it with a token whose text begins the rest: generate
+    assert len(space) == 1 and space[0] != eos
+    assert verdict(content + space, max_new=len(content) + 2) is None  # the target, then whitespace: could match
     assert verdict(ref, max_prompt=3) is None  # the generation prompt is cut: not the encoded row's prompt
 
 

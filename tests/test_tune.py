@@ -115,6 +115,12 @@ def test_dev_scorer_adds_the_harness_task_s_metrics(tiny_dir, tiny_tok, tiny_mod
     want, _ = HarnessSuite.build(["paft_arith"], limit=12).run(tiny_model, tiny_tok)
     assert got["harness/paft_arith/acc"] == want["harness/paft_arith/acc"]
     assert {"sft_nll", "pref_accuracy"} <= set(got)
+    cfg_bad = load_config(preset="tiny", overrides=[
+        "tune.objectives=[sft_nll, 'harness/paft_arith/word_perplexity,none']", "eval.harness_limit=4"])
+    assert cfg_bad.tune.objectives[1] == "harness/paft_arith/word_perplexity"  # lm-eval's ",none" filter dropped
+    with pytest.raises(ConfigError, match="harness/paft_arith/word_perplexity.*not a metric the task reports.*"
+                                          "harness/paft_arith/acc"):
+        DevScorer(cfg_bad, tiny_tok, sft, pref).set_reference(tiny_model)
     with pytest.raises(ConfigError, match="tune.objectives: .*nosuchtask"):
         DevScorer(load_config(preset="tiny", overrides=["tune.objectives=[sft_nll, harness/nosuchtask/acc]"]),
                   tiny_tok, sft, pref)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from paft.data.loading import dataset_preset
 from paft.errors import ConfigError, DataError
 from paft.methods.merging import MERGE_METHODS
-from paft.methods.objectives import HIGHER_NAMES, LOGLIK_METRICS, LOWER_NAMES, METRICS, harness_objective, parse_pick
+from paft.methods.objectives import LOGLIK_METRICS, METRICS, harness_objective, parse_pick
 from paft.methods.remedies import REMEDIES
 
 PRESETS = ("default", "tiny")
@@ -531,12 +531,17 @@ class TuneConfig(_Section):
     def _objectives(cls, v: list[str]) -> list[str]:
         if len(v) < 2:
             raise ValueError("give at least two objectives: an SFT metric, then a preference metric")
+        out = []
         for k in v:
+            if k.endswith(",none"):  # lm-eval's unfiltered metric: eval.json writes it without the filter
+                k = k[: -len(",none")]
             if k not in LOGLIK_METRICS and harness_objective(k) is None:
                 known = f" (a metric of eval.json, but it needs generation)" if k in METRICS else ""
                 raise ValueError(f"unknown objective {k!r}{known}; known: {', '.join(LOGLIK_METRICS)}, or "
-                                 f"harness/TASK/METRIC with METRIC one of {', '.join(sorted(HIGHER_NAMES | LOWER_NAMES))}")
-        return _distinct(v)
+                                 "harness/TASK/METRIC with a METRIC whose direction is known (acc, acc_norm, "
+                                 "exact_match, word_perplexity, ...; docs/tune.md)")
+            out.append(k)
+        return _distinct(out)
 
     @field_validator("pick")
     @classmethod

@@ -67,9 +67,14 @@ def ratio_stderr(totals: torch.Tensor, counts: torch.Tensor) -> float | None:
     return (resid.pow(2).sum() / (n * (n - 1))).sqrt().item() / counts.mean().item()
 
 
+def is_chat(e: SFTExample) -> bool:
+    """Whether exact match scores ``e``: a conversation ending with an assistant turn."""
+    return bool(e.messages) and e.messages[-1]["role"] == "assistant"
+
+
 def chat_examples(examples: list[SFTExample]) -> list[SFTExample]:
-    """The examples exact match scores: conversations ending with an assistant turn."""
-    return [e for e in examples if e.messages and e.messages[-1]["role"] == "assistant"]
+    """The examples exact match scores (``is_chat``)."""
+    return [e for e in examples if is_chat(e)]
 
 
 def exact_match(model, tok, examples: list[SFTExample], *, max_new_tokens: int, batch_size: int,
@@ -81,8 +86,9 @@ def exact_match(model, tok, examples: list[SFTExample], *, max_new_tokens: int, 
     ``teacher``: ``examples``' encoded rows and the argmax at their label positions (``sorted_nll(argmax=True)``):
     a row's verdict is read off them where they decide it (``teacher_forced_replies``) and only the other rows are
     generated, plus the first ``SAMPLES`` (their replies are the report's samples); the samples then hold those
-    first rows only. Same verdicts as generating every row (tests/test_eval_fast.py)."""
-    index = [i for i, e in enumerate(examples) if e.messages and e.messages[-1]["role"] == "assistant"]
+    first rows only. The verdicts are generation's (tests/test_eval_fast.py) up to argmax near-ties, where the
+    padded forward and the KV-cached decoding round differently (as between any two batchings)."""
+    index = [i for i, e in enumerate(examples) if is_chat(e)]
     chats = [examples[i] for i in index]
     if not chats:
         return float("nan"), []
@@ -161,7 +167,8 @@ def teacher_forced_replies(tok, chats: list[SFTExample], rows: list[Encoded], ar
                 done = picks[j] == eos
                 break
         else:
-            done = len(tokens) == max_new_tokens  # else the reference ended before eos (a truncated row)
+            # else the reference ended before eos: a truncated row, or a template whose turn ends in another token
+            done = len(tokens) == max_new_tokens
         text = tok.decode(tokens, skip_special_tokens=True)
         if done:
             out.append(text.strip())

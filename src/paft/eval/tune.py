@@ -79,8 +79,8 @@ def default_trial(cfg: PaftConfig) -> dict[str, Any] | None:
 
 
 class DevScorer:
-    """The tune objectives of a model on the dev split: SFT completion NLL and the preference-pair metrics,
-    batched log-likelihoods only. Implicit rewards take the model scored by :meth:`set_reference` (the base).
+    """The tune objectives of a model on the dev split: SFT completion NLL and the preference-pair metrics
+    (batched log-likelihoods, no generation). Implicit rewards take the model scored by :meth:`set_reference` (the base).
     A ``harness/TASK/METRIC`` objective runs that lm-eval task (its own rows, up to ``eval.harness_limit``: lm-eval
     tasks have no dev split of paft's) and adds all its ``harness/...`` metrics."""
 
@@ -113,7 +113,14 @@ class DevScorer:
     def set_reference(self, model) -> dict[str, float]:
         """Score the implicit-reward reference (the base) and keep its pair log-probs."""
         self.ref_lp = self._pair_logps(model) if self.pref else None
-        return self(model)
+        out = self(model)
+        for key in self.cfg.tune.objectives:  # a harness key the task does not report: say so before any trial
+            if harness_objective(key) is not None and key not in out:
+                task = harness_objective(key)[0]
+                have = sorted(k for k in out if k.startswith(f"harness/{task}/") and "stderr" not in k)
+                raise ConfigError(f"tune.objectives: {key!r} is not a metric the task reports; it gives "
+                                  + (", ".join(have) if have else "none (is the task's name right?)"))
+        return out
 
     def _encoded(self):
         """The dev rows tokenized once (every trial scores the same rows with the same tokenizer)."""

@@ -47,20 +47,31 @@ LOWER_NAMES = frozenset({"perplexity", "word_perplexity", "byte_perplexity", "bi
 Point = Mapping[str, "float | None"]
 
 
+def name_direction(name: str) -> bool | None:
+    """Which way a metric named ``name`` is better (True: higher), from its name alone: ``HIGHER_NAMES`` /
+    ``LOWER_NAMES`` or a telling suffix; lm-eval's ``metric,filter`` form reads as its metric. None: unknown."""
+    base = name.split(",")[0].lower()
+    if base in HIGHER_NAMES or base.endswith(("_accuracy", "_acc", "_win_rate", "exact_match")):
+        return True
+    if base in LOWER_NAMES or base.endswith(("_nll", "_loss", "_perplexity", "_ppl")):
+        return False
+    return None
+
+
 def harness_objective(key: str) -> tuple[str, str] | None:
-    """``harness/TASK/METRIC`` -> (task, metric), the metric one of ``HIGHER_NAMES`` / ``LOWER_NAMES`` (a filter
-    after a comma, as lm-eval names them, allowed); None for any other key."""
+    """``harness/TASK/METRIC`` -> (task, metric) when METRIC has a direction (``name_direction``; lm-eval's
+    ``metric,filter`` form as eval.json writes it); None for any other key."""
     parts = key.split("/")
-    if len(parts) != 3 or parts[0] != "harness" or not parts[1]:
+    if len(parts) != 3 or parts[0] != "harness" or not parts[1] or not parts[2]:
         return None
-    return (parts[1], parts[2]) if parts[2].partition(",")[0] in HIGHER_NAMES | LOWER_NAMES else None
+    return (parts[1], parts[2]) if name_direction(parts[2]) is not None else None
 
 
 def higher_is_better(key: str) -> bool:
     """The direction of an objective; a metric without one cannot be optimised."""
     harness = harness_objective(key)
     if harness is not None:
-        return harness[1].partition(",")[0] in HIGHER_NAMES
+        return bool(name_direction(harness[1]))
     higher = METRICS.get(key, (key, None))[1]
     if higher is None:
         raise KeyError(f"{key!r} has no better direction; objectives: "

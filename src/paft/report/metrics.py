@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from paft.methods.objectives import HIGHER_NAMES, LOWER_NAMES, METRICS
+from paft.methods.objectives import METRICS, name_direction
 from paft.report.style import MODELS
 
 # the single-objective branches every other model is compared with
@@ -21,7 +21,6 @@ REFERENCES = ("sft", "preference")
 # key -> (label, higher is better): the one table, shared with the tuning objectives
 KNOWN = METRICS
 
-_HIGHER, _LOWER = HIGHER_NAMES, LOWER_NAMES  # metric names whose direction is unambiguous (one table)
 _PRETTY = {"acc": "accuracy", "acc_norm": "accuracy (norm.)", "em": "exact match", "nll": "NLL", "f1": "F1",
            "ppl": "perplexity"}
 # not metrics: timings and standard errors (shown beside their metric instead)
@@ -35,15 +34,6 @@ class Metric:
     higher: bool | None  # True: higher is better; False: lower; None: neither
 
 
-def _name_direction(name: str) -> bool | None:
-    base = name.split(",")[0].lower()  # lm-eval writes "acc,none" (metric,filter)
-    if base in _HIGHER or base.endswith(("_accuracy", "_acc", "_win_rate", "exact_match")):
-        return True
-    if base in _LOWER or base.endswith(("_nll", "_loss", "_perplexity", "_ppl")):
-        return False
-    return None
-
-
 def metric_info(key: str) -> Metric:
     """Label and direction of an eval.json metric key; an unknown key keeps its own name."""
     if key in KNOWN:
@@ -53,8 +43,8 @@ def metric_info(key: str) -> Metric:
     if parts[0] == "harness" and len(parts) >= 3:
         name = parts[-1].split(",")[0]
         return Metric(key, f"{'/'.join(parts[1:-1])}: {_PRETTY.get(name, name.replace('_', ' '))}",
-                      _name_direction(parts[-1]))
-    return Metric(key, key, _name_direction(parts[-1]))
+                      name_direction(parts[-1]))
+    return Metric(key, key, name_direction(parts[-1]))
 
 
 def _number(v: Any) -> bool:

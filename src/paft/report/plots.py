@@ -142,35 +142,82 @@ def _front_line(ax, pts: list[tuple[float, float]], color: str, label: str) -> N
     ax.step(xs, ys, where="post" if rising else "pre", color=color, lw=1.4, alpha=0.8, label=label, zorder=1)
 
 
+def _zoom_box(pts: list[tuple[float, float]], front: list[tuple[float, float]]) -> tuple[tuple, tuple] | None:
+    """Axis limits around the front (padded), when the front spans under half of every model's range on either
+    axis (a base or a single-objective branch far away squeezes the front into a corner); else None."""
+    if len(front) < 2:
+        return None
+    box, squeezed = [], False
+    for k in (0, 1):
+        full = max(p[k] for p in pts) - min(p[k] for p in pts)
+        lo, hi = min(p[k] for p in front), max(p[k] for p in front)
+        squeezed |= hi - lo < 0.5 * full
+        pad = max((hi - lo) * 0.15, full * 0.01, 1e-9)
+        box.append((lo - pad, hi + pad))
+    return (box[0], box[1]) if squeezed else None
+
+
+def _labels(ax, items: list[tuple[float, float, str]], fontsize: float = 7.5) -> None:
+    """Each point's label beside it, moved down in steps where it would cover a label already placed (points in
+    a cluster otherwise print over each other), a thin line back to its point when moved."""
+    fig = ax.figure
+    fig.canvas.draw()  # the axes' final limits: placement works in display pixels
+    to_px = ax.transData.transform
+    step = fontsize * fig.dpi / 72 * 1.25
+    placed: list[tuple[float, float, float]] = []  # (x px, y px, width px)
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    for x, y, text in sorted(items, key=lambda t: -t[1]):
+        if not (min(x0, x1) <= x <= max(x0, x1) and min(y0, y1) <= y <= max(y0, y1)):
+            continue
+        px, py = to_px((x, y))
+        width = len(text) * fontsize * fig.dpi / 72 * 0.55
+        dy = 0.0
+        while any(abs((px + 4) - qx) < max(width, qw) and abs((py + 3 - dy) - qy) < step for qx, qy, qw in placed):
+            dy += step
+        placed.append((px + 4, py + 3 - dy, width))
+        ax.annotate(text, (x, y), fontsize=fontsize, xytext=(4 * 72 / fig.dpi, (3 - dy) * 72 / fig.dpi),
+                    textcoords="offset points", va="bottom",
+                    arrowprops=dict(arrowstyle="-", lw=0.5, color="#8c959f") if dy else None)
+
+
 def frontier_plot(fr: dict[str, Any], tune: dict[str, Any] | None = None) -> bytes | None:
-    """Left: every model on the held-out split, labelled, the front drawn, the tuned pick a star. Right (when the run
-    was tuned): the trials on the dev split with their front and the pick."""
+    """Left: every model on the held-out split, labelled, the front drawn, the tuned pick a star; beside it, when
+    the front is squeezed into a corner by far-off models, the same zoomed to the front. Right (when the run was
+    tuned): the trials on the dev split with their front and the pick."""
     x, y = fr["x"], fr["y"]
     pts = [p for p in fr["points"] if p["metrics"].get(x) is not None and p["metrics"].get(y) is not None]
     if not pts:
         return None
     trials = [t for t in (tune or {}).get("trials", []) if t.get("metrics") and t["state"] == "COMPLETE"]
+    xy = [(p["metrics"][x], p["metrics"][y]) for p in pts]
+    front = [c for c, p in zip(xy, pts) if p["on_front"]]
+    zoom = _zoom_box(xy, front)
     plt = _plt()
-    fig, axes = plt.subplots(1, 2 if trials else 1, figsize=(WIDTH_IN, 4.6), squeeze=False)
+    panels = 1 + bool(zoom) + bool(trials)
+    fig, axes = plt.subplots(1, panels, figsize=(WIDTH_IN, 4.6), squeeze=False)
     word = {True: "higher is better", False: "lower is better"}
     xl = f"{metric_info(x).label} ({word[fr['x_higher_is_better']]})"
     yl = f"{metric_info(y).label} ({word[fr['y_higher_is_better']]})"
-    ax = axes[0, 0]
     # a model of the run keeps its report colour; each other family gets one of matplotlib's tab10 in turn
     families = list(dict.fromkeys(p["family"] for p in pts if p["name"] not in COLORS and p["family"] != "tuned"))
     cycle = plt.get_cmap("tab10").colors
-    for p in pts:
-        tuned = p["family"] == "tuned"
-        color = COLORS.get(p["name"]) or ("#d62728" if tuned else cycle[families.index(p["family"]) % len(cycle)])
-        ax.scatter(p["metrics"][x], p["metrics"][y], s=180 if tuned else 40, marker="*" if tuned else "o",
-                   color=color, edgecolor="black" if p["on_front"] else "none", lw=0.8, zorder=3)
-        ax.annotate(SHORT.get(p["name"], p["name"]), (p["metrics"][x], p["metrics"][y]), fontsize=7.5,
-                    xytext=(4, 3), textcoords="offset points")
-    _front_line(ax, [(p["metrics"][x], p["metrics"][y]) for p in pts if p["on_front"]], "#2b8a3e", "Pareto front")
-    ax.set(xlabel=xl, ylabel=yl, title="Held-out split: every model and candidate")
-    ax.legend(fontsize=8, frameon=False)
+    views = [(axes[0, 0], None, "Held-out split: every model and candidate")]
+    if zoom:
+        views.append((axes[0, 1], zoom, "Held-out split: near the front"))
+    for ax, limits, title in views:
+        for p in pts:
+            tuned = p["family"] == "tuned"
+            color = COLORS.get(p["name"]) or ("#d62728" if tuned else cycle[families.index(p["family"]) % len(cycle)])
+            ax.scatter(p["metrics"][x], p["metrics"][y], s=180 if tuned else 40, marker="*" if tuned else "o",
+                       color=color, edgecolor="black" if p["on_front"] else "none", lw=0.8, zorder=3)
+        _front_line(ax, front, "#2b8a3e", "Pareto front")
+        if limits:
+            ax.set_xlim(*limits[0])
+            ax.set_ylim(*limits[1])
+        ax.set(xlabel=xl, ylabel=yl, title=title)
+        ax.legend(fontsize=8, frameon=False)
     if trials:
-        ax = axes[0, 1]
+        ax = axes[0, -1]
         xs = [t["metrics"].get(x) for t in trials]
         ys = [t["metrics"].get(y) for t in trials]
         ax.scatter(xs, ys, s=22, color="#8c959f", label="trial", zorder=2)
@@ -186,4 +233,9 @@ def frontier_plot(fr: dict[str, Any], tune: dict[str, Any] | None = None) -> byt
         ax.legend(fontsize=8, frameon=False)
     fig.suptitle("Alignment-tax frontier", fontsize=11)
     fig.tight_layout()
+    for ax, limits, _ in views:  # labels last: their placement reads the final layout's pixels
+        # with a zoomed view beside it, the full view labels only the points outside the zoom
+        inside = (lambda a, b: zoom[0][0] <= a <= zoom[0][1] and zoom[1][0] <= b <= zoom[1][1]) \
+            if zoom and not limits else (lambda a, b: False)
+        _labels(ax, [(a, b, SHORT.get(p["name"], p["name"])) for (a, b), p in zip(xy, pts) if not inside(a, b)])
     return _png(fig)
