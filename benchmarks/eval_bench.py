@@ -39,7 +39,9 @@ from typing import Any
 
 from hh_data import make_pairs, preference_examples, token_lengths  # benchmarks/, beside this script
 
-HEADLINE = ("sft_exact_match", "sft_nll", "pref_accuracy", "reward_margin", "reward_accuracy")
+from paft.methods.objectives import HELDOUT_METRICS
+
+HEADLINE = HELDOUT_METRICS  # the held-out metrics compared between the paths
 
 
 def machine(device: str) -> dict[str, Any]:

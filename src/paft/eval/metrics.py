@@ -102,24 +102,19 @@ def exact_match(model, tok, examples: list[SFTExample], *, max_new_tokens: int, 
         todo = [j for j, k in enumerate(known) if k is None or j < SAMPLES]
         for j, reply in zip(todo, generate_replies(model, tok, [chats[j].messages[:-1] for j in todo], **gen)):
             known[j] = reply
-        hits = sum(k == t for k, t in zip(known, targets))
         keep = range(min(SAMPLES, len(chats)))
     else:
         known = generate_replies(model, tok, [e.messages[:-1] for e in chats], **gen)
-        hits = sum(k == t for k, t in zip(known, targets))
         keep = range(len(chats))
+    hits = sum(k == t for k, t in zip(known, targets))
     samples = [{"prompt": chats[j].messages[-2]["content"] if len(chats[j].messages) > 1 else "",
                 "target": targets[j], "reply": known[j]} for j in keep]
     return hits / len(chats), samples
 
 
 class _Miss:
-    """A verdict without a reply: greedy decoding provably leaves the reference (``teacher_forced_replies``)."""
-
-    def __eq__(self, other) -> bool:
-        return False
-
-    __hash__ = object.__hash__
+    """A verdict without a reply: greedy decoding provably leaves the reference (``teacher_forced_replies``); equal
+    to no target (identity equality)."""
 
     def __repr__(self) -> str:
         return "MISS"

@@ -115,8 +115,9 @@ class DevScorer:
         self.ref_lp = self._pair_logps(model) if self.pref else None
         out = self(model)
         for key in self.cfg.tune.objectives:  # a harness key the task does not report: say so before any trial
-            if harness_objective(key) is not None and key not in out:
-                task = harness_objective(key)[0]
+            harness = harness_objective(key)
+            if harness is not None and key not in out:
+                task = harness[0]
                 have = sorted(k for k in out if k.startswith(f"harness/{task}/") and "stderr" not in k)
                 raise ConfigError(f"tune.objectives: {key!r} is not a metric the task reports; it gives "
                                   + (", ".join(have) if have else "none (is the task's name right?)"))
