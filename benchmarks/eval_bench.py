@@ -16,7 +16,11 @@ data: candidates.json, a merge search); the order of the paths alternates betwee
 whole call, its process CPU time (steadier than wall time on a shared machine; about threads x wall on a
 quiet one) and each model's ``eval_s`` are recorded; the figure is the median over repeats. The fast path's
 metrics are compared with the plain path's (they must agree: same accuracies, NLL and margins to float
-rounding). ``--components`` also times pair log-probs, NLL and exact match apart on the base model.
+rounding). ``--components`` also times pair log-probs, NLL and exact match apart on the base model, with what
+bounds the pair path (``pair_ceiling``: each path's tokens and FLOPs, the fp32 GEMM rate, the fastest the packed path
+could be at that rate); ``--components-only`` does only that (a few minutes at 200 pairs):
+
+    PYTHONPATH=$PWD/src python benchmarks/eval_bench.py --components-only
 
 Writes ``--out``/eval_bench-cpu.json (or -cuda) with the machine (lscpu model, native bf16, cores, threads)
 and ends with ``eval_speedup_cold=X eval_speedup_warm=Y per_model_speedup=Z``.
@@ -124,6 +128,7 @@ def components(spec, cfg, tok, sft, pairs, device: str) -> dict[str, dict[str, f
                                                     max_prompt_length=d.max_prompt_length, batch_size=e.batch_size))
     clock("pair_logps", "fast", lambda: packed_pair_logps(model, pair_rows, pad_id=tok.pad_token_id,
                                                           token_budget=budget, pack_length=2 * d.max_length))
+    out["pair_ceiling"] = pair_ceiling(model, tok, cfg, pair_rows, out["pair_logps"], device)
     clock("sft_nll", "plain", lambda: completion_nll(model, tok, sft, max_length=d.max_length,
                                                      batch_size=e.batch_size))
     clock("sft_nll", "fast", lambda: sorted_nll(model, sft_rows, pad_id=tok.pad_token_id, token_budget=budget))
@@ -139,6 +144,48 @@ def components(spec, cfg, tok, sft, pairs, device: str) -> dict[str, dict[str, f
     return out
 
 
+def pair_ceiling(model, tok, cfg, pair_rows, seconds: dict[str, float], device: str) -> dict[str, float]:
+    """What bounds the pair log-probs here: each path's tokens through the decoder (the plain path's padded rows,
+    the packed path's rows) and label positions through the LM head, their FLOPs (2 x parameters per token), this
+    device's fp32 GEMM rate at the model's MLP shape, and so the fastest the packed path could be (all its FLOPs at
+    that rate) and the largest speedup over the measured plain path it could then reach."""
+    import torch
+
+    from paft.data.collate import PairCollator, packed_batches
+
+    e, d = cfg.eval, cfg.data
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = inner.get_output_embeddings().weight
+    decoder = sum(p.numel() for n, p in inner.get_decoder().named_parameters() if "embed" not in n)
+    labels = sum(len(r.chosen_ids) + len(r.rejected_ids) for r in pair_rows)  # completion positions
+    pairs_per = max(1, e.batch_size // 2)  # the plain path's batches: rows padded to the batch's longest
+    plain = sum(2 * len(b) * max(len(r.prompt_ids) + max(len(r.chosen_ids), len(r.rejected_ids)) for r in b)
+                for b in (pair_rows[i:i + pairs_per] for i in range(0, len(pair_rows), pairs_per)))
+    collate = PairCollator(tok.pad_token_id, 2 * d.max_length)
+    lengths = [len(r.prompt_ids) + len(r.chosen_ids) + len(r.rejected_ids) for r in pair_rows]
+    packed = sum(collate([pair_rows[i] for i in idx])["input_ids"].numel()
+                 for idx in packed_batches(lengths, e.batch_size * d.max_length))
+    hidden = head.shape[1]
+    a = torch.randn(4096, hidden, device=device)
+    w = torch.randn(4 * hidden if hidden < 1024 else hidden, hidden, device=device)
+    for _ in range(2):
+        a @ w.T
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 3.0:
+        a @ w.T
+        n += 1
+    gemm = 2 * a.shape[0] * w.shape[0] * hidden * n / (time.perf_counter() - start) / 1e9
+    flops = {path: (2 * decoder * tokens + 2 * head.numel() * labels) / 1e9
+             for path, tokens in (("plain", plain), ("fast", packed))}
+    ideal = flops["fast"] / gemm
+    return {"decoder_params": decoder, "label_positions": labels, "plain_tokens": plain, "packed_tokens": packed,
+            "plain_gflop": round(flops["plain"]), "fast_gflop": round(flops["fast"]),
+            "gemm_gflops": round(gemm, 1),
+            "plain_gflops": round(flops["plain"] / seconds["plain"], 1),
+            "fast_gflops": round(flops["fast"] / seconds["fast"], 1),
+            "fast_at_peak_s": round(ideal, 1), "max_pair_speedup": round(seconds["plain"] / ideal, 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -152,6 +199,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16, help="eval.batch_size")
     ap.add_argument("--harmlessness", action="store_true", help="also the 36 harmlessness replies per model")
     ap.add_argument("--components", action="store_true", help="also time each held-out metric on the base")
+    ap.add_argument("--components-only", action="store_true",
+                    help="only that, plus the pair path's FLOP ceiling (eval_bench-components-*.json)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
@@ -177,7 +226,7 @@ def run(args, work: Path) -> None:
     from paft.config import load_config
     from paft.data.demo import demo_splits
     from paft.device import resolve_device
-    from paft.eval.models import evaluate_models
+    from paft.eval.models import ModelSpec, evaluate_models
     from paft.models import load_tokenizer, resolve_model_dir
     from paft.progress import quiet_libraries
 
@@ -193,8 +242,20 @@ def run(args, work: Path) -> None:
         f"eval.max_examples={max(args.pairs, args.sft)}", f"eval.max_new_tokens={args.max_new_tokens}",
         f"eval.batch_size={args.batch_size}", f"data.max_length={args.max_length}",
         f"data.max_prompt_length={args.max_prompt_length}"])
-    specs = make_models(base, args.models, work)
     lengths = token_lengths(tok, rows)
+    if args.components_only:  # the base model's metrics one by one, and the pair path's FLOP ceiling
+        parts = components(ModelSpec("base", base), cfg, tok, sft, pairs, device)
+        print(f"components on the base model ({len(pairs)} pairs, {len(sft)} SFT rows): {json.dumps(parts)}")
+        args.out.mkdir(parents=True, exist_ok=True)
+        out = args.out / f"eval_bench-components-{'cuda' if device.startswith('cuda') else 'cpu'}.json"
+        out.write_text(json.dumps({"machine": machine(device), "args": {k: str(v) for k, v in vars(args).items()},
+                                   "data": lengths, "components_s": parts}, indent=2) + "\n")
+        c = parts["pair_ceiling"]
+        print(f"wrote {out}\npair_speedup={parts['pair_logps']['plain'] / parts['pair_logps']['fast']:.2f} "
+              f"max_pair_speedup_at_gemm_peak={c['max_pair_speedup']} (fast path at {c['fast_gflops']} of "
+              f"{c['gemm_gflops']} GFLOP/s)")
+        return
+    specs = make_models(base, args.models, work)
     print(f"{len(specs)} models ({', '.join(s.name for s in specs)}), {len(pairs)} pairs (prompt median "
           f"{lengths['prompt_median']} tokens, reply median {lengths['reply_median']}), {len(sft)} SFT rows, "
           f"device {device}, {torch.get_num_threads()} torch threads", flush=True)

@@ -3,6 +3,7 @@ closed forms, the dev split disjoint from the test split, a tiny run tuned end t
 and equals its in-memory merge, its dev metrics are reproduced from the folder), a resumed study, the frontier in the
 report, and bad input."""
 
+import copy
 import json
 
 import pytest
@@ -130,6 +131,33 @@ def test_dev_scorer_adds_the_harness_task_s_metrics(tiny_dir, tiny_tok, tiny_mod
 
 def _keys(examples):
     return {prompt_key(e) for e in examples}
+
+
+def test_the_reference_is_scored_with_one_pair_forward(tiny_tok, tiny_model, monkeypatch):
+    """set_reference reads the base's own metrics off the same pair log-probs it keeps as the reference: one
+    pair forward, a reward margin of exactly 0 against itself, and a trial's margin beta*((a-ra)-(b-rb))."""
+    from paft.data.demo import demo_splits
+    from paft.eval import tune as tune_mod
+    from paft.eval.tune import DevScorer
+
+    cfg = load_config(preset="tiny")
+    _, sft = demo_splits("sft", 0, 4, 0)
+    _, pref = demo_splits("preference", 0, 6, 0)
+    calls = []
+    real = tune_mod.heldout_pair_logps
+    monkeypatch.setattr(tune_mod, "heldout_pair_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    scorer = DevScorer(cfg, tiny_tok, sft, pref)
+    got = scorer.set_reference(tiny_model)
+    assert len(calls) == 1 and got["reward_margin"] == 0.0 and got["reward_accuracy"] == 0.0
+    ref = scorer.ref_lp.clone()
+    other = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.05)
+    lp = real(other, tiny_tok, scorer._encoded()[1], pref, cfg, fast=True, budget=scorer._budget())
+    beta = cfg.eval.beta or cfg.preference.beta
+    want = (beta * ((lp[:, 0] - ref[:, 0]) - (lp[:, 1] - ref[:, 1]))).mean().item()
+    assert want != 0 and scorer(other)["reward_margin"] == pytest.approx(want, rel=1e-5) and len(calls) == 2
 
 
 def test_dev_split_of_the_demo_shares_no_prompt_with_train_or_test(tmp_path):

@@ -112,8 +112,7 @@ class DevScorer:
 
     def set_reference(self, model) -> dict[str, float]:
         """Score the implicit-reward reference (the base) and keep its pair log-probs."""
-        self.ref_lp = self._pair_logps(model) if self.pref else None
-        out = self(model)
+        out = self._score(model, reference=True)
         for key in self.cfg.tune.objectives:  # a harness key the task does not report: say so before any trial
             harness = harness_objective(key)
             if harness is not None and key not in out:
@@ -139,6 +138,10 @@ class DevScorer:
                                   budget=self._budget())
 
     def __call__(self, model) -> dict[str, float]:
+        return self._score(model)
+
+    def _score(self, model, reference: bool = False) -> dict[str, float]:
+        """The objectives of ``model``; ``reference``: its pair log-probs become the reference's too (one forward)."""
         e = self.cfg.eval
         out: dict[str, float] = {}
         threads = torch_threads(eval_threads(self.cfg)) if e.fast and _on_cpu(model) else contextlib.nullcontext()
@@ -147,7 +150,10 @@ class DevScorer:
                 out["sft_nll"] = heldout_nll(model, self.tok, self._encoded()[0], self.sft, self.cfg, fast=e.fast,
                                              budget=self._budget()).mean
             if self.pref:
-                s = preference_scores(self._pair_logps(model), self.ref_lp, e.beta or self.cfg.preference.beta)
+                lp = self._pair_logps(model)
+                if reference:
+                    self.ref_lp = lp
+                s = preference_scores(lp, self.ref_lp, e.beta or self.cfg.preference.beta)
                 out.update(pref_accuracy=s.accuracy, reward_margin=s.reward_margin,
                            reward_accuracy=s.reward_accuracy)
         if self.suite is not None:
