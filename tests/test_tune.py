@@ -127,12 +127,6 @@ def test_dev_scorer_adds_the_harness_task_s_metrics(tiny_dir, tiny_tok, tiny_mod
                   tiny_tok, sft, pref)
 
 
-# ---------------------------------------------------------------- the dev split
-
-def _keys(examples):
-    return {prompt_key(e) for e in examples}
-
-
 def test_the_reference_is_scored_with_one_pair_forward(tiny_tok, tiny_model, monkeypatch):
     """set_reference reads the base's own metrics off the same pair log-probs it keeps as the reference: one
     pair forward, a reward margin of exactly 0 against itself, and a trial's margin beta*((a-ra)-(b-rb))."""
@@ -154,10 +148,16 @@ def test_the_reference_is_scored_with_one_pair_forward(tiny_tok, tiny_model, mon
     with torch.no_grad():
         for p in other.parameters():
             p.mul_(1.05)
-    lp = real(other, tiny_tok, scorer._encoded()[1], pref, cfg, fast=True, budget=scorer._budget())
+    lp = real(other, tiny_tok, scorer._encoded()[1], pref, cfg, fast=cfg.eval.fast, budget=scorer._budget())
     beta = cfg.eval.beta or cfg.preference.beta
     want = (beta * ((lp[:, 0] - ref[:, 0]) - (lp[:, 1] - ref[:, 1]))).mean().item()
     assert want != 0 and scorer(other)["reward_margin"] == pytest.approx(want, rel=1e-5) and len(calls) == 2
+
+
+# ---------------------------------------------------------------- the dev split
+
+def _keys(examples):
+    return {prompt_key(e) for e in examples}
 
 
 def test_dev_split_of_the_demo_shares_no_prompt_with_train_or_test(tmp_path):
