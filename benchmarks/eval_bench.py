@@ -149,7 +149,7 @@ def pair_ceiling(model, tok, cfg, pair_rows, seconds: dict[str, float], device: 
     the packed path's rows) and label positions through the LM head, their FLOPs (2 x parameters per token), this
     device's fp32 GEMM rate at the model's MLP shape, and so the fastest the packed path could be (all its FLOPs at
     that rate) and the largest speedup over the measured plain path it could then reach."""
-    import torch
+    from train_bench import gemm_rates  # benchmarks/, beside this script
 
     from paft.data.collate import PairCollator, packed_batches
 
@@ -166,15 +166,8 @@ def pair_ceiling(model, tok, cfg, pair_rows, seconds: dict[str, float], device: 
     packed = sum(collate([pair_rows[i] for i in idx])["input_ids"].numel()
                  for idx in packed_batches(lengths, e.batch_size * d.max_length))
     hidden = head.shape[1]
-    a = torch.randn(4096, hidden, device=device)
-    w = torch.randn(4 * hidden if hidden < 1024 else hidden, hidden, device=device)
-    for _ in range(2):
-        a @ w.T
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < 3.0:
-        a @ w.T
-        n += 1
-    gemm = 2 * a.shape[0] * w.shape[0] * hidden * n / (time.perf_counter() - start) / 1e9
+    gemm = gemm_rates(device, seconds=3.0, k=hidden, n=4 * hidden if hidden < 1024 else hidden, max_rows=4096,
+                      dtypes=("fp32",))["fp32"]
     flops = {path: (2 * decoder * tokens + 2 * head.numel() * labels) / 1e9
              for path, tokens in (("plain", plain), ("fast", packed))}
     ideal = flops["fast"] / gemm

@@ -48,32 +48,35 @@ from hh_data import make_pairs, token_lengths  # benchmarks/, beside this script
 
 # --- machine peak -------------------------------------------------------------------------------
 
-def gemm_rates(device: str, seconds: float = 2.0) -> dict[str, float]:
-    """Sustained GFLOP/s of an M x 2048 x 2048 matmul in fp32 and bf16 (the shapes of a small LM's layers).
+def gemm_rates(device: str, seconds: float = 2.0, k: int = 2048, n: int = 2048, max_rows: int = 1024,
+               dtypes: tuple[str, ...] = ("fp32", "bf16")) -> dict[str, float]:
+    """Sustained GFLOP/s of an M x k x n matmul in each of ``dtypes`` (default 2048 x 2048: the shapes of a small
+    LM's layers; eval_bench passes its model's MLP shape).
 
-    M is 1024, or smaller where one product would take over 0.2 s (bf16 emulated on a CPU without
+    M is ``max_rows``, or smaller where one product would take over 0.2 s (bf16 emulated on a CPU without
     native bf16 runs at a few hundred MFLOP/s: a 1024-row product would take half a minute).
     """
     import torch
 
     out = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        b = torch.randn(2048, 2048, device=device, dtype=dtype)
-        probe = torch.randn(16, 2048, device=device, dtype=dtype)
+    for name in dtypes:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        probe = torch.randn(16, k, device=device, dtype=dtype)
         start = time.perf_counter()
         probe @ b
         per_row = (time.perf_counter() - start) / 16
-        rows = int(max(16, min(1024, 0.2 / max(per_row, 1e-9))))
-        a = torch.randn(rows, 2048, device=device, dtype=dtype)
+        rows = int(max(16, min(max_rows, 0.2 / max(per_row, 1e-9))))
+        a = torch.randn(rows, k, device=device, dtype=dtype)
         for _ in range(2):
             a @ b
-        n, start = 0, time.perf_counter()
+        calls, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
             a @ b
-            n += 1
+            calls += 1
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        out[name] = 2 * rows * 2048 * 2048 * n / (time.perf_counter() - start) / 1e9
+        out[name] = 2 * rows * k * n * calls / (time.perf_counter() - start) / 1e9
     return out
 
 
